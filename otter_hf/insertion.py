@@ -1,0 +1,170 @@
+"""Turning a base causal LM into an Otter model, and attaching saved inserted weights to a base model."""
+
+import copy
+import dataclasses
+import json
+import os
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from .modeling.configuration_otter import OtterConfigMixin
+from .modeling.initialization import initialize_inserted_parameters
+from .modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint
+
+INSERTION_OPTIONS = frozenset(
+    field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
+)
+# Sizes that must agree between a base model and inserted weights made for another copy of it.
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def otter_class_for(base_config) -> type[PreTrainedModel]:
+    model_type = getattr(base_config, "model_type", None)
+    if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
+        supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
+        raise ValueError(
+            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: {supported}."
+        )
+    return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
+
+
+def _load_base(base, load_options: dict) -> PreTrainedModel:
+    if isinstance(base, (str, os.PathLike)):
+        return AutoModelForCausalLM.from_pretrained(base, **load_options)
+    if load_options:
+        raise TypeError(
+            f"Unexpected options {sorted(load_options)}: only insertion options {sorted(INSERTION_OPTIONS)} apply "
+            "to a model object; loading options apply when the base is given as a model id or path."
+        )
+    if not isinstance(base, PreTrainedModel):
+        raise TypeError(f"`base` must be a transformers causal LM or a model id/path, got {type(base).__name__}.")
+    return base
+
+
+def insert(base, **options) -> PreTrainedModel:
+    """Insert trainable Otter parameters into every layer of a frozen base causal LM.
+
+    Args:
+        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`) or a model id
+            or path to load with `AutoModelForCausalLM.from_pretrained`.
+        **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,
+            `inserted_num_key_value_heads`, `inserted_intermediate_size`, `inserted_init`,
+            `value_head_dropout`); anything else goes to `from_pretrained` when `base` is an id or path.
+
+    The returned model takes over the base model's weight tensors without copying them, freezes them, and
+    leaves only the inserted parameters trainable. Its `logits` are exactly the base model's.
+    """
+    insertion_options = {key: options.pop(key) for key in list(options) if key in INSERTION_OPTIONS}
+    otter_class = otter_class_for(base.config) if isinstance(base, PreTrainedModel) else None
+    base = _load_base(base, options)
+    otter_class = otter_class or otter_class_for(base.config)
+    config = otter_class.config_class.from_base_config(
+        base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
+    )
+    model = _build_from_base(otter_class, config, base)
+    initialize_inserted_parameters(model, config.inserted_init)
+    model.config.base_model_fingerprint = model.base_weights_fingerprint()
+    return model
+
+
+def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
+    """Attach inserted weights written by `model.save_otter(otter_directory)` to a base model.
+
+    The base must be the model the weights were trained on: its architecture, sizes and weights (by
+    fingerprint) are checked, and any mismatch raises a ValueError naming it.
+    """
+    config_path = os.path.join(otter_directory, OTTER_CONFIG_NAME)
+    weights_path = os.path.join(otter_directory, OTTER_WEIGHTS_NAME)
+    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+        raise ValueError(
+            f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and {OTTER_WEIGHTS_NAME} "
+            "as written by `model.save_otter(directory)`."
+        )
+    with open(config_path, encoding="utf-8") as file:
+        saved = json.load(file)
+    base = _load_base(base, load_options)
+    otter_class = otter_class_for(base.config)
+    config_class = otter_class.config_class
+    if saved.get("model_type") != config_class.model_type:
+        raise ValueError(
+            f"These inserted weights were made for a {saved.get('model_type')!r} model, but the base is a "
+            f"{base.config.model_type!r} model (it would need {config_class.model_type!r})."
+        )
+    mismatched = {
+        key: (saved.get(key), getattr(base.config, key, None))
+        for key in ARCHITECTURE_KEYS
+        if saved.get(key) != getattr(base.config, key, None)
+    }
+    if mismatched:
+        details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())
+        raise ValueError(f"The base model's sizes differ from the ones these inserted weights were made for ({details}).")
+    expected_fingerprint = saved.get("base_model_fingerprint")
+    if expected_fingerprint and base_weights_fingerprint(base.named_parameters()) != expected_fingerprint:
+        raise ValueError(
+            "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
+            f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}). "
+            "Load the matching base checkpoint."
+        )
+
+    insertion_options = {key: saved[key] for key in INSERTION_OPTIONS if key in saved}
+    config = config_class.from_base_config(
+        base.config,
+        base_model_name_or_path=saved.get("base_model_name_or_path"),
+        base_model_fingerprint=expected_fingerprint,
+        **insertion_options,
+    )
+    model = _build_from_base(otter_class, config, base)
+    _load_inserted_weights(model, load_file(weights_path))
+    return model
+
+
+def _build_from_base(otter_class, config, base) -> PreTrainedModel:
+    """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
+    # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
+    # then replaced by the base tensors themselves.
+    with init_empty_weights(include_buffers=False):
+        model = otter_class._from_config(
+            config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
+        )
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
+    device = base.device
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.is_meta:
+                dtype = torch.float32 if module_name.startswith("v_head") else base.dtype
+                setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
+    model.tie_weights()
+    model.freeze_base_parameters()
+    model.train(base.training)
+    model.generation_config = copy.deepcopy(base.generation_config)
+    return model
+
+
+def _load_inserted_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
+    expected = dict(model.otter_named_parameters())
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"The saved inserted weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    wrong_shapes = [name for name, tensor in state_dict.items() if tensor.shape != expected[name].shape]
+    if wrong_shapes:
+        raise ValueError(f"The saved inserted weights have other shapes than this model for {wrong_shapes[:5]}.")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            expected[name].copy_(tensor)

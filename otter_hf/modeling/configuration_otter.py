@@ -1,0 +1,92 @@
+"""Configuration fields shared by every Otter architecture.
+
+Each `OtterXConfig` is the base architecture's config plus these fields, so a saved Otter config still
+describes the original model exactly and adds the sizes of what was inserted next to it.
+"""
+
+from dataclasses import dataclass
+
+INIT_METHODS = ("copy", "normal", "random")
+
+
+@dataclass(kw_only=True)
+class OtterConfigMixin:
+    r"""
+    inserted_hidden_size (`int`, *optional*):
+        Width of the inserted stream that runs beside the original residual stream. Defaults to `head_dim`.
+    inserted_num_attention_heads (`int`, *optional*, defaults to 1):
+        Query heads inserted into every attention layer.
+    inserted_num_key_value_heads (`int`, *optional*, defaults to 1):
+        Key/value heads inserted into every attention layer; must divide `inserted_num_attention_heads`.
+    inserted_intermediate_size (`int`, *optional*):
+        FFN units inserted into every MLP. Defaults to `inserted_hidden_size`.
+    inserted_init (`str`, *optional*, defaults to `"copy"`):
+        How `otter_hf.insert` initialises the inserted parameters: `"copy"` starts them from original heads,
+        units and embedding columns (the paper's best), `"normal"` draws N(0, initializer_range), `"random"`
+        uses PyTorch's default layer initialisation.
+    value_head_dropout (`float`, *optional*, defaults to 0.0):
+        Dropout applied to the inserted stream before the value head (`v_head.summary`).
+    base_model_name_or_path (`str`, *optional*):
+        The checkpoint the original parameters came from.
+    base_model_fingerprint (`str`, *optional*):
+        Digest of the original parameters, checked when inserted weights are attached to a base model.
+    """
+
+    inserted_hidden_size: int | None = None
+    inserted_num_attention_heads: int = 1
+    inserted_num_key_value_heads: int = 1
+    inserted_intermediate_size: int | None = None
+    inserted_init: str = "copy"
+    value_head_dropout: float = 0.0
+    base_model_name_or_path: str | None = None
+    base_model_fingerprint: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.inserted_hidden_size is None:
+            self.inserted_hidden_size = self.head_dim
+        if self.inserted_intermediate_size is None:
+            self.inserted_intermediate_size = self.inserted_hidden_size
+        self._check_insertion_sizes()
+
+    def _check_insertion_sizes(self):
+        # Raised here, at config construction, so impossible sizes fail before any weight is allocated.
+        for name in (
+            "inserted_hidden_size",
+            "inserted_num_attention_heads",
+            "inserted_num_key_value_heads",
+            "inserted_intermediate_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.inserted_num_attention_heads % self.inserted_num_key_value_heads != 0:
+            raise ValueError(
+                f"`inserted_num_attention_heads` ({self.inserted_num_attention_heads}) must be a multiple of "
+                f"`inserted_num_key_value_heads` ({self.inserted_num_key_value_heads}): each inserted key/value "
+                "head serves a whole group of inserted query heads."
+            )
+        if self.inserted_init not in INIT_METHODS:
+            raise ValueError(f"`inserted_init` must be one of {INIT_METHODS}, got {self.inserted_init!r}.")
+        if self.inserted_init == "copy":
+            if self.inserted_hidden_size > self.hidden_size:
+                raise ValueError(
+                    f"inserted_init='copy' copies {self.inserted_hidden_size} of the {self.hidden_size} original "
+                    "hidden dimensions; choose `inserted_hidden_size` <= `hidden_size` or inserted_init='normal'."
+                )
+            if self.inserted_intermediate_size > self.intermediate_size:
+                raise ValueError(
+                    f"inserted_init='copy' copies {self.inserted_intermediate_size} of the {self.intermediate_size} "
+                    "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
+                    "inserted_init='normal'."
+                )
+        if not 0.0 <= self.value_head_dropout < 1.0:
+            raise ValueError(f"`value_head_dropout` must be in [0, 1), got {self.value_head_dropout}.")
+
+    @classmethod
+    def from_base_config(cls, base_config, **insertion_options):
+        """The Otter config for a base model: every base setting kept, the insertion options added."""
+        base_settings = base_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            base_settings.pop(key, None)
+        return cls(**{**base_settings, **insertion_options})

@@ -1,0 +1,88 @@
+"""The three ways `otter_hf.insert` starts the inserted parameters: copy, normal, random."""
+
+import torch
+from torch import nn
+
+from .modeling_otter import OtterEmbedding, OtterInsertedAttention, OtterInsertedMLP, OtterRMSNorm, OtterValueHead
+
+
+@torch.no_grad()
+def initialize_inserted_parameters(model, method: str) -> None:
+    std = model.config.initializer_range
+    for module in model.modules():
+        if isinstance(module, OtterEmbedding):
+            if method == "copy":
+                module.inserted_weight.copy_(module.weight[:, : module.inserted_weight.shape[1]])
+            else:
+                # nn.Embedding's own default is N(0, 1).
+                nn.init.normal_(module.inserted_weight, std=std if method == "normal" else 1.0)
+        elif isinstance(module, OtterRMSNorm):
+            if method == "copy":
+                module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
+            else:
+                nn.init.ones_(module.inserted_weight)
+        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterValueHead)):
+            for linear in module.modules():
+                if isinstance(linear, nn.Linear):
+                    _normal_or_default(linear, method, std)
+    if method == "copy":
+        for layer in model.model.layers:
+            _copy_attention(layer.inserted_attn, layer.self_attn, model.config)
+            _copy_mlp(layer.inserted_mlp, layer.mlp, model.config)
+
+
+def _normal_or_default(linear: nn.Linear, method: str, std: float) -> None:
+    if method == "random":
+        linear.reset_parameters()
+        return
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def copied_head_sources(config) -> tuple[list[int], list[int]]:
+    """The original query and key/value heads that each inserted head copies.
+
+    Inserted key/value head j copies original key/value head j (cyclically); the inserted query heads of its
+    group copy original query heads of that same group, so a copied head attends exactly as its source does.
+    """
+    original_group = config.num_attention_heads // config.num_key_value_heads
+    inserted_group = config.inserted_num_attention_heads // config.inserted_num_key_value_heads
+    kv_sources = [head % config.num_key_value_heads for head in range(config.inserted_num_key_value_heads)]
+    query_sources = [
+        kv_sources[head // inserted_group] * original_group + (head % inserted_group) % original_group
+        for head in range(config.inserted_num_attention_heads)
+    ]
+    return query_sources, kv_sources
+
+
+def _copy_rows(target: nn.Linear, target_row: int, source: nn.Linear, source_row: int, rows: int) -> None:
+    """Copy `rows` output rows of `source` into the original-stream columns of `target`."""
+    columns = source.weight.shape[1]
+    target.weight[target_row : target_row + rows, :columns] = source.weight[source_row : source_row + rows]
+    if target.bias is not None:
+        target.bias[target_row : target_row + rows] = source.bias[source_row : source_row + rows]
+
+
+def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, config) -> None:
+    """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
+    at first the inserted stream follows the copied dimensions of the original one."""
+    head_dim = config.head_dim
+    query_sources, kv_sources = copied_head_sources(config)
+    inserted.qkv_proj.weight.zero_()
+    inserted.o_proj.weight.zero_()
+    row = 0
+    for projection, sources in ((original.q_proj, query_sources), (original.k_proj, kv_sources), (original.v_proj, kv_sources)):
+        for source in sources:
+            _copy_rows(inserted.qkv_proj, row, projection, source * head_dim, head_dim)
+            row += head_dim
+    _copy_rows(inserted.o_proj, 0, original.o_proj, 0, config.inserted_hidden_size)
+
+
+def _copy_mlp(inserted: OtterInsertedMLP, original: nn.Module, config) -> None:
+    units = config.inserted_intermediate_size
+    inserted.gate_up_proj.weight.zero_()
+    inserted.down_proj.weight.zero_()
+    _copy_rows(inserted.gate_up_proj, 0, original.gate_proj, 0, units)
+    _copy_rows(inserted.gate_up_proj, units, original.up_proj, 0, units)
+    _copy_rows(inserted.down_proj, 0, original.down_proj, 0, config.inserted_hidden_size)

@@ -1,0 +1,563 @@
+"""The insertion mechanics shared by every Otter architecture.
+
+An Otter model carries two residual streams through the decoder: the original stream `h` (width
+`hidden_size`), computed by the base model's own modules on the very same tensors so that the original
+logits are bit-identical, and the inserted stream `g` (width `inserted_hidden_size`), which reads `h`
+but is never read by it. Between modules the two streams travel as one widened tensor `[h, g]`, so the
+architecture's own model forward (masks, rotary embeddings, decoder loop, caching) runs unchanged.
+
+This file and the per-architecture files import only torch, transformers, safetensors and their
+siblings, so they can be shipped next to a checkpoint for `trust_remote_code`.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+OTTER_CONFIG_NAME = "otter_config.json"
+OTTER_WEIGHTS_NAME = "otter_model.safetensors"
+
+# A parameter is inserted when one of its name components is `v_head` or starts with `inserted_`.
+INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|inserted_\w+)(\.|$)")
+
+
+def is_inserted_parameter(name: str) -> bool:
+    return INSERTED_PARAMETER_PATTERN.search(name) is not None
+
+
+def split_streams(hidden_states: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a widened tensor into the original stream and the inserted stream (None when not widened).
+
+    The original part is made contiguous so the base kernels see the same memory layout as in the base model.
+    """
+    if hidden_states.shape[-1] == hidden_size:
+        return hidden_states, None
+    return hidden_states[..., :hidden_size].contiguous(), hidden_states[..., hidden_size:]
+
+
+def join_streams(original: torch.Tensor, inserted: torch.Tensor | None) -> torch.Tensor:
+    return original if inserted is None else torch.cat([original, inserted], dim=-1)
+
+
+def base_weights_fingerprint(named_parameters: Iterator[tuple[str, torch.Tensor]]) -> str:
+    """Digest of a model's original parameters, cheap even for large models.
+
+    It hashes every name and shape plus an evenly strided sample of each tensor rounded to bfloat16, so the
+    same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while other weights do not.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
+        if is_inserted_parameter(name):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ensure_inserted_cache_layers(cache: Cache, config) -> None:
+    """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`.
+
+    Keeping them beside the original layers (rather than inside them) leaves the original keys and values
+    exactly as the base model stores them, while `crop`, `reorder_cache` and friends still reach both.
+    """
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"Otter models keep their inserted keys and values in a DynamicCache; got {type(cache).__name__}. "
+            "Pass a DynamicCache (the default of generate()) or no cache at all."
+        )
+    if cache.layer_class_to_replicate is not None:
+        return  # a cache without a config grows by itself to any layer index
+    num_layers = config.num_hidden_layers
+    if len(cache.layers) == num_layers:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        cache.layers.extend(
+            DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs) for layer_type, kwargs in zip(layer_types, layer_kwargs)
+        )
+    elif len(cache.layers) != 2 * num_layers:
+        raise ValueError(
+            f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
+            f"{num_layers} (a fresh cache) or {2 * num_layers} (one it has already filled)."
+        )
+
+
+class OtterEmbedding(nn.Embedding):
+    """The base token embedding, plus the inserted stream's own embedding columns (`inserted_weight`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, inserted_dim: int):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.inserted_weight = nn.Parameter(torch.empty(num_embeddings, inserted_dim))
+        self.inserted_enabled = True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        original = super().forward(input_ids)
+        if not self.inserted_enabled:
+            return original
+        return join_streams(original, nn.functional.embedding(input_ids, self.inserted_weight))
+
+
+class OtterRMSNorm(nn.Module):
+    """RMSNorm whose statistic comes from the original stream only.
+
+    The original stream is normalised with exactly the base RMSNorm operations; the inserted stream is
+    scaled by the same inverse RMS and its own weight, so nothing in it changes the original result.
+    """
+
+    def __init__(self, hidden_size: int, inserted_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.inserted_weight = nn.Parameter(torch.ones(inserted_size))
+        self.variance_epsilon = eps
+
+    def normalize(
+        self, original: torch.Tensor, inserted: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_dtype = original.dtype
+        original = original.to(torch.float32)
+        variance = original.pow(2).mean(-1, keepdim=True)
+        inverse_rms = torch.rsqrt(variance + self.variance_epsilon)
+        original_normed = self.weight * (original * inverse_rms).to(input_dtype)
+        if inserted is None:
+            return original_normed, None
+        inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
+        return original_normed, inserted_normed
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return join_streams(*self.normalize(*split_streams(hidden_states, self.hidden_size)))
+
+    def extra_repr(self):
+        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.variance_epsilon}"
+
+
+class OtterInsertedAttention(nn.Module):
+    """The inserted attention heads of one layer.
+
+    Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream
+    only, reads the original heads' outputs and the inserted heads' outputs.
+    """
+
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, output_bias: bool):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_heads = config.inserted_num_attention_heads
+        self.num_key_value_heads = config.inserted_num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        # The inserted heads cache after all original layers, see `ensure_inserted_cache_layers`.
+        self.layer_idx = config.num_hidden_layers + layer_idx
+        input_size = config.hidden_size + config.inserted_hidden_size
+        qkv_size = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+        heads_size = (config.num_attention_heads + self.num_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(input_size, qkv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads_size, config.inserted_hidden_size, bias=output_bias)
+
+    def forward(
+        self,
+        normed: torch.Tensor,
+        inserted_normed: torch.Tensor,
+        original_heads: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        rotary_fn: Callable,
+        attention_fn: Callable,
+        **kwargs,
+    ) -> torch.Tensor:
+        input_shape = normed.shape[:-1]
+        qkv = self.qkv_proj(join_streams(normed, inserted_normed)).view(*input_shape, -1, self.head_dim)
+        query, key, value = qkv.transpose(1, 2).split(
+            [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
+        )
+        query, key = rotary_fn(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        heads, _ = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        heads = heads.reshape(*input_shape, -1)
+        return self.o_proj(torch.cat([original_heads, heads], dim=-1))
+
+
+class OtterInsertedMLP(nn.Module):
+    """The inserted SwiGLU units of one layer: gate and up read both streams, down reads all units."""
+
+    def __init__(self, config, bias: bool, act_fn: Callable):
+        super().__init__()
+        self.inserted_intermediate_size = config.inserted_intermediate_size
+        input_size = config.hidden_size + config.inserted_hidden_size
+        self.gate_up_proj = nn.Linear(input_size, 2 * config.inserted_intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(
+            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
+        )
+        self.act_fn = act_fn
+
+    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
+        gate, up = self.gate_up_proj(join_streams(normed, inserted_normed)).chunk(2, dim=-1)
+        return self.down_proj(torch.cat([original_units, self.act_fn(gate) * up], dim=-1))
+
+
+class OtterDecoderLayerMixin:
+    """Turns an architecture's decoder layer into an Otter layer.
+
+    The architecture module sets `rotary_fn` and `eager_attention_fn` to its own functions, so the original
+    path runs the very same operations as the base layer.
+    """
+
+    rotary_fn: Callable
+    eager_attention_fn: Callable
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        attention, mlp = self.self_attn, self.mlp
+        self.input_layernorm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = OtterRMSNorm(
+            config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps
+        )
+        self.inserted_attn = OtterInsertedAttention(
+            config, layer_idx, qkv_bias=attention.q_proj.bias is not None, output_bias=attention.o_proj.bias is not None
+        )
+        self.inserted_mlp = OtterInsertedMLP(config, bias=mlp.gate_proj.bias is not None, act_fn=mlp.act_fn)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        original, inserted = split_streams(hidden_states, self.hidden_size)
+        if inserted is None:  # inserted stream switched off: the base layer, at base cost
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention_fn)
+
+        normed, inserted_normed = self.input_layernorm.normalize(original, inserted)
+        original_heads, attention_output = self._original_attention(
+            normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs
+        )
+        inserted_output = self.inserted_attn(
+            normed,
+            inserted_normed,
+            original_heads,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            rotary_fn=self.rotary_fn,
+            attention_fn=attention_fn,
+            **kwargs,
+        )
+        original = original + attention_output
+        inserted = inserted + inserted_output
+
+        normed, inserted_normed = self.post_attention_layernorm.normalize(original, inserted)
+        mlp = self.mlp
+        original_units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        original = original + mlp.down_proj(original_units)
+        inserted = inserted + self.inserted_mlp(normed, inserted_normed, original_units)
+        return join_streams(original, inserted)
+
+    @property
+    def config(self):
+        return self.self_attn.config
+
+    def _original_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
+        """The base attention, step for step, also returning the heads' outputs that the inserted heads read."""
+        attention = self.self_attn
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, attention.head_dim)
+        query = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = self.rotary_fn(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attention.layer_idx)
+        # Qwen2 keeps its window on the attention module, Mistral on the config, Llama has none.
+        sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
+        heads, _ = attention_fn(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not attention.training else attention.attention_dropout,
+            scaling=attention.scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
+        heads = heads.reshape(*input_shape, -1).contiguous()
+        return heads, attention.o_proj(heads)
+
+
+class OtterModelMixin:
+    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own."""
+
+    decoder_layer_class: type
+    rotary_embedding_class: type
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = OtterEmbedding(
+            config.vocab_size, config.hidden_size, self.padding_idx, config.inserted_hidden_size
+        )
+        self.layers = nn.ModuleList(
+            [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
+        self.rotary_emb = self.rotary_embedding_class(config=config)
+        self.gradient_checkpointing = False
+        self.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        self.post_init()
+
+
+class OtterValueHead(nn.Module):
+    """Maps the final inserted stream to one float32 value per token (the old TRL `v_head.summary` layout)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = nn.Dropout(config.value_head_dropout)
+        self.summary = nn.Linear(config.inserted_hidden_size, 1)
+
+    def forward(self, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        inserted_hidden = self.dropout(inserted_hidden.to(self.summary.weight.dtype))
+        return self.summary(inserted_hidden).squeeze(-1).to(torch.float32)
+
+
+@dataclass
+class OtterCausalLMOutputWithValue(ModelOutput):
+    """
+    loss (`torch.FloatTensor`, *optional*):
+        Language-modelling loss of the original logits, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        The base model's logits, bit-identical to running the base model alone.
+    value (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
+        The calibration signal the inserted parameters predict at every position (float32). None while the
+        inserted stream is disabled.
+    past_key_values (`Cache`, *optional*):
+        Original and inserted keys and values.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The original stream's hidden states, as the base model returns them.
+    inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The inserted stream's hidden states at the same points.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    value: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class OtterForCausalLMMixin:
+    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus `v_head`."""
+
+    backbone_class: type
+    _keep_in_fp32_modules_strict = ["v_head"]
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.model = self.backbone_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.v_head = OtterValueHead(config)
+        self.post_init()
+        self.freeze_base_parameters()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, OtterEmbedding):
+            init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, OtterRMSNorm):
+            init.ones_(module.inserted_weight)
+
+    # -- inserted parameters -------------------------------------------------------------------------------
+
+    def freeze_base_parameters(self) -> None:
+        """Freeze every original parameter; only the inserted ones (and `v_head`) stay trainable."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(is_inserted_parameter(name))
+
+    def otter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((name, p) for name, p in self.named_parameters() if is_inserted_parameter(name))
+
+    def otter_parameters(self) -> Iterator[nn.Parameter]:
+        return (parameter for _, parameter in self.otter_named_parameters())
+
+    def num_inserted_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.otter_parameters())
+
+    def num_base_parameters(self) -> int:
+        return sum(p.numel() for name, p in self.named_parameters() if not is_inserted_parameter(name))
+
+    def inserted_parameter_fraction(self) -> float:
+        """Inserted parameters as a fraction of the base model's parameters."""
+        return self.num_inserted_parameters() / self.num_base_parameters()
+
+    def base_weights_fingerprint(self) -> str:
+        return base_weights_fingerprint(self.named_parameters())
+
+    @contextlib.contextmanager
+    def otter_disabled(self):
+        """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
+        embedding = self.model.embed_tokens
+        previous, embedding.inserted_enabled = embedding.inserted_enabled, False
+        try:
+            yield self
+        finally:
+            embedding.inserted_enabled = previous
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> OtterCausalLMOutputWithValue:
+        inserted_enabled = self.model.embed_tokens.inserted_enabled
+        if inserted_enabled:
+            if output_attentions:
+                raise ValueError(
+                    "Otter layers do not record attention weights; run the base computation inside "
+                    "`with model.otter_disabled():` to get them."
+                )
+            if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.hidden_size + self.config.inserted_hidden_size:
+                raise ValueError(
+                    f"`inputs_embeds` must carry both streams (last dimension {self.config.hidden_size} + "
+                    f"{self.config.inserted_hidden_size}); build them with `model.get_input_embeddings()(input_ids)`."
+                )
+            if use_cache is None:
+                use_cache = self.config.use_cache
+            if use_cache and past_key_values is None:
+                past_key_values = DynamicCache(config=self.config)
+            if past_key_values is not None:
+                ensure_inserted_cache_layers(past_key_values, self.config)
+        elif output_attentions is not None:
+            kwargs["output_attentions"] = output_attentions
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        value = self.v_head(inserted_hidden) if inserted_hidden is not None else None
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        all_hidden_states = all_inserted_hidden_states = None
+        if outputs.hidden_states is not None:
+            streams = [split_streams(state, self.config.hidden_size) for state in outputs.hidden_states]
+            all_hidden_states = tuple(original for original, _ in streams)
+            if inserted_enabled:
+                all_inserted_hidden_states = tuple(inserted for _, inserted in streams)
+
+        return OtterCausalLMOutputWithValue(
+            loss=loss,
+            logits=logits,
+            value=value,
+            past_key_values=outputs.past_key_values,
+            hidden_states=all_hidden_states,
+            inserted_hidden_states=all_inserted_hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # -- saving --------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, written to a scratch folder first and moved in config-last,
+        so an interrupted save never leaves a folder that looks complete."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with _staging_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+
+    def save_otter(self, save_directory) -> None:
+        """Write only the inserted parameters (safetensors) and a config naming the base model and the
+        fingerprint of its weights; `otter_hf.load_otter(base, save_directory)` attaches them again."""
+        self.config.base_model_fingerprint = self.base_weights_fingerprint()
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.otter_named_parameters()}
+        with _staging_directory(save_directory) as staging:
+            save_file(tensors, os.path.join(staging, OTTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            config = self.config.to_dict()
+            with open(os.path.join(staging, OTTER_CONFIG_NAME), "w", encoding="utf-8") as file:
+                json.dump(config, file, indent=2, sort_keys=True)
+
+
+# Files a loader treats as the mark of a complete save: moved into place last.
+_COMPLETION_MARKERS = ("config.json", OTTER_CONFIG_NAME)
+
+
+@contextlib.contextmanager
+def _staging_directory(save_directory):
+    """Yield a scratch folder beside `save_directory`; on success move its files in, completion markers last."""
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(save_directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".otter-save-", dir=parent)
+    try:
+        yield staging
+        os.makedirs(save_directory, exist_ok=True)
+        names = sorted(os.listdir(staging), key=lambda name: name in _COMPLETION_MARKERS)
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

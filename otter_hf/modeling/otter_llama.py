@@ -1,0 +1,45 @@
+"""Otter for Llama checkpoints: `LlamaForCausalLM` with parameters inserted into every layer."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_otter import OtterConfigMixin
+from .modeling_otter import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+
+
+@strict
+class OtterLlamaConfig(OtterConfigMixin, LlamaConfig):
+    model_type = "otter_llama"
+    base_model_type = "llama"
+
+
+class OtterLlamaDecoderLayer(OtterDecoderLayerMixin, LlamaDecoderLayer):
+    rotary_fn = staticmethod(apply_rotary_pos_emb)
+    eager_attention_fn = staticmethod(eager_attention_forward)
+
+
+class OtterLlamaModel(OtterModelMixin, LlamaModel):
+    config_class = OtterLlamaConfig
+    decoder_layer_class = OtterLlamaDecoderLayer
+    rotary_embedding_class = LlamaRotaryEmbedding
+
+
+class OtterLlamaForCausalLMWithValueHead(OtterForCausalLMMixin, LlamaForCausalLM):
+    config_class = OtterLlamaConfig
+    backbone_class = OtterLlamaModel
+
+
+__all__ = [
+    "OtterLlamaConfig",
+    "OtterLlamaDecoderLayer",
+    "OtterLlamaModel",
+    "OtterLlamaForCausalLMWithValueHead",
+]
