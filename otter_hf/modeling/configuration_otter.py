@@ -9,6 +9,11 @@ from dataclasses import dataclass
 INIT_METHODS = ("copy", "normal", "random")
 
 
+def attention_head_size(config) -> int:
+    # Qwen2 configs carry no `head_dim`; their heads split `hidden_size` evenly.
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(kw_only=True)
 class OtterConfigMixin:
     r"""
@@ -44,7 +49,7 @@ class OtterConfigMixin:
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.inserted_hidden_size is None:
-            self.inserted_hidden_size = self.head_dim
+            self.inserted_hidden_size = attention_head_size(self)
         if self.inserted_intermediate_size is None:
             self.inserted_intermediate_size = self.inserted_hidden_size
         self._check_insertion_sizes()

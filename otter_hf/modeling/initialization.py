@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from .configuration_otter import attention_head_size
 from .modeling_otter import OtterEmbedding, OtterInsertedAttention, OtterInsertedMLP, OtterRMSNorm, OtterValueHead
 
 
@@ -67,7 +68,7 @@ def _copy_rows(target: nn.Linear, target_row: int, source: nn.Linear, source_row
 def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, config) -> None:
     """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
     at first the inserted stream follows the copied dimensions of the original one."""
-    head_dim = config.head_dim
+    head_dim = attention_head_size(config)
     query_sources, kv_sources = copied_head_sources(config)
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()

@@ -29,6 +29,8 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicC
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from .configuration_otter import attention_head_size
+
 OTTER_CONFIG_NAME = "otter_config.json"
 OTTER_WEIGHTS_NAME = "otter_model.safetensors"
 
@@ -157,7 +159,7 @@ class OtterInsertedAttention(nn.Module):
     def __init__(self, config, layer_idx: int, qkv_bias: bool, output_bias: bool):
         super().__init__()
         self.config = config
-        self.head_dim = config.head_dim
+        self.head_dim = attention_head_size(config)
         self.num_heads = config.inserted_num_attention_heads
         self.num_key_value_heads = config.inserted_num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import otter_hf
+
+PAD, EOS = 0, 1
+COMMON = dict(vocab_size=96, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+
+# Tiny base models covering the features the insertion must respect.
+BASE_MODELS = {
+    # grouped-query attention, tied embeddings
+    "llama-gqa-tied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    # multi-head attention, untied embeddings, odd head size
+    "llama-mha-untied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    ),
+    # q/k/v biases
+    "qwen2-bias": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    ),
+    # sliding-window attention shorter than the test sequences, one key/value head
+    "mistral-sliding": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, sliding_window=4, tie_word_embeddings=False),
+    ),
+}
+
+
+def make_base(name: str, seed: int = 0, **overrides):
+    config_class, model_class, sizes = BASE_MODELS[name]
+    torch.manual_seed(seed)
+    config = config_class(**{**COMMON, **sizes, **overrides})
+    return model_class(config).eval()
+
+
+def make_otter(base, seed: int = 1, **options):
+    torch.manual_seed(seed)
+    model = otter_hf.insert(base, **options)
+    # Give the zero-initialised inserted blocks real values, so tests exercise every inserted path.
+    with torch.no_grad():
+        for parameter in model.otter_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+@pytest.fixture(params=sorted(BASE_MODELS))
+def base_name(request):
+    return request.param
+
+
+def random_batch(batch_size: int, length: int, padding: str | None = None, seed: int = 0):
+    """Token ids and an attention mask; with padding, each row after the first is shorter by one more token."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, COMMON["vocab_size"], (batch_size, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if padding is not None:
+        for row in range(1, batch_size):
+            pad = min(row, length - 1)
+            if padding == "left":
+                attention_mask[row, :pad] = 0
+                input_ids[row, :pad] = PAD
+            else:
+                attention_mask[row, length - pad :] = 0
+                input_ids[row, length - pad :] = PAD
+    return input_ids, attention_mask

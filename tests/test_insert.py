@@ -1,0 +1,134 @@
+"""`otter_hf.insert`: which parameters are inserted, trainable and how they start."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import otter_hf
+from otter_hf.modeling.initialization import copied_head_sources
+from conftest import make_base, make_otter, random_batch
+
+
+def test_only_inserted_parameters_are_trainable(base_name):
+    otter = otter_hf.insert(make_base(base_name))
+    trainable = {name for name, p in otter.named_parameters() if p.requires_grad}
+    inserted = {name for name, _ in otter.otter_named_parameters()}
+    assert trainable == inserted
+    assert "v_head.summary.weight" in inserted
+    assert any(".inserted_attn." in name for name in inserted)
+    assert not any(name.startswith("model.layers.0.self_attn.") for name in inserted)
+    assert otter.num_inserted_parameters() == sum(p.numel() for p in otter.otter_parameters())
+    assert 0 < otter.inserted_parameter_fraction() < 1
+
+
+def test_gradients_reach_only_inserted_parameters():
+    otter = make_otter(make_base("qwen2-bias"))
+    otter.train()
+    input_ids, attention_mask = random_batch(2, 6)
+    otter(input_ids, attention_mask=attention_mask).value.sum().backward()
+    for name, parameter in otter.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_insert_shares_base_tensors_and_keeps_the_base_untouched():
+    base = make_base("llama-mha-untied")
+    otter = otter_hf.insert(base)
+    assert otter.model.layers[0].mlp.up_proj.weight.data_ptr() == base.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert all(p.requires_grad for p in base.parameters())  # the caller's model object is not frozen
+    assert otter.config.base_model_fingerprint == otter.base_weights_fingerprint()
+
+
+def test_copy_init_makes_the_inserted_stream_follow_the_copied_dimensions(base_name):
+    base = make_base(base_name)
+    otter = otter_hf.insert(base, inserted_hidden_size=16, inserted_num_attention_heads=2, inserted_intermediate_size=24)
+    input_ids, attention_mask = random_batch(2, 7)
+    with torch.no_grad():
+        output = otter(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    # At insertion the inserted stream equals the first 16 original dimensions, layer after layer.
+    for original, inserted in zip(output.hidden_states[:-1], output.inserted_hidden_states[:-1]):
+        torch.testing.assert_close(inserted, original[..., :16], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(output.inserted_hidden_states[-1], output.hidden_states[-1][..., :16], atol=1e-5, rtol=1e-4)
+
+
+def test_copied_heads_follow_grouped_query_attention():
+    otter = otter_hf.insert(make_base("llama-gqa-tied"), inserted_num_attention_heads=4, inserted_num_key_value_heads=2)
+    query_sources, kv_sources = copied_head_sources(otter.config)
+    # original: 4 query heads over 2 kv heads (groups of 2); each inserted query copies a head of its kv's group
+    assert kv_sources == [0, 1]
+    assert query_sources == [0, 1, 2, 3]
+    head_dim = otter.config.head_dim
+    qkv = otter.model.layers[1].inserted_attn.qkv_proj.weight
+    original_k = otter.model.layers[1].self_attn.k_proj.weight
+    k_rows = qkv[4 * head_dim : 5 * head_dim, : otter.config.hidden_size]
+    assert torch.equal(k_rows, original_k[:head_dim])
+    assert torch.count_nonzero(qkv[:, otter.config.hidden_size :]) == 0
+
+
+@pytest.mark.parametrize("method", ["normal", "random"])
+def test_normal_and_random_init_do_not_copy(method):
+    otter = otter_hf.insert(make_base("llama-gqa-tied"), inserted_init=method, inserted_hidden_size=16)
+    embedding = otter.model.embed_tokens
+    assert not torch.allclose(embedding.inserted_weight, embedding.weight[:, :16])
+    std = embedding.inserted_weight.std().item()
+    assert (abs(std - otter.config.initializer_range) < 0.005) if method == "normal" else (abs(std - 1.0) < 0.1)
+    qkv = otter.model.layers[0].inserted_attn.qkv_proj.weight
+    assert torch.count_nonzero(qkv[:, otter.config.hidden_size :]) == qkv[:, otter.config.hidden_size :].numel()
+
+
+def test_insert_loads_a_model_id_or_path(tmp_path):
+    base = make_base("qwen2-bias")
+    base.save_pretrained(tmp_path)
+    otter = otter_hf.insert(str(tmp_path), inserted_hidden_size=8, dtype=torch.float32)
+    assert isinstance(otter, otter_hf.OtterQwen2ForCausalLMWithValueHead)
+    assert otter.config.inserted_hidden_size == 8
+    assert otter.config.base_model_name_or_path == str(tmp_path)
+    input_ids, _ = random_batch(1, 5)
+    with torch.no_grad():
+        assert torch.equal(otter(input_ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids).logits)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="'gpt2'.*llama, mistral, qwen2"):
+        otter_hf.insert(gpt2)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(inserted_num_attention_heads=3, inserted_num_key_value_heads=2), "multiple of"),
+        (dict(inserted_num_attention_heads=0), "positive integer"),
+        (dict(inserted_hidden_size=-4), "positive integer"),
+        (dict(inserted_hidden_size=1000), "inserted_hidden_size` <= `hidden_size"),
+        (dict(inserted_intermediate_size=5000), "inserted_intermediate_size` <= `intermediate_size"),
+        (dict(inserted_init="xavier"), "one of"),
+        (dict(value_head_dropout=1.5), "value_head_dropout"),
+    ],
+)
+def test_impossible_sizes_fail_before_any_allocation(options, message, monkeypatch):
+    base = make_base("llama-gqa-tied")
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a model was built before the options were checked")
+
+    monkeypatch.setattr(otter_hf.OtterLlamaForCausalLMWithValueHead, "_from_config", no_allocation)
+    with pytest.raises(ValueError, match=message):
+        otter_hf.insert(base, **options)
+
+
+def test_loading_options_need_a_model_id():
+    with pytest.raises(TypeError, match="loading options"):
+        otter_hf.insert(make_base("llama-gqa-tied"), dtype=torch.bfloat16)
+
+
+def test_inputs_embeds_must_carry_both_streams():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    input_ids, _ = random_batch(1, 4)
+    widened = otter.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        assert torch.equal(otter(inputs_embeds=widened).value, otter(input_ids).value)
+        with pytest.raises(ValueError, match="both streams"):
+            otter(inputs_embeds=widened[..., : otter.config.hidden_size])
