@@ -406,6 +406,13 @@ class OtterForCausalLMMixin:
         self.post_init()
         self.freeze_base_parameters()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading swaps in fresh parameters, which come back trainable.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
+        return loaded
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, OtterEmbedding):
