@@ -1,0 +1,159 @@
+"""What an Otter model costs over its base model: parameters, forward time and peak memory.
+
+Timings run base and Otter alternately in one process, on the same weights (the Otter model shares the
+base tensors), and report medians. Peak memory is the peak resident set size (Linux VmHWM, reset after loading)
+of two fresh child processes that run the same workload, one with the base model and one with the Otter model.
+"""
+
+import gc
+import json
+import multiprocessing
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from .insertion import insert
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _prefill(model, input_ids):
+    # As generate() does: fill the cache, keep the logits of the last position only.
+    return model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def _decode_step_times(model, input_ids, steps: int) -> list[float]:
+    output = _prefill(model, input_ids)
+    cache, times = output.past_key_values, []
+    for _ in range(steps):
+        next_tokens = output.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        output = model(next_tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _load(base_path, dtype):
+    return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
+
+
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(peak_kib) * 1024
+
+
+def _peak_memory_worker(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps, queue):
+    torch.set_num_threads(1)
+    model = _load(base_path, dtype)
+    if with_otter:
+        model = insert(model, **insertion_options).eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=generator)
+    # Loading peaks far above inference (the checkpoint is read and copied): reset the high-water mark so
+    # the peak measured is that of the model at work, weights, activations and cache included.
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+        clear_refs.write("5")
+    _decode_step_times(model, input_ids, decode_steps)
+    queue.put(_peak_resident_bytes())
+
+
+def _peak_memory(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps) -> int:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_peak_memory_worker,
+        args=(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps, queue),
+    )
+    process.start()
+    peak = queue.get()
+    process.join()
+    return peak
+
+
+def measure_overhead(
+    base_path: str,
+    *,
+    prefill_tokens: int = 512,
+    decode_prompt_tokens: int = 128,
+    decode_steps: int = 32,
+    decode_batch_sizes: tuple[int, ...] = (1, 8),
+    repeats: int = 5,
+    threads: int = 2,
+    dtype: torch.dtype = torch.float32,
+    **insertion_options,
+) -> dict:
+    """Measure the Otter/base cost ratios for the base model at `base_path` (a local path or Hub id)."""
+    torch.set_num_threads(threads)
+    base = _load(base_path, dtype)
+    otter = insert(base, **insertion_options).eval()
+    generator = torch.Generator().manual_seed(0)
+    vocab_size = base.config.vocab_size
+    prefill_ids = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator)
+    decode_ids = {
+        batch: torch.randint(0, vocab_size, (batch, decode_prompt_tokens), generator=generator)
+        for batch in decode_batch_sizes
+    }
+
+    prefill = {"base": [], "otter": []}
+    decode = {batch: {"base": [], "otter": []} for batch in decode_batch_sizes}
+    _prefill(base, prefill_ids), _prefill(otter, prefill_ids)  # warm-up
+    for _ in tqdm(range(repeats), desc="Timing base and Otter"):
+        # Alternating the two models spreads any drift of the machine over both.
+        for name, model in (("base", base), ("otter", otter)):
+            prefill[name].append(_timed(lambda: _prefill(model, prefill_ids)))
+            for batch, input_ids in decode_ids.items():
+                decode[batch][name].extend(_decode_step_times(model, input_ids, decode_steps))
+
+    def summary(times: dict) -> dict:
+        base_median, otter_median = statistics.median(times["base"]), statistics.median(times["otter"])
+        return {
+            "base_seconds": round(base_median, 5),
+            "otter_seconds": round(otter_median, 5),
+            "ratio": round(otter_median / base_median, 3),
+        }
+
+    memory_workload = dict(prefill_tokens=prefill_tokens, decode_steps=decode_steps)
+    base_peak = _peak_memory(base_path, dtype, False, insertion_options, **memory_workload)
+    otter_peak = _peak_memory(base_path, dtype, True, insertion_options, **memory_workload)
+    config = otter.config
+    return {
+        "base_model": base_path,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "repeats": repeats,
+        "insertion": {
+            "inserted_hidden_size": config.inserted_hidden_size,
+            "inserted_num_attention_heads": config.inserted_num_attention_heads,
+            "inserted_num_key_value_heads": config.inserted_num_key_value_heads,
+            "inserted_intermediate_size": config.inserted_intermediate_size,
+        },
+        "base_parameters": otter.num_base_parameters(),
+        "inserted_parameters": otter.num_inserted_parameters(),
+        "inserted_parameter_fraction": round(otter.inserted_parameter_fraction(), 4),
+        f"prefill_{prefill_tokens}_tokens": summary(prefill),
+        **{
+            f"decode_per_token_batch_{batch}": {**summary(times), "prompt_tokens": decode_prompt_tokens, "steps": decode_steps}
+            for batch, times in decode.items()
+        },
+        "peak_memory": {
+            "workload": f"prefill {prefill_tokens} tokens + {decode_steps} decoded tokens, batch 1, one fresh process each",
+            "base_bytes": base_peak,
+            "otter_bytes": otter_peak,
+            "ratio": round(otter_peak / base_peak, 3),
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    return json.dumps(report, indent=2)
