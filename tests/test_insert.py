@@ -132,3 +132,18 @@ def test_inputs_embeds_must_carry_both_streams():
         assert torch.equal(otter(inputs_embeds=widened).value, otter(input_ids).value)
         with pytest.raises(ValueError, match="both streams"):
             otter(inputs_embeds=widened[..., : otter.config.hidden_size])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    input_ids, attention_mask = random_batch(2, 6)
+    gradients = []
+    for checkpointing in (False, True):
+        otter = make_otter(make_base("llama-gqa-tied"))
+        if checkpointing:
+            otter.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        otter.train()
+        otter(input_ids, attention_mask=attention_mask, use_cache=False).value.sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in otter.otter_named_parameters()})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .configuration_otter import attention_head_size
@@ -502,8 +502,7 @@ class OtterForCausalLMMixin:
             **kwargs,
         )
         hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         value = self.v_head(inserted_hidden) if inserted_hidden is not None else None
 
         loss = None
