@@ -73,3 +73,37 @@ def random_batch(batch_size: int, length: int, padding: str | None = None, seed:
                 attention_mask[row, length - pad :] = 0
                 input_ids[row, length - pad :] = PAD
     return input_ids, attention_mask
+
+
+# A word-level tokenizer built offline whose ids fit the tiny models' vocabulary, with a small chat template.
+TINY_WORDS = (
+    "i you it this that the a an is was are be my your me how what do please tell about write review answer "
+    "movie film book food service day friend team work idea plan song trip . , ! ? and so very really not "
+    "great good kind lovely wonderful helpful thanks happy glad nice love enjoyed bad awful terrible rude boring "
+    "useless hate sad angry waste worst dull"
+).split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", "<unk>", "<user>", "<assistant>"]
+    vocab = {token: index for index, token in enumerate(specials + list(TINY_WORDS))}
+    assert len(vocab) <= COMMON["vocab_size"] and vocab["<pad>"] == PAD and vocab["</s>"] == EOS
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
+    tokenizer.chat_template = (
+        "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tokenizer()

@@ -134,13 +134,13 @@ def test_inputs_embeds_must_carry_both_streams():
             otter(inputs_embeds=widened[..., : otter.config.hidden_size])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients():
     input_ids, attention_mask = random_batch(2, 6)
     gradients = []
     for checkpointing in (False, True):
         otter = make_otter(make_base("llama-gqa-tied"))
         if checkpointing:
-            otter.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            otter.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         otter.train()
         otter(input_ids, attention_mask=attention_mask, use_cache=False).value.sum().backward()
         gradients.append({name: p.grad.clone() for name, p in otter.otter_named_parameters()})

@@ -1,11 +1,18 @@
 """Otter configs and model classes, one module per architecture, registered with the Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .modeling_otter import OtterCausalLMOutputWithValue, is_inserted_parameter
 from .otter_llama import OtterLlamaConfig, OtterLlamaForCausalLMWithValueHead, OtterLlamaModel
 from .otter_mistral import OtterMistralConfig, OtterMistralForCausalLMWithValueHead, OtterMistralModel
 from .otter_qwen2 import OtterQwen2Config, OtterQwen2ForCausalLMWithValueHead, OtterQwen2Model
+from .sequence_classification import (
+    SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM,
+    OtterLlamaForSequenceClassification,
+    OtterMistralForSequenceClassification,
+    OtterQwen2ForSequenceClassification,
+    sequence_classification_view,
+)
 
 # Base model_type -> the Otter causal LM built from it.
 OTTER_CLASSES_BY_BASE_MODEL_TYPE = {
@@ -22,18 +29,23 @@ for _causal_lm in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values():
     AutoConfig.register(_config_class.model_type, _config_class)
     AutoModel.register(_config_class, _causal_lm.backbone_class)
     AutoModelForCausalLM.register(_config_class, _causal_lm)
+    AutoModelForSequenceClassification.register(_config_class, SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM[_causal_lm])
 
 __all__ = [
     "OTTER_CLASSES_BY_BASE_MODEL_TYPE",
     "OtterCausalLMOutputWithValue",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
+    "OtterLlamaForSequenceClassification",
     "OtterLlamaModel",
     "OtterMistralConfig",
     "OtterMistralForCausalLMWithValueHead",
+    "OtterMistralForSequenceClassification",
     "OtterMistralModel",
     "OtterQwen2Config",
     "OtterQwen2ForCausalLMWithValueHead",
+    "OtterQwen2ForSequenceClassification",
     "OtterQwen2Model",
     "is_inserted_parameter",
+    "sequence_classification_view",
 ]
