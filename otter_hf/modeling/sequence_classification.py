@@ -1,0 +1,171 @@
+"""The sequence-classification view of an Otter model.
+
+`OtterXForSequenceClassification` is the Otter causal LM with value head, same modules and same parameter
+names, whose forward returns the value at each sequence's last real token as `logits` of shape
+`(batch_size, 1)`. That is the interface of a transformers reward model (`num_labels == 1`), so TRL's stock
+`RewardTrainer`, its reward-modelling script, and the reward functions of `GRPOTrainer`/`RLOOTrainer` use an
+Otter checkpoint unchanged once `AutoModelForSequenceClassification` resolves it here. A checkpoint saved
+from the view loads back as the causal LM, and the reverse.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+from .modeling_otter import OtterForCausalLMMixin
+from .otter_llama import OtterLlamaForCausalLMWithValueHead
+from .otter_mistral import OtterMistralForCausalLMWithValueHead
+from .otter_qwen2 import OtterQwen2ForCausalLMWithValueHead
+
+# `PreTrainedConfig` gives every config two placeholder labels unless told otherwise.
+_DEFAULT_ID2LABEL = {0: "LABEL_0", 1: "LABEL_1"}
+
+
+def last_token_indices(
+    attention_mask: torch.Tensor | None = None,
+    input_ids: torch.LongTensor | None = None,
+    pad_token_id: int | None = None,
+) -> torch.LongTensor:
+    """Position of each row's last real token, for left or right padding.
+
+    The attention mask decides when given (it stays right when the pad token is also the EOS token that
+    ends a sequence); without one, the last token that is not `pad_token_id`; without either, the last position.
+    """
+    if attention_mask is not None:
+        real_tokens = attention_mask.bool()
+    elif pad_token_id is not None:
+        real_tokens = input_ids != pad_token_id
+    else:
+        real_tokens = torch.ones_like(input_ids, dtype=torch.bool)
+    positions = torch.arange(real_tokens.shape[-1], device=real_tokens.device)
+    return (positions * real_tokens).argmax(-1)
+
+
+def pool_last_token(
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    input_ids: torch.LongTensor | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """The value at each row's last real token: `(batch_size, sequence_length)` -> `(batch_size,)`."""
+    if attention_mask is None and input_ids is None:
+        return value[:, -1]
+    indices = last_token_indices(attention_mask, input_ids, pad_token_id).to(value.device)
+    return value[torch.arange(value.shape[0], device=value.device), indices]
+
+
+class OtterForSequenceClassificationMixin:
+    """Turns an Otter causal LM with value head into its sequence-classification view."""
+
+    def __init__(self, config):
+        # The value head has one output; a config that asks for other labels is a mistake worth stopping.
+        if config.num_labels != 1:
+            if config.id2label != _DEFAULT_ID2LABEL:
+                raise ValueError(
+                    f"An Otter sequence classifier scores with its single value head, so `num_labels` must be 1; "
+                    f"got {config.num_labels}. Load it without `num_labels`, or with `num_labels=1`."
+                )
+            config.num_labels = 1
+        super().__init__(config)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    @classmethod
+    def from_causal_lm(cls, model: OtterForCausalLMMixin):
+        """The view of an existing Otter causal LM, sharing its modules (and so its parameters) without copying."""
+        with torch.device("meta"):
+            view = cls(copy.deepcopy(model.config))
+        view.model, view.lm_head, view.v_head = model.model, model.lm_head, model.v_head
+        view.generation_config = copy.deepcopy(model.generation_config)
+        view.name_or_path = model.name_or_path
+        view.train(model.training)
+        return view
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            # Scoring needs no cache, and of the LM head only the last position, which nothing reads.
+            use_cache=bool(use_cache),
+            logits_to_keep=1,
+            **kwargs,
+        )
+        if outputs.value is None:
+            raise ValueError("The sequence-classification view scores with the inserted stream; it cannot run inside `otter_disabled()`.")
+        pooled = pool_last_token(outputs.value, attention_mask, input_ids, self.config.pad_token_id).unsqueeze(-1)
+
+        loss = None
+        if labels is not None:  # one label per sequence: regression, as transformers does for num_labels == 1
+            loss = nn.functional.mse_loss(pooled.squeeze(-1), labels.to(pooled.dtype).reshape(-1))
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class OtterLlamaForSequenceClassification(OtterForSequenceClassificationMixin, OtterLlamaForCausalLMWithValueHead):
+    pass
+
+
+class OtterQwen2ForSequenceClassification(OtterForSequenceClassificationMixin, OtterQwen2ForCausalLMWithValueHead):
+    pass
+
+
+class OtterMistralForSequenceClassification(OtterForSequenceClassificationMixin, OtterMistralForCausalLMWithValueHead):
+    pass
+
+
+# Otter causal LM class -> its sequence-classification view.
+SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM = {
+    OtterLlamaForCausalLMWithValueHead: OtterLlamaForSequenceClassification,
+    OtterQwen2ForCausalLMWithValueHead: OtterQwen2ForSequenceClassification,
+    OtterMistralForCausalLMWithValueHead: OtterMistralForSequenceClassification,
+}
+
+
+def sequence_classification_view(model: OtterForCausalLMMixin):
+    """The sequence-classification view of a loaded Otter causal LM, sharing its parameters.
+
+    Use it to hand an Otter model object to code that expects a reward model, such as `trl.RewardTrainer`
+    or the `reward_funcs` of `trl.GRPOTrainer`.
+    """
+    if isinstance(model, OtterForSequenceClassificationMixin):
+        return model
+    view_class = SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM.get(type(model))
+    if view_class is None:
+        supported = ", ".join(sorted(cls.__name__ for cls in SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM))
+        raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
+    return view_class.from_causal_lm(model)
+
+
+__all__ = [
+    "OtterForSequenceClassificationMixin",
+    "OtterLlamaForSequenceClassification",
+    "OtterMistralForSequenceClassification",
+    "OtterQwen2ForSequenceClassification",
+    "SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM",
+    "last_token_indices",
+    "pool_last_token",
+    "sequence_classification_view",
+]
