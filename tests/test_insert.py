@@ -147,3 +147,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_draft_heads_are_inserted_parameters_and_start_as_the_lm_head():
+    otter = otter_hf.insert(make_base("qwen2-bias"), num_draft_heads=3)
+    assert {name for name, _ in otter.otter_named_parameters() if name.startswith("draft_heads.")}
+    input_ids, _ = random_batch(2, 5)
+    with torch.no_grad():
+        output = otter(input_ids, output_draft_logits=True, logits_to_keep=2)
+    assert output.draft_logits.shape == (2, 2, 3, otter.config.vocab_size)
+    for head in range(3):
+        torch.testing.assert_close(output.draft_logits[:, :, head], output.logits)
+    with pytest.raises(ValueError, match="needs draft heads"):
+        otter_hf.insert(make_base("qwen2-bias"))(input_ids, output_draft_logits=True)

@@ -31,6 +31,9 @@ class OtterConfigMixin:
         uses PyTorch's default layer initialisation.
     value_head_dropout (`float`, *optional*, defaults to 0.0):
         Dropout applied to the inserted stream before the value head (`v_head.summary`).
+    num_draft_heads (`int`, *optional*, defaults to 0):
+        Medusa-style draft heads reading both final streams; head k predicts the token k + 1 places after the
+        next one, for speculative decoding. 0 builds none (drafting entry points default to 4).
     base_model_name_or_path (`str`, *optional*):
         The checkpoint the original parameters came from.
     base_model_fingerprint (`str`, *optional*):
@@ -43,6 +46,7 @@ class OtterConfigMixin:
     inserted_intermediate_size: int | None = None
     inserted_init: str = "copy"
     value_head_dropout: float = 0.0
+    num_draft_heads: int = 0
     base_model_name_or_path: str | None = None
     base_model_fingerprint: str | None = None
 
@@ -85,6 +89,8 @@ class OtterConfigMixin:
                     "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
                     "inserted_init='normal'."
                 )
+        if not isinstance(self.num_draft_heads, int) or isinstance(self.num_draft_heads, bool) or self.num_draft_heads < 0:
+            raise ValueError(f"`num_draft_heads` must be a non-negative integer, got {self.num_draft_heads!r}.")
         if not 0.0 <= self.value_head_dropout < 1.0:
             raise ValueError(f"`value_head_dropout` must be in [0, 1), got {self.value_head_dropout}.")
 

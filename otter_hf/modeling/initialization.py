@@ -4,7 +4,14 @@ import torch
 from torch import nn
 
 from .configuration_otter import attention_head_size
-from .modeling_otter import OtterEmbedding, OtterInsertedAttention, OtterInsertedMLP, OtterRMSNorm, OtterValueHead
+from .modeling_otter import (
+    OtterDraftHeads,
+    OtterEmbedding,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterRMSNorm,
+    OtterValueHead,
+)
 
 
 @torch.no_grad()
@@ -22,6 +29,11 @@ def initialize_inserted_parameters(model, method: str) -> None:
                 module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
             else:
                 nn.init.ones_(module.inserted_weight)
+        elif isinstance(module, OtterDraftHeads):
+            # As in Medusa: every head starts out repeating the LM head's own prediction.
+            for layer in module.layers:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterValueHead)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
