@@ -30,6 +30,15 @@ for _causal_lm in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values():
     AutoModel.register(_config_class, _causal_lm.backbone_class)
     AutoModelForCausalLM.register(_config_class, _causal_lm)
     AutoModelForSequenceClassification.register(_config_class, SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM[_causal_lm])
+    # Saved checkpoints carry the code of these classes and an `auto_map`, for trust_remote_code without otter_hf.
+    _config_class.register_for_auto_class()
+    _causal_lm.auto_map_classes = {
+        "AutoModel": _causal_lm.backbone_class,
+        "AutoModelForCausalLM": _causal_lm,
+        "AutoModelForSequenceClassification": SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM[_causal_lm],
+    }
+    for _auto_class, _model_class in _causal_lm.auto_map_classes.items():
+        _model_class.register_for_auto_class(_auto_class)
 
 __all__ = [
     "OTTER_CLASSES_BY_BASE_MODEL_TYPE",

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
@@ -34,8 +36,8 @@ from .configuration_otter import attention_head_size
 OTTER_CONFIG_NAME = "otter_config.json"
 OTTER_WEIGHTS_NAME = "otter_model.safetensors"
 
-# A parameter is inserted when one of its name components is `v_head` or starts with `inserted_`.
-INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|inserted_\w+)(\.|$)")
+# A parameter is inserted when one of its name components is `v_head`, `draft_heads` or starts with `inserted_`.
+INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|draft_heads|inserted_\w+)(\.|$)")
 
 
 def is_inserted_parameter(name: str) -> bool:
@@ -364,6 +366,25 @@ class OtterValueHead(nn.Module):
         return self.summary(inserted_hidden).squeeze(-1).to(torch.float32)
 
 
+class OtterDraftHeads(nn.Module):
+    """Medusa-style draft heads on both final streams, decoded by the frozen LM head.
+
+    Head k turns `[h, g]` at position t into a hidden state `h + SiLU(W_k [h, g])` whose LM-head logits predict
+    the token at t + k + 2 (the LM head itself predicts t + 1).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        input_size = config.hidden_size + config.inserted_hidden_size
+        self.layers = nn.ModuleList(nn.Linear(input_size, config.hidden_size) for _ in range(config.num_draft_heads))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft hidden states, shape (..., num_draft_heads, hidden_size)."""
+        joined = join_streams(hidden, inserted_hidden)
+        return torch.stack([hidden + self.act_fn(layer(joined)) for layer in self.layers], dim=-2)
+
+
 @dataclass
 class OtterCausalLMOutputWithValue(ModelOutput):
     """
@@ -380,6 +401,8 @@ class OtterCausalLMOutputWithValue(ModelOutput):
         The original stream's hidden states, as the base model returns them.
     inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The inserted stream's hidden states at the same points.
+    draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, num_draft_heads, vocab_size)`, *optional*):
+        The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token t + k + 2.
     """
 
     loss: torch.FloatTensor | None = None
@@ -388,6 +411,7 @@ class OtterCausalLMOutputWithValue(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    draft_logits: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -396,6 +420,10 @@ class OtterForCausalLMMixin:
 
     backbone_class: type
     _keep_in_fp32_modules_strict = ["v_head"]
+    # Auto class name -> the Otter class it loads, filled in by `otter_hf.modeling`: a saved checkpoint ships
+    # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
+    # trust_remote_code where otter_hf is not installed.
+    auto_map_classes: dict[str, type] = {}
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
@@ -403,6 +431,7 @@ class OtterForCausalLMMixin:
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.v_head = OtterValueHead(config)
+        self.draft_heads = OtterDraftHeads(config) if config.num_draft_heads else None
         self.post_init()
         self.freeze_base_parameters()
 
@@ -443,6 +472,10 @@ class OtterForCausalLMMixin:
         """Inserted parameters as a fraction of the base model's parameters."""
         return self.num_inserted_parameters() / self.num_base_parameters()
 
+    def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
+        return self.lm_head(self.draft_heads(hidden, inserted_hidden))
+
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(self.named_parameters())
 
@@ -469,6 +502,7 @@ class OtterForCausalLMMixin:
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
+        output_draft_logits: bool = False,
         **kwargs,
     ) -> OtterCausalLMOutputWithValue:
         inserted_enabled = self.model.embed_tokens.inserted_enabled
@@ -504,6 +538,16 @@ class OtterForCausalLMMixin:
         hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         value = self.v_head(inserted_hidden) if inserted_hidden is not None else None
+        draft_logits = None
+        if output_draft_logits:
+            if self.draft_heads is None or inserted_hidden is None:
+                raise ValueError(
+                    "`output_draft_logits=True` needs draft heads (insert with `num_draft_heads`) and the inserted "
+                    "stream switched on."
+                )
+            draft_logits = self.compute_draft_logits(
+                slice_logits_to_keep(hidden_states, logits_to_keep), slice_logits_to_keep(inserted_hidden, logits_to_keep)
+            )
 
         loss = None
         if labels is not None:
@@ -523,6 +567,7 @@ class OtterForCausalLMMixin:
             past_key_values=outputs.past_key_values,
             hidden_states=all_hidden_states,
             inserted_hidden_states=all_inserted_hidden_states,
+            draft_logits=draft_logits,
             attentions=outputs.attentions,
         )
 
@@ -532,9 +577,38 @@ class OtterForCausalLMMixin:
         """`PreTrainedModel.save_pretrained`, written to a scratch folder first and moved in config-last,
         so an interrupted save never leaves a folder that looks complete."""
         if kwargs.get("push_to_hub"):
+            self._save_remote_code(save_directory)
             return super().save_pretrained(save_directory, *args, **kwargs)
         with _staging_directory(save_directory) as staging:
+            self._save_remote_code(staging)
             super().save_pretrained(staging, *args, **kwargs)
+
+    def _save_remote_code(self, save_directory) -> None:
+        # transformers ships and maps only the class being saved (and its config); the backbone and the other
+        # heads are defined in sibling files, which are copied flat beside them, as transformers does.
+        if not self.auto_map_classes:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class, model_class in self.auto_map_classes.items():
+            source = sys.modules[model_class.__module__].__file__
+            for path in (source, *get_relative_import_files(source)):
+                shutil.copy(path, save_directory)
+            auto_map[auto_class] = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
+        self.config.auto_map = auto_map
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload weights, config, modeling code and an Otter model card to `repo_id` in one commit.
+
+        See `otter_hf.hub.push_to_hub` for the options (`otter_only`, the card's `trained_on`, `metrics`,
+        `overhead`, ...). This file also runs as remote code where otter_hf is not installed; there the upload
+        is transformers' own, with its generic model card.
+        """
+        try:
+            from otter_hf.hub import push_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_to_hub(self, repo_id, **kwargs)
 
     def save_otter(self, save_directory) -> None:
         """Write only the inserted parameters (safetensors) and a config naming the base model and the
