@@ -4,19 +4,27 @@ Importing the package registers the Otter configs and models with AutoConfig, Au
 AutoModelForCausalLM.
 """
 
+from .data import load_preference_dataset
+from .generation import OtterRewardLogitsProcessor, reward_guided_generate
+from .hub import push_to_hub
 from .insertion import insert, load_otter
 from .modeling import (
     OtterCausalLMOutputWithValue,
     OtterLlamaConfig,
     OtterLlamaForCausalLMWithValueHead,
+    OtterLlamaForSequenceClassification,
     OtterLlamaModel,
     OtterMistralConfig,
     OtterMistralForCausalLMWithValueHead,
+    OtterMistralForSequenceClassification,
     OtterMistralModel,
     OtterQwen2Config,
     OtterQwen2ForCausalLMWithValueHead,
+    OtterQwen2ForSequenceClassification,
     OtterQwen2Model,
+    sequence_classification_view,
 )
+from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 
 __version__ = "0.1.0"
 
@@ -24,13 +32,25 @@ __all__ = [
     "OtterCausalLMOutputWithValue",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
+    "OtterLlamaForSequenceClassification",
     "OtterLlamaModel",
     "OtterMistralConfig",
     "OtterMistralForCausalLMWithValueHead",
+    "OtterMistralForSequenceClassification",
     "OtterMistralModel",
     "OtterQwen2Config",
     "OtterQwen2ForCausalLMWithValueHead",
+    "OtterQwen2ForSequenceClassification",
     "OtterQwen2Model",
+    "OtterRewardConfig",
+    "OtterRewardLogitsProcessor",
+    "OtterRewardTrainer",
+    "OtterValueConfig",
+    "OtterValueTrainer",
     "insert",
     "load_otter",
+    "push_to_hub",
+    "load_preference_dataset",
+    "reward_guided_generate",
+    "sequence_classification_view",
 ]

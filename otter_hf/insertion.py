@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .hub import otter_files
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from .modeling.configuration_otter import OtterConfigMixin
 from .modeling.initialization import initialize_inserted_parameters
@@ -83,9 +84,15 @@ def insert(base, **options) -> PreTrainedModel:
 def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     """Attach inserted weights written by `model.save_otter(otter_directory)` to a base model.
 
+    `otter_directory` is a local folder or a Hub repository id (e.g. one uploaded with
+    `otter_hf.hub.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
+    path; None loads the base model the inserted weights name.
+
     The base must be the model the weights were trained on: its architecture, sizes and weights (by
     fingerprint) are checked, and any mismatch raises a ValueError naming it.
     """
+    hub_options = {key: load_options[key] for key in ("token", "cache_dir", "local_files_only") if key in load_options}
+    otter_directory = otter_files(otter_directory, **hub_options)
     config_path = os.path.join(otter_directory, OTTER_CONFIG_NAME)
     weights_path = os.path.join(otter_directory, OTTER_WEIGHTS_NAME)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
@@ -95,6 +102,10 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
         )
     with open(config_path, encoding="utf-8") as file:
         saved = json.load(file)
+    if base is None:
+        base = saved.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`.")
     base = _load_base(base, load_options)
     otter_class = otter_class_for(base.config)
     config_class = otter_class.config_class

@@ -160,3 +160,25 @@ def test_draft_heads_are_inserted_parameters_and_start_as_the_lm_head():
         torch.testing.assert_close(output.draft_logits[:, :, head], output.logits)
     with pytest.raises(ValueError, match="needs draft heads"):
         otter_hf.insert(make_base("qwen2-bias"))(input_ids, output_draft_logits=True)
+
+
+def test_backward_stays_out_of_the_frozen_base_computation():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    otter.train()
+    input_ids, attention_mask = random_batch(2, 6)
+    base_backward_calls = []
+    for layer in otter.model.layers:
+        for module in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            module.register_full_backward_hook(lambda *args: base_backward_calls.append(1))
+    otter(input_ids, attention_mask=attention_mask).value.sum().backward()
+    assert base_backward_calls == []
+    detached_gradients = {name: p.grad.clone() for name, p in otter.otter_named_parameters()}
+
+    # With a base parameter unfrozen the original stream keeps its gradient; the inserted gradients are the same.
+    otter.zero_grad()
+    otter.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    otter(input_ids, attention_mask=attention_mask).value.sum().backward()
+    assert base_backward_calls
+    assert otter.model.layers[0].self_attn.q_proj.weight.grad is not None
+    for name, parameter in otter.otter_named_parameters():
+        torch.testing.assert_close(parameter.grad, detached_gradients[name], atol=1e-6, rtol=1e-5)

@@ -258,9 +258,14 @@ class OtterDecoderLayerMixin:
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        detach_original_stream: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         original, inserted = split_streams(hidden_states, self.hidden_size)
+        if detach_original_stream:
+            # Joining the streams makes autograd see the original one as depending on the inserted parameters;
+            # it does not, and cutting it here keeps backward out of the frozen base computation.
+            original = original.detach()
         if inserted is None:  # inserted stream switched off: the base layer, at base cost
             return super().forward(
                 hidden_states,
@@ -472,6 +477,12 @@ class OtterForCausalLMMixin:
         """Inserted parameters as a fraction of the base model's parameters."""
         return self.num_inserted_parameters() / self.num_base_parameters()
 
+    def _original_stream_requires_grad(self, inputs_embeds: torch.Tensor | None) -> bool:
+        """Whether anything upstream of the original stream can take a gradient (normally not: the base is frozen)."""
+        if inputs_embeds is not None and inputs_embeds.requires_grad:
+            return True
+        return any(p.requires_grad for name, p in self.named_parameters() if not is_inserted_parameter(name))
+
     def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
         return self.lm_head(self.draft_heads(hidden, inserted_hidden))
@@ -523,6 +534,8 @@ class OtterForCausalLMMixin:
                 past_key_values = DynamicCache(config=self.config)
             if past_key_values is not None:
                 ensure_inserted_cache_layers(past_key_values, self.config)
+            if torch.is_grad_enabled() and not self._original_stream_requires_grad(inputs_embeds):
+                kwargs["detach_original_stream"] = True
         elif output_attentions is not None:
             kwargs["output_attentions"] = output_attentions
 

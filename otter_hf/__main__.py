@@ -1,0 +1,7 @@
+"""`python -m otter_hf`: the `otter-hf` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

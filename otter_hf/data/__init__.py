@@ -1,0 +1,25 @@
+"""The small preference set bundled with otter_hf, written for the demo and the reward benchmarks.
+
+`preferences.jsonl` holds 345 conversational preference pairs (`prompt`, `chosen`, `rejected`, each a list of
+chat messages) made from templates: a user asks for a review, about someone's day, how to answer a friend, or
+for help, and the chosen answer is warm, positive and helpful while the rejected one is negative, rude or
+dismissive. The 69 `test` pairs are about subjects (places, films, events, tasks) no `train` pair mentions.
+"""
+
+from pathlib import Path
+
+from datasets import Dataset
+
+PREFERENCES_PATH = Path(__file__).with_name("preferences.jsonl")
+SPLITS = ("train", "test")
+
+
+def load_preference_dataset(split: str = "train") -> Dataset:
+    """The bundled preference pairs of `split` ("train" or "test") in TRL's conversational preference format."""
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+    dataset = Dataset.from_json(str(PREFERENCES_PATH), keep_in_memory=True)
+    return dataset.filter(lambda row: row["split"] == split, keep_in_memory=True).remove_columns("split")
+
+
+__all__ = ["PREFERENCES_PATH", "load_preference_dataset"]

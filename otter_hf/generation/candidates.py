@@ -1,0 +1,111 @@
+"""Scoring the top-k candidate tokens of a decoding step in one forward that shares the cached prefix.
+
+Each candidate is one extra query token at the same position: it attends to the (unpadded) prefix and to
+itself, never to the other candidates. A custom 4D attention mask says exactly that; transformers uses a 4D
+mask as given, so the architecture's own forward runs unchanged.
+"""
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from ..modeling.modeling_otter import ensure_inserted_cache_layers, split_streams
+
+# Attention implementations that take an additive float 4D mask as it is.
+SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_guidance_model(model, top_k: int) -> None:
+    """Raise a clear error when `model` cannot score candidates with its in-model reward."""
+    config = model.config
+    if getattr(config, "inserted_hidden_size", None) is None or not hasattr(model, "v_head"):
+        raise TypeError(
+            f"Reward-guided decoding needs an Otter model with a value head; got {type(model).__name__}. "
+            "Build one with `otter_hf.insert(base_model)` or load a saved Otter checkpoint."
+        )
+    if not model.model.embed_tokens.inserted_enabled:
+        raise ValueError("The inserted stream is switched off (`otter_disabled()`); reward guidance needs it on.")
+    if config._attn_implementation not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Scoring candidates needs a custom 4D attention mask, which attn_implementation="
+            f"{config._attn_implementation!r} does not take; load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    if not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
+        raise ValueError(
+            f"`top_k` must be an integer between 1 and the vocabulary size ({config.vocab_size}), got {top_k!r}."
+        )
+
+
+def check_within_sliding_window(config, total_length: int) -> None:
+    """Candidates are scored against an untruncated cache, so sliding-window layers must not slide yet.
+
+    Within the window a sliding layer attends like a full one; beyond it the sliding cache would drop prefix
+    entries while the candidates are appended.
+    """
+    _, layer_kwargs = get_layer_types_and_kwargs(config)
+    windows = [kwargs["sliding_window"] for kwargs in layer_kwargs if kwargs.get("sliding_window") is not None]
+    if windows and total_length >= min(windows):
+        raise ValueError(
+            f"Reward-guided decoding would reach {total_length} tokens (prompt, new tokens and top-k candidates), "
+            f"beyond this model's sliding window of {min(windows)}; generate fewer tokens or lower the top-k."
+        )
+
+
+def padding_position_ids(padding_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids as generate() derives them from a 2D padding mask (left padding sits at position 0)."""
+    position_ids = padding_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(~padding_mask, 0)
+
+
+def candidate_attention_mask(
+    padding_mask: torch.Tensor, num_new_tokens: int, num_candidates: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive 4D mask for `num_new_tokens` ordinary tokens followed by `num_candidates` candidates.
+
+    Args:
+        padding_mask: bool `(batch, past + num_new_tokens)`, False on padding; the cache holds the first `past`.
+        num_new_tokens: tokens appended to the prefix causally, before the candidates.
+        num_candidates: candidate tokens, each seeing the whole prefix and itself.
+        dtype: the dtype of the attention scores (the model's dtype).
+
+    Returns:
+        `(batch, 1, num_new_tokens + num_candidates, past + num_new_tokens + num_candidates)`, 0 where a query
+        may attend and the dtype's minimum elsewhere.
+    """
+    batch_size, prefix_length = padding_mask.shape
+    past_length = prefix_length - num_new_tokens
+    num_queries = num_new_tokens + num_candidates
+    device = padding_mask.device
+
+    allowed = torch.zeros(batch_size, num_queries, prefix_length + num_candidates, dtype=torch.bool, device=device)
+    new_positions = torch.arange(past_length, prefix_length, device=device)
+    causal = torch.arange(prefix_length, device=device)[None, :] <= new_positions[:, None]
+    allowed[:, :num_new_tokens, :prefix_length] = causal[None] & padding_mask[:, None, :]
+    allowed[:, num_new_tokens:, :prefix_length] = padding_mask[:, None, :]
+    # Every query sees itself: a candidate's only extra key, and a padding token never attends to nothing.
+    query_keys = torch.arange(past_length, prefix_length + num_candidates, device=device)
+    allowed[:, torch.arange(num_queries, device=device), query_keys] = True
+
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def score_candidates(
+    model,
+    tokens: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.LongTensor,
+    cache: DynamicCache,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Otter decoder on `tokens` over `cache` and return the original stream's final hidden states
+    and the in-model value at every token, without the LM head (callers apply it to what they keep)."""
+    ensure_inserted_cache_layers(cache, model.config)
+    outputs = model.model(
+        input_ids=tokens,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, model.config.hidden_size)
+    return hidden_states, model.v_head(inserted_hidden)

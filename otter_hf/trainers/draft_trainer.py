@@ -1,0 +1,284 @@
+"""Training an Otter model's draft heads for speculative decoding (`otter_hf.generation.speculative_generate`).
+
+Head k (0-based, as in `model.draft_heads`) at position t predicts the token at t + k + 2, k + 1 tokens past the
+one the LM head predicts; its loss is the cross-entropy against that token, and the training loss is the mean
+over heads. Only the inserted parameters and the draft heads train: the base model, its LM head included, stays
+frozen, so the model's own greedy output (what the drafts must match) never moves.
+
+Dataset format, one of:
+
+- `text`: plain text, tokenised with the processing class; every token is a target.
+- `input_ids`: token ids, used as they are, with an optional `completion_mask` (1 where the token is a target,
+  0 where it is only context, e.g. a prompt). `build_self_distillation_dataset` writes this format.
+
+Drafts pay off when they match what the model itself generates, so the best training text is the model's own
+greedy output (self-distillation, as in Medusa): `build_self_distillation_dataset(model, tokenizer, prompts)`.
+"""
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers.data.data_collator import DataCollatorMixin
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.utils import disable_dropout_in_model, pad
+
+from .reward_trainer import check_otter_model
+
+DRAFT_COLUMNS_HELP = "`text` (plain text), or `input_ids` (token ids) with an optional `completion_mask`"
+
+
+@dataclass
+class OtterDraftConfig(TrainingArguments):
+    r"""
+    Configuration for [`OtterDraftTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
+
+    max_length (`int` or `None`, *optional*, defaults to `1024`):
+        Tokens kept per row; the rest is cut off.
+    disable_dropout (`bool`, *optional*, defaults to `True`):
+        Whether to disable dropout in the model.
+    dataset_num_proc (`int`, *optional*):
+        Processes used to tokenise the dataset.
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per row."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
+
+
+def draft_head_loss(
+    draft_hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.LongTensor, target_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over heads of each head's cross-entropy, and each head's top-1 accuracy.
+
+    Args:
+        draft_hidden: `(batch, seq, num_heads, hidden_size)`, the draft heads' hidden states at every position.
+        lm_head: decodes a hidden state into logits (the frozen LM head).
+        input_ids: `(batch, seq)`, the sequences; head k (0-based) at position t is scored on `input_ids[t + k + 2]`.
+        target_mask: `(batch, seq)`, true where a token is a target (not padding, not context-only).
+
+    The LM head runs only on the positions a head is scored at, which keeps the memory of a large vocabulary
+    down to one head's targets at a time.
+    """
+    losses, accuracies = [], []
+    for head in range(draft_hidden.shape[2]):
+        shift = head + 2
+        targets = input_ids[:, shift:]
+        scored = target_mask[:, shift:].bool()
+        logits = lm_head(draft_hidden[:, : targets.shape[1], head][scored]).float()
+        if logits.shape[0] == 0:  # rows too short for this head: it contributes nothing
+            losses.append(draft_hidden.sum() * 0.0)
+            accuracies.append(torch.tensor(float("nan")))
+            continue
+        losses.append(nn.functional.cross_entropy(logits, targets[scored]))
+        accuracies.append((logits.argmax(-1) == targets[scored]).float().mean().detach())
+    return torch.stack(losses).mean(), torch.stack(accuracies)
+
+
+@dataclass
+class DataCollatorForDraftHeads(DataCollatorMixin):
+    """Right-pads `input_ids` and builds the attention mask and the target mask (`completion_mask` on real tokens)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        def padded(values, padding_value):
+            tensors = [torch.tensor(value, dtype=torch.long) for value in values]
+            return pad(tensors, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        input_ids = padded([example["input_ids"] for example in examples], self.pad_token_id)
+        attention_mask = padded([[1] * len(example["input_ids"]) for example in examples], 0)
+        completion_masks = [example.get("completion_mask") or [1] * len(example["input_ids"]) for example in examples]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "target_mask": padded(completion_masks, 0) * attention_mask,
+        }
+
+
+class OtterDraftTrainer(Trainer):
+    """Trains an Otter model's draft heads, and the inserted parameters they read, to predict future tokens.
+
+    See the module docstring for the loss and the dataset format. Training and evaluation also log each head's
+    top-1 accuracy as `draft_accuracy_head_{k}` (head k, from 0, predicts the token at t + k + 2).
+
+    Args:
+        model: an Otter causal LM with draft heads (`otter_hf.insert(base, num_draft_heads=4)`).
+        args ([`OtterDraftConfig`], *optional*): training configuration.
+        train_dataset, eval_dataset: datasets with a `text` or an `input_ids` column (and optionally
+            `completion_mask`); `eval_dataset` may be a dict of them.
+        processing_class: the tokenizer; loaded from the model's name when not given.
+        **kwargs: the other arguments of [`~transformers.Trainer`].
+    """
+
+    def __init__(self, model, args: OtterDraftConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
+        check_otter_model(model, type(self).__name__)
+        if getattr(model, "draft_heads", None) is None:
+            raise ValueError(
+                "This Otter model has no draft heads to train (`num_draft_heads=0`). Insert them with "
+                "`otter_hf.insert(base_model, num_draft_heads=4)`."
+            )
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        datasets = {"train": train_dataset}
+        if isinstance(eval_dataset, dict):
+            datasets.update(eval_dataset)
+        elif eval_dataset is not None:
+            datasets["eval"] = eval_dataset
+        for name, dataset in datasets.items():
+            self._check_columns(dataset, name)
+
+        model.freeze_base_parameters()
+        args = args or OtterDraftConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Draft")
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if data_collator is None:
+            data_collator = DataCollatorForDraftHeads(pad_token_id=processing_class.pad_token_id)
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_dataset(dataset, processing_class, args, name) for name, dataset in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # Evaluation computes the loss through compute_loss, with no `labels` input.
+        self.can_return_loss = True
+        self.label_names = []
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _check_columns(dataset, dataset_name: str) -> None:
+        """Fail before any tokenisation or training when a dataset has neither accepted column."""
+        columns = set(get_dataset_column_names(dataset))
+        if not {"text", "input_ids"} & columns:
+            raise ValueError(
+                f"The {dataset_name} dataset has neither a `text` nor an `input_ids` column; OtterDraftTrainer "
+                f"takes {DRAFT_COLUMNS_HELP}. Its columns are {sorted(columns)}."
+            )
+
+    @staticmethod
+    def _prepare_dataset(dataset, processing_class, args: OtterDraftConfig, dataset_name: str):
+        columns = set(get_dataset_column_names(dataset))
+        if "input_ids" in columns:
+            def truncate(example):
+                kept = {"input_ids": example["input_ids"][: args.max_length]}
+                if example.get("completion_mask") is not None:
+                    kept["completion_mask"] = example["completion_mask"][: args.max_length]
+                return kept
+
+            return dataset.map(
+                truncate,
+                remove_columns=sorted(columns - {"input_ids", "completion_mask"}),
+                num_proc=args.dataset_num_proc,
+                desc=f"Truncating {dataset_name} dataset",
+            )
+        return dataset.map(
+            lambda example: {"input_ids": processing_class(text=example["text"])["input_ids"][: args.max_length]},
+            remove_columns=sorted(columns),
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing {dataset_name} dataset",
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "completion_mask"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        otter = self.accelerator.unwrap_model(model)
+        draft_hidden = otter.draft_heads(outputs.hidden_states[-1], outputs.inserted_hidden_states[-1])
+        loss, accuracies = draft_head_loss(draft_hidden, otter.lm_head, inputs["input_ids"], inputs["target_mask"])
+        mode = "train" if model.training else "eval"
+        for head, accuracy in enumerate(accuracies.tolist()):
+            if accuracy == accuracy:  # not NaN: the batch had targets this far ahead
+                self._metrics[mode][f"draft_accuracy_head_{head}"].append(accuracy)
+        return (loss, {"draft_hidden": draft_hidden}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+
+@torch.no_grad()
+def build_self_distillation_dataset(
+    model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8, chat_template: bool | None = None
+) -> Dataset:
+    """The base model's own greedy continuations of `prompts`, as an `input_ids` + `completion_mask` dataset.
+
+    Generation runs the base computation only (`otter_disabled()`), which gives exactly the tokens the base model
+    (and speculative decoding) would produce. Prompts are strings or chat conversations (lists of messages); strings
+    go through the chat template when `chat_template` is true (the default when the tokenizer has one). The prompt
+    tokens are context only (`completion_mask` 0); a continuation keeps its end-of-sequence token and stops there.
+    """
+    if chat_template is None:
+        chat_template = tokenizer.chat_template is not None
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, str) and not chat_template:
+            texts.append(prompt)
+            continue
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_token_ids = model.generation_config.eos_token_id
+    eos_token_ids = set(eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] if eos_token_ids is not None else [])
+    eos_token_ids.add(tokenizer.eos_token_id)
+
+    rows = {"input_ids": [], "completion_mask": []}
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            # A chat template writes its own special tokens.
+            batch = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat_template
+            ).to(model.device)
+            with model.otter_disabled() if hasattr(model, "otter_disabled") else contextlib.nullcontext():
+                generated = model.generate(
+                    **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id
+                )
+            prompt_length = batch["input_ids"].shape[1]
+            for mask, sequence in zip(batch["attention_mask"].tolist(), generated.tolist()):
+                prompt = [token for token, real in zip(sequence[:prompt_length], mask) if real]
+                completion = sequence[prompt_length:]
+                end = next((index + 1 for index, token in enumerate(completion) if token in eos_token_ids), len(completion))
+                completion = completion[:end]
+                rows["input_ids"].append(prompt + completion)
+                rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
+    finally:
+        tokenizer.padding_side = padding_side
+    return Dataset.from_dict(rows)

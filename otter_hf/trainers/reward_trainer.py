@@ -1,0 +1,123 @@
+"""Reward modelling with Otter: TRL's `RewardTrainer`, training only the inserted parameters and the value head."""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+from trl import RewardConfig, RewardTrainer
+from trl.data_utils import get_dataset_column_names
+
+from ..modeling.modeling_otter import OtterForCausalLMMixin
+from ..modeling.sequence_classification import sequence_classification_view
+
+PREFERENCE_COLUMNS_HELP = (
+    "`chosen` and `rejected` (text, or lists of chat messages), optionally `prompt` (explicit prompt, same kind "
+    "as `chosen`) and `margin` (a number); or already tokenized `chosen_ids` and `rejected_ids`"
+)
+
+
+def _bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class OtterRewardConfig(RewardConfig):
+    r"""
+    Configuration for [`OtterRewardTrainer`]: every [`~trl.RewardConfig`] option, with one default changed.
+
+    bf16 (`bool`, *optional*):
+        Whether to train in bf16 mixed precision. Defaults to `True` only where a CUDA device supports bf16 (TRL
+        defaults to `True` everywhere, which fails on a CPU). The base model's weights are never updated either way.
+    """
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; defaults to True only where a CUDA device supports bf16."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = _bf16_available()
+        super().__post_init__()
+
+
+def check_otter_model(model, trainer_name: str) -> None:
+    if not isinstance(model, OtterForCausalLMMixin):
+        raise TypeError(
+            f"{trainer_name} trains the inserted parameters of an Otter model, but got a {type(model).__name__}. "
+            "Build one with `otter_hf.insert(base_model)` or load a saved Otter checkpoint with "
+            "`AutoModelForCausalLM.from_pretrained(path)` after `import otter_hf`."
+        )
+
+
+def check_preference_columns(dataset, dataset_name: str) -> None:
+    """Fail before any tokenisation when the columns do not make a preference dataset."""
+    columns = set(get_dataset_column_names(dataset))
+    if {"chosen_ids", "rejected_ids"} <= columns or {"chosen_input_ids", "rejected_input_ids"} <= columns:
+        return
+    missing = sorted({"chosen", "rejected"} - columns)
+    if missing:
+        raise ValueError(
+            f"The {dataset_name} dataset has no {', '.join(f'`{name}`' for name in missing)} column; a reward "
+            f"dataset needs {PREFERENCE_COLUMNS_HELP}. Its columns are {sorted(columns)}."
+        )
+    example = next(iter(dataset))
+    texts = {name: example[name] for name in ("prompt", "chosen", "rejected") if name in example}
+    kinds = {name: "text" if isinstance(text, str) else "messages" if isinstance(text, list) else None for name, text in texts.items()}
+    if None in kinds.values() or len(set(kinds.values())) > 1:
+        found = ", ".join(f"`{name}`: {type(text).__name__}" for name, text in texts.items())
+        raise ValueError(
+            f"In the {dataset_name} dataset, `prompt`, `chosen` and `rejected` must all be text or all be lists of "
+            f"chat messages; the first row has {found}."
+        )
+    if "margin" in example and not isinstance(example["margin"], (int, float)):
+        raise ValueError(
+            f"The `margin` column of the {dataset_name} dataset must hold numbers; the first row has "
+            f"{type(example['margin']).__name__}."
+        )
+
+
+class OtterRewardTrainer(RewardTrainer):
+    """TRL's [`~trl.RewardTrainer`] for an Otter model: same datasets, loss and metrics, Otter parameters only.
+
+    The reward of a sequence is the model's `value` at its last non-padding token. The trainer works on the
+    model's sequence-classification view, which shares every parameter with the model passed in, so training
+    updates that model in place. The base model stays frozen: only the inserted parameters and `v_head` train,
+    and the original logits stay exactly the base model's.
+
+    Args:
+        model (`str` or Otter model):
+            An Otter causal LM with value head (from `otter_hf.insert`, `otter_hf.load_otter` or
+            `AutoModelForCausalLM`), its sequence-classification view, or the path of a saved Otter checkpoint.
+        args ([`OtterRewardConfig`] or [`~trl.RewardConfig`], *optional*):
+            Training configuration.
+        **kwargs:
+            The other arguments of [`~trl.RewardTrainer`] (`train_dataset`, `eval_dataset`, `processing_class`,
+            callbacks, optimizers...). `peft_config` and `quantization_config` do not apply: the base is frozen
+            and only Otter's own parameters train.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "otter"]
+
+    def __init__(self, model, args: RewardConfig | None = None, **kwargs):
+        for option in ("peft_config", "quantization_config"):
+            if kwargs.get(option) is not None:
+                raise ValueError(
+                    f"OtterRewardTrainer does not take `{option}`: the base model is frozen and only the inserted "
+                    "parameters train."
+                )
+        if isinstance(model, str):
+            model_init_kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
+            model = AutoModelForCausalLM.from_pretrained(model, **model_init_kwargs)
+            if args is not None:
+                args.model_init_kwargs = None  # used here; RewardTrainer would warn that a loaded model ignores them
+        check_otter_model(model, type(self).__name__)
+        # The contract of this trainer, whatever was switched on before: the base never receives updates.
+        model.freeze_base_parameters()
+        if args is None:
+            args = OtterRewardConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Reward")
+        super().__init__(model=sequence_classification_view(model), args=args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        check_preference_columns(dataset, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)

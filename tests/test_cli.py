@@ -1,0 +1,192 @@
+"""The `otter-hf` command line, run on tiny models and the fake Hub."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import otter_hf
+from otter_hf.cli import main
+from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from conftest import COMMON, make_base, random_batch
+from test_hub import fake_hub  # noqa: F401  (fixture)
+
+COMMANDS = ("insert", "train", "generate", "push", "bench")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' vocabulary: token i is the word `w{i}`."""
+    vocab = {"<pad>": COMMON["pad_token_id"], "</s>": COMMON["eos_token_id"], "<s>": COMMON["bos_token_id"]}
+    vocab.update({f"w{index}": index for index in range(len(vocab), COMMON["vocab_size"])})
+    backend = Tokenizer(WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+@pytest.fixture
+def base_folder(tmp_path):
+    folder = tmp_path / "base"
+    make_base("llama-gqa-tied").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what earlier steps printed
+    try:
+        status = main([str(arg) for arg in argv])
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(capsys, command):
+    status, out, _ = run_cli(capsys, command, "--help")
+    assert status == 0
+    assert out.startswith(f"usage: otter-hf {command}")
+    assert len(out.splitlines()) > 8
+
+
+def test_help_lists_the_commands(capsys):
+    status, out, _ = run_cli(capsys, "--help")
+    assert status == 0
+    assert all(f"    {command}" in out for command in COMMANDS)
+
+
+def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tmp_path):
+    status, out, err = run_cli(
+        capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter",
+        "--inserted-hidden-size", 8, "--inserted-num-attention-heads", 2, "--inserted-intermediate-size", 24,
+        "--init", "normal",
+    )
+    assert status == 0, err
+    assert "Saved the model to" in out
+    otter = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+    config = otter.config
+    assert (config.inserted_hidden_size, config.inserted_num_attention_heads, config.inserted_intermediate_size) == (8, 2, 24)
+    assert config.inserted_init == "normal"
+    assert (tmp_path / "otter" / "tokenizer.json").is_file()
+    input_ids, attention_mask = random_batch(2, 6, "left")
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    with torch.no_grad():
+        assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
+
+
+def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, tmp_path):
+    status, _, err = run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "inserted", "--otter-only")
+    assert status == 0, err
+    assert sorted(path.name for path in (tmp_path / "inserted").iterdir()) == [OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME]
+    model = otter_hf.load_otter(None, tmp_path / "inserted")  # the save names its base folder
+    assert model.config.base_model_name_or_path == str(base_folder)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (lambda tmp: ["insert", "--base", tmp / "missing", "-o", tmp / "out"], "No model at"),
+        (lambda tmp: ["insert", "--base", tmp / "gpt2", "-o", tmp / "out"], "does not support the 'gpt2' architecture"),
+        (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-num-attention-heads", 3,
+                      "--inserted-num-key-value-heads", 2], "must be a multiple of"),
+        (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-hidden-size", 0], "positive integer"),
+        (lambda tmp: ["push", tmp / "missing", "user/otter"], "No folder at"),
+        (lambda tmp: ["push", tmp / "base", "user/otter"], "not an Otter model"),
+        (lambda tmp: ["push", tmp / "base", "user/otter", "--metrics", tmp / "none.json"], "--metrics: no file"),
+        (lambda tmp: ["generate", tmp / "missing", "--prompt", "w5"], "No model at"),
+        (lambda tmp: ["train", tmp / "base", "--dataset", tmp / "missing.jsonl", "--output-dir", tmp / "out"], "No dataset file"),
+    ],
+    ids=["missing-base", "unsupported-architecture", "bad-head-groups", "zero-size", "push-missing-folder",
+         "push-plain-model", "push-missing-metrics", "generate-missing-model", "train-missing-dataset"],
+)
+def test_user_mistakes_end_with_a_message_and_status_2(capsys, fake_hub, base_folder, tmp_path, argv, message):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    status, _, err = run_cli(capsys, *argv(tmp_path))
+    assert status == 2
+    last_line = err.splitlines()[-1]  # after any loading progress bars
+    assert last_line.startswith("otter-hf: error: ") and message in last_line, err
+    assert "Traceback" not in err
+    assert fake_hub.commits == []
+
+
+def test_python_m_otter_hf_reports_a_user_mistake_without_traceback(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "otter_hf", "push", str(tmp_path / "missing"), "user/otter"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr == f"otter-hf: error: No folder at {tmp_path / 'missing'}: save the model with `save_pretrained` or `save_otter` first.\n"
+
+
+def test_push_uploads_the_folder_with_its_card_in_one_commit(capsys, fake_hub, base_folder, tmp_path):
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75, "epoch": 1.0, "note": "text"}))
+    (tmp_path / "overhead.json").write_text(json.dumps({"threads": 2, "peak_memory": {"base_bytes": 10, "otter_bytes": 12, "ratio": 1.2}}))
+    status, out, err = run_cli(
+        capsys, "push", tmp_path / "otter", "user/otter", "--base-model", "org/tiny-llama", "--trained-on", "pairs",
+        "--metrics", tmp_path / "all_results.json", "--overhead", tmp_path / "overhead.json",
+        "--license", "apache-2.0", "--tag", "tiny",
+    )
+    assert status == 0, err
+    assert "Pushed" in out and "user/otter" in out
+    assert len(fake_hub.commits) == 1
+    files = fake_hub.files("user/otter")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "otter_llama.py"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "org/tiny-llama" and card.data.license == "apache-2.0" and "tiny" in card.data.tags
+    assert "| eval_accuracy | 0.75 |" in card.text and "| note |" not in card.text
+    assert "| peak memory | 1.2x |" in card.text
+    assert 'AutoTokenizer.from_pretrained("user/otter")' in card.text
+
+
+def test_push_otter_only_needs_a_hub_base_and_uploads_the_inserted_parameters(capsys, fake_hub, base_folder, tmp_path):
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
+    status, _, err = run_cli(capsys, "push", tmp_path / "otter", "user/otter-only", "--otter-only")
+    assert status == 2 and "--base-model" in err
+    status, _, err = run_cli(capsys, "push", tmp_path / "otter", "user/otter-only", "--otter-only", "--base-model", "org/tiny-llama")
+    assert status == 0, err
+    assert sorted(fake_hub.files("user/otter-only")) == sorted(["README.md", OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME])
+
+
+def test_train_then_generate(capsys, base_folder, tmp_path):
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
+    rows = [{"chosen": "w5 w6 w7 w8", "rejected": "w9 w9 w9"}, {"chosen": "w5 w6", "rejected": "w40 w41 w42"}] * 4
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+
+    status, out, err = run_cli(
+        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "pairs.jsonl", "--eval-dataset", tmp_path / "pairs.jsonl",
+        "--output-dir", tmp_path / "trained", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-2,
+    )
+    assert status == 0, err
+    assert "reward objective" in out
+    results = json.loads((tmp_path / "trained" / "all_results.json").read_text())
+    assert "train_loss" in results and "eval_accuracy" in results
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    original, trained = dict(before.named_parameters()), dict(after.named_parameters())
+    assert any(not torch.equal(original[name], trained[name]) for name, _ in after.otter_named_parameters())
+    assert all(torch.equal(original[name], p) for name, p in trained.items() if not otter_hf.modeling.is_inserted_parameter(name))
+
+    status, out, err = run_cli(capsys, "generate", tmp_path / "trained", "--prompt", "w5 w6", "--max-new-tokens", 4, "--top-k", 3)
+    assert status == 0, err
+    assert all(word.startswith("w") for word in out.split())
+
+
+@pytest.mark.slow
+def test_bench_prints_and_writes_the_overhead_report(capsys, base_folder, tmp_path):
+    status, out, err = run_cli(
+        capsys, "bench", "--base", base_folder, "--repeats", 1, "--prefill-tokens", 8, "--decode-steps", 2,
+        "--inserted-hidden-size", 8, "--output", tmp_path / "overhead.json",
+    )
+    assert status == 0, err
+    report = json.loads(out)
+    assert report == json.loads((tmp_path / "overhead.json").read_text())
+    assert report["insertion"]["inserted_hidden_size"] == 8
+    assert report["peak_memory"]["ratio"] > 0

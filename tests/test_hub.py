@@ -1,0 +1,258 @@
+"""Pushing Otter models to the Hub and pulling them back, against a fake Hub in a local folder, offline."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from huggingface_hub import CommitInfo, ModelCard, RepoUrl, constants
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import otter_hf
+from otter_hf.hub import push_folder, push_to_hub
+from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from conftest import make_base, make_otter, random_batch
+
+
+class FakeHub:
+    """The parts of `HfApi` that uploads use, committing into a local folder laid out as the huggingface_hub
+    cache, so that offline downloads (`hf_hub_download`, `snapshot_download`, `from_pretrained`) read the pushed
+    repositories through their real code paths."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = cache_dir
+        self.commits = []  # (repo_id, commit message, files in the commit)
+
+    def __call__(self, *args, **kwargs):  # stands in for the HfApi class
+        return self
+
+    def repo_folder(self, repo_id: str) -> str:
+        return os.path.join(self.cache_dir, "models--" + repo_id.replace("/", "--"))
+
+    def files(self, repo_id: str) -> dict[str, bytes]:
+        snapshot = self._head_snapshot(repo_id)
+        files = {}
+        for root, _, names in os.walk(snapshot):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as file:
+                    files[os.path.relpath(path, snapshot)] = file.read()
+        return files
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
+        os.makedirs(os.path.join(self.repo_folder(repo_id), "refs"), exist_ok=exist_ok)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, create_pr=False, **kwargs):
+        contents = {}
+        for operation in operations:
+            with operation.as_file() as file:
+                contents[operation.path_in_repo] = file.read()
+        digest = hashlib.sha1(repo_id.encode())
+        for path, data in sorted(contents.items()):
+            digest.update(path.encode() + data)
+        oid = digest.hexdigest()
+        snapshot = os.path.join(self.repo_folder(repo_id), "snapshots", oid)
+        previous = self._head_snapshot(repo_id)
+        if previous is not None:
+            shutil.copytree(previous, snapshot, dirs_exist_ok=True)
+        for path, data in contents.items():
+            os.makedirs(os.path.dirname(os.path.join(snapshot, path)), exist_ok=True)
+            with open(os.path.join(snapshot, path), "wb") as file:
+                file.write(data)
+        with open(os.path.join(self.repo_folder(repo_id), "refs", revision or "main"), "w") as file:
+            file.write(oid)
+        self.commits.append((repo_id, commit_message, sorted(contents)))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+            commit_message=commit_message,
+            commit_description=commit_description or "",
+            oid=oid,
+        )
+
+    def _head_snapshot(self, repo_id: str, revision: str = "main") -> str | None:
+        ref = os.path.join(self.repo_folder(repo_id), "refs", revision)
+        if not os.path.isfile(ref):
+            return None
+        with open(ref) as file:
+            return os.path.join(self.repo_folder(repo_id), "snapshots", file.read())
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    hub = FakeHub(str(tmp_path / "hub"))
+    # Offline: any request that reaches the network fails, so everything below runs against the folder.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", hub.cache_dir)
+    monkeypatch.setattr("otter_hf.hub.HfApi", hub)
+    return hub
+
+
+def put_base_on_hub(hub: FakeHub, base, repo_id: str, tmp_path) -> None:
+    folder = tmp_path / repo_id.replace("/", "--")
+    base.save_pretrained(folder)
+    push_plain_folder(hub, folder, repo_id)
+
+
+def push_plain_folder(hub: FakeHub, folder, repo_id: str) -> None:
+    from huggingface_hub import CommitOperationAdd
+
+    hub.create_repo(repo_id, exist_ok=True)
+    operations = [CommitOperationAdd(name, str(folder / name)) for name in os.listdir(folder)]
+    hub.create_commit(repo_id, operations, commit_message="Upload base model")
+
+
+def _outputs(model, input_ids, attention_mask):
+    with torch.no_grad():
+        return model(input_ids, attention_mask=attention_mask)
+
+
+def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tmp_path):
+    put_base_on_hub(fake_hub, make_base("llama-gqa-tied"), "user/tiny-llama", tmp_path)
+    otter = make_otter(AutoModelForCausalLM.from_pretrained("user/tiny-llama"))
+    assert otter.config.base_model_name_or_path == "user/tiny-llama"
+    commits_before = len(fake_hub.commits)
+
+    commit = otter.push_to_hub(
+        "user/otter-llama",
+        trained_on="IMDB reviews labelled by sentiment",
+        metrics={"eval_accuracy": 0.875, "eval_loss": 0.31},
+        license="apache-2.0",
+        tags=["sentiment"],
+    )
+
+    assert len(fake_hub.commits) == commits_before + 1
+    assert commit.oid in commit.commit_url
+    repo_id, message, files = fake_hub.commits[-1]
+    assert repo_id == "user/otter-llama" and message == "Upload Otter model"
+    assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "otter_llama.py",
+            "modeling_otter.py", "configuration_otter.py", "sequence_classification.py"} <= set(files)
+
+    card = ModelCard(fake_hub.files("user/otter-llama")["README.md"].decode())
+    assert card.data.base_model == "user/tiny-llama"
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "apache-2.0"
+    assert {"otter", "value-head", "sentiment"} <= set(card.data.tags)
+    assert f"{otter.num_inserted_parameters():,}" in card.text
+    assert f"{otter.inserted_parameter_fraction():.2%}" in card.text
+    assert "IMDB reviews labelled by sentiment" in card.text
+    assert "| eval_accuracy | 0.875 |" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("user/otter-llama")' in card.text
+    assert "reward_guided_generate" in card.text
+
+
+def test_a_pushed_checkpoint_loads_through_the_auto_classes(fake_hub, base_name):
+    otter = make_otter(make_base(base_name))
+    input_ids, attention_mask = random_batch(2, 7, "left")
+    expected = _outputs(otter, input_ids, attention_mask)
+    push_to_hub(otter, "user/otter")
+
+    assert isinstance(AutoConfig.from_pretrained("user/otter"), type(otter.config))
+    loaded = AutoModelForCausalLM.from_pretrained("user/otter")
+    assert type(loaded) is type(otter)
+    saved, pulled = otter.state_dict(), loaded.state_dict()
+    assert all(torch.equal(saved[name], pulled[name]) for name in saved)
+    output = _outputs(loaded, input_ids, attention_mask)
+    assert torch.equal(output.logits, expected.logits)
+    real = attention_mask.bool()
+    torch.testing.assert_close(output.value[real], expected.value[real], atol=1e-5, rtol=1e-5)
+
+
+def test_our_card_replaces_the_one_in_the_folder(fake_hub, tmp_path):
+    otter = make_otter(make_base("llama-mha-untied"))
+    otter.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Model Card for Model ID\n")
+    push_folder(tmp_path / "saved", "user/otter", base_model="org/base")
+    card = ModelCard(fake_hub.files("user/otter")["README.md"].decode())
+    assert "Model Card for Model ID" not in card.text
+    assert "## Inserted parameters" in card.text and card.data.base_model == "org/base"
+
+
+def test_the_card_reports_the_overhead_report(fake_hub):
+    otter = make_otter(make_base("qwen2-bias"))
+    overhead = {
+        "base_model": "org/base",
+        "dtype": "float32",
+        "threads": 2,
+        "prefill_512_tokens": {"base_seconds": 0.12, "otter_seconds": 0.15, "ratio": 1.25},
+        "peak_memory": {"base_bytes": 1000, "otter_bytes": 1100, "ratio": 1.1},
+    }
+    push_to_hub(otter, "user/otter", overhead=overhead)
+    text = ModelCard(fake_hub.files("user/otter")["README.md"].decode()).text
+    assert "| prefill 512 tokens | 1.25x | base seconds: 0.12, otter seconds: 0.15 |" in text
+    assert "| peak memory | 1.1x | base bytes: 1,000, otter bytes: 1,100 |" in text
+    assert "dtype float32, threads 2" in text
+
+
+def test_inserted_only_repo_is_small_names_its_base_and_loads_onto_it(fake_hub, tmp_path):
+    put_base_on_hub(fake_hub, make_base("llama-gqa-tied"), "user/tiny-llama", tmp_path)
+    otter = make_otter(AutoModelForCausalLM.from_pretrained("user/tiny-llama"))
+    input_ids, attention_mask = random_batch(2, 6, "right")
+    expected = _outputs(otter, input_ids, attention_mask)
+
+    otter.push_to_hub("user/otter-only", otter_only=True, trained_on="preference pairs")
+    repo_id, message, files = fake_hub.commits[-1]
+    assert files == sorted(["README.md", OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME])
+    pushed = fake_hub.files("user/otter-only")
+    assert len(pushed[OTTER_WEIGHTS_NAME]) < 0.5 * os.path.getsize(tmp_path / "user--tiny-llama" / "model.safetensors")
+    assert json.loads(pushed[OTTER_CONFIG_NAME])["base_model_name_or_path"] == "user/tiny-llama"
+    card = ModelCard(pushed["README.md"].decode())
+    assert card.data.base_model == "user/tiny-llama" and card.data.library_name == "otter-hf"
+    assert 'otter_hf.load_otter(None, "user/otter-only")' in card.text
+
+    reattached = otter_hf.load_otter(None, "user/otter-only")  # fetches user/tiny-llama from the Hub
+    assert reattached.config.base_model_name_or_path == "user/tiny-llama"
+    output = _outputs(reattached, input_ids, attention_mask)
+    assert torch.equal(output.logits, expected.logits)
+    torch.testing.assert_close(output.value, expected.value, atol=1e-5, rtol=1e-5)
+
+
+def test_inserted_only_repo_refuses_a_base_with_other_weights(fake_hub, tmp_path):
+    base = make_base("llama-gqa-tied")
+    put_base_on_hub(fake_hub, make_base("llama-gqa-tied", seed=7), "user/retrained-llama", tmp_path)
+    # The repository names a base of the same architecture and sizes but other weights.
+    push_to_hub(make_otter(base), "user/otter-only", otter_only=True, base_model="user/retrained-llama")
+    with pytest.raises(ValueError, match="weights differ"):
+        otter_hf.load_otter(None, "user/otter-only")
+    with pytest.raises(ValueError, match="weights differ"):
+        otter_hf.load_otter(make_base("llama-gqa-tied", seed=8), "user/otter-only")
+    assert otter_hf.load_otter(base, "user/otter-only").config.base_model_name_or_path == "user/retrained-llama"
+
+
+def test_full_folder_pushed_as_inserted_only(fake_hub, tmp_path):
+    otter = make_otter(make_base("mistral-sliding"))
+    otter.save_pretrained(tmp_path / "saved")
+    push_folder(tmp_path / "saved", "user/otter-only", otter_only=True, base_model="org/mistral")
+    pushed = fake_hub.files("user/otter-only")
+    assert sorted(pushed) == sorted(["README.md", OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME])
+    assert json.loads(pushed[OTTER_CONFIG_NAME])["base_model_fingerprint"] == otter.base_weights_fingerprint()
+
+
+@pytest.mark.parametrize(
+    "setup, options, error, message",
+    [
+        (lambda folder: make_otter(make_base("llama-gqa-tied")).save_otter(folder), {}, ValueError, "pass the Hub id"),
+        (lambda folder: make_otter(make_base("llama-gqa-tied")).save_otter(folder), {"otter_only": False}, ValueError, "only inserted"),
+        (lambda folder: make_otter(make_base("llama-gqa-tied")).save_pretrained(folder), {"base_model": "not a repo id"}, ValueError, "Hub repository id"),
+        (lambda folder: make_base("llama-gqa-tied").save_pretrained(folder), {}, ValueError, "not an Otter model"),
+        (lambda folder: folder.mkdir(), {}, ValueError, "not a saved Otter model"),
+        (lambda folder: None, {}, FileNotFoundError, "No folder"),
+    ],
+    ids=["inserted-only-without-hub-base", "inserted-only-as-full", "bad-base-id", "plain-model", "empty-folder", "missing-folder"],
+)
+def test_push_folder_explains_what_is_wrong(fake_hub, tmp_path, setup, options, error, message):
+    folder = tmp_path / "saved"
+    setup(folder)
+    with pytest.raises(error, match=message):
+        push_folder(folder, "user/otter", **options)
+    assert fake_hub.commits == []
+
+
+def test_load_otter_explains_a_missing_repo(fake_hub):
+    with pytest.raises(OSError):
+        otter_hf.load_otter(None, "user/never-pushed")
+    with pytest.raises(ValueError, match="neither a folder nor a Hub repository id"):
+        otter_hf.load_otter(None, "/no/such/folder")

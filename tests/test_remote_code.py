@@ -1,0 +1,154 @@
+"""Saved Otter checkpoints load with trust_remote_code in a process where otter_hf cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from otter_hf.hub import push_to_hub
+from otter_hf.modeling import sequence_classification_view
+from conftest import make_base, make_otter, random_batch
+from test_hub import FakeHub
+
+# Runs in a fresh interpreter with otter_hf made unimportable, offline.
+LOAD_WITHOUT_OTTER_HF = r"""
+import importlib
+import importlib.abc
+import json
+import sys
+
+
+class BlockOtterHF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "otter_hf":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)")
+
+
+sys.meta_path.insert(0, BlockOtterHF())
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+report = {}
+for repo, tensors_path in json.loads(sys.argv[1]).items():
+    tensors = load_file(tensors_path)
+    result = report[repo] = {}
+    for auto_class in (AutoConfig, AutoModelForCausalLM):
+        try:
+            auto_class.from_pretrained(repo)
+            result[f"{auto_class.__name__} without trust_remote_code"] = "loaded"
+        except ValueError as error:
+            result[f"{auto_class.__name__} without trust_remote_code"] = str(error)
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
+    with torch.no_grad():
+        output = model(tensors["input_ids"], attention_mask=tensors["attention_mask"])
+    real = tensors["attention_mask"].bool()
+    result["causal_lm_class"] = f"{type(model).__module__}.{type(model).__name__}"
+    result["logits_equal"] = torch.equal(output.logits, tensors["logits"])
+    result["value_close"] = torch.allclose(output.value[real], tensors["value"][real], atol=1e-5, rtol=1e-5)
+    modeling_otter = importlib.import_module(type(model).__module__.rpartition(".")[0] + ".modeling_otter")
+    result["only_inserted_trainable"] = all(
+        parameter.requires_grad == modeling_otter.is_inserted_parameter(name) for name, parameter in model.named_parameters()
+    ) and model.v_head.summary.weight.requires_grad
+    result["config_class"] = type(AutoConfig.from_pretrained(repo, trust_remote_code=True)).__name__
+    result["backbone_class"] = type(AutoModel.from_pretrained(repo, trust_remote_code=True)).__name__
+    classifier = AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True).eval()
+    with torch.no_grad():
+        scores = classifier(tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+    result["sequence_classifier_class"] = type(classifier).__name__
+    result["sequence_scores_shape"] = list(scores.shape)
+report["otter_hf_imported"] = any(name.partition(".")[0] == "otter_hf" for name in sys.modules)
+with open(sys.argv[2], "w") as file:  # not stdout: transformers' trust_remote_code prompt writes there
+    json.dump(report, file)
+"""
+
+
+def _expected_outputs(model, path) -> None:
+    input_ids, attention_mask = random_batch(2, 7, "left")
+    with torch.no_grad():
+        output = model(input_ids, attention_mask=attention_mask)
+    save_file(
+        {"input_ids": input_ids, "attention_mask": attention_mask, "logits": output.logits, "value": output.value},
+        str(path),
+    )
+
+
+def test_saved_checkpoint_carries_its_code_and_auto_map(tmp_path):
+    otter = make_otter(make_base("qwen2-bias"))
+    otter.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "otter_qwen2.OtterQwen2Config",
+        "AutoModel": "otter_qwen2.OtterQwen2Model",
+        "AutoModelForCausalLM": "otter_qwen2.OtterQwen2ForCausalLMWithValueHead",
+        "AutoModelForSequenceClassification": "sequence_classification.OtterQwen2ForSequenceClassification",
+    }
+    for reference in config["auto_map"].values():
+        module, _, class_name = reference.partition(".")
+        assert f"class {class_name}(" in (tmp_path / f"{module}.py").read_text()
+    # The relative imports of the copied files are followed, and the folder is flat.
+    for name in ("configuration_otter.py", "modeling_otter.py", "otter_llama.py", "otter_mistral.py"):
+        assert (tmp_path / name).is_file()
+
+
+def test_sequence_classification_checkpoint_maps_every_auto_class(tmp_path):
+    view = sequence_classification_view(make_otter(make_base("llama-gqa-tied")))
+    view.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "otter_llama.OtterLlamaForCausalLMWithValueHead"
+    assert auto_map["AutoModelForSequenceClassification"] == "sequence_classification.OtterLlamaForSequenceClassification"
+
+
+def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monkeypatch):
+    hub = FakeHub(str(tmp_path / "hub"))
+    repos = {}
+    # A local folder per architecture, and one repository pulled from the (fake) Hub.
+    for name in ("llama-gqa-tied", "mistral-sliding"):
+        otter = make_otter(make_base(name))
+        folder = tmp_path / f"saved-{name}"
+        otter.save_pretrained(folder)
+        _expected_outputs(otter, tmp_path / f"{name}.safetensors")
+        repos[str(folder)] = str(tmp_path / f"{name}.safetensors")
+    otter = make_otter(make_base("qwen2-bias"))
+    monkeypatch.setattr("otter_hf.hub.HfApi", hub)
+    push_to_hub(otter, "user/otter-qwen2")
+    _expected_outputs(otter, tmp_path / "qwen2.safetensors")
+    repos["user/otter-qwen2"] = str(tmp_path / "qwen2.safetensors")
+
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": hub.cache_dir,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "PYTHONPATH": "",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_OTTER_HF, json.dumps(repos), str(tmp_path / "report.json")],
+        env=environment,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,  # transformers asks on a terminal; without one it refuses
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    assert report.pop("otter_hf_imported") is False
+    for repo, result in report.items():
+        for auto_class in ("AutoConfig", "AutoModelForCausalLM"):
+            refusal = result[f"{auto_class} without trust_remote_code"]
+            assert "contains custom code" in refusal and "trust_remote_code=True" in refusal, refusal
+        assert result["causal_lm_class"].startswith("transformers_modules.")
+        assert result["causal_lm_class"].endswith("ForCausalLMWithValueHead")
+        assert result["logits_equal"] and result["value_close"], repo
+        assert result["only_inserted_trainable"]
+        assert result["config_class"].startswith("Otter") and result["config_class"].endswith("Config")
+        assert result["backbone_class"].startswith("Otter") and result["backbone_class"].endswith("Model")
+        assert result["sequence_classifier_class"].endswith("ForSequenceClassification")
+        assert result["sequence_scores_shape"] == [2, 1]
+
