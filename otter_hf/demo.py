@@ -47,6 +47,7 @@ def train_reward(model, tokenizer, train_steps: int) -> dict:
             per_device_train_batch_size=8,
             per_device_eval_batch_size=16,
             learning_rate=1e-3,
+            gradient_checkpointing=False,
             lr_scheduler_type="cosine",
             warmup_steps=train_steps // 10,
             logging_steps=max(1, train_steps // 6),
