@@ -30,8 +30,8 @@ from .trainers import OtterRewardConfig, OtterRewardTrainer
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help=f"base chat model id or path (default: {DEFAULT_BASE_MODEL})")
-    parser.add_argument("--train-steps", type=int, default=120, help="reward-training steps (default: 120)")
-    parser.add_argument("--reward-weight", type=float, default=3.0, help="ARGS weight w (default: 3.0)")
+    parser.add_argument("--train-steps", type=int, default=40, help="reward-training steps (default: 40)")
+    parser.add_argument("--reward-weight", type=float, default=5.0, help="ARGS weight w (default: 5.0)")
     parser.add_argument("--reward-top-k", type=int, default=10, help="candidates rescored per token (default: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to answer (default: 4)")

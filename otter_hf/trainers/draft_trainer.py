@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import get_dataset_column_names
-from trl.trainer.utils import disable_dropout_in_model, pad
+from trl.trainer.utils import pad
 
 from .reward_trainer import check_otter_model
+from .token_trainer import OtterTokenTrainer
 
 DRAFT_COLUMNS_HELP = "`text` (plain text), or `input_ids` (token ids) with an optional `completion_mask`"
 
@@ -105,7 +106,7 @@ class DataCollatorForDraftHeads(DataCollatorMixin):
         }
 
 
-class OtterDraftTrainer(Trainer):
+class OtterDraftTrainer(OtterTokenTrainer):
     """Trains an Otter model's draft heads, and the inserted parameters they read, to predict future tokens.
 
     See the module docstring for the loss and the dataset format. Training and evaluation also log each head's
@@ -119,6 +120,10 @@ class OtterDraftTrainer(Trainer):
         processing_class: the tokenizer; loaded from the model's name when not given.
         **kwargs: the other arguments of [`~transformers.Trainer`].
     """
+
+    config_class = OtterDraftConfig
+    data_collator_class = DataCollatorForDraftHeads
+    run_name_suffix = "Draft"
 
     def __init__(self, model, args: OtterDraftConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
         check_otter_model(model, type(self).__name__)
@@ -137,37 +142,7 @@ class OtterDraftTrainer(Trainer):
         for name, dataset in datasets.items():
             self._check_columns(dataset, name)
 
-        model.freeze_base_parameters()
-        args = args or OtterDraftConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Draft")
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        if data_collator is None:
-            data_collator = DataCollatorForDraftHeads(pad_token_id=processing_class.pad_token_id)
-
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                name: self._prepare_dataset(dataset, processing_class, args, name) for name, dataset in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        # Evaluation computes the loss through compute_loss, with no `labels` input.
-        self.can_return_loss = True
-        self.label_names = []
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod

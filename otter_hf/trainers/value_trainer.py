@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import get_dataset_column_names, is_conversational, maybe_apply_chat_template
-from trl.trainer.utils import disable_dropout_in_model, pad
+from trl.trainer.utils import pad
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .reward_trainer import check_otter_model
+from .token_trainer import OtterTokenTrainer
 
 SEQUENCE_COLUMNS_HELP = "`completion` and `label` (one number per row), optionally `prompt`"
 STEP_COLUMNS_HELP = "`prompt`, `completions` (a list of steps) and `labels` (one number per step)"
@@ -145,7 +146,7 @@ class DataCollatorForValueRegression(DataCollatorMixin):
         }
 
 
-class OtterValueTrainer(Trainer):
+class OtterValueTrainer(OtterTokenTrainer):
     """Trains an Otter model's value at every prefix (sequence labels) or at every step end (step labels).
 
     Only the inserted parameters and `v_head` train; the base model stays frozen. See the module docstring for
@@ -160,6 +161,10 @@ class OtterValueTrainer(Trainer):
         **kwargs: the other arguments of [`~transformers.Trainer`].
     """
 
+    config_class = OtterValueConfig
+    data_collator_class = DataCollatorForValueRegression
+    run_name_suffix = "Value"
+
     # compute_loss returns a per-row mean, which the Trainer must still divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
@@ -170,39 +175,7 @@ class OtterValueTrainer(Trainer):
                 "OtterValueTrainer regresses the value at every token, which the sequence-classification view pools "
                 "away; pass the Otter causal LM (`AutoModelForCausalLM.from_pretrained`) instead."
             )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
-        model.freeze_base_parameters()
-        args = args or OtterValueConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Value")
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        if data_collator is None:
-            data_collator = DataCollatorForValueRegression(pad_token_id=processing_class.pad_token_id)
-
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                name: self._prepare_dataset(dataset, processing_class, args, name) for name, dataset in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        # Evaluation computes the loss through compute_loss, with no `labels` input.
-        self.can_return_loss = True
-        self.label_names = []
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
 
     @staticmethod
     def _prepare_dataset(dataset, processing_class, args: OtterValueConfig, dataset_name: str):

@@ -1,0 +1,56 @@
+"""The set-up shared by the trainers whose loss reads an Otter model's outputs at every token (value, draft)."""
+
+from transformers import AutoTokenizer, Trainer
+from trl.trainer.utils import disable_dropout_in_model
+
+
+class OtterTokenTrainer(Trainer):
+    """A `Trainer` for an Otter causal LM: base frozen, datasets prepared by `_prepare_dataset`, loss from
+    `compute_loss` with no `labels` input.
+
+    Subclasses set `config_class` (their `TrainingArguments`, with `disable_dropout`), `data_collator_class`
+    (built from the tokenizer's pad token id) and `run_name_suffix` (for the default output folder), and define
+    `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
+    """
+
+    config_class: type
+    data_collator_class: type
+    run_name_suffix: str
+
+    def __init__(
+        self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs
+    ):
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        model.freeze_base_parameters()
+        run_name = (model.name_or_path or "otter").rstrip("/").split("/")[-1]
+        args = args or self.config_class(f"{run_name}-{self.run_name_suffix}")
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if data_collator is None:
+            data_collator = self.data_collator_class(pad_token_id=processing_class.pad_token_id)
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_dataset(dataset, processing_class, args, name) for name, dataset in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # Evaluation computes the loss through compute_loss, with no `labels` input.
+        self.can_return_loss = True
+        self.label_names = []
