@@ -55,23 +55,28 @@ def _load_base(base, load_options: dict) -> PreTrainedModel:
     return base
 
 
-def insert(base, **options) -> PreTrainedModel:
+def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     """Insert trainable Otter parameters into every layer of a frozen base causal LM.
 
     Args:
         base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`) or a model id
             or path to load with `AutoModelForCausalLM.from_pretrained`.
+        init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
+            `"random"`; stored as the config's `inserted_init`.
         **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,
-            `inserted_num_key_value_heads`, `inserted_intermediate_size`, `inserted_init`,
-            `value_head_dropout`); anything else goes to `from_pretrained` when `base` is an id or path.
+            `inserted_num_key_value_heads`, `inserted_intermediate_size`, `value_head_dropout`,
+            `num_draft_heads`); anything else goes to `from_pretrained` when `base` is an id or path.
 
     The returned model takes over the base model's weight tensors without copying them, freezes them, and
     leaves only the inserted parameters trainable. Its `logits` are exactly the base model's.
     """
     insertion_options = {key: options.pop(key) for key in list(options) if key in INSERTION_OPTIONS}
-    otter_class = otter_class_for(base.config) if isinstance(base, PreTrainedModel) else None
+    if init is not None:
+        if "inserted_init" in insertion_options:
+            raise TypeError("Pass the initialisation once: `init` or `inserted_init`, not both.")
+        insertion_options["inserted_init"] = init
     base = _load_base(base, options)
-    otter_class = otter_class or otter_class_for(base.config)
+    otter_class = otter_class_for(base.config)
     config = otter_class.config_class.from_base_config(
         base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
     )

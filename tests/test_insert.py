@@ -69,7 +69,8 @@ def test_copied_heads_follow_grouped_query_attention():
 
 @pytest.mark.parametrize("method", ["normal", "random"])
 def test_normal_and_random_init_do_not_copy(method):
-    otter = otter_hf.insert(make_base("llama-gqa-tied"), inserted_init=method, inserted_hidden_size=16)
+    otter = otter_hf.insert(make_base("llama-gqa-tied"), init=method, inserted_hidden_size=16)
+    assert otter.config.inserted_init == method
     embedding = otter.model.embed_tokens
     assert not torch.allclose(embedding.inserted_weight, embedding.weight[:, :16])
     std = embedding.inserted_weight.std().item()
