@@ -6,7 +6,7 @@ from transformers import LogitsProcessorList
 
 from conftest import EOS, PAD, make_base, make_otter, random_batch
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
-from otter_hf.generation.candidates import padding_position_ids
+from otter_hf.generation.loop_inputs import padding_position_ids
 
 # Mistral's window widened so prompt, new tokens and candidates fit in it (beyond it guidance refuses to run).
 GUIDED_BASES = {

@@ -51,12 +51,6 @@ def check_within_sliding_window(config, total_length: int) -> None:
         )
 
 
-def padding_position_ids(padding_mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids as generate() derives them from a 2D padding mask (left padding sits at position 0)."""
-    position_ids = padding_mask.long().cumsum(-1) - 1
-    return position_ids.masked_fill(~padding_mask, 0)
-
-
 def candidate_attention_mask(
     padding_mask: torch.Tensor, num_new_tokens: int, num_candidates: int, dtype: torch.dtype
 ) -> torch.Tensor:

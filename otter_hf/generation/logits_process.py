@@ -7,9 +7,9 @@ from .candidates import (
     candidate_attention_mask,
     check_guidance_model,
     check_within_sliding_window,
-    padding_position_ids,
     score_candidates,
 )
+from .loop_inputs import padding_position_ids
 
 
 class OtterRewardLogitsProcessor(LogitsProcessor):

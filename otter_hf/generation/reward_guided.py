@@ -40,9 +40,9 @@ from .candidates import (
     candidate_attention_mask,
     check_guidance_model,
     check_within_sliding_window,
-    padding_position_ids,
     score_candidates,
 )
+from .loop_inputs import pop_prepared_inputs
 
 # What generate() appends after the processors a user passes: the reward goes in between, exactly where
 # `OtterRewardLogitsProcessor` sits when passed in `logits_processor`.
@@ -135,22 +135,11 @@ def reward_guided_generate(
             f"Reward-guided decoding starts from an empty DynamicCache; got a {type(cache).__name__} holding "
             f"{cache.get_seq_length() if cache is not None else 0} tokens. Pass no `past_key_values`."
         )
-    attention_mask = model_kwargs.pop("attention_mask", None)
-    position_ids = model_kwargs.pop("position_ids", None)
-    for prepared in ("use_cache", "logits_to_keep"):
-        model_kwargs.pop(prepared, None)
-    unsupported = sorted(name for name, value in model_kwargs.items() if value is not None)
-    if unsupported:
-        raise ValueError(f"Reward-guided decoding does not take these model inputs: {unsupported}.")
+    attention_mask, padding_mask, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Reward-guided decoding")
     check_within_sliding_window(model.config, generation_config.max_length + reward_top_k)
 
     batch_size = input_ids.shape[0]
     device = input_ids.device
-    padding_mask = (
-        attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    )
-    if position_ids is None:
-        position_ids = padding_position_ids(padding_mask)
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     before_reward, after_reward = split_at_reward(logits_processor)

@@ -35,6 +35,8 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
+from .loop_inputs import pop_prepared_inputs
+
 # (sequences ending with the token the LM head fixed, final hidden states of the original stream at the position
 # before it, the same for the inserted stream or None) -> draft token ids (batch, num_drafts)
 DraftFunction = Callable[[torch.LongTensor, torch.Tensor, torch.Tensor | None], torch.LongTensor]
@@ -146,19 +148,10 @@ def speculative_generate(
         cache = DynamicCache(config=model.config)
     if not isinstance(cache, DynamicCache):
         raise ValueError(f"Speculative decoding crops the cache, which needs a DynamicCache; got {type(cache).__name__}.")
-    attention_mask = model_kwargs.pop("attention_mask", None)
-    position_ids = model_kwargs.pop("position_ids", None)
-    for prepared in ("use_cache", "logits_to_keep"):
-        model_kwargs.pop(prepared, None)
-    unsupported = sorted(name for name, value in model_kwargs.items() if value is not None)
-    if unsupported:
-        raise ValueError(f"Speculative decoding does not take these model inputs: {unsupported}.")
+    attention_mask, _, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Speculative decoding")
 
     batch_size = input_ids.shape[0]
     device = input_ids.device
-    if position_ids is None:
-        padding = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        position_ids = (padding.long().cumsum(-1) - 1).masked_fill(~padding, 0)
     next_position = position_ids[:, -1:] + 1
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
