@@ -23,19 +23,18 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import TrainingArguments
 from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import pad
 
 from .reward_trainer import check_otter_model
-from .token_trainer import OtterTokenTrainer
+from .token_trainer import OtterTokenConfig, OtterTokenTrainer
 
 DRAFT_COLUMNS_HELP = "`text` (plain text), or `input_ids` (token ids) with an optional `completion_mask`"
 
 
 @dataclass
-class OtterDraftConfig(TrainingArguments):
+class OtterDraftConfig(OtterTokenConfig):
     r"""
     Configuration for [`OtterDraftTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
 
@@ -48,10 +47,6 @@ class OtterDraftConfig(TrainingArguments):
     """
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per row."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
 
 
 def draft_head_loss(

@@ -1,14 +1,26 @@
 """The set-up shared by the trainers whose loss reads an Otter model's outputs at every token (value, draft)."""
 
-from transformers import AutoTokenizer, Trainer
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 from trl.trainer.utils import disable_dropout_in_model
+
+
+@dataclass
+class OtterTokenConfig(TrainingArguments):
+    """The `TrainingArguments` options shared by the per-token Otter trainers (see their configs' docstrings)."""
+
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per row."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
 
 
 class OtterTokenTrainer(Trainer):
     """A `Trainer` for an Otter causal LM: base frozen, datasets prepared by `_prepare_dataset`, loss from
     `compute_loss` with no `labels` input.
 
-    Subclasses set `config_class` (their `TrainingArguments`, with `disable_dropout`), `data_collator_class`
+    Subclasses set `config_class` (an `OtterTokenConfig`), `data_collator_class`
     (built from the tokenizer's pad token id) and `run_name_suffix` (for the default output folder), and define
     `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
     """

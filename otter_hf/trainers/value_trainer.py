@@ -19,21 +19,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
 from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import get_dataset_column_names, is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import pad
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .reward_trainer import check_otter_model
-from .token_trainer import OtterTokenTrainer
+from .token_trainer import OtterTokenConfig, OtterTokenTrainer
 
 SEQUENCE_COLUMNS_HELP = "`completion` and `label` (one number per row), optionally `prompt`"
 STEP_COLUMNS_HELP = "`prompt`, `completions` (a list of steps) and `labels` (one number per step)"
 
 
 @dataclass
-class OtterValueConfig(TrainingArguments):
+class OtterValueConfig(OtterTokenConfig):
     r"""
     Configuration for [`OtterValueTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
 
@@ -50,12 +49,8 @@ class OtterValueConfig(TrainingArguments):
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per row."})
     step_separator: str = field(default="\n", metadata={"help": "Appended to every step of a step-labelled row."})
     train_on_last_step_only: bool = field(default=False, metadata={"help": "Regress only the last step of a row."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
 
 
 def prefix_weights(length: int) -> list[float]:
