@@ -4,7 +4,7 @@ Importing the package registers the Otter configs and models with AutoConfig, Au
 AutoModelForCausalLM.
 """
 
-from .data import load_preference_dataset
+from .data import fit_preference_pairs, load_hh_rlhf, load_preference_dataset, split_hh_rlhf
 from .generation import OtterRewardLogitsProcessor, reward_guided_generate
 from .hub import push_to_hub
 from .insertion import insert, load_otter
@@ -50,7 +50,10 @@ __all__ = [
     "insert",
     "load_otter",
     "push_to_hub",
+    "fit_preference_pairs",
+    "load_hh_rlhf",
     "load_preference_dataset",
+    "split_hh_rlhf",
     "reward_guided_generate",
     "sequence_classification_view",
 ]

@@ -1,14 +1,18 @@
-"""The small preference set bundled with otter_hf, written for the demo and the reward benchmarks.
+"""Preference data for Otter rewards: the small bundled set, real HH-RLHF pairs, and fitting pairs to a length.
 
 `preferences.jsonl` holds 345 conversational preference pairs (`prompt`, `chosen`, `rejected`, each a list of
 chat messages) made from templates: a user asks for a review, about someone's day, how to answer a friend, or
 for help, and the chosen answer is warm, positive and helpful while the rejected one is negative, rude or
 dismissive. The 69 `test` pairs are about subjects (places, films, events, tasks) no `train` pair mentions.
+Real human preferences come from `hh_rlhf` (Anthropic's HH-RLHF harmless pairs, shipped beside this file).
 """
 
 from pathlib import Path
 
 from datasets import Dataset
+
+from .hh_rlhf import HH_RLHF_PATH, load_hh_rlhf, split_hh_rlhf
+from .truncation import fit_preference_pairs
 
 PREFERENCES_PATH = Path(__file__).with_name("preferences.jsonl")
 SPLITS = ("train", "test")
@@ -22,4 +26,11 @@ def load_preference_dataset(split: str = "train") -> Dataset:
     return dataset.filter(lambda row: row["split"] == split, keep_in_memory=True).remove_columns("split")
 
 
-__all__ = ["PREFERENCES_PATH", "load_preference_dataset"]
+__all__ = [
+    "HH_RLHF_PATH",
+    "PREFERENCES_PATH",
+    "fit_preference_pairs",
+    "load_hh_rlhf",
+    "load_preference_dataset",
+    "split_hh_rlhf",
+]
