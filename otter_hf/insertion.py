@@ -15,7 +15,12 @@ from .hub import otter_files
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from .modeling.configuration_otter import OtterConfigMixin
 from .modeling.initialization import initialize_inserted_parameters
-from .modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint
+from .modeling.persistence import (
+    OTTER_CONFIG_NAME,
+    OTTER_WEIGHTS_NAME,
+    base_weights_fingerprint,
+    recover_before_loading,
+)
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -98,6 +103,7 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     """
     hub_options = {key: load_options[key] for key in ("token", "cache_dir", "local_files_only") if key in load_options}
     otter_directory = otter_files(otter_directory, **hub_options)
+    recover_before_loading(otter_directory)
     config_path = os.path.join(otter_directory, OTTER_CONFIG_NAME)
     weights_path = os.path.join(otter_directory, OTTER_WEIGHTS_NAME)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):

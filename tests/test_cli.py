@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 
 import otter_hf
 from otter_hf.cli import main
-from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from conftest import COMMON, make_base, random_batch
 from test_hub import fake_hub  # noqa: F401  (fixture)
 
