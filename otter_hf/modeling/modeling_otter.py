@@ -567,7 +567,7 @@ class OtterForCausalLMMixin:
             attentions=outputs.attentions,
         )
 
-    # -- saving ---------------------------------------------------------------------------------------------
+    # -- saving --------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the modeling files and `auto_map` for `trust_remote_code`.
