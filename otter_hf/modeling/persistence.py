@@ -96,6 +96,7 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     recover_interrupted_saves(save_directory)
+    _remove_scratch_of_earlier_versions(os.path.dirname(os.path.abspath(save_directory)))
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
     # Opened through open(), the lock file also shows the permissions a new file gets here (see below).
     with open(os.path.join(scratch, _LOCK), "w") as lock:
@@ -178,6 +179,19 @@ def save_inserted_parameters(save_directory, named_parameters: Iterable[tuple[st
         save_file(tensors, os.path.join(staging, OTTER_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(staging, OTTER_CONFIG_NAME), "w", encoding="utf-8") as file:
             json.dump(config.to_dict(), file, indent=2, sort_keys=True)
+
+
+def _remove_scratch_of_earlier_versions(parent: str) -> None:
+    # otter_hf 0.1 staged a save in a `.otter-save-*` folder beside its target, without a lock file, and left it
+    # there when killed; scratch folders now sit inside their target and hold a lock file from their first instant.
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(SCRATCH_PREFIX) and os.path.isdir(path) and not os.path.exists(os.path.join(path, _LOCK)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the commit and its recovery ---------------------------------------------------------------------------
