@@ -55,6 +55,17 @@ def moves_into_or_out_of(folder, monkeypatch, on_move):
     return moves
 
 
+def interrupt_at(interrupted_at: int):
+    """An `on_move` that interrupts the save just before its move number `interrupted_at`."""
+
+    def on_move(index, source, destination, replace):
+        if index == interrupted_at:
+            raise Interrupted
+        replace(source, destination)
+
+    return on_move
+
+
 def count_moves(save, folder, monkeypatch) -> int:
     with monkeypatch.context() as patch:
         moves = moves_into_or_out_of(folder, patch, lambda index, source, destination, replace: replace(source, destination))
@@ -117,7 +128,8 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(previous_and_new, tm
     before = sorted(os.listdir(folder))
     prepare_previous(tmp_path / "count", previous)
     total = count_moves(lambda: new.save_pretrained(tmp_path / "count"), tmp_path / "count", monkeypatch)
-    # Every move of the new save but the last (the commit point) is interrupted once.
+    # Interrupted once at each move, before it or right after it; right after the last one (the commit point)
+    # the save is complete, as the killed-save test checks.
     for interrupted_at in range(total - 1 if moved else total):
         with monkeypatch.context() as patch:
 
@@ -138,7 +150,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(previous_and_new, tm
 def test_an_interrupted_first_save_leaves_no_folder(previous_and_new, tmp_path, monkeypatch):
     _, new = previous_and_new
     with monkeypatch.context() as patch:
-        moves_into_or_out_of(tmp_path / "checkpoint", patch, lambda *args: (_ for _ in ()).throw(Interrupted))
+        moves_into_or_out_of(tmp_path / "checkpoint", patch, interrupt_at(0))
         with pytest.raises(Interrupted):
             new.save_pretrained(tmp_path / "checkpoint")
     assert os.listdir(tmp_path) == []
@@ -190,10 +202,7 @@ def test_an_interrupted_save_otter_leaves_the_previous_inserted_weights(previous
     assert total == 3  # the weights aside, the weights in, the config over the previous one
     for interrupted_at in range(total):
         with monkeypatch.context() as patch:
-            moves_into_or_out_of(
-                tmp_path, patch,
-                lambda index, source, destination, replace: (_ for _ in ()).throw(Interrupted) if index == interrupted_at else replace(source, destination),
-            )
+            moves_into_or_out_of(tmp_path, patch, interrupt_at(interrupted_at))
             with pytest.raises(Interrupted):
                 new.save_otter(tmp_path)
         assert ((tmp_path / OTTER_WEIGHTS_NAME).read_bytes(), (tmp_path / OTTER_CONFIG_NAME).read_bytes()) == expected
