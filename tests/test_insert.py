@@ -1,5 +1,7 @@
 """`otter_hf.insert`: which parameters are inserted, trainable and how they start."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -118,6 +120,31 @@ def test_impossible_sizes_fail_before_any_allocation(options, message, monkeypat
     monkeypatch.setattr(otter_hf.OtterLlamaForCausalLMWithValueHead, "_from_config", no_allocation)
     with pytest.raises(ValueError, match=message):
         otter_hf.insert(base, **options)
+
+
+def test_a_misspelt_insertion_option_is_named_before_loading(tmp_path, monkeypatch):
+    base = make_base("llama-gqa-tied")
+    base.save_pretrained(tmp_path / "base")
+    make_otter(base).save_otter(tmp_path / "inserted")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded before the options were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(TypeError, match=re.escape("Unknown insertion option 'inserted_hidden_sze'; did you mean 'inserted_hidden_size'?")):
+        otter_hf.insert(str(tmp_path / "base"), inserted_hidden_sze=8)
+    with pytest.raises(TypeError, match="'inserted_hidden_size' cannot be passed here"):
+        otter_hf.load_otter(str(tmp_path / "base"), tmp_path / "inserted", inserted_hidden_size=8)
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "/no/such/model", "../no-such-model"])
+def test_an_unknown_local_path_fails_at_once_without_the_hub(path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a local path")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_hub)
+    with pytest.raises(FileNotFoundError, match=f"No model at {re.escape(path)}: there is no such folder"):
+        otter_hf.insert(path)
 
 
 def test_loading_options_need_a_model_id():

@@ -91,7 +91,7 @@ def test_saved_checkpoint_carries_its_code_and_auto_map(tmp_path):
         module, _, class_name = reference.partition(".")
         assert f"class {class_name}(" in (tmp_path / f"{module}.py").read_text()
     # The relative imports of the copied files are followed, and the folder is flat.
-    for name in ("configuration_otter.py", "modeling_otter.py", "otter_llama.py", "otter_mistral.py"):
+    for name in ("configuration_otter.py", "modeling_otter.py", "persistence.py", "otter_llama.py", "otter_mistral.py"):
         assert (tmp_path / name).is_file()
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import otter_hf
-from otter_hf.modeling.modeling_otter import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from conftest import make_base, make_otter, random_batch
 
 
@@ -111,7 +111,7 @@ def test_an_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", fail_midway)
-    monkeypatch.setattr("otter_hf.modeling.modeling_otter.save_file", fail_midway)
+    monkeypatch.setattr("otter_hf.modeling.persistence.save_file", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         otter.save_pretrained(tmp_path / "full")
     with pytest.raises(OSError, match="disk full"):

@@ -1,5 +1,7 @@
 """OtterRewardTrainer and OtterValueTrainer on tiny models: what trains, what stays frozen, datasets, saving."""
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
@@ -167,6 +169,10 @@ def test_trained_reward_model_saves_and_reloads_with_the_same_values(tmp_path, t
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     otter.save_otter(tmp_path / "inserted")
+    # Saved as the causal LM that trained, not as the view TRL trained on: it generates with a cache by default.
+    saved_config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved_config["architectures"] == [type(otter).__name__]
+    assert saved_config["use_cache"] is True
 
     input_ids, attention_mask = random_batch(3, 9, "left")
     with torch.no_grad():
@@ -259,6 +265,7 @@ def test_value_trainer_step_labels_sit_at_step_ends(tmp_path, tiny_tokenizer):
     assert [row["value_targets"][i] for i in step_ends] == [1.0, 0.0, 1.0]
     assert sum(row["value_weights"]) == pytest.approx(1.0)
     trainer.train()
+    assert otter.config.use_cache is True  # the Trainer's use_cache=False stays out of the model and its checkpoints
 
     last_only = OtterValueTrainer(
         otter, args=value_config(tmp_path, train_on_last_step_only=True), train_dataset=dataset, processing_class=tiny_tokenizer

@@ -11,30 +11,27 @@ siblings, so they can be shipped next to a checkpoint for `trust_remote_code`.
 """
 
 import contextlib
-import hashlib
-import json
-import os
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .configuration_otter import attention_head_size
-
-OTTER_CONFIG_NAME = "otter_config.json"
-OTTER_WEIGHTS_NAME = "otter_model.safetensors"
+from .persistence import (
+    base_weights_fingerprint,
+    recover_before_loading,
+    replace_files,
+    save_inserted_parameters,
+    save_remote_code,
+    weight_files_of,
+)
 
 # A parameter is inserted when one of its name components is `v_head`, `draft_heads` or starts with `inserted_`.
 INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|draft_heads|inserted_\w+)(\.|$)")
@@ -56,24 +53,6 @@ def split_streams(hidden_states: torch.Tensor, hidden_size: int) -> tuple[torch.
 
 def join_streams(original: torch.Tensor, inserted: torch.Tensor | None) -> torch.Tensor:
     return original if inserted is None else torch.cat([original, inserted], dim=-1)
-
-
-def base_weights_fingerprint(named_parameters: Iterator[tuple[str, torch.Tensor]]) -> str:
-    """Digest of a model's original parameters, cheap even for large models.
-
-    It hashes every name and shape plus an evenly strided sample of each tensor rounded to bfloat16, so the
-    same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while other weights do not.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
-        if is_inserted_parameter(name):
-            continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def ensure_inserted_cache_layers(cache: Cache, config) -> None:
@@ -441,9 +420,11 @@ class OtterForCausalLMMixin:
         self.freeze_base_parameters()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if pretrained_model_name_or_path is not None:
+            recover_before_loading(pretrained_model_name_or_path, kwargs.get("subfolder"))
         # Loading swaps in fresh parameters, which come back trainable.
-        loaded = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
         return loaded
 
@@ -488,7 +469,9 @@ class OtterForCausalLMMixin:
         return self.lm_head(self.draft_heads(hidden, inserted_hidden))
 
     def base_weights_fingerprint(self) -> str:
-        return base_weights_fingerprint(self.named_parameters())
+        return base_weights_fingerprint(
+            (name, parameter) for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
+        )
 
     @contextlib.contextmanager
     def otter_disabled(self):
@@ -587,28 +570,18 @@ class OtterForCausalLMMixin:
     # -- saving --------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, written to a scratch folder first and moved in config-last,
-        so an interrupted save never leaves a folder that looks complete."""
-        if kwargs.get("push_to_hub"):
-            self._save_remote_code(save_directory)
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        with _staging_directory(save_directory) as staging:
-            self._save_remote_code(staging)
-            super().save_pretrained(staging, *args, **kwargs)
+        """`PreTrainedModel.save_pretrained`, plus the modeling files and `auto_map` for `trust_remote_code`.
 
-    def _save_remote_code(self, save_directory) -> None:
-        # transformers ships and maps only the class being saved (and its config); the backbone and the other
-        # heads are defined in sibling files, which are copied flat beside them, as transformers does.
-        if not self.auto_map_classes:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        for auto_class, model_class in self.auto_map_classes.items():
-            source = sys.modules[model_class.__module__].__file__
-            for path in (source, *get_relative_import_files(source)):
-                shutil.copy(path, save_directory)
-            auto_map[auto_class] = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
-        self.config.auto_map = auto_map
+        The files it writes replace the previous ones as a unit (an interrupted save leaves the previous
+        checkpoint), its stale weight files go, and other files in the folder, such as a tokenizer, stay; see
+        `otter_hf.modeling.persistence`.
+        """
+        if kwargs.get("push_to_hub"):
+            save_remote_code(self, save_directory)
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with replace_files(save_directory, stale=weight_files_of(kwargs.get("variant"))) as staging:
+            save_remote_code(self, staging)
+            super().save_pretrained(staging, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload weights, config, modeling code and an Otter model card to `repo_id` in one commit.
@@ -627,32 +600,4 @@ class OtterForCausalLMMixin:
         """Write only the inserted parameters (safetensors) and a config naming the base model and the
         fingerprint of its weights; `otter_hf.load_otter(base, save_directory)` attaches them again."""
         self.config.base_model_fingerprint = self.base_weights_fingerprint()
-        tensors = {name: p.detach().contiguous().cpu() for name, p in self.otter_named_parameters()}
-        with _staging_directory(save_directory) as staging:
-            save_file(tensors, os.path.join(staging, OTTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            config = self.config.to_dict()
-            with open(os.path.join(staging, OTTER_CONFIG_NAME), "w", encoding="utf-8") as file:
-                json.dump(config, file, indent=2, sort_keys=True)
-
-
-# Files a loader treats as the mark of a complete save: moved into place last.
-_COMPLETION_MARKERS = ("config.json", OTTER_CONFIG_NAME)
-
-
-@contextlib.contextmanager
-def _staging_directory(save_directory):
-    """Yield a scratch folder beside `save_directory`; on success move its files in, completion markers last."""
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-    parent = os.path.dirname(os.path.abspath(save_directory))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".otter-save-", dir=parent)
-    try:
-        yield staging
-        os.makedirs(save_directory, exist_ok=True)
-        names = sorted(os.listdir(staging), key=lambda name: name in _COMPLETION_MARKERS)
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        save_inserted_parameters(save_directory, self.otter_named_parameters(), self.config)

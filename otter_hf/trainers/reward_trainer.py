@@ -133,7 +133,19 @@ class OtterRewardTrainer(RewardTrainer):
         model.freeze_base_parameters()
         if args is None:
             args = OtterRewardConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Reward")
+        # What `save_model` writes: the model passed in, normally the causal LM, which the view trained below shares
+        # its parameters with (and not its config, which the Trainer sets to use_cache=False).
+        self.otter_model = model
         super().__init__(model=sequence_classification_view(model), args=args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Saved as the causal LM, the checkpoint names that class in `architectures` and keeps use_cache=True, so
+        # `AutoModelForCausalLM.from_pretrained(...).generate()` decodes with a cache, as for any causal LM.
+        trained, self.model = self.model, self.otter_model
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            self.model = trained
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         check_preference_columns(dataset, dataset_name)

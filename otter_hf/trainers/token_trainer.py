@@ -54,6 +54,7 @@ class OtterTokenTrainer(Trainer):
         elif eval_dataset is not None:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
+        use_cache = model.config.use_cache
         super().__init__(
             model=model,
             args=args,
@@ -63,6 +64,9 @@ class OtterTokenTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # The Trainer writes `args.use_cache` (False) into the model's config, and so into every checkpoint it
+        # saves; the losses pass use_cache=False themselves, so the causal LM keeps its own setting.
+        model.config.use_cache = use_cache
         # Evaluation computes the loss through compute_loss, with no `labels` input.
         self.can_return_loss = True
         self.label_names = []

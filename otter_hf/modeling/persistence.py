@@ -1,0 +1,251 @@
+"""Writing Otter checkpoints so that the files of one save replace the previous ones as a unit.
+
+`save_pretrained` and `save_otter` keep transformers' convention: they replace the files they write, remove
+their own stale weight files, and leave every other file in the folder (a tokenizer saved beside the model)
+alone. Here the files of one save also change together. A save writes into a scratch folder inside the target
+folder, `.otter-save-*`, holding `new/` (the files being saved), `previous/` (the files they replace) and a
+journal, then commits:
+
+1. the journal is written, listing the entries to move in; before it exists nothing outside the scratch folder
+   has changed;
+2. the entries the save replaces or removes are moved aside into `previous/`, except the last entry to move in;
+3. the new entries are moved in, the completion marker (`config.json` or `otter_config.json`) last, atomically
+   replacing the previous one: moving in the last entry is the commit point;
+4. the journal is deleted, then the scratch folder.
+
+A failure or interrupt before the commit point moves the previous files back. A process killed mid-save leaves
+its scratch folder behind; the next save into that folder, or the next load from it, settles it: it rolls back a
+save that had not reached its commit point, and only deletes the scratch of one that had. Loaders read the
+completion marker first (AutoConfig does, before any Otter code runs), and it is the previous checkpoint's until
+the commit point, so the folder then loads as the previous checkpoint or as the new one, never a mix.
+
+Like the modeling files, this file imports only torch, transformers, safetensors and the standard library, as it
+ships next to checkpoints for `trust_remote_code`.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
+
+try:
+    import fcntl
+except ImportError:  # Windows: a scratch folder's owner cannot be told apart, every one found counts as abandoned
+    fcntl = None
+
+logger = logging.get_logger(__name__)
+
+OTTER_CONFIG_NAME = "otter_config.json"
+OTTER_WEIGHTS_NAME = "otter_model.safetensors"
+# What loaders read first to tell what a folder holds: moved in last, the commit point of a save.
+COMPLETION_MARKERS = ("config.json", OTTER_CONFIG_NAME)
+
+SCRATCH_PREFIX = ".otter-save-"
+_NEW, _PREVIOUS, _JOURNAL, _LOCK = "new", "previous", "journal.json", "lock"
+
+
+def base_weights_fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Digest of a model's original parameters (pass only those), cheap even for large models.
+
+    It hashes every name and shape plus an evenly strided sample of each tensor rounded to bfloat16, so the
+    same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while other weights do not.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weight_files_of(variant: str | None = None) -> Callable[[str], bool]:
+    """Whether a file name is one `save_pretrained` writes weights to (single file, shard or index) for `variant`.
+
+    A save removes those it does not write again: a leftover single file would be loaded instead of new shards,
+    and leftover shards or index would sit beside a new single file.
+    """
+    infix = re.escape(f".{variant}") if variant else ""
+    pattern = re.compile(rf"model{infix}(-\d{{5}}-of-\d{{5}})?\.safetensors|model\.safetensors\.index{infix}\.json")
+    return lambda name: pattern.fullmatch(name) is not None
+
+
+@contextlib.contextmanager
+def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None) -> Iterator[str]:
+    """Yield an empty folder to write a save into; when the block ends without error, its entries replace the
+    entries of the same names in `save_directory`, and the entries for which `stale(name)` is true go, as one unit.
+
+    On an error or interrupt `save_directory` is left as it was (and removed again if this created it). A save
+    that writes nothing changes nothing. See the module docstring for how a killed save is settled later.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    created = not os.path.isdir(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    recover_interrupted_saves(save_directory)
+    _remove_scratch_of_earlier_versions(os.path.dirname(os.path.abspath(save_directory)))
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
+    # Opened through open(), the lock file also shows the permissions a new file gets here (see below).
+    with open(os.path.join(scratch, _LOCK), "w") as lock:
+        _lock(lock)
+        try:
+            staging = os.path.join(scratch, _NEW)
+            os.mkdir(staging)
+            os.mkdir(os.path.join(scratch, _PREVIOUS))
+            yield staging
+            # safetensors creates its files owner-only (0600); give every file the mode any new file gets.
+            _set_file_modes(staging, stat.S_IMODE(os.fstat(lock.fileno()).st_mode))
+            _commit(save_directory, scratch, stale or (lambda name: False))
+        except BaseException:
+            _settle(save_directory, scratch)
+            if created and not os.listdir(save_directory):
+                os.rmdir(save_directory)
+            raise
+        _settle(save_directory, scratch)
+
+
+def recover_interrupted_saves(directory) -> None:
+    """Settle what killed saves left in `directory`: roll back an uncommitted save, finish a committed one.
+
+    A save still running in another process holds its scratch folder's lock and is left alone.
+    """
+    directory = os.fspath(directory)
+    for name in os.listdir(directory):
+        scratch = os.path.join(directory, name)
+        if not name.startswith(SCRATCH_PREFIX) or not os.path.isdir(scratch):
+            continue
+        try:
+            lock = open(os.path.join(scratch, _LOCK), "r+")
+        except FileNotFoundError:
+            # Killed right after creating its scratch folder (or just about to lock it: deleting the folder then
+            # fails that save before it changed anything).
+            shutil.rmtree(scratch)
+            continue
+        with lock:
+            try:
+                _lock(lock, blocking=False)
+            except BlockingIOError:
+                continue
+            logger.warning(f"Settling a save into {directory} that was interrupted ({name}).")
+            _settle(directory, scratch)
+
+
+def recover_before_loading(path, subfolder: str | None = None) -> None:
+    """`recover_interrupted_saves` for a folder about to be loaded; one it cannot write to is only warned about."""
+    path = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(path):
+        return  # a Hub id: its snapshots are written by huggingface_hub
+    try:
+        recover_interrupted_saves(path)
+    except OSError as error:
+        logger.warning(f"Could not settle an interrupted save in {path} ({error}); it may mix two checkpoints.")
+
+
+def save_remote_code(model, save_directory) -> None:
+    """Copy the files defining `model`'s Auto classes beside its checkpoint and map them in `config.auto_map`.
+
+    transformers ships and maps only the class being saved (and its config); the backbone and the other heads
+    are defined in sibling files, which are copied flat beside them, as transformers does.
+    """
+    if not model.auto_map_classes:
+        return
+    os.makedirs(save_directory, exist_ok=True)
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    for auto_class, model_class in model.auto_map_classes.items():
+        source = sys.modules[model_class.__module__].__file__
+        for path in (source, *get_relative_import_files(source)):
+            shutil.copy(path, save_directory)
+        auto_map[auto_class] = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
+    model.config.auto_map = auto_map
+
+
+def save_inserted_parameters(save_directory, named_parameters: Iterable[tuple[str, torch.Tensor]], config) -> None:
+    """Write inserted parameters (safetensors) and their config as one unit: what `save_otter` saves."""
+    tensors = {name: parameter.detach().contiguous().cpu() for name, parameter in named_parameters}
+    with replace_files(save_directory) as staging:
+        save_file(tensors, os.path.join(staging, OTTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(staging, OTTER_CONFIG_NAME), "w", encoding="utf-8") as file:
+            json.dump(config.to_dict(), file, indent=2, sort_keys=True)
+
+
+def _remove_scratch_of_earlier_versions(parent: str) -> None:
+    # otter_hf 0.1 staged a save in a `.otter-save-*` folder beside its target, without a lock file, and left it
+    # there when killed; scratch folders now sit inside their target and hold a lock file from their first instant.
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(SCRATCH_PREFIX) and os.path.isdir(path) and not os.path.exists(os.path.join(path, _LOCK)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the commit and its recovery ---------------------------------------------------------------------------
+
+
+def _lock(lock_file, blocking: bool = True) -> None:
+    if fcntl is not None:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+
+
+def _set_file_modes(folder: str, mode: int) -> None:
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), mode)
+
+
+def _commit(directory: str, scratch: str, stale: Callable[[str], bool]) -> None:
+    staging, previous = os.path.join(scratch, _NEW), os.path.join(scratch, _PREVIOUS)
+    entries = sorted(os.listdir(staging), key=lambda name: (name in COMPLETION_MARKERS, name))
+    if not entries:
+        return
+    last = entries[-1]
+    existing = sorted(name for name in os.listdir(directory) if not name.startswith(SCRATCH_PREFIX))
+    set_aside = [name for name in existing if (name in entries or stale(name)) and name != last]
+    journal_path = os.path.join(scratch, _JOURNAL)
+    with open(journal_path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump({"move_in": entries}, file)
+    os.replace(journal_path + ".tmp", journal_path)
+    for name in set_aside:
+        os.replace(os.path.join(directory, name), os.path.join(previous, name))
+    for name in entries:
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+
+
+def _settle(directory: str, scratch: str) -> None:
+    """Roll back the save `scratch` belongs to if it had not reached its commit point, then delete `scratch`."""
+    journal_path = os.path.join(scratch, _JOURNAL)
+    if os.path.isfile(journal_path):
+        with open(journal_path, encoding="utf-8") as file:
+            entries = json.load(file)["move_in"]
+        staging = os.path.join(scratch, _NEW)
+        if os.path.lexists(os.path.join(staging, entries[-1])):
+            _roll_back(directory, scratch, entries)
+        # Deleted first, so that a cleanup interrupted below is seen as settled and only deleted on a next visit.
+        os.remove(journal_path)
+    shutil.rmtree(scratch)
+
+
+def _roll_back(directory: str, scratch: str, entries: list[str]) -> None:
+    # Each step leaves the scratch folder describing what is left to do, so an interrupted roll-back resumes.
+    staging, previous = os.path.join(scratch, _NEW), os.path.join(scratch, _PREVIOUS)
+    for name in reversed(entries):
+        moved_in = not os.path.lexists(os.path.join(staging, name))
+        if moved_in and os.path.lexists(os.path.join(directory, name)):
+            os.replace(os.path.join(directory, name), os.path.join(staging, name))
+    for name in os.listdir(previous):
+        os.replace(os.path.join(previous, name), os.path.join(directory, name))
