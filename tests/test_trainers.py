@@ -301,3 +301,19 @@ def test_value_trainer_refuses_other_models(tmp_path, tiny_tokenizer):
     view = sequence_classification_view(make_otter(make_base("llama-gqa-tied")))
     with pytest.raises(TypeError, match="causal LM"):
         OtterValueTrainer(view, args=value_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+
+
+def test_reward_trainer_batches_pairs_of_similar_length(tmp_path, tiny_tokenizer):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    args = reward_config(tmp_path, max_steps=1)
+    assert args.train_sampling_strategy == "group_by_length" and args.gradient_checkpointing is False
+    # Pairs from a real HH-RLHF slice differ widely in length; each gets the length of its longer sequence.
+    pairs = otter_hf.load_hh_rlhf("tests/data/hh-harmless-slice.jsonl")
+    trainer = OtterRewardTrainer(
+        make_otter(make_base("llama-gqa-tied")), args=args, train_dataset=pairs, processing_class=tiny_tokenizer
+    )
+    lengths = trainer.train_dataset["length"]
+    assert lengths == [max(len(c), len(r)) for c, r in zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"])]
+    assert isinstance(trainer._get_train_sampler(trainer._remove_unused_columns(trainer.train_dataset)), LengthGroupedSampler)
+    trainer.train()  # the length column reaches the collator without breaking it
