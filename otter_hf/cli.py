@@ -16,6 +16,7 @@ import json
 import os
 
 from .modeling.configuration_otter import INIT_METHODS
+from .modeling.inserted_heads import head_options
 
 # What a user can get wrong: paths, ids, sizes, architectures. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
@@ -159,7 +160,14 @@ def _add_insertion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inserted-num-key-value-heads", type=int, help="inserted key/value heads per layer (default: 1)")
     group.add_argument("--inserted-intermediate-size", type=int, help="inserted FFN units per layer (default: the inserted hidden size)")
     group.add_argument("--init", dest="inserted_init", choices=INIT_METHODS, help="initialisation (default: copy)")
-    group.add_argument("--value-head-dropout", type=float, help="dropout before the value head (default: 0)")
+    heads = parser.add_argument_group("inserted heads")
+    for option in head_options():
+        flag = "--" + option.name.replace("_", "-")
+        help_text = f"{option.help} (default: {option.default})"
+        if option.type is bool:
+            heads.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            heads.add_argument(flag, type=option.type, help=help_text)
 
 
 def _insertion_options(args) -> dict:
@@ -169,7 +177,7 @@ def _insertion_options(args) -> dict:
         "inserted_num_key_value_heads",
         "inserted_intermediate_size",
         "inserted_init",
-        "value_head_dropout",
+        *(option.name for option in head_options()),
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

@@ -64,8 +64,9 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.
         **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,
-            `inserted_num_key_value_heads`, `inserted_intermediate_size`, `value_head_dropout`,
-            `num_draft_heads`); anything else goes to `from_pretrained` when `base` is an id or path.
+            `inserted_num_key_value_heads`, `inserted_intermediate_size`, and the options of the inserted heads
+            such as `value_head_dropout` and `num_draft_heads`); anything else goes to `from_pretrained` when
+            `base` is an id or path.
 
     The returned model takes over the base model's weight tensors without copying them, freezes them, and
     leaves only the inserted parameters trainable. Its `logits` are exactly the base model's.
@@ -162,7 +163,8 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             if parameter.is_meta:
-                dtype = torch.float32 if module_name.startswith("v_head") else base.dtype
+                in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
+                dtype = torch.float32 if in_fp32 else base.dtype
                 setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
     model.tie_weights()
     model.freeze_base_parameters()

@@ -4,14 +4,8 @@ import torch
 from torch import nn
 
 from .configuration_otter import attention_head_size
-from .modeling_otter import (
-    OtterDraftHeads,
-    OtterEmbedding,
-    OtterInsertedAttention,
-    OtterInsertedMLP,
-    OtterRMSNorm,
-    OtterValueHead,
-)
+from .inserted_heads import INSERTED_HEADS, initialize_linear
+from .modeling_otter import OtterEmbedding, OtterInsertedAttention, OtterInsertedMLP, OtterRMSNorm
 
 
 @torch.no_grad()
@@ -29,28 +23,17 @@ def initialize_inserted_parameters(model, method: str) -> None:
                 module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
             else:
                 nn.init.ones_(module.inserted_weight)
-        elif isinstance(module, OtterDraftHeads):
-            # As in Medusa: every head starts out repeating the LM head's own prediction.
-            for layer in module.layers:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterValueHead)):
+        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
-                    _normal_or_default(linear, method, std)
+                    initialize_linear(linear, method, std)
+    for head in INSERTED_HEADS:
+        if getattr(model, head.attribute) is not None:
+            getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
         for layer in model.model.layers:
             _copy_attention(layer.inserted_attn, layer.self_attn, model.config)
             _copy_mlp(layer.inserted_mlp, layer.mlp, model.config)
-
-
-def _normal_or_default(linear: nn.Linear, method: str, std: float) -> None:
-    if method == "random":
-        linear.reset_parameters()
-        return
-    nn.init.normal_(linear.weight, std=std)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:

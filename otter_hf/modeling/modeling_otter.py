@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -32,12 +32,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import ModelOutput
 
 from .configuration_otter import attention_head_size
+from .inserted_heads import INSERTED_HEADS, FinalStreams
 
 OTTER_CONFIG_NAME = "otter_config.json"
 OTTER_WEIGHTS_NAME = "otter_model.safetensors"
 
-# A parameter is inserted when one of its name components is `v_head`, `draft_heads` or starts with `inserted_`.
-INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|draft_heads|inserted_\w+)(\.|$)")
+# A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
+INSERTED_PARAMETER_PATTERN = re.compile(
+    rf"(^|\.)({'|'.join(head.attribute for head in INSERTED_HEADS)}|inserted_\w+)(\.|$)"
+)
 
 
 def is_inserted_parameter(name: str) -> bool:
@@ -358,73 +361,51 @@ class OtterModelMixin:
         self.post_init()
 
 
-class OtterValueHead(nn.Module):
-    """Maps the final inserted stream to one float32 value per token (the old TRL `v_head.summary` layout)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dropout = nn.Dropout(config.value_head_dropout)
-        self.summary = nn.Linear(config.inserted_hidden_size, 1)
-
-    def forward(self, inserted_hidden: torch.Tensor) -> torch.Tensor:
-        inserted_hidden = self.dropout(inserted_hidden.to(self.summary.weight.dtype))
-        return self.summary(inserted_hidden).squeeze(-1).to(torch.float32)
-
-
-class OtterDraftHeads(nn.Module):
-    """Medusa-style draft heads on both final streams, decoded by the frozen LM head.
-
-    Head k turns `[h, g]` at position t into a hidden state `h + SiLU(W_k [h, g])` whose LM-head logits predict
-    the token at t + k + 2 (the LM head itself predicts t + 1).
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.layers = nn.ModuleList(nn.Linear(input_size, config.hidden_size) for _ in range(config.num_draft_heads))
-        self.act_fn = nn.SiLU()
-
-    def forward(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
-        """Draft hidden states, shape (..., num_draft_heads, hidden_size)."""
-        joined = join_streams(hidden, inserted_hidden)
-        return torch.stack([hidden + self.act_fn(layer(joined)) for layer in self.layers], dim=-2)
-
-
 @dataclass
-class OtterCausalLMOutputWithValue(ModelOutput):
+class OtterCausalLMOutput(ModelOutput):
     """
+    The fields every Otter causal LM returns; `OtterCausalLMOutputWithValue` adds one per inserted head.
+
     loss (`torch.FloatTensor`, *optional*):
         Language-modelling loss of the original logits, when `labels` are given.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         The base model's logits, bit-identical to running the base model alone.
-    value (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
-        The calibration signal the inserted parameters predict at every position (float32). None while the
-        inserted stream is disabled.
     past_key_values (`Cache`, *optional*):
         Original and inserted keys and values.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The original stream's hidden states, as the base model returns them.
     inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The inserted stream's hidden states at the same points.
-    draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, num_draft_heads, vocab_size)`, *optional*):
-        The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token t + k + 2.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights, from the base computation inside `otter_disabled()` only.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    value: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    draft_logits: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+# The output of every Otter causal LM: the fields above, then each inserted head's output field.
+OtterCausalLMOutputWithValue = make_dataclass(
+    "OtterCausalLMOutputWithValue",
+    [(head.output_field, torch.FloatTensor | None, field(default=None)) for head in INSERTED_HEADS],
+    bases=(OtterCausalLMOutput,),
+    namespace={"__module__": __name__},
+)
+OtterCausalLMOutputWithValue.__doc__ = OtterCausalLMOutput.__doc__.split("\n", 2)[2].rstrip(" ") + "".join(
+    f"    {head.output_field} {head.output_doc}\n".replace("\n    ", "\n        ") for head in INSERTED_HEADS
+)
+
+
 class OtterForCausalLMMixin:
-    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus `v_head`."""
+    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus the inserted
+    heads of `INSERTED_HEADS` (`v_head`, and those its config asks for)."""
 
     backbone_class: type
-    _keep_in_fp32_modules_strict = ["v_head"]
+    _keep_in_fp32_modules_strict = [head.attribute for head in INSERTED_HEADS if head.keep_in_fp32]
     # Auto class name -> the Otter class it loads, filled in by `otter_hf.modeling`: a saved checkpoint ships
     # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
     # trust_remote_code where otter_hf is not installed.
@@ -435,8 +416,8 @@ class OtterForCausalLMMixin:
         self.model = self.backbone_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.v_head = OtterValueHead(config)
-        self.draft_heads = OtterDraftHeads(config) if config.num_draft_heads else None
+        for head in INSERTED_HEADS:
+            setattr(self, head.attribute, head.module_class(config) if head.is_built(config) else None)
         self.post_init()
         self.freeze_base_parameters()
 
@@ -457,7 +438,7 @@ class OtterForCausalLMMixin:
     # -- inserted parameters -------------------------------------------------------------------------------
 
     def freeze_base_parameters(self) -> None:
-        """Freeze every original parameter; only the inserted ones (and `v_head`) stay trainable."""
+        """Freeze every original parameter; only the inserted ones (inserted heads included) stay trainable."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(is_inserted_parameter(name))
 
@@ -513,9 +494,17 @@ class OtterForCausalLMMixin:
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
-        output_draft_logits: bool = False,
         **kwargs,
     ) -> OtterCausalLMOutputWithValue:
+        r"""
+        The causal LM's forward, plus the outputs of the inserted heads. A head whose output is computed only on
+        request takes `output_<field>=True` (`output_draft_logits=True` for the draft heads' `draft_logits`).
+        """
+        requested_heads = [
+            head
+            for head in INSERTED_HEADS
+            if head.computed_by_default or kwargs.pop(head.request_argument, False)
+        ]
         inserted_enabled = self.model.embed_tokens.inserted_enabled
         if inserted_enabled:
             if output_attentions:
@@ -550,17 +539,9 @@ class OtterForCausalLMMixin:
         )
         hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-        value = self.v_head(inserted_hidden) if inserted_hidden is not None else None
-        draft_logits = None
-        if output_draft_logits:
-            if self.draft_heads is None or inserted_hidden is None:
-                raise ValueError(
-                    "`output_draft_logits=True` needs draft heads (insert with `num_draft_heads`) and the inserted "
-                    "stream switched on."
-                )
-            draft_logits = self.compute_draft_logits(
-                slice_logits_to_keep(hidden_states, logits_to_keep), slice_logits_to_keep(inserted_hidden, logits_to_keep)
-            )
+        head_outputs = self._inserted_head_outputs(
+            requested_heads, FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.lm_head)
+        )
 
         loss = None
         if labels is not None:
@@ -576,13 +557,25 @@ class OtterForCausalLMMixin:
         return OtterCausalLMOutputWithValue(
             loss=loss,
             logits=logits,
-            value=value,
             past_key_values=outputs.past_key_values,
             hidden_states=all_hidden_states,
             inserted_hidden_states=all_inserted_hidden_states,
-            draft_logits=draft_logits,
             attentions=outputs.attentions,
+            **head_outputs,
         )
+
+    def _inserted_head_outputs(self, requested_heads: list, streams: FinalStreams) -> dict[str, torch.Tensor]:
+        """The output field of each requested head that this model built, while the inserted stream runs."""
+        outputs = {}
+        for head in requested_heads:
+            module = getattr(self, head.attribute)
+            if module is not None and streams.inserted_hidden_states is not None:
+                outputs[head.output_field] = module.predict(streams)
+            elif not head.computed_by_default:
+                raise ValueError(
+                    f"`{head.request_argument}=True` needs {head.description} and the inserted stream switched on."
+                )
+        return outputs
 
     # -- saving --------------------------------------------------------------------------------------------
 

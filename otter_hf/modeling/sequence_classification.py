@@ -15,6 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from .inserted_heads import INSERTED_HEADS
 from .modeling_otter import OtterForCausalLMMixin
 from .otter_llama import OtterLlamaForCausalLMWithValueHead
 from .otter_mistral import OtterMistralForCausalLMWithValueHead
@@ -80,7 +81,9 @@ class OtterForSequenceClassificationMixin:
         """The view of an existing Otter causal LM, sharing its modules (and so its parameters) without copying."""
         with torch.device("meta"):
             view = cls(copy.deepcopy(model.config))
-        view.model, view.lm_head, view.v_head = model.model, model.lm_head, model.v_head
+        view.model, view.lm_head = model.model, model.lm_head
+        for head in INSERTED_HEADS:
+            setattr(view, head.attribute, getattr(model, head.attribute))
         view.generation_config = copy.deepcopy(model.generation_config)
         view.name_or_path = model.name_or_path
         view.train(model.training)
