@@ -34,6 +34,12 @@ ARCHITECTURE_KEYS = (
 
 def otter_class_for(base_config) -> type[PreTrainedModel]:
     model_type = getattr(base_config, "model_type", None)
+    if isinstance(base_config, OtterConfigMixin):
+        raise ValueError(
+            f"This model already is an Otter model ({model_type!r}, inserted into "
+            f"{base_config.base_model_name_or_path or 'its base model'}); Otter parameters are inserted once. Train "
+            "or use it as it is, or insert into its base model."
+        )
     if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
         supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
         raise ValueError(
@@ -148,8 +154,29 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     return model
 
 
+def check_base_modules(otter_class, base) -> None:
+    """Refuse a base whose modules are not the ones `otter_class` was written for (a patched or custom layer
+    would run through the Otter layer's copy of the original steps, not through its own code)."""
+    for path, expected in otter_class.written_for.items():
+        try:
+            found = type(base.get_submodule(path))
+        except AttributeError:
+            raise ValueError(
+                f"{otter_class.__name__} was written for a base with a {expected.__name__} at `{path}`; this "
+                f"{type(base).__name__} has no module there."
+            ) from None
+        if found is not expected:
+            raise ValueError(
+                f"{otter_class.__name__} was written for {expected.__module__}.{expected.__name__} at `{path}`, but "
+                f"this base has {found.__module__}.{found.__name__} there. Otter recomputes the original steps "
+                f"exactly as {expected.__name__} does, so it refuses other code; load the base with transformers' "
+                "own classes."
+            )
+
+
 def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
+    check_base_modules(otter_class, base)
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
     with init_empty_weights(include_buffers=False):

@@ -5,24 +5,29 @@ from torch import nn
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .modeling_otter import OtterEmbedding, OtterInsertedAttention, OtterInsertedMLP, OtterRMSNorm
+from .modeling_otter import (
+    OtterEmbeddingMixin,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterNorm,
+)
 
 
 @torch.no_grad()
 def initialize_inserted_parameters(model, method: str) -> None:
     std = model.config.initializer_range
     for module in model.modules():
-        if isinstance(module, OtterEmbedding):
+        if isinstance(module, OtterEmbeddingMixin):
             if method == "copy":
                 module.inserted_weight.copy_(module.weight[:, : module.inserted_weight.shape[1]])
             else:
                 # nn.Embedding's own default is N(0, 1).
                 nn.init.normal_(module.inserted_weight, std=std if method == "normal" else 1.0)
-        elif isinstance(module, OtterRMSNorm):
+        elif isinstance(module, OtterNorm):
             if method == "copy":
                 module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
             else:
-                nn.init.ones_(module.inserted_weight)
+                nn.init.constant_(module.inserted_weight, module.neutral_weight)
         elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
@@ -31,9 +36,9 @@ def initialize_inserted_parameters(model, method: str) -> None:
         if getattr(model, head.attribute) is not None:
             getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
-        for layer in model.model.layers:
-            _copy_attention(layer.inserted_attn, layer.self_attn, model.config)
-            _copy_mlp(layer.inserted_mlp, layer.mlp, model.config)
+        for layer in model.otter_decoder_layers():
+            _copy_attention(layer.inserted_attn, layer.copy_source, model.config)
+            _copy_mlp(layer.inserted_mlp, layer.copy_source, model.config)
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:
@@ -52,15 +57,16 @@ def copied_head_sources(config) -> tuple[list[int], list[int]]:
     return query_sources, kv_sources
 
 
-def _copy_rows(target: nn.Linear, target_row: int, source: nn.Linear, source_row: int, rows: int) -> None:
-    """Copy `rows` output rows of `source` into the original-stream columns of `target`."""
-    columns = source.weight.shape[1]
-    target.weight[target_row : target_row + rows, :columns] = source.weight[source_row : source_row + rows]
+def _copy_rows(target: nn.Linear, target_row: int, source: tuple, source_row: int, rows: int) -> None:
+    """Copy `rows` output rows of the `(weight, bias)` pair `source` into the original-stream columns of `target`."""
+    weight, bias = source
+    columns = weight.shape[1]
+    target.weight[target_row : target_row + rows, :columns] = weight[source_row : source_row + rows]
     if target.bias is not None:
-        target.bias[target_row : target_row + rows] = source.bias[source_row : source_row + rows]
+        target.bias[target_row : target_row + rows] = bias[source_row : source_row + rows]
 
 
-def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, config) -> None:
+def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> None:
     """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
     at first the inserted stream follows the copied dimensions of the original one."""
     head_dim = attention_head_size(config)
@@ -68,17 +74,17 @@ def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, confi
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
     row = 0
-    for projection, sources in ((original.q_proj, query_sources), (original.k_proj, kv_sources), (original.v_proj, kv_sources)):
+    for role, sources in (("query", query_sources), ("key", kv_sources), ("value", kv_sources)):
         for source in sources:
-            _copy_rows(inserted.qkv_proj, row, projection, source * head_dim, head_dim)
+            _copy_rows(inserted.qkv_proj, row, copy_source(role), source * head_dim, head_dim)
             row += head_dim
-    _copy_rows(inserted.o_proj, 0, original.o_proj, 0, config.inserted_hidden_size)
+    _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
 
-def _copy_mlp(inserted: OtterInsertedMLP, original: nn.Module, config) -> None:
+def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
     units = config.inserted_intermediate_size
     inserted.gate_up_proj.weight.zero_()
     inserted.down_proj.weight.zero_()
-    _copy_rows(inserted.gate_up_proj, 0, original.gate_proj, 0, units)
-    _copy_rows(inserted.gate_up_proj, units, original.up_proj, 0, units)
-    _copy_rows(inserted.down_proj, 0, original.down_proj, 0, config.inserted_hidden_size)
+    _copy_rows(inserted.gate_up_proj, 0, copy_source("gate"), 0, units)
+    _copy_rows(inserted.gate_up_proj, units, copy_source("up"), 0, units)
+    _copy_rows(inserted.down_proj, 0, copy_source("down"), 0, config.inserted_hidden_size)

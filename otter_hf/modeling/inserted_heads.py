@@ -69,7 +69,9 @@ class FinalStreams:
     inserted_hidden_states: torch.Tensor  # the inserted stream, every position
     logits: torch.Tensor  # the LM head's logits at the positions `logits_to_keep` keeps
     logits_to_keep: int | torch.Tensor
-    lm_head: nn.Module
+    # Final original-stream hidden states -> the base model's logits (the LM head and the architecture's own
+    # output processing, such as softcapping).
+    logits_from_hidden: Callable[[torch.Tensor], torch.Tensor]
 
     def kept(self, states: torch.Tensor) -> torch.Tensor:
         """`states` at the positions the LM head's logits were computed for."""
@@ -133,7 +135,7 @@ class OtterDraftHeads(nn.Module):
 
     def predict(self, streams: FinalStreams) -> torch.Tensor:
         hidden, inserted = streams.kept(streams.hidden_states), streams.kept(streams.inserted_hidden_states)
-        return streams.lm_head(self(hidden, inserted))
+        return streams.logits_from_hidden(self(hidden, inserted))
 
 
 def _is_probability_below_one(value) -> bool:

@@ -105,53 +105,81 @@ def ensure_inserted_cache_layers(cache: Cache, config) -> None:
         )
 
 
-class OtterEmbedding(nn.Embedding):
-    """The base token embedding, plus the inserted stream's own embedding columns (`inserted_weight`)."""
+class OtterEmbeddingMixin:
+    """Adds the inserted stream's own embedding columns (`inserted_weight`) to an architecture's token embedding.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, inserted_dim: int):
-        super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.inserted_weight = nn.Parameter(torch.empty(num_embeddings, inserted_dim))
+    The original stream is the base embedding's own forward; `embed_inserted` gives the inserted stream, scaled
+    as the architecture scales the original one.
+    """
+
+    def add_inserted_columns(self, config) -> None:
+        self.inserted_weight = nn.Parameter(torch.empty(config.vocab_size, config.inserted_hidden_size))
         self.inserted_enabled = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         original = super().forward(input_ids)
         if not self.inserted_enabled:
             return original
-        return join_streams(original, nn.functional.embedding(input_ids, self.inserted_weight))
+        return join_streams(original, self.embed_inserted(input_ids))
+
+    def embed_inserted(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.inserted_weight)
 
 
-class OtterRMSNorm(nn.Module):
-    """RMSNorm whose statistic comes from the original stream only.
+class OtterEmbedding(OtterEmbeddingMixin, nn.Embedding):
+    """The base token embedding (unscaled, as in Llama), plus the inserted stream's embedding columns."""
 
-    The original stream is normalised with exactly the base RMSNorm operations; the inserted stream is
-    scaled by the same inverse RMS and its own weight, so nothing in it changes the original result.
+    def __init__(self, config):
+        super().__init__(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.add_inserted_columns(config)
+
+
+class OtterNorm(nn.Module):
+    """A norm whose statistics come from the original stream only.
+
+    `normalize` runs the base norm's own operations on the original stream and applies the same statistics,
+    with the inserted stream's own weight, to the inserted stream, so nothing in it changes the original result.
+    `neutral_weight` is the inserted weight that leaves the normalised inserted stream unscaled.
     """
 
-    def __init__(self, hidden_size: int, inserted_size: int, eps: float = 1e-6):
+    neutral_weight = 1.0
+
+    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
         super().__init__()
         self.hidden_size = hidden_size
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.inserted_weight = nn.Parameter(torch.ones(inserted_size))
-        self.variance_epsilon = eps
+        self.weight = nn.Parameter(torch.full((hidden_size,), self.neutral_weight))
+        self.inserted_weight = nn.Parameter(torch.full((inserted_size,), self.neutral_weight))
+        self.eps = eps
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
 
     def normalize(
         self, original: torch.Tensor, inserted: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_dtype = original.dtype
-        original = original.to(torch.float32)
-        variance = original.pow(2).mean(-1, keepdim=True)
-        inverse_rms = torch.rsqrt(variance + self.variance_epsilon)
-        original_normed = self.weight * (original * inverse_rms).to(input_dtype)
-        if inserted is None:
-            return original_normed, None
-        inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
-        return original_normed, inserted_normed
+        raise NotImplementedError
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return join_streams(*self.normalize(*split_streams(hidden_states, self.hidden_size)))
 
     def extra_repr(self):
-        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.variance_epsilon}"
+        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.eps}"
+
+
+class OtterRMSNorm(OtterNorm):
+    """Llama's RMSNorm, `w * x / rms(x)` cast back before the weight; the inserted stream shares `rms(h)`."""
+
+    def normalize(self, original, inserted):
+        input_dtype = original.dtype
+        original = original.to(torch.float32)
+        variance = original.pow(2).mean(-1, keepdim=True)
+        inverse_rms = torch.rsqrt(variance + self.eps)
+        original_normed = self.weight * (original * inverse_rms).to(input_dtype)
+        if inserted is None:
+            return original_normed, None
+        inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
+        return original_normed, inserted_normed
 
 
 class OtterInsertedAttention(nn.Module):
@@ -168,7 +196,6 @@ class OtterInsertedAttention(nn.Module):
         self.num_heads = config.inserted_num_attention_heads
         self.num_key_value_heads = config.inserted_num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         # The inserted heads cache after all original layers, see `ensure_inserted_cache_layers`.
@@ -184,11 +211,11 @@ class OtterInsertedAttention(nn.Module):
         normed: torch.Tensor,
         inserted_normed: torch.Tensor,
         original_heads: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        prepare_query_key: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        rotary_fn: Callable,
         attention_fn: Callable,
+        scaling: float,
         **kwargs,
     ) -> torch.Tensor:
         input_shape = normed.shape[:-1]
@@ -196,7 +223,7 @@ class OtterInsertedAttention(nn.Module):
         query, key, value = qkv.transpose(1, 2).split(
             [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
         )
-        query, key = rotary_fn(query, key, *position_embeddings)
+        query, key = prepare_query_key(query, key)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         heads, _ = attention_fn(
@@ -206,7 +233,7 @@ class OtterInsertedAttention(nn.Module):
             value,
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
+            scaling=scaling,
             **kwargs,
         )
         heads = heads.reshape(*input_shape, -1)
@@ -214,11 +241,10 @@ class OtterInsertedAttention(nn.Module):
 
 
 class OtterInsertedMLP(nn.Module):
-    """The inserted SwiGLU units of one layer: gate and up read both streams, down reads all units."""
+    """The inserted gated units of one layer: gate and up read both streams, down reads all units."""
 
     def __init__(self, config, bias: bool, act_fn: Callable):
         super().__init__()
-        self.inserted_intermediate_size = config.inserted_intermediate_size
         input_size = config.hidden_size + config.inserted_hidden_size
         self.gate_up_proj = nn.Linear(input_size, 2 * config.inserted_intermediate_size, bias=bias)
         self.down_proj = nn.Linear(
@@ -234,24 +260,48 @@ class OtterInsertedMLP(nn.Module):
 class OtterDecoderLayerMixin:
     """Turns an architecture's decoder layer into an Otter layer.
 
-    The architecture module sets `rotary_fn` and `eager_attention_fn` to its own functions, so the original
-    path runs the very same operations as the base layer.
+    The forward here holds the stream maths of every architecture: norms whose statistics come from the original
+    stream, the original attention and MLP steps on the original stream, the inserted heads and units beside
+    them, each module's output added to its own stream. The architecture's layer class declares what differs:
+
+    - `norm_class`, the Otter norm matching the base norm, and the names of the base layer's norms it replaces:
+      `attention_norm` and `mlp_norm` before each module, `attention_output_norm` and `mlp_output_norm` on each
+      module's output (Gemma's sandwich norms) or None;
+    - `rotary_fn` (None without rotary embeddings) and `eager_attention_fn`, the architecture's own functions;
+    - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
+    - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key`, `original_attention`,
+      `original_mlp`, `attention_sliding_window`, `copy_source`.
     """
 
-    rotary_fn: Callable
+    norm_class: type[OtterNorm] = OtterRMSNorm
+    attention_norm: str = "input_layernorm"
+    attention_output_norm: str | None = None
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_output_norm: str | None = None
+    rotary_fn: Callable | None
     eager_attention_fn: Callable
+    copy_sources: dict[str, str] = {
+        "query": "self_attn.q_proj",
+        "key": "self_attn.k_proj",
+        "value": "self_attn.v_proj",
+        "output": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        attention, mlp = self.self_attn, self.mlp
-        self.input_layernorm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = OtterRMSNorm(
-            config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps
-        )
+        for name in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm):
+            if name is not None:
+                setattr(self, name, self.norm_class.from_config(config))
         self.inserted_attn = OtterInsertedAttention(
-            config, layer_idx, qkv_bias=attention.q_proj.bias is not None, output_bias=attention.o_proj.bias is not None
+            config,
+            layer_idx,
+            qkv_bias=self.copy_source("query")[1] is not None,
+            output_bias=self.copy_source("output")[1] is not None,
         )
-        self.inserted_mlp = OtterInsertedMLP(config, bias=mlp.gate_proj.bias is not None, act_fn=mlp.act_fn)
+        self.inserted_mlp = OtterInsertedMLP(config, bias=self.copy_source("up")[1] is not None, act_fn=self.mlp.act_fn)
 
     def forward(
         self,
@@ -281,48 +331,75 @@ class OtterDecoderLayerMixin:
             )
         attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention_fn)
 
-        normed, inserted_normed = self.input_layernorm.normalize(original, inserted)
-        original_heads, attention_output = self._original_attention(
+        normed, inserted_normed = getattr(self, self.attention_norm).normalize(original, inserted)
+        original_heads, attention_output = self.original_attention(
             normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs
         )
         inserted_output = self.inserted_attn(
             normed,
             inserted_normed,
             original_heads,
-            position_embeddings,
-            attention_mask,
-            past_key_values,
-            rotary_fn=self.rotary_fn,
+            prepare_query_key=lambda query, key: self.prepare_inserted_query_key(query, key, position_embeddings),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
             attention_fn=attention_fn,
+            # The inserted heads attend like the original ones: same scale, same window.
+            scaling=self.self_attn.scaling,
+            sliding_window=self.attention_sliding_window(),
             **kwargs,
         )
-        original = original + attention_output
-        inserted = inserted + inserted_output
+        original, inserted = self._add_outputs(
+            original, inserted, attention_output, inserted_output, self.attention_output_norm
+        )
 
-        normed, inserted_normed = self.post_attention_layernorm.normalize(original, inserted)
-        mlp = self.mlp
-        original_units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
-        original = original + mlp.down_proj(original_units)
-        inserted = inserted + self.inserted_mlp(normed, inserted_normed, original_units)
+        normed, inserted_normed = getattr(self, self.mlp_norm).normalize(original, inserted)
+        original_units, mlp_output = self.original_mlp(normed)
+        inserted_output = self.inserted_mlp(normed, inserted_normed, original_units)
+        original, inserted = self._add_outputs(original, inserted, mlp_output, inserted_output, self.mlp_output_norm)
         return join_streams(original, inserted)
+
+    def _add_outputs(self, original, inserted, output, inserted_output, output_norm: str | None):
+        """Each stream plus its module's output, normalised first where the architecture norms module outputs."""
+        if output_norm is not None:
+            output, inserted_output = getattr(self, output_norm).normalize(output, inserted_output)
+        return original + output, inserted + inserted_output
 
     @property
     def config(self):
         return self.self_attn.config
 
-    def _original_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
+    # -- architecture hooks (Llama's by default) --------------------------------------------------------------
+
+    def project_heads(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The original query, key and value heads `(batch, heads, seq, head_dim)`, as the base attention forms
+        them before rotary embeddings."""
+        attention = self.self_attn
+        hidden_shape = (*normed.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
+        return query, key, value
+
+    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the architecture does to query and key heads before rotary embeddings (Qwen3, Gemma 3: q/k norms)."""
+        return query, key
+
+    def prepare_inserted_query_key(self, query, key, position_embeddings):
+        """The inserted heads' queries and keys, treated as the original heads' are."""
+        query, key = self.normalize_query_key(query, key)
+        return self.rotary_fn(query, key, *position_embeddings)
+
+    def attention_sliding_window(self) -> int | None:
+        """The window the base attention passes to the attention function (None: full attention)."""
+        return getattr(self.self_attn, "sliding_window", None)
+
+    def original_attention(self, normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
         """The base attention, step for step, also returning the heads' outputs that the inserted heads read."""
         attention = self.self_attn
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, attention.head_dim)
-        query = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = self.project_heads(normed)
         query, key = self.rotary_fn(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, attention.layer_idx)
-        # Qwen2 keeps its window on the attention module, Mistral on the config, Llama has none.
-        sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
         heads, _ = attention_fn(
             attention,
             query,
@@ -331,34 +408,53 @@ class OtterDecoderLayerMixin:
             attention_mask,
             dropout=0.0 if not attention.training else attention.attention_dropout,
             scaling=attention.scaling,
-            sliding_window=sliding_window,
+            sliding_window=self.attention_sliding_window(),
             **kwargs,
         )
-        heads = heads.reshape(*input_shape, -1).contiguous()
+        heads = heads.reshape(*normed.shape[:-1], -1).contiguous()
         return heads, attention.o_proj(heads)
+
+    def original_mlp(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base gated MLP, returning its units (what the inserted units read) and its output."""
+        mlp = self.mlp
+        units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        return units, mlp.down_proj(units)
+
+    def copy_source(self, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight `(out_features, in_features)` and bias of the base projection playing `role` (query, key,
+        value, output, gate, up, down), which copy-initialisation and the inserted modules' biases follow."""
+        projection = self.get_submodule(self.copy_sources[role])
+        return projection.weight, projection.bias
 
 
 class OtterModelMixin:
-    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own."""
+    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own.
+
+    The architecture's model class declares `decoder_layer_class`, `rotary_embedding_class` and `embedding_class`
+    (built from the config); the final norm is the decoder layer's `norm_class`.
+    """
 
     decoder_layer_class: type
     rotary_embedding_class: type
+    embedding_class: type = OtterEmbedding
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = OtterEmbedding(
-            config.vocab_size, config.hidden_size, self.padding_idx, config.inserted_hidden_size
-        )
+        self.embed_tokens = self.embedding_class(config)
         self.layers = nn.ModuleList(
             [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
+        self.norm = self.decoder_layer_class.norm_class.from_config(config)
         self.rotary_emb = self.rotary_embedding_class(config=config)
         self.gradient_checkpointing = False
+        # Set by the base __init__ of Qwen2 and Mistral, whose forward reads it.
         self.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
         self.post_init()
+
+    def otter_decoder_layers(self) -> list[OtterDecoderLayerMixin]:
+        return list(self.layers)
 
 
 @dataclass
@@ -430,10 +526,10 @@ class OtterForCausalLMMixin:
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, OtterEmbedding):
+        if isinstance(module, OtterEmbeddingMixin):
             init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, OtterRMSNorm):
-            init.ones_(module.inserted_weight)
+        elif isinstance(module, OtterNorm):
+            init.constant_(module.inserted_weight, module.neutral_weight)
 
     # -- inserted parameters -------------------------------------------------------------------------------
 
@@ -466,7 +562,31 @@ class OtterForCausalLMMixin:
 
     def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
-        return self.lm_head(self.draft_heads(hidden, inserted_hidden))
+        return self.logits_from_hidden(self.draft_heads(hidden, inserted_hidden))
+
+    def otter_decoder_layers(self) -> list:
+        """The Otter decoder layers, first to last."""
+        return self.model.otter_decoder_layers()
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping)."""
+        return logits
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The original logits for final (post-norm) original-stream hidden states, as the base causal LM gives them."""
+        return self.process_logits(self.lm_head(hidden))
+
+    @property
+    def otter_enabled(self) -> bool:
+        """Whether the inserted stream runs (False inside `otter_disabled()`)."""
+        return self.get_input_embeddings().inserted_enabled
+
+    def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
+        """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
+        original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
+        outputs = self.model(**inputs)
+        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
+        return hidden_states, inserted_hidden, outputs
 
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(self.named_parameters())
@@ -474,7 +594,7 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        embedding = self.model.embed_tokens
+        embedding = self.get_input_embeddings()
         previous, embedding.inserted_enabled = embedding.inserted_enabled, False
         try:
             yield self
@@ -505,7 +625,7 @@ class OtterForCausalLMMixin:
             for head in INSERTED_HEADS
             if head.computed_by_default or kwargs.pop(head.request_argument, False)
         ]
-        inserted_enabled = self.model.embed_tokens.inserted_enabled
+        inserted_enabled = self.otter_enabled
         if inserted_enabled:
             if output_attentions:
                 raise ValueError(
@@ -528,7 +648,7 @@ class OtterForCausalLMMixin:
         elif output_attentions is not None:
             kwargs["output_attentions"] = output_attentions
 
-        outputs = self.model(
+        hidden_states, inserted_hidden, outputs = self.final_streams(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -537,10 +657,10 @@ class OtterForCausalLMMixin:
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = self.logits_from_hidden(slice_logits_to_keep(hidden_states, logits_to_keep))
         head_outputs = self._inserted_head_outputs(
-            requested_heads, FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.lm_head)
+            requested_heads,
+            FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.logits_from_hidden),
         )
 
         loss = None

@@ -3,9 +3,12 @@
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaMLP,
     LlamaModel,
+    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
@@ -35,6 +38,14 @@ class OtterLlamaModel(OtterModelMixin, LlamaModel):
 class OtterLlamaForCausalLMWithValueHead(OtterForCausalLMMixin, LlamaForCausalLM):
     config_class = OtterLlamaConfig
     backbone_class = OtterLlamaModel
+    # The base modules this class was written for, by their path in a `LlamaForCausalLM`.
+    written_for = {
+        "model.layers.0": LlamaDecoderLayer,
+        "model.layers.0.self_attn": LlamaAttention,
+        "model.layers.0.mlp": LlamaMLP,
+        "model.layers.0.input_layernorm": LlamaRMSNorm,
+        "model.norm": LlamaRMSNorm,
+    }
 
 
 __all__ = [

@@ -3,9 +3,12 @@
 from huggingface_hub.dataclasses import strict
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
     Qwen2DecoderLayer,
     Qwen2ForCausalLM,
+    Qwen2MLP,
     Qwen2Model,
+    Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
@@ -35,6 +38,14 @@ class OtterQwen2Model(OtterModelMixin, Qwen2Model):
 class OtterQwen2ForCausalLMWithValueHead(OtterForCausalLMMixin, Qwen2ForCausalLM):
     config_class = OtterQwen2Config
     backbone_class = OtterQwen2Model
+    # The base modules this class was written for, by their path in a `Qwen2ForCausalLM`.
+    written_for = {
+        "model.layers.0": Qwen2DecoderLayer,
+        "model.layers.0.self_attn": Qwen2Attention,
+        "model.layers.0.mlp": Qwen2MLP,
+        "model.layers.0.input_layernorm": Qwen2RMSNorm,
+        "model.norm": Qwen2RMSNorm,
+    }
 
 
 __all__ = [
