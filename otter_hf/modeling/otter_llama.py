@@ -1,4 +1,5 @@
-"""Otter for Llama checkpoints: `LlamaForCausalLM` with parameters inserted into every layer."""
+"""Otter for Llama checkpoints: `LlamaForCausalLM` with parameters inserted into every layer, and its
+sequence-classification view."""
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
@@ -16,6 +17,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_otter import OtterConfigMixin
 from .modeling_otter import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
@@ -48,9 +50,14 @@ class OtterLlamaForCausalLMWithValueHead(OtterForCausalLMMixin, LlamaForCausalLM
     }
 
 
+class OtterLlamaForSequenceClassification(OtterForSequenceClassificationMixin, OtterLlamaForCausalLMWithValueHead):
+    pass
+
+
 __all__ = [
     "OtterLlamaConfig",
     "OtterLlamaDecoderLayer",
     "OtterLlamaModel",
     "OtterLlamaForCausalLMWithValueHead",
+    "OtterLlamaForSequenceClassification",
 ]

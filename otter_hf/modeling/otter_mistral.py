@@ -1,4 +1,5 @@
-"""Otter for Mistral checkpoints: `MistralForCausalLM` with parameters inserted into every layer."""
+"""Otter for Mistral checkpoints: `MistralForCausalLM` with parameters inserted into every layer, and its
+sequence-classification view."""
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.mistral.configuration_mistral import MistralConfig
@@ -16,6 +17,7 @@ from transformers.models.mistral.modeling_mistral import (
 
 from .configuration_otter import OtterConfigMixin
 from .modeling_otter import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
@@ -52,9 +54,14 @@ class OtterMistralForCausalLMWithValueHead(OtterForCausalLMMixin, MistralForCaus
     }
 
 
+class OtterMistralForSequenceClassification(OtterForSequenceClassificationMixin, OtterMistralForCausalLMWithValueHead):
+    pass
+
+
 __all__ = [
     "OtterMistralConfig",
     "OtterMistralDecoderLayer",
     "OtterMistralModel",
     "OtterMistralForCausalLMWithValueHead",
+    "OtterMistralForSequenceClassification",
 ]

@@ -1,4 +1,5 @@
-"""Otter for Qwen2 checkpoints: `Qwen2ForCausalLM` with parameters inserted into every layer."""
+"""Otter for Qwen2 checkpoints: `Qwen2ForCausalLM` with parameters inserted into every layer, and its
+sequence-classification view."""
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
@@ -16,6 +17,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 
 from .configuration_otter import OtterConfigMixin
 from .modeling_otter import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
@@ -48,9 +50,14 @@ class OtterQwen2ForCausalLMWithValueHead(OtterForCausalLMMixin, Qwen2ForCausalLM
     }
 
 
+class OtterQwen2ForSequenceClassification(OtterForSequenceClassificationMixin, OtterQwen2ForCausalLMWithValueHead):
+    pass
+
+
 __all__ = [
     "OtterQwen2Config",
     "OtterQwen2DecoderLayer",
     "OtterQwen2Model",
     "OtterQwen2ForCausalLMWithValueHead",
+    "OtterQwen2ForSequenceClassification",
 ]
