@@ -22,6 +22,10 @@ from .modeling import (
     OtterQwen2ForCausalLMWithValueHead,
     OtterQwen2ForSequenceClassification,
     OtterQwen2Model,
+    OtterQwen3Config,
+    OtterQwen3ForCausalLMWithValueHead,
+    OtterQwen3ForSequenceClassification,
+    OtterQwen3Model,
     sequence_classification_view,
 )
 from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
@@ -42,6 +46,10 @@ __all__ = [
     "OtterQwen2ForCausalLMWithValueHead",
     "OtterQwen2ForSequenceClassification",
     "OtterQwen2Model",
+    "OtterQwen3Config",
+    "OtterQwen3ForCausalLMWithValueHead",
+    "OtterQwen3ForSequenceClassification",
+    "OtterQwen3Model",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",

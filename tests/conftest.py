@@ -1,6 +1,15 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import otter_hf
 
@@ -32,6 +41,12 @@ BASE_MODELS = {
         MistralConfig,
         MistralForCausalLM,
         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, sliding_window=4, tie_word_embeddings=False),
+    ),
+    # q/k norms on every head, a head size other than hidden_size / num_attention_heads
+    "qwen3-qk-norm": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
     ),
 }
 

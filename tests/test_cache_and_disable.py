@@ -19,7 +19,7 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
     assert inserted_keys.shape[2] == cache.layers[0].keys.shape[2]
 
 
-@pytest.mark.parametrize("base_name", ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias"])
+@pytest.mark.parametrize("base_name", ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias", "qwen3-qk-norm"])
 def test_cropping_the_cache_crops_the_inserted_heads(base_name):
     base = make_base(base_name)
     otter = make_otter(base)

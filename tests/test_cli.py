@@ -81,6 +81,20 @@ def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tm
         assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
 
 
+@pytest.mark.parametrize("base_name", ["qwen3-qk-norm"])
+def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
+    make_base(base_name).save_pretrained(tmp_path / "base")
+    status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)
+    assert status == 0, err
+    otter = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+    assert otter.config.base_model_type == make_base(base_name).config.model_type
+    assert otter.config.num_draft_heads == 2
+    input_ids, attention_mask = random_batch(2, 6, "left")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
+
+
 def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, tmp_path):
     status, _, err = run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "inserted", "--otter-only")
     assert status == 0, err

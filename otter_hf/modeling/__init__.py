@@ -22,6 +22,12 @@ from .otter_qwen2 import (
     OtterQwen2ForSequenceClassification,
     OtterQwen2Model,
 )
+from .otter_qwen3 import (
+    OtterQwen3Config,
+    OtterQwen3ForCausalLMWithValueHead,
+    OtterQwen3ForSequenceClassification,
+    OtterQwen3Model,
+)
 from .sequence_classification import sequence_classification_view
 
 # Each supported architecture: its Otter causal LM and sequence-classification view, defined in one module.
@@ -29,6 +35,7 @@ OTTER_ARCHITECTURES = (
     (OtterLlamaForCausalLMWithValueHead, OtterLlamaForSequenceClassification),
     (OtterQwen2ForCausalLMWithValueHead, OtterQwen2ForSequenceClassification),
     (OtterMistralForCausalLMWithValueHead, OtterMistralForSequenceClassification),
+    (OtterQwen3ForCausalLMWithValueHead, OtterQwen3ForSequenceClassification),
 )
 
 # Base model_type -> the Otter causal LM built from it.
@@ -69,6 +76,10 @@ __all__ = [
     "OtterQwen2ForCausalLMWithValueHead",
     "OtterQwen2ForSequenceClassification",
     "OtterQwen2Model",
+    "OtterQwen3Config",
+    "OtterQwen3ForCausalLMWithValueHead",
+    "OtterQwen3ForSequenceClassification",
+    "OtterQwen3Model",
     "is_inserted_parameter",
     "sequence_classification_view",
 ]
