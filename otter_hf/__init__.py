@@ -10,6 +10,10 @@ from .hub import push_to_hub
 from .insertion import insert, load_otter
 from .modeling import (
     OtterCausalLMOutputWithValue,
+    OtterGemma3ForCausalLMWithValueHead,
+    OtterGemma3ForSequenceClassification,
+    OtterGemma3TextConfig,
+    OtterGemma3TextModel,
     OtterLlamaConfig,
     OtterLlamaForCausalLMWithValueHead,
     OtterLlamaForSequenceClassification,
@@ -34,6 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OtterCausalLMOutputWithValue",
+    "OtterGemma3ForCausalLMWithValueHead",
+    "OtterGemma3ForSequenceClassification",
+    "OtterGemma3TextConfig",
+    "OtterGemma3TextModel",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
     "OtterLlamaForSequenceClassification",

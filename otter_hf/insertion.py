@@ -65,7 +65,8 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     """Insert trainable Otter parameters into every layer of a frozen base causal LM.
 
     Args:
-        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`) or a model id
+        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`,
+            `Gemma3ForCausalLM`) or a model id
             or path to load with `AutoModelForCausalLM.from_pretrained`.
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.

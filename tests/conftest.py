@@ -1,6 +1,8 @@
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -47,6 +49,17 @@ BASE_MODELS = {
         Qwen3Config,
         Qwen3ForCausalLM,
         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+    ),
+    # scaled embeddings, (1 + w) norms before and after each module, q/k norms, a sliding layer (window shorter
+    # than the test sequences) then a global one, GELU-tanh gated MLP, final-logit softcapping that bites
+    "gemma3-sliding-softcap": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=0.5, tie_word_embeddings=True,
+        ),
     ),
 }
 

@@ -81,7 +81,7 @@ def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tm
         assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
 
 
-@pytest.mark.parametrize("base_name", ["qwen3-qk-norm"])
+@pytest.mark.parametrize("base_name", ["qwen3-qk-norm", "gemma3-sliding-softcap"])
 def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
     make_base(base_name).save_pretrained(tmp_path / "base")
     status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)

@@ -15,6 +15,7 @@ GUIDED_BASES = {
     "qwen2-bias": {},
     "mistral-sliding": {"sliding_window": 16},
     "qwen3-qk-norm": {},
+    "gemma3-sliding-softcap": {"sliding_window": 16},
 }
 WEIGHT, TOP_K = 3.0, 4
 

@@ -94,7 +94,7 @@ def test_insert_loads_a_model_id_or_path(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="'gpt2'.*gemma3_text, llama, mistral, qwen2, qwen3"):
         otter_hf.insert(gpt2)
 
 

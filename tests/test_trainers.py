@@ -77,7 +77,7 @@ def base_logits(model):
 # -- OtterRewardTrainer -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap"])
 def test_reward_trainer_trains_only_inserted_parameters(name, tmp_path, tiny_tokenizer):
     base = make_base(name)
     input_ids, attention_mask = random_batch(2, 10, "right")

@@ -4,6 +4,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .inserted_heads import INSERTED_HEADS
 from .modeling_otter import OtterCausalLMOutputWithValue, is_inserted_parameter
+from .otter_gemma3 import (
+    OtterGemma3ForCausalLMWithValueHead,
+    OtterGemma3ForSequenceClassification,
+    OtterGemma3TextConfig,
+    OtterGemma3TextModel,
+)
 from .otter_llama import (
     OtterLlamaConfig,
     OtterLlamaForCausalLMWithValueHead,
@@ -36,6 +42,7 @@ OTTER_ARCHITECTURES = (
     (OtterQwen2ForCausalLMWithValueHead, OtterQwen2ForSequenceClassification),
     (OtterMistralForCausalLMWithValueHead, OtterMistralForSequenceClassification),
     (OtterQwen3ForCausalLMWithValueHead, OtterQwen3ForSequenceClassification),
+    (OtterGemma3ForCausalLMWithValueHead, OtterGemma3ForSequenceClassification),
 )
 
 # Base model_type -> the Otter causal LM built from it.
@@ -64,6 +71,10 @@ __all__ = [
     "OTTER_ARCHITECTURES",
     "OTTER_CLASSES_BY_BASE_MODEL_TYPE",
     "OtterCausalLMOutputWithValue",
+    "OtterGemma3ForCausalLMWithValueHead",
+    "OtterGemma3ForSequenceClassification",
+    "OtterGemma3TextConfig",
+    "OtterGemma3TextModel",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
     "OtterLlamaForSequenceClassification",

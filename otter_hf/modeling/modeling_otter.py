@@ -267,7 +267,7 @@ class OtterDecoderLayerMixin:
     - `norm_class`, the Otter norm matching the base norm, and the names of the base layer's norms it replaces:
       `attention_norm` and `mlp_norm` before each module, `attention_output_norm` and `mlp_output_norm` on each
       module's output (Gemma's sandwich norms) or None;
-    - `rotary_fn` (None without rotary embeddings) and `eager_attention_fn`, the architecture's own functions;
+    - `rotary_fn` and `eager_attention_fn`, the architecture's own functions;
     - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
     - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key`, `original_attention`,
       `original_mlp`, `attention_sliding_window`, `copy_source`.
@@ -278,7 +278,7 @@ class OtterDecoderLayerMixin:
     attention_output_norm: str | None = None
     mlp_norm: str = "post_attention_layernorm"
     mlp_output_norm: str | None = None
-    rotary_fn: Callable | None
+    rotary_fn: Callable
     eager_attention_fn: Callable
     copy_sources: dict[str, str] = {
         "query": "self_attn.q_proj",
@@ -292,6 +292,7 @@ class OtterDecoderLayerMixin:
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
+        self.config = config  # Llama's layer does not keep it; Gemma's does
         for name in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm):
             if name is not None:
                 setattr(self, name, self.norm_class.from_config(config))
@@ -363,10 +364,6 @@ class OtterDecoderLayerMixin:
         if output_norm is not None:
             output, inserted_output = getattr(self, output_norm).normalize(output, inserted_output)
         return original + output, inserted + inserted_output
-
-    @property
-    def config(self):
-        return self.self_attn.config
 
     # -- architecture hooks (Llama's by default) --------------------------------------------------------------
 
