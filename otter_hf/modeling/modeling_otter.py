@@ -269,8 +269,9 @@ class OtterDecoderLayerMixin:
       module's output (Gemma's sandwich norms) or None;
     - `rotary_fn` and `eager_attention_fn`, the architecture's own functions;
     - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
-    - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key`, `original_attention`,
-      `original_mlp`, `attention_sliding_window`, `copy_source`.
+    - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key` (and through it
+      `prepare_inserted_query_key`), `original_attention`, `original_mlp`, `attention_sliding_window`,
+      `copy_source`.
     """
 
     norm_class: type[OtterNorm] = OtterRMSNorm
