@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "insert",
         help="insert Otter parameters into a base model and save it",
         description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2, "
-        "Qwen3, Mistral or Gemma 3 text architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
+        "Qwen3, Mistral, Gemma 3 text or GPT-2 architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
         "or with --otter-only the inserted parameters alone (`save_otter`, a few MB naming their base).",
     )
     _add_base_argument(insert)

@@ -66,7 +66,7 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
 
     Args:
         base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`,
-            `Gemma3ForCausalLM`) or a model id
+            `Gemma3ForCausalLM`, `GPT2LMHeadModel`) or a model id
             or path to load with `AutoModelForCausalLM.from_pretrained`.
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.
@@ -127,10 +127,12 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
             f"These inserted weights were made for a {saved.get('model_type')!r} model, but the base is a "
             f"{base.config.model_type!r} model (it would need {config_class.model_type!r})."
         )
+    # Both read through the Otter config class, which knows each architecture's names for them (GPT-2's `n_embd`).
+    saved_config, base_config = config_class.from_dict(saved), config_class.from_base_config(base.config)
     mismatched = {
-        key: (saved.get(key), getattr(base.config, key, None))
+        key: (getattr(saved_config, key, None), getattr(base_config, key, None))
         for key in ARCHITECTURE_KEYS
-        if saved.get(key) != getattr(base.config, key, None)
+        if getattr(saved_config, key, None) != getattr(base_config, key, None)
     }
     if mismatched:
         details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())

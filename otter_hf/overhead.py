@@ -36,6 +36,10 @@ REAL_SHAPED_BASES = {
              # five sliding-window layers to one global layer, as in Gemma 3
              layer_types=["sliding_attention"] * 5 + ["full_attention"]),
     ),
+    "gpt2": (
+        "GPT-2 (124M)",
+        dict(hidden_size=768, n_inner=3072, num_attention_heads=12, tie_word_embeddings=True),
+    ),
 }
 
 

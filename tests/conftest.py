@@ -3,6 +3,8 @@ import torch
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -60,6 +62,12 @@ BASE_MODELS = {
             query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
             final_logit_softcapping=0.5, tie_word_embeddings=True,
         ),
+    ),
+    # LayerNorm with bias, learned position embeddings, fused Conv1D query/key/value, GELU MLP without a gate
+    "gpt2-layernorm": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=112),
     ),
 }
 

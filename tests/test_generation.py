@@ -16,6 +16,7 @@ GUIDED_BASES = {
     "mistral-sliding": {"sliding_window": 16},
     "qwen3-qk-norm": {},
     "gemma3-sliding-softcap": {"sliding_window": 16},
+    "gpt2-layernorm": {},
 }
 WEIGHT, TOP_K = 3.0, 4
 

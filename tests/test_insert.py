@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import otter_hf
@@ -93,9 +93,9 @@ def test_insert_loads_a_model_id_or_path(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="'gpt2'.*gemma3_text, llama, mistral, qwen2, qwen3"):
-        otter_hf.insert(gpt2)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+    with pytest.raises(ValueError, match="'gpt_neox'.*gemma3_text, gpt2, llama, mistral, qwen2, qwen3"):
+        otter_hf.insert(neox)
 
 
 class PatchedLlamaRMSNorm(LlamaRMSNorm):

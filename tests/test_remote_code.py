@@ -120,7 +120,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
     hub = FakeHub(str(tmp_path / "hub"))
     repos = {}
     # A local folder per architecture, and one repository pulled from the (fake) Hub.
-    for name in ("llama-gqa-tied", "mistral-sliding", "qwen3-qk-norm", "gemma3-sliding-softcap"):
+    for name in ("llama-gqa-tied", "mistral-sliding", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
         otter = make_otter(make_base(name))
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)

@@ -101,8 +101,9 @@ def test_load_otter_refuses_other_weights_and_sizes_on_every_architecture(base_n
     make_otter(make_base(base_name)).save_otter(tmp_path)
     with pytest.raises(ValueError, match="weights differ"):
         otter_hf.load_otter(make_base(base_name, seed=123), tmp_path)
+    ffn_width = "n_inner" if base_name.startswith("gpt2") else "intermediate_size"  # GPT-2's own name for it
     with pytest.raises(ValueError, match="intermediate_size: saved .* vs base 120"):
-        otter_hf.load_otter(make_base(base_name, intermediate_size=120), tmp_path)
+        otter_hf.load_otter(make_base(base_name, **{ffn_width: 120}), tmp_path)
 
 
 def test_load_otter_needs_a_complete_save(tmp_path):

@@ -28,6 +28,7 @@ DRAFTING_BASES = {
     "qwen2-bias": {},
     "qwen3-qk-norm": {},
     "gemma3-sliding-softcap": {"layer_types": ["full_attention", "full_attention"]},
+    "gpt2-layernorm": {},
 }
 
 
@@ -73,7 +74,7 @@ def test_random_draft_heads_are_sometimes_accepted_and_sometimes_not():
     assert min(accepted) == 1 and max(accepted) > 1
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_right_drafts_are_all_accepted_and_keep_the_cache_consistent(name, batch_size):
     base, model = make_drafting_otter(name)

@@ -10,6 +10,12 @@ from .otter_gemma3 import (
     OtterGemma3TextConfig,
     OtterGemma3TextModel,
 )
+from .otter_gpt2 import (
+    OtterGPT2Config,
+    OtterGPT2ForCausalLMWithValueHead,
+    OtterGPT2ForSequenceClassification,
+    OtterGPT2Model,
+)
 from .otter_llama import (
     OtterLlamaConfig,
     OtterLlamaForCausalLMWithValueHead,
@@ -43,6 +49,7 @@ OTTER_ARCHITECTURES = (
     (OtterMistralForCausalLMWithValueHead, OtterMistralForSequenceClassification),
     (OtterQwen3ForCausalLMWithValueHead, OtterQwen3ForSequenceClassification),
     (OtterGemma3ForCausalLMWithValueHead, OtterGemma3ForSequenceClassification),
+    (OtterGPT2ForCausalLMWithValueHead, OtterGPT2ForSequenceClassification),
 )
 
 # Base model_type -> the Otter causal LM built from it.
@@ -75,6 +82,10 @@ __all__ = [
     "OtterGemma3ForSequenceClassification",
     "OtterGemma3TextConfig",
     "OtterGemma3TextModel",
+    "OtterGPT2Config",
+    "OtterGPT2ForCausalLMWithValueHead",
+    "OtterGPT2ForSequenceClassification",
+    "OtterGPT2Model",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
     "OtterLlamaForSequenceClassification",

@@ -9,6 +9,8 @@ from .modeling_otter import (
     OtterEmbeddingMixin,
     OtterInsertedAttention,
     OtterInsertedMLP,
+    OtterInsertedUngatedMLP,
+    OtterLayerNorm,
     OtterNorm,
 )
 
@@ -24,11 +26,17 @@ def initialize_inserted_parameters(model, method: str) -> None:
                 # nn.Embedding's own default is N(0, 1).
                 nn.init.normal_(module.inserted_weight, std=std if method == "normal" else 1.0)
         elif isinstance(module, OtterNorm):
+            size = module.inserted_weight.shape[0]
+            has_bias = isinstance(module, OtterLayerNorm)
             if method == "copy":
-                module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
+                module.inserted_weight.copy_(module.weight[:size])
+                if has_bias:
+                    module.inserted_bias.copy_(module.bias[:size])
             else:
                 nn.init.constant_(module.inserted_weight, module.neutral_weight)
-        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
+                if has_bias:
+                    nn.init.zeros_(module.inserted_bias)
+        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -81,10 +89,14 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
 
-def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
+def _copy_mlp(inserted: nn.Module, copy_source, config) -> None:
     units = config.inserted_intermediate_size
-    inserted.gate_up_proj.weight.zero_()
+    if isinstance(inserted, OtterInsertedMLP):  # gated: gate units, then up units
+        input_proj, roles = inserted.gate_up_proj, ("gate", "up")
+    else:
+        input_proj, roles = inserted.up_proj, ("up",)
+    input_proj.weight.zero_()
     inserted.down_proj.weight.zero_()
-    _copy_rows(inserted.gate_up_proj, 0, copy_source("gate"), 0, units)
-    _copy_rows(inserted.gate_up_proj, units, copy_source("up"), 0, units)
+    for index, role in enumerate(roles):
+        _copy_rows(input_proj, index * units, copy_source(role), 0, units)
     _copy_rows(inserted.down_proj, 0, copy_source("down"), 0, config.inserted_hidden_size)

@@ -113,7 +113,7 @@ class OtterEmbeddingMixin:
     """
 
     def add_inserted_columns(self, config) -> None:
-        self.inserted_weight = nn.Parameter(torch.empty(config.vocab_size, config.inserted_hidden_size))
+        self.inserted_weight = nn.Parameter(torch.empty(self.num_embeddings, config.inserted_hidden_size))
         self.inserted_enabled = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -179,6 +179,28 @@ class OtterRMSNorm(OtterNorm):
         if inserted is None:
             return original_normed, None
         inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
+        return original_normed, inserted_normed
+
+
+class OtterLayerNorm(OtterNorm):
+    """LayerNorm with bias (GPT-2); the inserted stream is centred and scaled by the original stream's mean and
+    variance, then takes its own weight and bias (`inserted_bias`)."""
+
+    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
+        super().__init__(hidden_size, inserted_size, eps)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.inserted_bias = nn.Parameter(torch.zeros(inserted_size))
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.hidden_size, config.inserted_hidden_size, config.layer_norm_epsilon)
+
+    def normalize(self, original, inserted):
+        original_normed = nn.functional.layer_norm(original, (self.hidden_size,), self.weight, self.bias, self.eps)
+        if inserted is None:
+            return original_normed, None
+        variance, mean = torch.var_mean(original, dim=-1, keepdim=True, correction=0)
+        inserted_normed = (inserted - mean) * torch.rsqrt(variance + self.eps) * self.inserted_weight + self.inserted_bias
         return original_normed, inserted_normed
 
 
@@ -257,6 +279,24 @@ class OtterInsertedMLP(nn.Module):
         return self.down_proj(torch.cat([original_units, self.act_fn(gate) * up], dim=-1))
 
 
+class OtterInsertedUngatedMLP(nn.Module):
+    """The inserted units of one layer of an MLP without a gate (GPT-2): up reads both streams, down reads all
+    units."""
+
+    def __init__(self, config, bias: bool, act_fn: Callable):
+        super().__init__()
+        input_size = config.hidden_size + config.inserted_hidden_size
+        self.up_proj = nn.Linear(input_size, config.inserted_intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(
+            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
+        )
+        self.act_fn = act_fn
+
+    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
+        units = self.act_fn(self.up_proj(join_streams(normed, inserted_normed)))
+        return self.down_proj(torch.cat([original_units, units], dim=-1))
+
+
 class OtterDecoderLayerMixin:
     """Turns an architecture's decoder layer into an Otter layer.
 
@@ -264,17 +304,19 @@ class OtterDecoderLayerMixin:
     stream, the original attention and MLP steps on the original stream, the inserted heads and units beside
     them, each module's output added to its own stream. The architecture's layer class declares what differs:
 
+    - `inserted_mlp_class`: `OtterInsertedMLP` (gated, the default) or `OtterInsertedUngatedMLP`;
     - `norm_class`, the Otter norm matching the base norm, and the names of the base layer's norms it replaces:
       `attention_norm` and `mlp_norm` before each module, `attention_output_norm` and `mlp_output_norm` on each
       module's output (Gemma's sandwich norms) or None;
     - `rotary_fn` and `eager_attention_fn`, the architecture's own functions;
     - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
     - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key` (and through it
-      `prepare_inserted_query_key`), `original_attention`, `original_mlp`, `attention_sliding_window`,
-      `copy_source`.
+      `prepare_inserted_query_key`), `original_attention`, `original_mlp`, `mlp_activation`,
+      `attention_sliding_window`, `copy_source`.
     """
 
     norm_class: type[OtterNorm] = OtterRMSNorm
+    inserted_mlp_class: type[nn.Module] = OtterInsertedMLP
     attention_norm: str = "input_layernorm"
     attention_output_norm: str | None = None
     mlp_norm: str = "post_attention_layernorm"
@@ -303,7 +345,9 @@ class OtterDecoderLayerMixin:
             qkv_bias=self.copy_source("query")[1] is not None,
             output_bias=self.copy_source("output")[1] is not None,
         )
-        self.inserted_mlp = OtterInsertedMLP(config, bias=self.copy_source("up")[1] is not None, act_fn=self.mlp.act_fn)
+        self.inserted_mlp = self.inserted_mlp_class(
+            config, bias=self.copy_source("up")[1] is not None, act_fn=self.mlp_activation()
+        )
 
     def forward(
         self,
@@ -316,7 +360,7 @@ class OtterDecoderLayerMixin:
         detach_original_stream: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        original, inserted = split_streams(hidden_states, self.hidden_size)
+        original, inserted = split_streams(hidden_states, self.config.hidden_size)
         if detach_original_stream:
             # Joining the streams makes autograd see the original one as depending on the inserted parameters;
             # it does not, and cutting it here keeps backward out of the frozen base computation.
@@ -411,6 +455,10 @@ class OtterDecoderLayerMixin:
         )
         heads = heads.reshape(*normed.shape[:-1], -1).contiguous()
         return heads, attention.o_proj(heads)
+
+    def mlp_activation(self) -> Callable:
+        """The base MLP's activation, which the inserted units use too."""
+        return self.mlp.act_fn
 
     def original_mlp(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The base gated MLP, returning its units (what the inserted units read) and its output."""
@@ -507,7 +555,7 @@ class OtterForCausalLMMixin:
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
-        self.model = self.backbone_class(config)
+        setattr(self, self.base_model_prefix, self.backbone_class(config))
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for head in INSERTED_HEADS:
@@ -528,6 +576,8 @@ class OtterForCausalLMMixin:
             init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, OtterNorm):
             init.constant_(module.inserted_weight, module.neutral_weight)
+            if isinstance(module, OtterLayerNorm):
+                init.zeros_(module.inserted_bias)
 
     # -- inserted parameters -------------------------------------------------------------------------------
 
@@ -564,7 +614,7 @@ class OtterForCausalLMMixin:
 
     def otter_decoder_layers(self) -> list:
         """The Otter decoder layers, first to last."""
-        return self.model.otter_decoder_layers()
+        return self.base_model.otter_decoder_layers()
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping)."""
@@ -582,7 +632,7 @@ class OtterForCausalLMMixin:
     def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
         """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
         original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
-        outputs = self.model(**inputs)
+        outputs = self.base_model(**inputs)
         hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
         return hidden_states, inserted_hidden, outputs
 
@@ -592,12 +642,16 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        embedding = self.get_input_embeddings()
-        previous, embedding.inserted_enabled = embedding.inserted_enabled, False
+        # Every embedding that adds inserted columns (GPT-2 has token and position embeddings).
+        embeddings = [module for module in self.modules() if isinstance(module, OtterEmbeddingMixin)]
+        previous = [embedding.inserted_enabled for embedding in embeddings]
+        for embedding in embeddings:
+            embedding.inserted_enabled = False
         try:
             yield self
         finally:
-            embedding.inserted_enabled = previous
+            for embedding, enabled in zip(embeddings, previous):
+                embedding.inserted_enabled = enabled
 
     # -- forward -------------------------------------------------------------------------------------------
 
