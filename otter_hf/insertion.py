@@ -42,6 +42,12 @@ ARCHITECTURE_KEYS = (
 
 def otter_class_for(base_config) -> type[PreTrainedModel]:
     model_type = getattr(base_config, "model_type", None)
+    if isinstance(base_config, OtterConfigMixin):
+        raise ValueError(
+            f"This model already is an Otter model ({model_type!r}, inserted into "
+            f"{base_config.base_model_name_or_path or 'its base model'}); Otter parameters are inserted once. Train "
+            "or use it as it is, or insert into its base model."
+        )
     if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
         supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
         raise ValueError(
@@ -94,13 +100,15 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     """Insert trainable Otter parameters into every layer of a frozen base causal LM.
 
     Args:
-        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`) or a model id
+        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`,
+            `Gemma3ForCausalLM`, `GPT2LMHeadModel`) or a model id
             or path to load with `AutoModelForCausalLM.from_pretrained`.
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.
         **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,
-            `inserted_num_key_value_heads`, `inserted_intermediate_size`, `value_head_dropout`,
-            `num_draft_heads`); anything else goes to `from_pretrained` when `base` is an id or path.
+            `inserted_num_key_value_heads`, `inserted_intermediate_size`, and the options of the inserted heads
+            such as `value_head_dropout` and `num_draft_heads`); anything else goes to `from_pretrained` when
+            `base` is an id or path.
 
     The returned model takes over the base model's weight tensors without copying them, freezes them, and
     leaves only the inserted parameters trainable. Its `logits` are exactly the base model's.
@@ -155,10 +163,12 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
             f"These inserted weights were made for a {saved.get('model_type')!r} model, but the base is a "
             f"{base.config.model_type!r} model (it would need {config_class.model_type!r})."
         )
+    # Both read through the Otter config class, which knows each architecture's names for them (GPT-2's `n_embd`).
+    saved_config, base_config = config_class.from_dict(saved), config_class.from_base_config(base.config)
     mismatched = {
-        key: (saved.get(key), getattr(base.config, key, None))
+        key: (getattr(saved_config, key, None), getattr(base_config, key, None))
         for key in ARCHITECTURE_KEYS
-        if saved.get(key) != getattr(base.config, key, None)
+        if getattr(saved_config, key, None) != getattr(base_config, key, None)
     }
     if mismatched:
         details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())
@@ -183,8 +193,29 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     return model
 
 
+def check_base_modules(otter_class, base) -> None:
+    """Refuse a base whose modules are not the ones `otter_class` was written for (a patched or custom layer
+    would run through the Otter layer's copy of the original steps, not through its own code)."""
+    for path, expected in otter_class.written_for.items():
+        try:
+            found = type(base.get_submodule(path))
+        except AttributeError:
+            raise ValueError(
+                f"{otter_class.__name__} was written for a base with a {expected.__name__} at `{path}`; this "
+                f"{type(base).__name__} has no module there."
+            ) from None
+        if found is not expected:
+            raise ValueError(
+                f"{otter_class.__name__} was written for {expected.__module__}.{expected.__name__} at `{path}`, but "
+                f"this base has {found.__module__}.{found.__name__} there. Otter recomputes the original steps "
+                f"exactly as {expected.__name__} does, so it refuses other code; load the base with transformers' "
+                "own classes."
+            )
+
+
 def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
+    check_base_modules(otter_class, base)
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
     with init_empty_weights(include_buffers=False):
@@ -198,7 +229,8 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             if parameter.is_meta:
-                dtype = torch.float32 if module_name.startswith("v_head") else base.dtype
+                in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
+                dtype = torch.float32 if in_fp32 else base.dtype
                 setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
     model.tie_weights()
     model.freeze_base_parameters()

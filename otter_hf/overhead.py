@@ -13,9 +13,47 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from .insertion import insert
+
+# Bases for architectures without a small checkpoint on this machine: the layer shapes of the smallest released
+# model of the architecture (hidden size, heads, head size, FFN width, layer pattern), with fewer layers and a
+# smaller vocabulary so that a run takes a minute or two on 2 CPU cores. The weights are random, which changes
+# no timing; the ratios show what the inserted heads and units cost beside layers of the real width.
+REAL_SHAPED_LAYERS = 6
+REAL_SHAPED_VOCAB_SIZE = 32_768
+REAL_SHAPED_BASES = {
+    "qwen3": (
+        "Qwen3-0.6B",
+        dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+             tie_word_embeddings=True),
+    ),
+    "gemma3_text": (
+        "Gemma-3-270M",
+        dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+             query_pre_attn_scalar=256, sliding_window=512, tie_word_embeddings=True,
+             # five sliding-window layers to one global layer, as in Gemma 3
+             layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    ),
+    "gpt2": (
+        "GPT-2 (124M)",
+        dict(hidden_size=768, n_inner=3072, num_attention_heads=12, tie_word_embeddings=True),
+    ),
+}
+
+
+def save_real_shaped_base(model_type: str, directory: str) -> str:
+    """Save a random-weight base of `model_type` shaped as `REAL_SHAPED_BASES` says; returns `directory`."""
+    if model_type not in REAL_SHAPED_BASES:
+        raise ValueError(f"No real-shaped base for {model_type!r}; choose one of {sorted(REAL_SHAPED_BASES)}.")
+    _, sizes = REAL_SHAPED_BASES[model_type]
+    config = AutoConfig.for_model(
+        model_type, num_hidden_layers=REAL_SHAPED_LAYERS, vocab_size=REAL_SHAPED_VOCAB_SIZE, **sizes
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
 
 
 # Timings whose repeats spread (interquartile range) by more than this fraction of their median are too noisy to

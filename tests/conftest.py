@@ -1,6 +1,19 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import otter_hf
 
@@ -32,6 +45,29 @@ BASE_MODELS = {
         MistralConfig,
         MistralForCausalLM,
         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, sliding_window=4, tie_word_embeddings=False),
+    ),
+    # q/k norms on every head, a head size other than hidden_size / num_attention_heads
+    "qwen3-qk-norm": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+    ),
+    # scaled embeddings, (1 + w) norms before and after each module, q/k norms, a sliding layer (window shorter
+    # than the test sequences) then a global one, GELU-tanh gated MLP, final-logit softcapping that bites
+    "gemma3-sliding-softcap": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=0.5, tie_word_embeddings=True,
+        ),
+    ),
+    # LayerNorm with bias, learned position embeddings, fused Conv1D query/key/value, GELU MLP without a gate
+    "gpt2-layernorm": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=112),
     ),
 }
 

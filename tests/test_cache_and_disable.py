@@ -19,7 +19,7 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
     assert inserted_keys.shape[2] == cache.layers[0].keys.shape[2]
 
 
-@pytest.mark.parametrize("base_name", ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias"])
+@pytest.mark.parametrize("base_name", ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias", "qwen3-qk-norm", "gpt2-layernorm"])
 def test_cropping_the_cache_crops_the_inserted_heads(base_name):
     base = make_base(base_name)
     otter = make_otter(base)
@@ -57,7 +57,7 @@ def test_otter_disabled_runs_the_base_model_only(base_name):
     otter = make_otter(base)
     input_ids, attention_mask = random_batch(2, 8, "left")
     inserted_calls = []
-    for layer in otter.model.layers:
+    for layer in otter.otter_decoder_layers():
         layer.inserted_attn.register_forward_hook(lambda *args: inserted_calls.append("attn"))
         layer.inserted_mlp.register_forward_hook(lambda *args: inserted_calls.append("mlp"))
     with torch.no_grad():

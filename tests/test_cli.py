@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 import otter_hf
 from otter_hf.cli import _load_dataset, main
@@ -85,6 +85,20 @@ def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tm
         assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
 
 
+@pytest.mark.parametrize("base_name", ["qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
+    make_base(base_name).save_pretrained(tmp_path / "base")
+    status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)
+    assert status == 0, err
+    otter = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+    assert otter.config.base_model_type == make_base(base_name).config.model_type
+    assert otter.config.num_draft_heads == 2
+    input_ids, attention_mask = random_batch(2, 6, "left")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
+
+
 def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, tmp_path):
     status, _, err = run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "inserted", "--otter-only")
     assert status == 0, err
@@ -97,7 +111,7 @@ def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, t
     "argv, message",
     [
         (lambda tmp: ["insert", "--base", tmp / "missing", "-o", tmp / "out"], "No model at"),
-        (lambda tmp: ["insert", "--base", tmp / "gpt2", "-o", tmp / "out"], "does not support the 'gpt2' architecture"),
+        (lambda tmp: ["insert", "--base", tmp / "neox", "-o", tmp / "out"], "does not support the 'gpt_neox' architecture"),
         (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-num-attention-heads", 3,
                       "--inserted-num-key-value-heads", 2], "must be a multiple of"),
         (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-hidden-size", 0], "positive integer"),
@@ -111,7 +125,8 @@ def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, t
          "push-plain-model", "push-missing-metrics", "generate-missing-model", "train-missing-dataset"],
 )
 def test_user_mistakes_end_with_a_message_and_status_2(capsys, fake_hub, base_folder, tmp_path, argv, message):
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    neox_config = GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=32)
+    GPTNeoXForCausalLM(neox_config).save_pretrained(tmp_path / "neox")
     status, _, err = run_cli(capsys, *argv(tmp_path))
     assert status == 2
     last_line = err.splitlines()[-1]  # after any loading progress bars

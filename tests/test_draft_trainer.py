@@ -73,8 +73,9 @@ def test_self_distillation_dataset_holds_the_base_models_greedy_continuations(ti
         assert row["completion_mask"] == [0] * prompt_length + [1] * (len(reference) - prompt_length)
 
 
-def test_training_improves_draft_heads_and_touches_only_inserted_parameters(tmp_path, tiny_tokenizer):
-    base = make_base("llama-gqa-tied")
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+def test_training_improves_draft_heads_and_touches_only_inserted_parameters(name, tmp_path, tiny_tokenizer):
+    base = make_base(name)
     model = otter_hf.insert(base, num_draft_heads=3)
     dataset = self_distilled(model, tiny_tokenizer)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}

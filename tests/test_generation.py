@@ -8,12 +8,15 @@ from conftest import EOS, PAD, make_base, make_otter, random_batch
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
 from otter_hf.generation.loop_inputs import padding_position_ids
 
-# Mistral's window widened so prompt, new tokens and candidates fit in it (beyond it guidance refuses to run).
+# Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {
     "llama-gqa-tied": {},
     "llama-mha-untied": {},
     "qwen2-bias": {},
     "mistral-sliding": {"sliding_window": 16},
+    "qwen3-qk-norm": {},
+    "gemma3-sliding-softcap": {"sliding_window": 16},
+    "gpt2-layernorm": {},
 }
 WEIGHT, TOP_K = 3.0, 4
 

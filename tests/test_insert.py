@@ -4,7 +4,8 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import otter_hf
 from otter_hf.modeling.initialization import copied_head_sources
@@ -94,9 +95,29 @@ def test_insert_loads_a_model_id_or_path(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="'gpt2'.*llama, mistral, qwen2"):
-        otter_hf.insert(gpt2)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+    with pytest.raises(ValueError, match="'gpt_neox'.*gemma3_text, gpt2, llama, mistral, qwen2, qwen3"):
+        otter_hf.insert(neox)
+
+
+class PatchedLlamaRMSNorm(LlamaRMSNorm):
+    """Stands for a kernel library's drop-in norm: same weights, other code."""
+
+
+def test_a_base_with_other_module_classes_is_refused_naming_both():
+    base = make_base("llama-gqa-tied")
+    base.model.layers[0].input_layernorm.__class__ = PatchedLlamaRMSNorm
+    with pytest.raises(ValueError, match="written for .*LlamaRMSNorm at `model.layers.0.input_layernorm`.*PatchedLlamaRMSNorm"):
+        otter_hf.insert(base)
+
+
+def test_inserting_into_an_otter_model_says_it_already_is_one(tmp_path):
+    otter = make_otter(make_base("qwen2-bias"))
+    with pytest.raises(ValueError, match="already is an Otter model \\('otter_qwen2'"):
+        otter_hf.insert(otter)
+    otter.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="already is an Otter model"):
+        otter_hf.insert(str(tmp_path))
 
 
 @pytest.mark.parametrize(

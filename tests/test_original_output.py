@@ -78,7 +78,7 @@ def test_greedy_generate_is_token_identical(base_name, batch_size):
 def test_greedy_generate_is_token_identical_in_bfloat16(base_name):
     base = make_base(base_name).to(torch.bfloat16)
     otter = make_otter(base)
-    assert otter.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert otter.get_input_embeddings().weight.dtype == torch.bfloat16
     assert otter.v_head.summary.weight.dtype == torch.float32
     input_ids, attention_mask = random_batch(3, 7, "left")
     settings = dict(attention_mask=attention_mask, max_new_tokens=10, do_sample=False, min_new_tokens=10)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -85,14 +86,27 @@ def test_saved_checkpoint_carries_its_code_and_auto_map(tmp_path):
         "AutoConfig": "otter_qwen2.OtterQwen2Config",
         "AutoModel": "otter_qwen2.OtterQwen2Model",
         "AutoModelForCausalLM": "otter_qwen2.OtterQwen2ForCausalLMWithValueHead",
-        "AutoModelForSequenceClassification": "sequence_classification.OtterQwen2ForSequenceClassification",
+        "AutoModelForSequenceClassification": "otter_qwen2.OtterQwen2ForSequenceClassification",
     }
     for reference in config["auto_map"].values():
         module, _, class_name = reference.partition(".")
         assert f"class {class_name}(" in (tmp_path / f"{module}.py").read_text()
-    # The relative imports of the copied files are followed, and the folder is flat.
-    for name in ("configuration_otter.py", "modeling_otter.py", "persistence.py", "otter_llama.py", "otter_mistral.py"):
-        assert (tmp_path / name).is_file()
+
+
+def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path):
+    otter = make_otter(make_base(base_name))
+    otter.save_pretrained(tmp_path)
+    architecture_file = sys.modules[type(otter).__module__].__file__
+    shipped = {path.name for path in tmp_path.glob("*.py")}
+    # The architecture's file and what it imports (followed through relative imports, copied flat), nothing else.
+    assert shipped == {
+        os.path.basename(architecture_file),
+        "configuration_otter.py",
+        "inserted_heads.py",
+        "modeling_otter.py",
+        "persistence.py",
+        "sequence_classification.py",
+    }
 
 
 def test_sequence_classification_checkpoint_maps_every_auto_class(tmp_path):
@@ -100,14 +114,14 @@ def test_sequence_classification_checkpoint_maps_every_auto_class(tmp_path):
     view.save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "otter_llama.OtterLlamaForCausalLMWithValueHead"
-    assert auto_map["AutoModelForSequenceClassification"] == "sequence_classification.OtterLlamaForSequenceClassification"
+    assert auto_map["AutoModelForSequenceClassification"] == "otter_llama.OtterLlamaForSequenceClassification"
 
 
 def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monkeypatch):
     hub = FakeHub(str(tmp_path / "hub"))
     repos = {}
     # A local folder per architecture, and one repository pulled from the (fake) Hub.
-    for name in ("llama-gqa-tied", "mistral-sliding"):
+    for name in ("llama-gqa-tied", "mistral-sliding", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
         otter = make_otter(make_base(name))
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)

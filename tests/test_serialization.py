@@ -97,6 +97,15 @@ def test_load_otter_refuses_a_mismatched_base(other_base, message, tmp_path):
         otter_hf.load_otter(other_base(), tmp_path)
 
 
+def test_load_otter_refuses_other_weights_and_sizes_on_every_architecture(base_name, tmp_path):
+    make_otter(make_base(base_name)).save_otter(tmp_path)
+    with pytest.raises(ValueError, match="weights differ"):
+        otter_hf.load_otter(make_base(base_name, seed=123), tmp_path)
+    ffn_width = "n_inner" if base_name.startswith("gpt2") else "intermediate_size"  # GPT-2's own name for it
+    with pytest.raises(ValueError, match="intermediate_size: saved .* vs base 120"):
+        otter_hf.load_otter(make_base(base_name, **{ffn_width: 120}), tmp_path)
+
+
 def test_load_otter_needs_a_complete_save(tmp_path):
     with pytest.raises(ValueError, match="no complete Otter save"):
         otter_hf.load_otter(make_base("llama-gqa-tied"), tmp_path)

@@ -21,10 +21,21 @@ def speculative(model, input_ids, attention_mask, **kwargs):
     )
 
 
+# Bases whose caches can be cropped (sliding-window caches cannot): Gemma 3's sliding layer made global here.
+DRAFTING_BASES = {
+    "llama-gqa-tied": {},
+    "llama-mha-untied": {},
+    "qwen2-bias": {},
+    "qwen3-qk-norm": {},
+    "gemma3-sliding-softcap": {"layer_types": ["full_attention", "full_attention"]},
+    "gpt2-layernorm": {},
+}
+
+
 def make_drafting_otter(name):
     """An Otter model whose draft heads hold small random weights (`make_otter` perturbs every inserted
     parameter): each head drafts roughly what the LM head predicts at its position, which is sometimes right."""
-    base = make_base(name)
+    base = make_base(name, **DRAFTING_BASES[name])
     return base, make_otter(base, num_draft_heads=4)
 
 
@@ -42,7 +53,7 @@ class OracleDrafts:
         return drafts
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias"])
+@pytest.mark.parametrize("name", sorted(DRAFTING_BASES))
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_output_is_token_identical_with_random_draft_heads(name, batch_size):
     base, model = make_drafting_otter(name)
@@ -63,7 +74,7 @@ def test_random_draft_heads_are_sometimes_accepted_and_sometimes_not():
     assert min(accepted) == 1 and max(accepted) > 1
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_right_drafts_are_all_accepted_and_keep_the_cache_consistent(name, batch_size):
     base, model = make_drafting_otter(name)

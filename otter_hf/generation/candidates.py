@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from ..modeling.modeling_otter import ensure_inserted_cache_layers, split_streams
+from ..modeling.modeling_otter import ensure_inserted_cache_layers
 
 # Attention implementations that take an additive float 4D mask as it is.
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -23,7 +23,7 @@ def check_guidance_model(model, top_k: int) -> None:
             f"Reward-guided decoding needs an Otter model with a value head; got {type(model).__name__}. "
             "Build one with `otter_hf.insert(base_model)` or load a saved Otter checkpoint."
         )
-    if not model.model.embed_tokens.inserted_enabled:
+    if not model.otter_enabled:
         raise ValueError("The inserted stream is switched off (`otter_disabled()`); reward guidance needs it on.")
     if config._attn_implementation not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -94,12 +94,11 @@ def score_candidates(
     """Run the Otter decoder on `tokens` over `cache` and return the original stream's final hidden states
     and the in-model value at every token, without the LM head (callers apply it to what they keep)."""
     ensure_inserted_cache_layers(cache, model.config)
-    outputs = model.model(
+    hidden_states, inserted_hidden, _ = model.final_streams(
         input_ids=tokens,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
     )
-    hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, model.config.hidden_size)
     return hidden_states, model.v_head(inserted_hidden)

@@ -199,7 +199,7 @@ def reward_guided_generate(
         if unfinished_sequences.max() == 0:
             break
         winner_hidden = hidden_states[rows, winner.to(hidden_states.device)]
-        next_token_logits = model.lm_head(winner_hidden).to(dtype=torch.float32, device=device)
+        next_token_logits = model.logits_from_hidden(winner_hidden).to(dtype=torch.float32, device=device)
 
     if return_dict:
         return GenerateDecoderOnlyOutput(

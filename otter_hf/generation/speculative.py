@@ -79,7 +79,7 @@ def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
                 "`otter_hf.insert(base_model, num_draft_heads=4)` and train them with `OtterDraftTrainer`, or pass "
                 "your own `draft_fn`."
             )
-        if not model.model.embed_tokens.inserted_enabled:
+        if not model.otter_enabled:
             raise ValueError(
                 "The inserted stream is switched off (`otter_disabled()`), and the draft heads read it; switch it on "
                 "or pass your own `draft_fn`."

@@ -4,7 +4,10 @@ Each `OtterXConfig` is the base architecture's config plus these fields, so a sa
 describes the original model exactly and adds the sizes of what was inserted next to it.
 """
 
+import dataclasses
 from dataclasses import dataclass
+
+from .inserted_heads import head_options
 
 INIT_METHODS = ("copy", "normal", "random")
 
@@ -14,8 +17,16 @@ def attention_head_size(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+# The config fields of the inserted heads, as declared in `INSERTED_HEADS`.
+OtterHeadOptions = dataclasses.make_dataclass(
+    "OtterHeadOptions",
+    [(option.name, option.type, dataclasses.field(default=option.default)) for option in head_options()],
+    kw_only=True,
+)
+
+
 @dataclass(kw_only=True)
-class OtterConfigMixin:
+class OtterConfigMixin(OtterHeadOptions):
     r"""
     inserted_hidden_size (`int`, *optional*):
         Width of the inserted stream that runs beside the original residual stream. Defaults to `head_dim`.
@@ -29,11 +40,6 @@ class OtterConfigMixin:
         How `otter_hf.insert` initialises the inserted parameters: `"copy"` starts them from original heads,
         units and embedding columns (the paper's best), `"normal"` draws N(0, initializer_range), `"random"`
         uses PyTorch's default layer initialisation.
-    value_head_dropout (`float`, *optional*, defaults to 0.0):
-        Dropout applied to the inserted stream before the value head (`v_head.summary`).
-    num_draft_heads (`int`, *optional*, defaults to 0):
-        Medusa-style draft heads reading both final streams; head k predicts the token k + 1 places after the
-        next one, for speculative decoding. 0 builds none (drafting entry points default to 4).
     base_model_name_or_path (`str`, *optional*):
         The checkpoint the original parameters came from.
     base_model_fingerprint (`str`, *optional*):
@@ -45,8 +51,6 @@ class OtterConfigMixin:
     inserted_num_key_value_heads: int = 1
     inserted_intermediate_size: int | None = None
     inserted_init: str = "copy"
-    value_head_dropout: float = 0.0
-    num_draft_heads: int = 0
     base_model_name_or_path: str | None = None
     base_model_fingerprint: str | None = None
 
@@ -89,10 +93,10 @@ class OtterConfigMixin:
                     "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
                     "inserted_init='normal'."
                 )
-        if not isinstance(self.num_draft_heads, int) or isinstance(self.num_draft_heads, bool) or self.num_draft_heads < 0:
-            raise ValueError(f"`num_draft_heads` must be a non-negative integer, got {self.num_draft_heads!r}.")
-        if not 0.0 <= self.value_head_dropout < 1.0:
-            raise ValueError(f"`value_head_dropout` must be in [0, 1), got {self.value_head_dropout}.")
+        for option in head_options():
+            value = getattr(self, option.name)
+            if not option.is_valid(value):
+                raise ValueError(f"`{option.name}` must be {option.requirement}, got {value!r}.")
 
     @classmethod
     def from_base_config(cls, base_config, **insertion_options):
@@ -101,3 +105,10 @@ class OtterConfigMixin:
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             base_settings.pop(key, None)
         return cls(**{**base_settings, **insertion_options})
+
+
+# The heads' fields are documented where they are declared; the docstring lists them with the others.
+OtterConfigMixin.__doc__ = OtterConfigMixin.__doc__.rstrip(" ") + "".join(
+    f"    {option.name} (`{option.type.__name__}`, *optional*, defaults to {option.default!r}):\n        {option.help}\n"
+    for option in head_options()
+)

@@ -4,13 +4,14 @@ import torch
 from torch import nn
 
 from .configuration_otter import attention_head_size
+from .inserted_heads import INSERTED_HEADS, initialize_linear
 from .modeling_otter import (
-    OtterDraftHeads,
-    OtterEmbedding,
+    OtterEmbeddingMixin,
     OtterInsertedAttention,
     OtterInsertedMLP,
-    OtterRMSNorm,
-    OtterValueHead,
+    OtterInsertedUngatedMLP,
+    OtterLayerNorm,
+    OtterNorm,
 )
 
 
@@ -18,39 +19,34 @@ from .modeling_otter import (
 def initialize_inserted_parameters(model, method: str) -> None:
     std = model.config.initializer_range
     for module in model.modules():
-        if isinstance(module, OtterEmbedding):
+        if isinstance(module, OtterEmbeddingMixin):
             if method == "copy":
                 module.inserted_weight.copy_(module.weight[:, : module.inserted_weight.shape[1]])
             else:
                 # nn.Embedding's own default is N(0, 1).
                 nn.init.normal_(module.inserted_weight, std=std if method == "normal" else 1.0)
-        elif isinstance(module, OtterRMSNorm):
+        elif isinstance(module, OtterNorm):
+            size = module.inserted_weight.shape[0]
+            has_bias = isinstance(module, OtterLayerNorm)
             if method == "copy":
-                module.inserted_weight.copy_(module.weight[: module.inserted_weight.shape[0]])
+                module.inserted_weight.copy_(module.weight[:size])
+                if has_bias:
+                    module.inserted_bias.copy_(module.bias[:size])
             else:
-                nn.init.ones_(module.inserted_weight)
-        elif isinstance(module, OtterDraftHeads):
-            # As in Medusa: every head starts out repeating the LM head's own prediction.
-            for layer in module.layers:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterValueHead)):
+                nn.init.constant_(module.inserted_weight, module.neutral_weight)
+                if has_bias:
+                    nn.init.zeros_(module.inserted_bias)
+        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
-                    _normal_or_default(linear, method, std)
+                    initialize_linear(linear, method, std)
+    for head in INSERTED_HEADS:
+        if getattr(model, head.attribute) is not None:
+            getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
-        for layer in model.model.layers:
-            _copy_attention(layer.inserted_attn, layer.self_attn, model.config)
-            _copy_mlp(layer.inserted_mlp, layer.mlp, model.config)
-
-
-def _normal_or_default(linear: nn.Linear, method: str, std: float) -> None:
-    if method == "random":
-        linear.reset_parameters()
-        return
-    nn.init.normal_(linear.weight, std=std)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
+        for layer in model.otter_decoder_layers():
+            _copy_attention(layer.inserted_attn, layer.copy_source, model.config)
+            _copy_mlp(layer.inserted_mlp, layer.copy_source, model.config)
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:
@@ -69,15 +65,16 @@ def copied_head_sources(config) -> tuple[list[int], list[int]]:
     return query_sources, kv_sources
 
 
-def _copy_rows(target: nn.Linear, target_row: int, source: nn.Linear, source_row: int, rows: int) -> None:
-    """Copy `rows` output rows of `source` into the original-stream columns of `target`."""
-    columns = source.weight.shape[1]
-    target.weight[target_row : target_row + rows, :columns] = source.weight[source_row : source_row + rows]
+def _copy_rows(target: nn.Linear, target_row: int, source: tuple, source_row: int, rows: int) -> None:
+    """Copy `rows` output rows of the `(weight, bias)` pair `source` into the original-stream columns of `target`."""
+    weight, bias = source
+    columns = weight.shape[1]
+    target.weight[target_row : target_row + rows, :columns] = weight[source_row : source_row + rows]
     if target.bias is not None:
-        target.bias[target_row : target_row + rows] = source.bias[source_row : source_row + rows]
+        target.bias[target_row : target_row + rows] = bias[source_row : source_row + rows]
 
 
-def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, config) -> None:
+def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> None:
     """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
     at first the inserted stream follows the copied dimensions of the original one."""
     head_dim = attention_head_size(config)
@@ -85,17 +82,21 @@ def _copy_attention(inserted: OtterInsertedAttention, original: nn.Module, confi
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
     row = 0
-    for projection, sources in ((original.q_proj, query_sources), (original.k_proj, kv_sources), (original.v_proj, kv_sources)):
+    for role, sources in (("query", query_sources), ("key", kv_sources), ("value", kv_sources)):
         for source in sources:
-            _copy_rows(inserted.qkv_proj, row, projection, source * head_dim, head_dim)
+            _copy_rows(inserted.qkv_proj, row, copy_source(role), source * head_dim, head_dim)
             row += head_dim
-    _copy_rows(inserted.o_proj, 0, original.o_proj, 0, config.inserted_hidden_size)
+    _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
 
-def _copy_mlp(inserted: OtterInsertedMLP, original: nn.Module, config) -> None:
+def _copy_mlp(inserted: nn.Module, copy_source, config) -> None:
     units = config.inserted_intermediate_size
-    inserted.gate_up_proj.weight.zero_()
+    if isinstance(inserted, OtterInsertedMLP):  # gated: gate units, then up units
+        input_proj, roles = inserted.gate_up_proj, ("gate", "up")
+    else:
+        input_proj, roles = inserted.up_proj, ("up",)
+    input_proj.weight.zero_()
     inserted.down_proj.weight.zero_()
-    _copy_rows(inserted.gate_up_proj, 0, original.gate_proj, 0, units)
-    _copy_rows(inserted.gate_up_proj, units, original.up_proj, 0, units)
-    _copy_rows(inserted.down_proj, 0, original.down_proj, 0, config.inserted_hidden_size)
+    for index, role in enumerate(roles):
+        _copy_rows(input_proj, index * units, copy_source(role), 0, units)
+    _copy_rows(inserted.down_proj, 0, copy_source("down"), 0, config.inserted_hidden_size)

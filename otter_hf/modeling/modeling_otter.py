@@ -13,7 +13,7 @@ siblings, so they can be shipped next to a checkpoint for `trust_remote_code`.
 import contextlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import ModelOutput
 
 from .configuration_otter import attention_head_size
+from .inserted_heads import INSERTED_HEADS, FinalStreams
 from .persistence import (
     base_weights_fingerprint,
     recover_before_loading,
@@ -33,8 +34,10 @@ from .persistence import (
     weight_files_of,
 )
 
-# A parameter is inserted when one of its name components is `v_head`, `draft_heads` or starts with `inserted_`.
-INSERTED_PARAMETER_PATTERN = re.compile(r"(^|\.)(v_head|draft_heads|inserted_\w+)(\.|$)")
+# A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
+INSERTED_PARAMETER_PATTERN = re.compile(
+    rf"(^|\.)({'|'.join(head.attribute for head in INSERTED_HEADS)}|inserted_\w+)(\.|$)"
+)
 
 
 def is_inserted_parameter(name: str) -> bool:
@@ -81,53 +84,103 @@ def ensure_inserted_cache_layers(cache: Cache, config) -> None:
         )
 
 
-class OtterEmbedding(nn.Embedding):
-    """The base token embedding, plus the inserted stream's own embedding columns (`inserted_weight`)."""
+class OtterEmbeddingMixin:
+    """Adds the inserted stream's own embedding columns (`inserted_weight`) to an architecture's token embedding.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, inserted_dim: int):
-        super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.inserted_weight = nn.Parameter(torch.empty(num_embeddings, inserted_dim))
+    The original stream is the base embedding's own forward; `embed_inserted` gives the inserted stream, scaled
+    as the architecture scales the original one.
+    """
+
+    def add_inserted_columns(self, config) -> None:
+        self.inserted_weight = nn.Parameter(torch.empty(self.num_embeddings, config.inserted_hidden_size))
         self.inserted_enabled = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         original = super().forward(input_ids)
         if not self.inserted_enabled:
             return original
-        return join_streams(original, nn.functional.embedding(input_ids, self.inserted_weight))
+        return join_streams(original, self.embed_inserted(input_ids))
+
+    def embed_inserted(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.inserted_weight)
 
 
-class OtterRMSNorm(nn.Module):
-    """RMSNorm whose statistic comes from the original stream only.
+class OtterEmbedding(OtterEmbeddingMixin, nn.Embedding):
+    """The base token embedding (unscaled, as in Llama), plus the inserted stream's embedding columns."""
 
-    The original stream is normalised with exactly the base RMSNorm operations; the inserted stream is
-    scaled by the same inverse RMS and its own weight, so nothing in it changes the original result.
+    def __init__(self, config):
+        super().__init__(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.add_inserted_columns(config)
+
+
+class OtterNorm(nn.Module):
+    """A norm whose statistics come from the original stream only.
+
+    `normalize` runs the base norm's own operations on the original stream and applies the same statistics,
+    with the inserted stream's own weight, to the inserted stream, so nothing in it changes the original result.
+    `neutral_weight` is the inserted weight that leaves the normalised inserted stream unscaled.
     """
 
-    def __init__(self, hidden_size: int, inserted_size: int, eps: float = 1e-6):
+    neutral_weight = 1.0
+
+    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
         super().__init__()
         self.hidden_size = hidden_size
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.inserted_weight = nn.Parameter(torch.ones(inserted_size))
-        self.variance_epsilon = eps
+        self.weight = nn.Parameter(torch.full((hidden_size,), self.neutral_weight))
+        self.inserted_weight = nn.Parameter(torch.full((inserted_size,), self.neutral_weight))
+        self.eps = eps
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
 
     def normalize(
         self, original: torch.Tensor, inserted: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return join_streams(*self.normalize(*split_streams(hidden_states, self.hidden_size)))
+
+    def extra_repr(self):
+        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.eps}"
+
+
+class OtterRMSNorm(OtterNorm):
+    """Llama's RMSNorm, `w * x / rms(x)` cast back before the weight; the inserted stream shares `rms(h)`."""
+
+    def normalize(self, original, inserted):
         input_dtype = original.dtype
         original = original.to(torch.float32)
         variance = original.pow(2).mean(-1, keepdim=True)
-        inverse_rms = torch.rsqrt(variance + self.variance_epsilon)
+        inverse_rms = torch.rsqrt(variance + self.eps)
         original_normed = self.weight * (original * inverse_rms).to(input_dtype)
         if inserted is None:
             return original_normed, None
         inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
         return original_normed, inserted_normed
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return join_streams(*self.normalize(*split_streams(hidden_states, self.hidden_size)))
 
-    def extra_repr(self):
-        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.variance_epsilon}"
+class OtterLayerNorm(OtterNorm):
+    """LayerNorm with bias (GPT-2); the inserted stream is centred and scaled by the original stream's mean and
+    variance, then takes its own weight and bias (`inserted_bias`)."""
+
+    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
+        super().__init__(hidden_size, inserted_size, eps)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.inserted_bias = nn.Parameter(torch.zeros(inserted_size))
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.hidden_size, config.inserted_hidden_size, config.layer_norm_epsilon)
+
+    def normalize(self, original, inserted):
+        original_normed = nn.functional.layer_norm(original, (self.hidden_size,), self.weight, self.bias, self.eps)
+        if inserted is None:
+            return original_normed, None
+        variance, mean = torch.var_mean(original, dim=-1, keepdim=True, correction=0)
+        inserted_normed = (inserted - mean) * torch.rsqrt(variance + self.eps) * self.inserted_weight + self.inserted_bias
+        return original_normed, inserted_normed
 
 
 class OtterInsertedAttention(nn.Module):
@@ -144,7 +197,6 @@ class OtterInsertedAttention(nn.Module):
         self.num_heads = config.inserted_num_attention_heads
         self.num_key_value_heads = config.inserted_num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         # The inserted heads cache after all original layers, see `ensure_inserted_cache_layers`.
@@ -160,11 +212,11 @@ class OtterInsertedAttention(nn.Module):
         normed: torch.Tensor,
         inserted_normed: torch.Tensor,
         original_heads: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        prepare_query_key: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        rotary_fn: Callable,
         attention_fn: Callable,
+        scaling: float,
         **kwargs,
     ) -> torch.Tensor:
         input_shape = normed.shape[:-1]
@@ -172,7 +224,7 @@ class OtterInsertedAttention(nn.Module):
         query, key, value = qkv.transpose(1, 2).split(
             [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
         )
-        query, key = rotary_fn(query, key, *position_embeddings)
+        query, key = prepare_query_key(query, key)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         heads, _ = attention_fn(
@@ -182,7 +234,7 @@ class OtterInsertedAttention(nn.Module):
             value,
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
+            scaling=scaling,
             **kwargs,
         )
         heads = heads.reshape(*input_shape, -1)
@@ -190,11 +242,10 @@ class OtterInsertedAttention(nn.Module):
 
 
 class OtterInsertedMLP(nn.Module):
-    """The inserted SwiGLU units of one layer: gate and up read both streams, down reads all units."""
+    """The inserted gated units of one layer: gate and up read both streams, down reads all units."""
 
     def __init__(self, config, bias: bool, act_fn: Callable):
         super().__init__()
-        self.inserted_intermediate_size = config.inserted_intermediate_size
         input_size = config.hidden_size + config.inserted_hidden_size
         self.gate_up_proj = nn.Linear(input_size, 2 * config.inserted_intermediate_size, bias=bias)
         self.down_proj = nn.Linear(
@@ -207,27 +258,75 @@ class OtterInsertedMLP(nn.Module):
         return self.down_proj(torch.cat([original_units, self.act_fn(gate) * up], dim=-1))
 
 
+class OtterInsertedUngatedMLP(nn.Module):
+    """The inserted units of one layer of an MLP without a gate (GPT-2): up reads both streams, down reads all
+    units."""
+
+    def __init__(self, config, bias: bool, act_fn: Callable):
+        super().__init__()
+        input_size = config.hidden_size + config.inserted_hidden_size
+        self.up_proj = nn.Linear(input_size, config.inserted_intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(
+            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
+        )
+        self.act_fn = act_fn
+
+    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
+        units = self.act_fn(self.up_proj(join_streams(normed, inserted_normed)))
+        return self.down_proj(torch.cat([original_units, units], dim=-1))
+
+
 class OtterDecoderLayerMixin:
     """Turns an architecture's decoder layer into an Otter layer.
 
-    The architecture module sets `rotary_fn` and `eager_attention_fn` to its own functions, so the original
-    path runs the very same operations as the base layer.
+    The forward here holds the stream maths of every architecture: norms whose statistics come from the original
+    stream, the original attention and MLP steps on the original stream, the inserted heads and units beside
+    them, each module's output added to its own stream. The architecture's layer class declares what differs:
+
+    - `inserted_mlp_class`: `OtterInsertedMLP` (gated, the default) or `OtterInsertedUngatedMLP`;
+    - `norm_class`, the Otter norm matching the base norm, and the names of the base layer's norms it replaces:
+      `attention_norm` and `mlp_norm` before each module, `attention_output_norm` and `mlp_output_norm` on each
+      module's output (Gemma's sandwich norms) or None;
+    - `rotary_fn` and `eager_attention_fn`, the architecture's own functions;
+    - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
+    - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key` (and through it
+      `prepare_inserted_query_key`), `original_attention`, `original_mlp`, `mlp_activation`,
+      `attention_sliding_window`, `copy_source`.
     """
 
+    norm_class: type[OtterNorm] = OtterRMSNorm
+    inserted_mlp_class: type[nn.Module] = OtterInsertedMLP
+    attention_norm: str = "input_layernorm"
+    attention_output_norm: str | None = None
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_output_norm: str | None = None
     rotary_fn: Callable
     eager_attention_fn: Callable
+    copy_sources: dict[str, str] = {
+        "query": "self_attn.q_proj",
+        "key": "self_attn.k_proj",
+        "value": "self_attn.v_proj",
+        "output": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        attention, mlp = self.self_attn, self.mlp
-        self.input_layernorm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = OtterRMSNorm(
-            config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps
-        )
+        self.config = config  # Llama's layer does not keep it; Gemma's does
+        for name in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm):
+            if name is not None:
+                setattr(self, name, self.norm_class.from_config(config))
         self.inserted_attn = OtterInsertedAttention(
-            config, layer_idx, qkv_bias=attention.q_proj.bias is not None, output_bias=attention.o_proj.bias is not None
+            config,
+            layer_idx,
+            qkv_bias=self.copy_source("query")[1] is not None,
+            output_bias=self.copy_source("output")[1] is not None,
         )
-        self.inserted_mlp = OtterInsertedMLP(config, bias=mlp.gate_proj.bias is not None, act_fn=mlp.act_fn)
+        self.inserted_mlp = self.inserted_mlp_class(
+            config, bias=self.copy_source("up")[1] is not None, act_fn=self.mlp_activation()
+        )
 
     def forward(
         self,
@@ -240,7 +339,7 @@ class OtterDecoderLayerMixin:
         detach_original_stream: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        original, inserted = split_streams(hidden_states, self.hidden_size)
+        original, inserted = split_streams(hidden_states, self.config.hidden_size)
         if detach_original_stream:
             # Joining the streams makes autograd see the original one as depending on the inserted parameters;
             # it does not, and cutting it here keeps backward out of the frozen base computation.
@@ -257,48 +356,71 @@ class OtterDecoderLayerMixin:
             )
         attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention_fn)
 
-        normed, inserted_normed = self.input_layernorm.normalize(original, inserted)
-        original_heads, attention_output = self._original_attention(
+        normed, inserted_normed = getattr(self, self.attention_norm).normalize(original, inserted)
+        original_heads, attention_output = self.original_attention(
             normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs
         )
         inserted_output = self.inserted_attn(
             normed,
             inserted_normed,
             original_heads,
-            position_embeddings,
-            attention_mask,
-            past_key_values,
-            rotary_fn=self.rotary_fn,
+            prepare_query_key=lambda query, key: self.prepare_inserted_query_key(query, key, position_embeddings),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
             attention_fn=attention_fn,
+            # The inserted heads attend like the original ones: same scale, same window.
+            scaling=self.self_attn.scaling,
+            sliding_window=self.attention_sliding_window(),
             **kwargs,
         )
-        original = original + attention_output
-        inserted = inserted + inserted_output
+        original, inserted = self._add_outputs(
+            original, inserted, attention_output, inserted_output, self.attention_output_norm
+        )
 
-        normed, inserted_normed = self.post_attention_layernorm.normalize(original, inserted)
-        mlp = self.mlp
-        original_units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
-        original = original + mlp.down_proj(original_units)
-        inserted = inserted + self.inserted_mlp(normed, inserted_normed, original_units)
+        normed, inserted_normed = getattr(self, self.mlp_norm).normalize(original, inserted)
+        original_units, mlp_output = self.original_mlp(normed)
+        inserted_output = self.inserted_mlp(normed, inserted_normed, original_units)
+        original, inserted = self._add_outputs(original, inserted, mlp_output, inserted_output, self.mlp_output_norm)
         return join_streams(original, inserted)
 
-    @property
-    def config(self):
-        return self.self_attn.config
+    def _add_outputs(self, original, inserted, output, inserted_output, output_norm: str | None):
+        """Each stream plus its module's output, normalised first where the architecture norms module outputs."""
+        if output_norm is not None:
+            output, inserted_output = getattr(self, output_norm).normalize(output, inserted_output)
+        return original + output, inserted + inserted_output
 
-    def _original_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
+    # -- architecture hooks (Llama's by default) --------------------------------------------------------------
+
+    def project_heads(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The original query, key and value heads `(batch, heads, seq, head_dim)`, as the base attention forms
+        them before rotary embeddings."""
+        attention = self.self_attn
+        hidden_shape = (*normed.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
+        return query, key, value
+
+    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the architecture does to query and key heads before rotary embeddings (Qwen3, Gemma 3: q/k norms)."""
+        return query, key
+
+    def prepare_inserted_query_key(self, query, key, position_embeddings):
+        """The inserted heads' queries and keys, treated as the original heads' are."""
+        query, key = self.normalize_query_key(query, key)
+        return self.rotary_fn(query, key, *position_embeddings)
+
+    def attention_sliding_window(self) -> int | None:
+        """The window the base attention passes to the attention function (None: full attention)."""
+        return getattr(self.self_attn, "sliding_window", None)
+
+    def original_attention(self, normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
         """The base attention, step for step, also returning the heads' outputs that the inserted heads read."""
         attention = self.self_attn
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, attention.head_dim)
-        query = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = self.project_heads(normed)
         query, key = self.rotary_fn(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, attention.layer_idx)
-        # Qwen2 keeps its window on the attention module, Mistral on the config, Llama has none.
-        sliding_window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
         heads, _ = attention_fn(
             attention,
             query,
@@ -307,103 +429,104 @@ class OtterDecoderLayerMixin:
             attention_mask,
             dropout=0.0 if not attention.training else attention.attention_dropout,
             scaling=attention.scaling,
-            sliding_window=sliding_window,
+            sliding_window=self.attention_sliding_window(),
             **kwargs,
         )
-        heads = heads.reshape(*input_shape, -1).contiguous()
+        heads = heads.reshape(*normed.shape[:-1], -1).contiguous()
         return heads, attention.o_proj(heads)
+
+    def mlp_activation(self) -> Callable:
+        """The base MLP's activation, which the inserted units use too."""
+        return self.mlp.act_fn
+
+    def original_mlp(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base gated MLP, returning its units (what the inserted units read) and its output."""
+        mlp = self.mlp
+        units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+        return units, mlp.down_proj(units)
+
+    def copy_source(self, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight `(out_features, in_features)` and bias of the base projection playing `role` (query, key,
+        value, output, gate, up, down), which copy-initialisation and the inserted modules' biases follow."""
+        projection = self.get_submodule(self.copy_sources[role])
+        return projection.weight, projection.bias
 
 
 class OtterModelMixin:
-    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own."""
+    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own.
+
+    The architecture's model class declares `decoder_layer_class`, `rotary_embedding_class` and `embedding_class`
+    (built from the config); the final norm is the decoder layer's `norm_class`.
+    """
 
     decoder_layer_class: type
     rotary_embedding_class: type
+    embedding_class: type = OtterEmbedding
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = OtterEmbedding(
-            config.vocab_size, config.hidden_size, self.padding_idx, config.inserted_hidden_size
-        )
+        self.embed_tokens = self.embedding_class(config)
         self.layers = nn.ModuleList(
             [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = OtterRMSNorm(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
+        self.norm = self.decoder_layer_class.norm_class.from_config(config)
         self.rotary_emb = self.rotary_embedding_class(config=config)
         self.gradient_checkpointing = False
+        # Set by the base __init__ of Qwen2 and Mistral, whose forward reads it.
         self.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
         self.post_init()
 
-
-class OtterValueHead(nn.Module):
-    """Maps the final inserted stream to one float32 value per token (the old TRL `v_head.summary` layout)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dropout = nn.Dropout(config.value_head_dropout)
-        self.summary = nn.Linear(config.inserted_hidden_size, 1)
-
-    def forward(self, inserted_hidden: torch.Tensor) -> torch.Tensor:
-        inserted_hidden = self.dropout(inserted_hidden.to(self.summary.weight.dtype))
-        return self.summary(inserted_hidden).squeeze(-1).to(torch.float32)
-
-
-class OtterDraftHeads(nn.Module):
-    """Medusa-style draft heads on both final streams, decoded by the frozen LM head.
-
-    Head k turns `[h, g]` at position t into a hidden state `h + SiLU(W_k [h, g])` whose LM-head logits predict
-    the token at t + k + 2 (the LM head itself predicts t + 1).
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.layers = nn.ModuleList(nn.Linear(input_size, config.hidden_size) for _ in range(config.num_draft_heads))
-        self.act_fn = nn.SiLU()
-
-    def forward(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
-        """Draft hidden states, shape (..., num_draft_heads, hidden_size)."""
-        joined = join_streams(hidden, inserted_hidden)
-        return torch.stack([hidden + self.act_fn(layer(joined)) for layer in self.layers], dim=-2)
+    def otter_decoder_layers(self) -> list[OtterDecoderLayerMixin]:
+        return list(self.layers)
 
 
 @dataclass
-class OtterCausalLMOutputWithValue(ModelOutput):
+class OtterCausalLMOutput(ModelOutput):
     """
+    The fields every Otter causal LM returns; `OtterCausalLMOutputWithValue` adds one per inserted head.
+
     loss (`torch.FloatTensor`, *optional*):
         Language-modelling loss of the original logits, when `labels` are given.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         The base model's logits, bit-identical to running the base model alone.
-    value (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
-        The calibration signal the inserted parameters predict at every position (float32). None while the
-        inserted stream is disabled.
     past_key_values (`Cache`, *optional*):
         Original and inserted keys and values.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The original stream's hidden states, as the base model returns them.
     inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The inserted stream's hidden states at the same points.
-    draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, num_draft_heads, vocab_size)`, *optional*):
-        The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token t + k + 2.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights, from the base computation inside `otter_disabled()` only.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    value: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    draft_logits: torch.FloatTensor | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+# The output of every Otter causal LM: the fields above, then each inserted head's output field.
+OtterCausalLMOutputWithValue = make_dataclass(
+    "OtterCausalLMOutputWithValue",
+    [(head.output_field, torch.FloatTensor | None, field(default=None)) for head in INSERTED_HEADS],
+    bases=(OtterCausalLMOutput,),
+    namespace={"__module__": __name__},
+)
+OtterCausalLMOutputWithValue.__doc__ = OtterCausalLMOutput.__doc__.split("\n", 2)[2].rstrip(" ") + "".join(
+    f"    {head.output_field} {head.output_doc}\n".replace("\n    ", "\n        ") for head in INSERTED_HEADS
+)
+
+
 class OtterForCausalLMMixin:
-    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus `v_head`."""
+    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus the inserted
+    heads of `INSERTED_HEADS` (`v_head`, and those its config asks for)."""
 
     backbone_class: type
-    _keep_in_fp32_modules_strict = ["v_head"]
+    _keep_in_fp32_modules_strict = [head.attribute for head in INSERTED_HEADS if head.keep_in_fp32]
     # Auto class name -> the Otter class it loads, filled in by `otter_hf.modeling`: a saved checkpoint ships
     # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
     # trust_remote_code where otter_hf is not installed.
@@ -411,11 +534,11 @@ class OtterForCausalLMMixin:
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
-        self.model = self.backbone_class(config)
+        setattr(self, self.base_model_prefix, self.backbone_class(config))
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.v_head = OtterValueHead(config)
-        self.draft_heads = OtterDraftHeads(config) if config.num_draft_heads else None
+        for head in INSERTED_HEADS:
+            setattr(self, head.attribute, head.module_class(config) if head.is_built(config) else None)
         self.post_init()
         self.freeze_base_parameters()
 
@@ -430,15 +553,17 @@ class OtterForCausalLMMixin:
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, OtterEmbedding):
+        if isinstance(module, OtterEmbeddingMixin):
             init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, OtterRMSNorm):
-            init.ones_(module.inserted_weight)
+        elif isinstance(module, OtterNorm):
+            init.constant_(module.inserted_weight, module.neutral_weight)
+            if isinstance(module, OtterLayerNorm):
+                init.zeros_(module.inserted_bias)
 
     # -- inserted parameters -------------------------------------------------------------------------------
 
     def freeze_base_parameters(self) -> None:
-        """Freeze every original parameter; only the inserted ones (and `v_head`) stay trainable."""
+        """Freeze every original parameter; only the inserted ones (inserted heads included) stay trainable."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(is_inserted_parameter(name))
 
@@ -466,7 +591,31 @@ class OtterForCausalLMMixin:
 
     def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
-        return self.lm_head(self.draft_heads(hidden, inserted_hidden))
+        return self.logits_from_hidden(self.draft_heads(hidden, inserted_hidden))
+
+    def otter_decoder_layers(self) -> list:
+        """The Otter decoder layers, first to last."""
+        return self.base_model.otter_decoder_layers()
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping)."""
+        return logits
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The original logits for final (post-norm) original-stream hidden states, as the base causal LM gives them."""
+        return self.process_logits(self.lm_head(hidden))
+
+    @property
+    def otter_enabled(self) -> bool:
+        """Whether the inserted stream runs (False inside `otter_disabled()`)."""
+        return self.get_input_embeddings().inserted_enabled
+
+    def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
+        """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
+        original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
+        outputs = self.base_model(**inputs)
+        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
+        return hidden_states, inserted_hidden, outputs
 
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(
@@ -476,12 +625,16 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        embedding = self.model.embed_tokens
-        previous, embedding.inserted_enabled = embedding.inserted_enabled, False
+        # Every embedding that adds inserted columns (GPT-2 has token and position embeddings).
+        embeddings = [module for module in self.modules() if isinstance(module, OtterEmbeddingMixin)]
+        previous = [embedding.inserted_enabled for embedding in embeddings]
+        for embedding in embeddings:
+            embedding.inserted_enabled = False
         try:
             yield self
         finally:
-            embedding.inserted_enabled = previous
+            for embedding, enabled in zip(embeddings, previous):
+                embedding.inserted_enabled = enabled
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -496,10 +649,18 @@ class OtterForCausalLMMixin:
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
-        output_draft_logits: bool = False,
         **kwargs,
     ) -> OtterCausalLMOutputWithValue:
-        inserted_enabled = self.model.embed_tokens.inserted_enabled
+        r"""
+        The causal LM's forward, plus the outputs of the inserted heads. A head whose output is computed only on
+        request takes `output_<field>=True` (`output_draft_logits=True` for the draft heads' `draft_logits`).
+        """
+        requested_heads = [
+            head
+            for head in INSERTED_HEADS
+            if head.computed_by_default or kwargs.pop(head.request_argument, False)
+        ]
+        inserted_enabled = self.otter_enabled
         if inserted_enabled:
             if output_attentions:
                 raise ValueError(
@@ -522,7 +683,7 @@ class OtterForCausalLMMixin:
         elif output_attentions is not None:
             kwargs["output_attentions"] = output_attentions
 
-        outputs = self.model(
+        hidden_states, inserted_hidden, outputs = self.final_streams(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -531,19 +692,11 @@ class OtterForCausalLMMixin:
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-        value = self.v_head(inserted_hidden) if inserted_hidden is not None else None
-        draft_logits = None
-        if output_draft_logits:
-            if self.draft_heads is None or inserted_hidden is None:
-                raise ValueError(
-                    "`output_draft_logits=True` needs draft heads (insert with `num_draft_heads`) and the inserted "
-                    "stream switched on."
-                )
-            draft_logits = self.compute_draft_logits(
-                slice_logits_to_keep(hidden_states, logits_to_keep), slice_logits_to_keep(inserted_hidden, logits_to_keep)
-            )
+        logits = self.logits_from_hidden(slice_logits_to_keep(hidden_states, logits_to_keep))
+        head_outputs = self._inserted_head_outputs(
+            requested_heads,
+            FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.logits_from_hidden),
+        )
 
         loss = None
         if labels is not None:
@@ -559,13 +712,25 @@ class OtterForCausalLMMixin:
         return OtterCausalLMOutputWithValue(
             loss=loss,
             logits=logits,
-            value=value,
             past_key_values=outputs.past_key_values,
             hidden_states=all_hidden_states,
             inserted_hidden_states=all_inserted_hidden_states,
-            draft_logits=draft_logits,
             attentions=outputs.attentions,
+            **head_outputs,
         )
+
+    def _inserted_head_outputs(self, requested_heads: list, streams: FinalStreams) -> dict[str, torch.Tensor]:
+        """The output field of each requested head that this model built, while the inserted stream runs."""
+        outputs = {}
+        for head in requested_heads:
+            module = getattr(self, head.attribute)
+            if module is not None and streams.inserted_hidden_states is not None:
+                outputs[head.output_field] = module.predict(streams)
+            elif not head.computed_by_default:
+                raise ValueError(
+                    f"`{head.request_argument}=True` needs {head.description} and the inserted stream switched on."
+                )
+        return outputs
 
     # -- saving --------------------------------------------------------------------------------------------
 

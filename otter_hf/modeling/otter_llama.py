@@ -1,11 +1,15 @@
-"""Otter for Llama checkpoints: `LlamaForCausalLM` with parameters inserted into every layer."""
+"""Otter for Llama checkpoints: `LlamaForCausalLM` with parameters inserted into every layer, and its
+sequence-classification view."""
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaMLP,
     LlamaModel,
+    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
@@ -13,6 +17,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_otter import OtterConfigMixin
 from .modeling_otter import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
@@ -35,6 +40,18 @@ class OtterLlamaModel(OtterModelMixin, LlamaModel):
 class OtterLlamaForCausalLMWithValueHead(OtterForCausalLMMixin, LlamaForCausalLM):
     config_class = OtterLlamaConfig
     backbone_class = OtterLlamaModel
+    # The base modules this class was written for, by their path in a `LlamaForCausalLM`.
+    written_for = {
+        "model.layers.0": LlamaDecoderLayer,
+        "model.layers.0.self_attn": LlamaAttention,
+        "model.layers.0.mlp": LlamaMLP,
+        "model.layers.0.input_layernorm": LlamaRMSNorm,
+        "model.norm": LlamaRMSNorm,
+    }
+
+
+class OtterLlamaForSequenceClassification(OtterForSequenceClassificationMixin, OtterLlamaForCausalLMWithValueHead):
+    pass
 
 
 __all__ = [
@@ -42,4 +59,5 @@ __all__ = [
     "OtterLlamaDecoderLayer",
     "OtterLlamaModel",
     "OtterLlamaForCausalLMWithValueHead",
+    "OtterLlamaForSequenceClassification",
 ]

@@ -4,8 +4,11 @@
 names, whose forward returns the value at each sequence's last real token as `logits` of shape
 `(batch_size, 1)`. That is the interface of a transformers reward model (`num_labels == 1`), so TRL's stock
 `RewardTrainer`, its reward-modelling script, and the reward functions of `GRPOTrainer`/`RLOOTrainer` use an
-Otter checkpoint unchanged once `AutoModelForSequenceClassification` resolves it here. A checkpoint saved
+Otter checkpoint unchanged once `AutoModelForSequenceClassification` resolves it. A checkpoint saved
 from the view loads back as the causal LM, and the reverse.
+
+Each architecture's file defines its view, `OtterXForSequenceClassification(OtterForSequenceClassificationMixin,
+OtterXForCausalLMWithValueHead)`, as transformers keeps `LlamaForSequenceClassification` in `modeling_llama.py`.
 """
 
 import copy
@@ -16,9 +19,6 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from .modeling_otter import OtterForCausalLMMixin
-from .otter_llama import OtterLlamaForCausalLMWithValueHead
-from .otter_mistral import OtterMistralForCausalLMWithValueHead
-from .otter_qwen2 import OtterQwen2ForCausalLMWithValueHead
 
 # `PreTrainedConfig` gives every config two placeholder labels unless told otherwise.
 _DEFAULT_ID2LABEL = {0: "LABEL_0", 1: "LABEL_1"}
@@ -80,7 +80,8 @@ class OtterForSequenceClassificationMixin:
         """The view of an existing Otter causal LM, sharing its modules (and so its parameters) without copying."""
         with torch.device("meta"):
             view = cls(copy.deepcopy(model.config))
-        view.model, view.lm_head, view.v_head = model.model, model.lm_head, model.v_head
+        for name, module in model.named_children():  # the backbone, the LM head and the inserted heads
+            setattr(view, name, module)
         view.generation_config = copy.deepcopy(model.generation_config)
         view.name_or_path = model.name_or_path
         view.train(model.training)
@@ -124,26 +125,6 @@ class OtterForSequenceClassificationMixin:
         )
 
 
-class OtterLlamaForSequenceClassification(OtterForSequenceClassificationMixin, OtterLlamaForCausalLMWithValueHead):
-    pass
-
-
-class OtterQwen2ForSequenceClassification(OtterForSequenceClassificationMixin, OtterQwen2ForCausalLMWithValueHead):
-    pass
-
-
-class OtterMistralForSequenceClassification(OtterForSequenceClassificationMixin, OtterMistralForCausalLMWithValueHead):
-    pass
-
-
-# Otter causal LM class -> its sequence-classification view.
-SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM = {
-    OtterLlamaForCausalLMWithValueHead: OtterLlamaForSequenceClassification,
-    OtterQwen2ForCausalLMWithValueHead: OtterQwen2ForSequenceClassification,
-    OtterMistralForCausalLMWithValueHead: OtterMistralForSequenceClassification,
-}
-
-
 def sequence_classification_view(model: OtterForCausalLMMixin):
     """The sequence-classification view of a loaded Otter causal LM, sharing its parameters.
 
@@ -152,19 +133,16 @@ def sequence_classification_view(model: OtterForCausalLMMixin):
     """
     if isinstance(model, OtterForSequenceClassificationMixin):
         return model
-    view_class = SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM.get(type(model))
-    if view_class is None:
-        supported = ", ".join(sorted(cls.__name__ for cls in SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM))
+    # Each architecture's view subclasses the mixin and that architecture's causal LM.
+    views = {view_class.__bases__[1]: view_class for view_class in OtterForSequenceClassificationMixin.__subclasses__()}
+    if type(model) not in views:
+        supported = ", ".join(sorted(causal_lm.__name__ for causal_lm in views))
         raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
-    return view_class.from_causal_lm(model)
+    return views[type(model)].from_causal_lm(model)
 
 
 __all__ = [
     "OtterForSequenceClassificationMixin",
-    "OtterLlamaForSequenceClassification",
-    "OtterMistralForSequenceClassification",
-    "OtterQwen2ForSequenceClassification",
-    "SEQUENCE_CLASSIFICATION_CLASS_BY_CAUSAL_LM",
     "last_token_indices",
     "pool_last_token",
     "sequence_classification_view",

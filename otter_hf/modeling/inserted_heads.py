@@ -1,0 +1,214 @@
+"""The heads that read the final streams of an Otter model, and the one registry that declares them.
+
+Every head is declared once, by an `InsertedHead` entry in `INSERTED_HEADS`: its config fields (which are also
+`otter_hf.insert` keyword arguments and `otter-hf` command-line options), when the config builds it, how
+`otter_hf.insert` initialises it, whether it stays in float32, and the output field its prediction fills. The
+config class, the causal LM (construction, parameter names, float32 modules, forward, output dataclass), the
+initialisation and the command line all read this registry; none of them names a head.
+
+To add a head: write its module (a `nn.Module` built from the config, with `initialize` and `predict`) and add
+one `InsertedHead` entry.
+
+This file imports only torch and transformers, so it ships with a checkpoint as remote code.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import slice_logits_to_keep
+
+
+@dataclass(frozen=True)
+class HeadOption:
+    """A config field of an inserted head; `otter_hf.insert` takes it as a keyword argument and the command line
+    as `--name-with-dashes`."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    # What a valid value is, in words for the error message, and the check itself.
+    requirement: str
+    is_valid: Callable[[object], bool]
+
+
+@dataclass(frozen=True)
+class InsertedHead:
+    """One head on the final streams, declared once."""
+
+    # The head's attribute on the causal LM, and so the first component of its parameter names.
+    attribute: str
+    # Built as `module_class(config)`; it must provide `initialize(method, config)` and `predict(streams)`.
+    module_class: type[nn.Module]
+    options: tuple[HeadOption, ...]
+    # Whether a config builds the head; where it does not, the attribute is None and its output stays None.
+    is_built: Callable[[object], bool]
+    # The field of `OtterCausalLMOutputWithValue` that `predict` fills, with its docstring entry.
+    output_field: str
+    output_doc: str
+    # False: the forward computes the output only when called with `output_<output_field>=True`.
+    computed_by_default: bool
+    # Loaded and kept in float32 whatever the model's dtype (transformers' `_keep_in_fp32_modules_strict`).
+    keep_in_fp32: bool
+    # What the head is, in words, for error messages.
+    description: str
+
+    @property
+    def request_argument(self) -> str:
+        """The forward keyword argument that asks for an output computed only on request."""
+        return f"output_{self.output_field}"
+
+
+@dataclass
+class FinalStreams:
+    """What the heads read after the final norm of the decoder."""
+
+    hidden_states: torch.Tensor  # the original stream, every position
+    inserted_hidden_states: torch.Tensor  # the inserted stream, every position
+    logits: torch.Tensor  # the LM head's logits at the positions `logits_to_keep` keeps
+    logits_to_keep: int | torch.Tensor
+    # Final original-stream hidden states -> the base model's logits (the LM head and the architecture's own
+    # output processing, such as softcapping).
+    logits_from_hidden: Callable[[torch.Tensor], torch.Tensor]
+
+    def kept(self, states: torch.Tensor) -> torch.Tensor:
+        """`states` at the positions the LM head's logits were computed for."""
+        return slice_logits_to_keep(states, self.logits_to_keep)
+
+
+def initialize_linear(linear: nn.Linear, method: str, std: float) -> None:
+    """`"random"`: PyTorch's default initialisation; otherwise N(0, std) weights and zero bias."""
+    if method == "random":
+        linear.reset_parameters()
+        return
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class OtterValueHead(nn.Module):
+    """Maps the final inserted stream to one float32 value per token (the old TRL `v_head.summary` layout)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = nn.Dropout(config.value_head_dropout)
+        self.summary = nn.Linear(config.inserted_hidden_size, 1)
+
+    def forward(self, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        inserted_hidden = self.dropout(inserted_hidden.to(self.summary.weight.dtype))
+        return self.summary(inserted_hidden).squeeze(-1).to(torch.float32)
+
+    def initialize(self, method: str, config) -> None:
+        # "copy" has no original value head to copy from, so it starts like "normal".
+        initialize_linear(self.summary, method, config.initializer_range)
+
+    def predict(self, streams: FinalStreams) -> torch.Tensor:
+        # Every position, whatever `logits_to_keep`: trainers and guided decoding read the value of every prefix.
+        return self(streams.inserted_hidden_states)
+
+
+class OtterDraftHeads(nn.Module):
+    """Medusa-style draft heads on both final streams, decoded by the frozen LM head.
+
+    Head k turns `[h, g]` at position t into a hidden state `h + SiLU(W_k [h, g])` whose LM-head logits predict
+    the token at t + k + 2 (the LM head itself predicts t + 1).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        input_size = config.hidden_size + config.inserted_hidden_size
+        self.layers = nn.ModuleList(nn.Linear(input_size, config.hidden_size) for _ in range(config.num_draft_heads))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft hidden states, shape (..., num_draft_heads, hidden_size)."""
+        joined = torch.cat([hidden, inserted_hidden], dim=-1)
+        return torch.stack([hidden + self.act_fn(layer(joined)) for layer in self.layers], dim=-2)
+
+    def initialize(self, method: str, config) -> None:
+        # As in Medusa, whatever the method: every head starts out repeating the LM head's own prediction.
+        for layer in self.layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def predict(self, streams: FinalStreams) -> torch.Tensor:
+        hidden, inserted = streams.kept(streams.hidden_states), streams.kept(streams.inserted_hidden_states)
+        return streams.logits_from_hidden(self(hidden, inserted))
+
+
+def _is_probability_below_one(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+INSERTED_HEADS: tuple[InsertedHead, ...] = (
+    InsertedHead(
+        attribute="v_head",
+        module_class=OtterValueHead,
+        options=(
+            HeadOption(
+                name="value_head_dropout",
+                type=float,
+                default=0.0,
+                help="Dropout applied to the inserted stream before the value head (`v_head.summary`).",
+                requirement="in [0, 1)",
+                is_valid=_is_probability_below_one,
+            ),
+        ),
+        is_built=lambda config: True,
+        output_field="value",
+        output_doc=(
+            "(`torch.FloatTensor` of shape `(batch_size, sequence_length)`):\n"
+            "    The calibration signal the inserted parameters predict at every position (float32). None while the\n"
+            "    inserted stream is disabled."
+        ),
+        computed_by_default=True,
+        keep_in_fp32=True,
+        description="a value head",
+    ),
+    InsertedHead(
+        attribute="draft_heads",
+        module_class=OtterDraftHeads,
+        options=(
+            HeadOption(
+                name="num_draft_heads",
+                type=int,
+                default=0,
+                help="Medusa-style draft heads reading both final streams; head k predicts the token k + 1 places "
+                "after the next one, for speculative decoding. 0 builds none.",
+                requirement="a non-negative integer",
+                is_valid=_is_count,
+            ),
+        ),
+        is_built=lambda config: config.num_draft_heads > 0,
+        output_field="draft_logits",
+        output_doc=(
+            "(`torch.FloatTensor` of shape `(batch_size, sequence_length, num_draft_heads, vocab_size)`, *optional*):\n"
+            "    The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token t + k + 2."
+        ),
+        computed_by_default=False,
+        keep_in_fp32=False,
+        description="draft heads (insert with `num_draft_heads`)",
+    ),
+)
+
+
+def head_options() -> list[HeadOption]:
+    return [option for head in INSERTED_HEADS for option in head.options]
+
+
+__all__ = [
+    "FinalStreams",
+    "HeadOption",
+    "INSERTED_HEADS",
+    "InsertedHead",
+    "OtterDraftHeads",
+    "OtterValueHead",
+    "head_options",
+    "initialize_linear",
+]
