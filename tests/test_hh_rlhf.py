@@ -13,7 +13,6 @@ from otter_hf.data.hh_rlhf import (
     MalformedDialogue,
     hh_pair_to_preference,
     hh_rows_to_preferences,
-    parse_hh_dialogue,
 )
 from otter_hf.data.truncation import drop_oldest_turns
 
