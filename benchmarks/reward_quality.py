@@ -60,8 +60,8 @@ def tokenize_pairs(dataset, tokenizer):
     return dataset.map(tokenize, remove_columns=dataset.column_names)
 
 
-def length_sorted_batches(sequences: list[list[int]], batch_size: int):
-    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
+def length_sorted_batches(lengths: list[int], batch_size: int):
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
@@ -80,15 +80,13 @@ def padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
 def score_sequences(score_batch, sequences: list[list[int]], pad_token_id: int) -> torch.Tensor:
     """One score per sequence, computed in length-sorted batches (right padding)."""
     scores = torch.empty(len(sequences))
-    for indices in length_sorted_batches(sequences, SCORING_BATCH_SIZE):
+    for indices in length_sorted_batches([len(sequence) for sequence in sequences], SCORING_BATCH_SIZE):
         input_ids, attention_mask = padded([sequences[index] for index in indices], pad_token_id)
         scores[indices] = score_batch(input_ids, attention_mask).float().reshape(-1)
     return scores
 
 
-def pairwise_metrics(score_batch, pairs, pad_token_id: int) -> dict:
-    chosen = score_sequences(score_batch, pairs["chosen_ids"], pad_token_id)
-    rejected = score_sequences(score_batch, pairs["rejected_ids"], pad_token_id)
+def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     return {"accuracy": (chosen > rejected).float().mean().item(), "mean_margin": (chosen - rejected).mean().item()}
 
 
@@ -146,7 +144,7 @@ class FrozenFeatures:
     def __call__(self, sequences: list[list[int]]) -> torch.Tensor:
         features = torch.empty(len(sequences), self.backbone.config.hidden_size)
         with torch.no_grad():
-            for indices in length_sorted_batches(sequences, SCORING_BATCH_SIZE):
+            for indices in length_sorted_batches([len(sequence) for sequence in sequences], SCORING_BATCH_SIZE):
                 input_ids, attention_mask = padded([sequences[index] for index in indices], self.pad_token_id)
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 features[indices] = hidden[torch.arange(len(indices)), attention_mask.sum(-1) - 1]
@@ -164,7 +162,7 @@ def train_linear_head(train_features: tuple[torch.Tensor, torch.Tensor], lengths
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
     )
-    batches = list(length_sorted_batches([[0] * length for length in lengths], options.batch_size))
+    batches = list(length_sorted_batches(lengths, options.batch_size))
     for batch in torch.randperm(len(batches)).tolist():
         indices = batches[batch]
         loss = -nn.functional.logsigmoid(head(chosen[indices]) - head(rejected[indices])).mean()
@@ -233,12 +231,13 @@ def main():
                 head = train_linear_head(train_features, train["length"], seed, options)
                 train_seconds = feature_seconds + time.perf_counter() - start
                 with torch.no_grad():
-                    chosen, rejected = (head(features).squeeze(-1) for features in test_features)
-                metrics = {"accuracy": (chosen > rejected).float().mean().item(), "mean_margin": (chosen - rejected).mean().item()}
+                    metrics = pairwise_metrics(*(head(features).squeeze(-1) for features in test_features))
                 trainable = head.weight.numel()
             else:
                 score_batch, trainable, train_seconds = train_with_trainer(method, path, tokenizer, train, seed, options)
-                metrics = pairwise_metrics(score_batch, test, pad_token_id)
+                metrics = pairwise_metrics(
+                    *(score_sequences(score_batch, test[column], pad_token_id) for column in ("chosen_ids", "rejected_ids"))
+                )
             run = {
                 "seed": seed,
                 "held_out_accuracy": round(metrics["accuracy"], 4),
