@@ -36,7 +36,14 @@ from .modeling import (
     OtterQwen3Model,
     sequence_classification_view,
 )
-from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
+from .trainers import (
+    OtterRewardConfig,
+    OtterRewardTrainer,
+    OtterTokenRewardConfig,
+    OtterTokenRewardTrainer,
+    OtterValueConfig,
+    OtterValueTrainer,
+)
 
 __version__ = "0.1.0"
 
@@ -69,6 +76,8 @@ __all__ = [
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",
+    "OtterTokenRewardConfig",
+    "OtterTokenRewardTrainer",
     "OtterValueConfig",
     "OtterValueTrainer",
     "insert",

@@ -15,7 +15,7 @@ from otter_hf.modeling.inserted_heads import INSERTED_HEADS
 from conftest import make_base, make_otter, random_batch
 
 # Options under which a config builds every registered head; a new head that needs one belongs here.
-BUILD_EVERY_HEAD = {"num_draft_heads": 2}
+BUILD_EVERY_HEAD = {"num_draft_heads": 2, "token_reward_head": True}
 
 
 @pytest.fixture(scope="module")

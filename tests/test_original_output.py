@@ -9,14 +9,18 @@ from conftest import make_base, make_otter, random_batch
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("batch_size,length", [(1, 1), (1, 9), (3, 12)])
-def test_prefill_logits_are_bit_identical(base_name, padding, batch_size, length):
+@pytest.mark.parametrize("logits_to_keep", [0, 1])
+def test_prefill_logits_are_bit_identical(base_name, padding, batch_size, length, logits_to_keep):
     base = make_base(base_name)
-    otter = make_otter(base)
+    otter = make_otter(base, token_reward_head=True)
     input_ids, attention_mask = random_batch(batch_size, length, padding)
     with torch.no_grad():
-        expected = base(input_ids, attention_mask=attention_mask).logits
-        output = otter(input_ids, attention_mask=attention_mask)
+        expected = base(input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep).logits
+        output = otter(
+            input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, output_token_reward_logits=True
+        )
     assert torch.equal(output.logits, expected)
+    assert output.token_reward_logits.shape == expected.shape
     assert output.value.shape == (batch_size, length)
     assert output.value.dtype == torch.float32
     assert torch.isfinite(output.value).all()
@@ -89,15 +93,17 @@ def test_greedy_generate_is_token_identical_in_bfloat16(base_name):
 
 def test_training_the_inserted_parameters_never_moves_the_logits(base_name):
     base = make_base(base_name)
-    otter = make_otter(base)
+    otter = make_otter(base, token_reward_head=True)
     input_ids, attention_mask = random_batch(2, 8, "right")
     with torch.no_grad():
         expected = base(input_ids, attention_mask=attention_mask).logits
         value_before = otter(input_ids, attention_mask=attention_mask).value
-    optimizer = torch.optim.SGD(otter.otter_parameters(), lr=0.5)
+    # Adam: steps of bounded size, so the value and the reward logits stay finite on every architecture.
+    optimizer = torch.optim.Adam(otter.otter_parameters(), lr=1e-2)
     otter.train()
     for _ in range(3):
-        loss = otter(input_ids, attention_mask=attention_mask).value.pow(2).mean()
+        output = otter(input_ids, attention_mask=attention_mask, output_token_reward_logits=True)
+        loss = output.value.pow(2).mean() - output.token_reward_logits.log_softmax(-1)[..., 0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -105,4 +111,5 @@ def test_training_the_inserted_parameters_never_moves_the_logits(base_name):
     with torch.no_grad():
         output = otter(input_ids, attention_mask=attention_mask)
     assert torch.equal(output.logits, expected)
-    assert not torch.allclose(output.value, value_before)
+    assert torch.isfinite(output.value).all() and not torch.allclose(output.value, value_before)
+    assert 0 < otter.token_reward_head.proj.weight.abs().sum() < float("inf")

@@ -138,6 +138,32 @@ class OtterDraftHeads(nn.Module):
         return streams.logits_from_hidden(self(hidden, inserted))
 
 
+class OtterTokenRewardHead(nn.Module):
+    """GenARM's autoregressive reward inside the LLM's own forward: reward logits over the whole vocabulary.
+
+    The reward logits at position t are the original logits plus `W_r g_t`, where `g_t` is the final inserted
+    stream and `W_r` (vocab_size x inserted_hidden_size) starts at zero, so the reward policy
+    `pi_r = softmax(reward logits)` starts as the base policy, where GenARM starts its reward model. A full
+    `W_r` costs `inserted_hidden_size` multiply-adds per vocabulary entry and token (a rank no higher than the
+    inserted stream's width anyway), against the LM head's `hidden_size`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.inserted_hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, logits: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
+        return logits + self.proj(inserted_hidden.to(self.proj.weight.dtype)).to(logits.dtype)
+
+    def initialize(self, method: str, config) -> None:
+        # Whatever the method: the reward policy starts as the base policy, as GenARM's reward model does.
+        nn.init.zeros_(self.proj.weight)
+
+    def predict(self, streams: FinalStreams) -> torch.Tensor:
+        # Only where the LM head's logits were computed: prefill of a long prompt builds no (seq x vocab) tensor.
+        return self(streams.logits, streams.kept(streams.inserted_hidden_states))
+
+
 def _is_probability_below_one(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
@@ -195,6 +221,32 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
         keep_in_fp32=False,
         description="draft heads (insert with `num_draft_heads`)",
     ),
+    InsertedHead(
+        attribute="token_reward_head",
+        module_class=OtterTokenRewardHead,
+        options=(
+            HeadOption(
+                name="token_reward_head",
+                type=bool,
+                default=False,
+                help="A token-level reward head (GenARM): reward logits over the whole vocabulary, the original logits "
+                "plus a zero-initialised projection of the inserted stream, for `generate(token_reward_weight=...)`.",
+                requirement="True or False",
+                is_valid=lambda value: isinstance(value, bool),
+            ),
+        ),
+        is_built=lambda config: config.token_reward_head,
+        output_field="token_reward_logits",
+        output_doc=(
+            "(`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):\n"
+            "    The token-level reward head's logits at the positions `logits_to_keep` keeps, when\n"
+            "    `output_token_reward_logits=True`; their log-softmax is the reward policy's log-probability of each\n"
+            "    next token."
+        ),
+        computed_by_default=False,
+        keep_in_fp32=False,
+        description="a token-level reward head (insert with `token_reward_head=True`)",
+    ),
 )
 
 
@@ -208,6 +260,7 @@ __all__ = [
     "INSERTED_HEADS",
     "InsertedHead",
     "OtterDraftHeads",
+    "OtterTokenRewardHead",
     "OtterValueHead",
     "head_options",
     "initialize_linear",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
@@ -33,6 +33,7 @@ from .persistence import (
     save_remote_code,
     weight_files_of,
 )
+from .token_reward_guidance import token_reward_guidance
 
 # A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
 INSERTED_PARAMETER_PATTERN = re.compile(
@@ -692,7 +693,11 @@ class OtterForCausalLMMixin:
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.logits_from_hidden(slice_logits_to_keep(hidden_states, logits_to_keep))
+        # Contiguous, so the LM head runs the matmul a base model with trainable weights runs: for a 3D input that
+        # needs a copy to fold into 2D, torch folds it only when the weight requires grad, and the frozen LM head
+        # would otherwise take a batched matmul that rounds differently (prefill with logits_to_keep, batch > 1).
+        kept_hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep).contiguous()
+        logits = self.logits_from_hidden(kept_hidden_states)
         head_outputs = self._inserted_head_outputs(
             requested_heads,
             FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.logits_from_hidden),
@@ -731,6 +736,76 @@ class OtterForCausalLMMixin:
                     f"`{head.request_argument}=True` needs {head.description} and the inserted stream switched on."
                 )
         return outputs
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor: LogitsProcessorList | None = None,
+        *args,
+        token_reward_weight: float | None = None,
+        reward_weight: float | None = None,
+        reward_top_k: int | None = None,
+        **kwargs,
+    ):
+        r"""
+        transformers' `generate()`, plus guidance by the in-model reward through plain arguments.
+
+        Args:
+            token_reward_weight (`float`, *optional*):
+                Decode from `logits + token_reward_weight * log_softmax(token_reward_logits)`, both from the same
+                forward (needs `token_reward_head=True`). Works with every decoding strategy that runs one forward
+                per step: greedy, sampling with its warpers, beam search, streamers. 0 decodes exactly as the base
+                model, at its cost.
+            reward_weight (`float`, *optional*):
+                ARGS guidance by the value head: the `reward_top_k` best tokens of each step are rescored as
+                `score + reward_weight * value`, in one forward of the candidates over the shared cache
+                (`otter_hf.generation.reward_guided_generate`, which needs otter_hf installed).
+            reward_top_k (`int`, *optional*, defaults to 10): candidates rescored per step with `reward_weight`.
+
+        The other arguments are `GenerationMixin.generate`'s.
+        """
+        if reward_weight is not None or reward_top_k is not None:
+            if token_reward_weight is not None:
+                raise ValueError(
+                    "Pass either `token_reward_weight` (the token-level reward head) or `reward_weight` (ARGS with "
+                    "the value head), not both."
+                )
+            if reward_weight is None:
+                raise ValueError("`reward_top_k` sets ARGS guidance; pass `reward_weight=...` with it.")
+            if kwargs.get("custom_generate") is None:
+                try:
+                    from otter_hf.generation import reward_guided_generate
+                except ImportError as error:
+                    raise ImportError(
+                        "ARGS guidance (`reward_weight=...`) runs the decoding loop of otter_hf: `pip install otter-hf`."
+                    ) from error
+                kwargs["custom_generate"] = reward_guided_generate
+            # Passed on as the decoding loop's own arguments (also to a `custom_generate` the caller names).
+            kwargs["reward_weight"] = reward_weight
+            if reward_top_k is not None:
+                kwargs["reward_top_k"] = reward_top_k
+            return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
+        if token_reward_weight is None:
+            return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
+
+        if self.token_reward_head is None:
+            raise ValueError(
+                "`token_reward_weight` needs a token-level reward head: insert with "
+                "`otter_hf.insert(base, token_reward_head=True)` and train it with `OtterTokenRewardTrainer`."
+            )
+        if isinstance(token_reward_weight, bool) or not isinstance(token_reward_weight, (int, float)):
+            raise ValueError(f"`token_reward_weight` must be a number, got {token_reward_weight!r}.")
+        if token_reward_weight == 0:
+            with self.otter_disabled():
+                return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
+        if not self.otter_enabled:
+            raise ValueError("The inserted stream is switched off (`otter_disabled()`); token-reward guidance needs it on.")
+        with token_reward_guidance(self, token_reward_weight) as guidance:
+            processors = LogitsProcessorList([*(logits_processor or []), guidance])
+            return super().generate(inputs, generation_config, processors, *args, **kwargs)
 
     # -- saving --------------------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ greedy output (self-distillation, as in Medusa): `build_self_distillation_datase
 """
 
 import contextlib
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +137,6 @@ class OtterDraftTrainer(OtterTokenTrainer):
             self._check_columns(dataset, name)
 
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
     def _check_columns(dataset, dataset_name: str) -> None:
@@ -193,15 +191,6 @@ class OtterDraftTrainer(OtterTokenTrainer):
             if accuracy == accuracy:  # not NaN: the batch had targets this far ahead
                 self._metrics[mode][f"draft_accuracy_head_{head}"].append(accuracy)
         return (loss, {"draft_hidden": draft_hidden}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        logs.update(metrics)
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
 
 
 @torch.no_grad()

@@ -67,16 +67,22 @@ def check_otter_model(model, trainer_name: str) -> None:
         )
 
 
-def check_preference_columns(dataset, dataset_name: str) -> None:
-    """Fail before any tokenisation when the columns do not make a preference dataset."""
+def check_preference_columns(
+    dataset,
+    dataset_name: str,
+    tokenized_columns: tuple[set[str], ...] = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"}),
+    columns_help: str = PREFERENCE_COLUMNS_HELP,
+) -> None:
+    """Fail before any tokenisation when the columns do not make a preference dataset (or one of the
+    `tokenized_columns` sets)."""
     columns = set(get_dataset_column_names(dataset))
-    if {"chosen_ids", "rejected_ids"} <= columns or {"chosen_input_ids", "rejected_input_ids"} <= columns:
+    if any(tokenized <= columns for tokenized in tokenized_columns):
         return
     missing = sorted({"chosen", "rejected"} - columns)
     if missing:
         raise ValueError(
-            f"The {dataset_name} dataset has no {', '.join(f'`{name}`' for name in missing)} column; a reward "
-            f"dataset needs {PREFERENCE_COLUMNS_HELP}. Its columns are {sorted(columns)}."
+            f"The {dataset_name} dataset has no {', '.join(f'`{name}`' for name in missing)} column; a preference "
+            f"dataset needs {columns_help}. Its columns are {sorted(columns)}."
         )
     example = next(iter(dataset))
     texts = {name: example[name] for name in ("prompt", "chosen", "rejected") if name in example}

@@ -1,5 +1,6 @@
 """The set-up shared by the trainers whose loss reads an Otter model's outputs at every token (value, draft)."""
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer, Trainer, TrainingArguments
@@ -21,8 +22,8 @@ class OtterTokenTrainer(Trainer):
     `compute_loss` with no `labels` input.
 
     Subclasses set `config_class` (an `OtterTokenConfig`), `data_collator_class`
-    (built from the tokenizer's pad token id) and `run_name_suffix` (for the default output folder), and define
-    `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
+    (built from the tokenizer's pad token id by `build_data_collator`) and `run_name_suffix` (for the default
+    output folder), and define `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
     """
 
     config_class: type
@@ -44,7 +45,7 @@ class OtterTokenTrainer(Trainer):
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         if data_collator is None:
-            data_collator = self.data_collator_class(pad_token_id=processing_class.pad_token_id)
+            data_collator = self.build_data_collator(processing_class.pad_token_id, args)
 
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
@@ -70,3 +71,17 @@ class OtterTokenTrainer(Trainer):
         # Evaluation computes the loss through compute_loss, with no `labels` input.
         self.can_return_loss = True
         self.label_names = []
+        # Batch metrics appended by compute_loss, averaged into the next log line (as TRL's trainers do).
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def build_data_collator(self, pad_token_id: int, args):
+        return self.data_collator_class(pad_token_id=pad_token_id)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
