@@ -22,8 +22,12 @@ left-padded batches (prompts of similar length together), `--max-new-tokens` new
   best_of_4         4 such samples per prompt; keeps the one with the highest otter_value value at its last token;
   args_separate_rm  ARGS: greedy over the top-k tokens rescored as logit + w * reward of separate_rm
                     (`SeparateRewardModelProcessor` of guided_decoding.py: its own KV cache, k candidates per forward);
-  otter_args        the same rule with the otter_value reward, on Otter's fast path (one k-token forward per token);
-  otter_token_head  greedy on logits + alpha * log pi_r, with pi_r from the token head of the same forward.
+  otter_args        the same rule with the otter_value reward, on Otter's fast path (one k-token forward per token):
+                    `generate(reward_weight=w, reward_top_k=k)`;
+  otter_token_head  `generate(token_reward_weight=alpha)`: greedy on logits + alpha * log pi_r, with pi_r from the
+                    token head of the same forward. Its reward logits are the logits plus a learned term d, so
+                    greedy picks argmax(logits + alpha / (1 + alpha) * d): alpha = 1 / beta = 10 is GenARM's choice,
+                    and larger alphas change little.
 The guided rows run once per weight of their sweep (`--args-weights`, `--otter-weights`, `--token-weights`).
 
 Per row: the gold reward of the answers (mean and standard error over prompts); the win rate against greedy under
@@ -37,9 +41,9 @@ them).
 Writes `alignment.json` (printed too), `alignment_answers.json` (every answer) and `alignment_tradeoff.png` (gold
 reward against perplexity over the weight sweeps) to `--output`, and prints the markdown table.
 
-    python benchmarks/alignment.py                       # every row, 100 prompts, 64 new tokens
-    python benchmarks/alignment.py --prompts 4 --generation-batch-size 2 --max-new-tokens 8 \\
-        --gold-pairs 16 --reward-pairs 16 --otter-weights 1 --token-weights 1 --output /tmp/alignment-smoke
+    python benchmarks/alignment.py                      # every row, 100 prompts, 64 new tokens
+    python benchmarks/alignment.py --prompts 4 --generation-batch-size 2 --max-new-tokens 8 --held-out-pairs 8 \\
+        --gold-pairs 16 --reward-pairs 16 --otter-weights 1 2 --token-weights 10 --output /tmp/alignment-smoke
 """
 
 import argparse
@@ -59,7 +63,6 @@ from trl import RewardConfig, RewardTrainer
 import otter_hf
 from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
 from otter_hf.embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
-from otter_hf.generation import reward_guided_generate
 from otter_hf.generation.loop_inputs import padding_position_ids
 from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 
@@ -297,10 +300,7 @@ def row_generators(base, models: dict, eos_token_id: int, options) -> dict:
         "best_of_4": best_of_n,
         "args_separate_rm": args_separate_rm,
         "otter_args": lambda inputs, weight: new_tokens(
-            models["otter_value"].generate(
-                **inputs, **greedy, custom_generate=reward_guided_generate, reward_weight=weight, reward_top_k=options.top_k
-            ),
-            inputs,
+            models["otter_value"].generate(**inputs, **greedy, reward_weight=weight, reward_top_k=options.top_k), inputs
         ),
         "otter_token_head": lambda inputs, weight: new_tokens(
             models["otter_token_head"].generate(**inputs, **greedy, token_reward_weight=weight), inputs
@@ -471,7 +471,7 @@ def main():
     parser.add_argument("--top-k", type=int, default=10, help="candidates rescored per token by ARGS")
     parser.add_argument("--args-weights", type=float, nargs="+", default=[1.0], help="args_separate_rm weights w")
     parser.add_argument("--otter-weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="otter_args w")
-    parser.add_argument("--token-weights", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="token head alpha")
+    parser.add_argument("--token-weights", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="token head alpha")
     parser.add_argument("--gold-pairs", type=int, default=256, help="`gold_train` pairs taken (before fitting)")
     parser.add_argument("--reward-pairs", type=int, default=256, help="`reward_train` pairs taken (before fitting)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training pair and test pair")
