@@ -33,10 +33,11 @@ The guided rows run once per weight of their sweep (`--args-weights`, `--otter-w
 Per row: the gold reward of the answers (mean and standard error over prompts); the win rate against greedy under
 the gold model (ties, e.g. identical answers, count half); the time per decoding step relative to greedy (only
 generate() calls are timed, plus best-of-4's value forward; the rows take turns batch by batch, so a change in
-machine load hits them alike); the base model's perplexity of the answer tokens given the prompt; distinct-2
-(unique word bigrams over all word bigrams of the row's answers). Also the held-out pairwise accuracy of every
-reward model on all fitted `test` pairs (no model trained on any `test` pair; the generation prompts are among
-them).
+machine load hits them alike); the base model's perplexity of the answer tokens given the prompt, from the
+unprocessed logits generate() returns with each token (an Otter model's original logits are exactly the base
+model's, so no second forward is needed); distinct-2 (unique word bigrams over all word bigrams of the row's
+answers). Also the held-out pairwise accuracy of every reward model on the fitted `test` pairs whose prompts are
+not answered (no model trained on any `test` pair).
 
 Writes `alignment.json` (printed too), `alignment_answers.json` (every answer) and `alignment_tradeoff.png` (gold
 reward against perplexity over the weight sweeps) to `--output`, and prints the markdown table.
@@ -49,6 +50,7 @@ reward against perplexity over the weight sweeps) to `--output`, and prints the 
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -263,17 +265,22 @@ def generated_attention_mask(new_tokens: torch.Tensor, eos_token_id: int) -> tor
 
 
 def row_generators(base, models: dict, eos_token_id: int, options) -> dict:
-    """`{row: generate(inputs, weight) -> new tokens (batch, steps)}` for the rows that run."""
-    greedy = dict(max_new_tokens=options.max_new_tokens, do_sample=False)
-    sampling = dict(max_new_tokens=options.max_new_tokens, do_sample=True, temperature=options.temperature)
+    """`{row: generate(inputs, weight) -> (new tokens (batch, steps), logits per step)}` for the rows that run.
 
-    def new_tokens(output, inputs):
-        return output[:, inputs["input_ids"].shape[1] :]
+    The logits are the unprocessed ones generate() returns with `output_logits=True`: the base model's for every
+    row (an Otter model's original logits are exactly the base model's), before any guidance or temperature.
+    """
+    returned = dict(max_new_tokens=options.max_new_tokens, return_dict_in_generate=True, output_logits=True)
+    greedy = dict(**returned, do_sample=False)
+    sampling = dict(**returned, do_sample=True, temperature=options.temperature)
+
+    def generated(output, inputs):
+        return output.sequences[:, inputs["input_ids"].shape[1] :], output.logits
 
     def best_of_n(inputs, weight):
         # Samples at the base model's cost; one forward of the Otter model then gives every sample its value.
         n, otter = BEST_OF, models["otter_value"]
-        samples = new_tokens(base.generate(**inputs, **sampling, num_return_sequences=n), inputs)
+        samples, logits = generated(base.generate(**inputs, **sampling, num_return_sequences=n), inputs)
         attention_mask = torch.cat(
             [inputs["attention_mask"].repeat_interleave(n, 0), generated_attention_mask(samples, eos_token_id)], dim=-1
         )
@@ -285,28 +292,37 @@ def row_generators(base, models: dict, eos_token_id: int, options) -> dict:
         ).value
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
         best = values[torch.arange(len(last)), last].view(-1, n).argmax(-1)
-        return samples.view(-1, n, samples.shape[-1])[torch.arange(len(best)), best]
+        kept = torch.arange(len(best)) * n + best
+        return samples[kept], tuple(step_logits[kept] for step_logits in logits)
 
     def args_separate_rm(inputs, weight):
         reward_model = models["separate_rm"]
         processor = SeparateRewardModelProcessor(
             reward_model.base_model, reward_model.score, weight, options.top_k, inputs["attention_mask"]
         )
-        return new_tokens(base.generate(**inputs, **greedy, logits_processor=LogitsProcessorList([processor])), inputs)
+        return generated(base.generate(**inputs, **greedy, logits_processor=LogitsProcessorList([processor])), inputs)
 
     generators = {
-        "greedy": lambda inputs, weight: new_tokens(base.generate(**inputs, **greedy), inputs),
-        "sampling": lambda inputs, weight: new_tokens(base.generate(**inputs, **sampling), inputs),
+        "greedy": lambda inputs, weight: generated(base.generate(**inputs, **greedy), inputs),
+        "sampling": lambda inputs, weight: generated(base.generate(**inputs, **sampling), inputs),
         "best_of_4": best_of_n,
         "args_separate_rm": args_separate_rm,
-        "otter_args": lambda inputs, weight: new_tokens(
+        "otter_args": lambda inputs, weight: generated(
             models["otter_value"].generate(**inputs, **greedy, reward_weight=weight, reward_top_k=options.top_k), inputs
         ),
-        "otter_token_head": lambda inputs, weight: new_tokens(
+        "otter_token_head": lambda inputs, weight: generated(
             models["otter_token_head"].generate(**inputs, **greedy, token_reward_weight=weight), inputs
         ),
     }
     return {row: generators[row] for row in options.rows}
+
+
+def token_log_probs(new_tokens: torch.Tensor, step_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`(batch, steps)`: the log-probability of each generated token under the logits of its step."""
+    return torch.stack(
+        [logits.float().log_softmax(-1).gather(-1, new_tokens[:, step, None]).squeeze(-1) for step, logits in enumerate(step_logits)],
+        dim=1,
+    )
 
 
 def generation_batches(tokenizer, prompts: list[list[dict]], batch_size: int) -> list[tuple[list[int], dict]]:
@@ -329,13 +345,16 @@ def generation_batches(tokenizer, prompts: list[list[dict]], batch_size: int) ->
 
 @torch.no_grad()
 def generate_rows(generators: dict, variants: list[tuple[str, float | None]], batches, eos_token_id: int, options):
-    """Every variant's answers (token lists, prompt order), generate seconds and decoding steps, and the load
-    average after each batch.
+    """Every variant's answers (token lists, prompt order), the base model's summed negative log-likelihood of
+    its answer tokens, its generate seconds and decoding steps; and the load average after each batch.
 
     The variants take turns batch by batch, so a change in machine load while they run hits them alike.
     """
     num_prompts = sum(len(indices) for indices, _ in batches)
-    results = {variant: {"answers": [None] * num_prompts, "seconds": 0.0, "steps": 0} for variant in variants}
+    results = {
+        variant: {"answers": [None] * num_prompts, "negative_log_likelihood": 0.0, "seconds": 0.0, "steps": 0}
+        for variant in variants
+    }
     load_averages = []
     # A model's first generate() call pays one-off set-up costs: keep them out of the timings, at the price of
     # one prompt per row.
@@ -348,11 +367,14 @@ def generate_rows(generators: dict, variants: list[tuple[str, float | None]], ba
             # The same random draws for a sampled row on every run, whichever rows run beside it.
             torch.manual_seed(options.seed + batch_index)
             start = time.perf_counter()
-            new_tokens = generators[row](inputs, weight)
+            new_tokens, step_logits = generators[row](inputs, weight)
             results[variant]["seconds"] += time.perf_counter() - start
             results[variant]["steps"] += new_tokens.shape[1]
-            for index, tokens in zip(indices, new_tokens.tolist()):
-                results[variant]["answers"][index] = answer_tokens(tokens, eos_token_id)
+            log_probs = token_log_probs(new_tokens, step_logits)
+            for row_index, (index, tokens) in enumerate(zip(indices, new_tokens.tolist())):
+                answer = answer_tokens(tokens, eos_token_id)
+                results[variant]["answers"][index] = answer
+                results[variant]["negative_log_likelihood"] -= log_probs[row_index, : len(answer)].sum().item()
         load_averages.append(os.getloadavg())
         print(f"batch {batch_index + 1}/{len(batches)} generated by every row, load average {load_averages[-1]}", flush=True)
     return results, load_averages
@@ -385,20 +407,6 @@ class GoldJudge:
             scores = score_answers(self.score, sequences, [0] * len(sequences), self.tokenizer.pad_token_id)
             self.scores.update(zip(new, scores.tolist()))
         return [self.scores[key] for key in keys]
-
-
-def answer_perplexity(base, prompts_ids: list[list[int]], answers: list[list[int]], pad_token_id: int) -> float:
-    """exp of the base model's mean negative log-likelihood per answer token, the prompt given."""
-
-    def summed_negative_log_likelihood(input_ids, attention_mask, completion_mask):
-        log_probs = base(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
-        token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return -(token_log_probs * completion_mask[:, 1:]).sum(-1)
-
-    sequences = [prompt + answer for prompt, answer in zip(prompts_ids, answers)]
-    lengths = [len(prompt) for prompt in prompts_ids]
-    total = score_answers(summed_negative_log_likelihood, sequences, lengths, pad_token_id).sum().item()
-    return torch.tensor(total / sum(len(answer) for answer in answers)).exp().item()
 
 
 def variant_label(row: str, weight: float | None) -> str:
@@ -470,12 +478,16 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling and best-of-4")
     parser.add_argument("--top-k", type=int, default=10, help="candidates rescored per token by ARGS")
     parser.add_argument("--args-weights", type=float, nargs="+", default=[1.0], help="args_separate_rm weights w")
-    parser.add_argument("--otter-weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="otter_args w")
+    parser.add_argument("--otter-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="otter_args w")
     parser.add_argument("--token-weights", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="token head alpha")
     parser.add_argument("--gold-pairs", type=int, default=256, help="`gold_train` pairs taken (before fitting)")
-    parser.add_argument("--reward-pairs", type=int, default=256, help="`reward_train` pairs taken (before fitting)")
+    parser.add_argument(
+        "--reward-pairs", type=int, default=128, help="`reward_train` pairs taken (before fitting) by every proxy"
+    )
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training pair and test pair")
-    parser.add_argument("--held-out-pairs", type=int, help="fitted `test` pairs scored for accuracy (default: all)")
+    parser.add_argument(
+        "--held-out-pairs", type=int, help="`test` pairs scored for accuracy (default: every fitted one after the prompts')"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per training step")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--token-beta", type=float, default=0.1, help="GenARM's beta for the token head's loss")
@@ -502,7 +514,10 @@ def main():
 
     reward_model_names = ["gold", *dict.fromkeys(ROW_REWARD_MODEL[row] for row in options.rows if row in ROW_REWARD_MODEL)]
     models, reward_models = {}, {}
-    held_out_rows = test_rows.select(range(min(options.held_out_pairs or len(test_rows), len(test_rows))))
+    # The pairs whose prompts are not answered: no model trained on any `test` pair, and none is judged on these.
+    held_out_rows = test_rows.select(range(options.prompts, len(test_rows)))
+    if options.held_out_pairs is not None:
+        held_out_rows = held_out_rows.select(range(min(options.held_out_pairs, len(held_out_rows))))
     test_pairs = tokenize_pairs(held_out_rows, tokenizer)
     test_prompt_lengths = [len(prompt_ids(tokenizer, prompt)) for prompt in held_out_rows["prompt"]]
     for name in reward_model_names:
@@ -524,7 +539,6 @@ def main():
     )
 
     judge = GoldJudge(models["gold"], tokenizer, prompts)
-    prompts_ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     texts = {
         variant: [tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in generation["answers"]]
         for variant, generation in generations.items()
@@ -537,6 +551,7 @@ def main():
         reward_mean, reward_se = mean_and_standard_error(gold[variant])
         win_mean, win_se = mean_and_standard_error(win_outcomes(gold[variant], gold[("greedy", None)]))
         seconds_per_step = generation["seconds"] / generation["steps"]
+        answer_token_count = sum(map(len, generation["answers"]))
         rows.append(
             {
                 "row": row,
@@ -548,9 +563,9 @@ def main():
                 "win_rate_se": round(win_se, 4),
                 "ms_per_token": round(1000 * seconds_per_step, 2),
                 "time_vs_greedy": round(seconds_per_step / greedy_seconds_per_step, 3),
-                "perplexity": round(answer_perplexity(base, prompts_ids, generation["answers"], tokenizer.pad_token_id), 3),
+                "perplexity": round(math.exp(generation["negative_log_likelihood"] / answer_token_count), 3),
                 "distinct_2": round(distinct_n(texts[variant], 2), 4),
-                "mean_answer_tokens": round(sum(map(len, generation["answers"])) / len(prompts), 1),
+                "mean_answer_tokens": round(answer_token_count / len(prompts), 1),
             }
         )
 
@@ -568,9 +583,9 @@ def main():
         "threads": options.threads,
         "device": "cpu",
         "held_out_pairs": len(test_pairs),
-        "held_out_pairs_too_long": test_unfit,
-        "held_out_pairs_note": "the first fitted `test` pairs; no reward model trained on any `test` pair, and the "
-        "generation prompts are among them",
+        "test_pairs_too_long": test_unfit,
+        "held_out_pairs_note": "fitted `test` pairs after the generation prompts' pairs; no reward model trained on "
+        "any `test` pair",
         "reward_models": reward_models,
         "load_average": {
             "start": load_average_start,
