@@ -30,14 +30,17 @@ left-padded batches (prompts of similar length together), `--max-new-tokens` new
                     and larger alphas change little.
 The guided rows run once per weight of their sweep (`--args-weights`, `--otter-weights`, `--token-weights`).
 
-Per row: the gold reward of the answers (mean and standard error over prompts); the win rate against greedy under
-the gold model (ties, e.g. identical answers, count half); the time per decoding step relative to greedy (only
-generate() calls are timed, plus best-of-4's value forward; the rows take turns batch by batch, so a change in
-machine load hits them alike); the base model's perplexity of the answer tokens given the prompt, from the
-unprocessed logits generate() returns with each token (an Otter model's original logits are exactly the base
-model's, so no second forward is needed); distinct-2 (unique word bigrams over all word bigrams of the row's
-answers). Also the held-out pairwise accuracy of every reward model on the fitted `test` pairs whose prompts are
-not answered (no model trained on any `test` pair).
+Per row:
+  gold reward       mean and standard error over the prompts;
+  win rate          against greedy, prompt by prompt under the gold model (ties, e.g. identical answers, count half);
+  time per token    per decoding step, relative to greedy. Only generate() calls are timed (and best-of-4's value
+                    forward). The rows take turns batch by batch and the figure is the median over batches of the
+                    ratio to greedy on the same batch, so a change in machine load hits every row alike;
+  perplexity        the base model's, of the answer tokens given the prompt, from the unprocessed logits generate()
+                    returns with each token (an Otter model's original logits are exactly the base model's);
+  distinct-2        unique word bigrams over all word bigrams of the row's answers.
+Also the held-out pairwise accuracy of every reward model, on the fitted `test` pairs whose prompts are not
+answered (no model trained on any `test` pair).
 
 Writes `alignment.json` (printed too), `alignment_answers.json` (every answer) and `alignment_tradeoff.png` (gold
 reward against perplexity over the weight sweeps) to `--output`, and prints the markdown table.
@@ -53,6 +56,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +87,7 @@ from reward_quality import (
 
 ROWS = ("greedy", "sampling", "best_of_4", "args_separate_rm", "otter_args", "otter_token_head")
 BEST_OF = 4
+GREEDY = ("greedy", None)  # the variant every row is compared with
 # The option holding each guided row's weights.
 WEIGHT_OPTIONS = {"args_separate_rm": "args_weights", "otter_args": "otter_weights", "otter_token_head": "token_weights"}
 # The reward model each row needs besides the base model (the gold model judges every row).
@@ -92,7 +97,12 @@ ROW_REWARD_MODEL = {
     "otter_args": "otter_value",
     "otter_token_head": "otter_token_head",
 }
-TRAINING_PART = {"gold": "gold_train", "separate_rm": "reward_train", "otter_value": "reward_train", "otter_token_head": "reward_train"}
+TRAINING_PART = {
+    "gold": "gold_train",
+    "separate_rm": "reward_train",
+    "otter_value": "reward_train",
+    "otter_token_head": "reward_train",
+}
 # reward_quality.py's learning rates: 2e-5 for a full fine-tune, 1e-3 for the inserted parameters.
 LEARNING_RATE = {
     "gold": LEARNING_RATES["full_reward_model"],
@@ -191,7 +201,8 @@ def trained_reward_model(name: str, base_path: str, tokenizer, parts, options) -
             print(f"{name}: reusing {folder}", flush=True)
             return load_reward_model(name, base_path, folder), {**record, "reused": True}
     part = parts[settings["part"]]
-    train, unfit = otter_hf.fit_preference_pairs(part.select(range(min(settings["pairs"], len(part)))), tokenizer, options.max_length)
+    taken = part.select(range(min(settings["pairs"], len(part))))
+    train, unfit = otter_hf.fit_preference_pairs(taken, tokenizer, options.max_length)
     print(f"{name}: training on {len(train)} pairs of `{settings['part']}` ({unfit} too long)...", flush=True)
     start = time.perf_counter()
     model, steps = train_reward_model(name, base_path, tokenizer, train, options)
@@ -245,7 +256,8 @@ def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
 def held_out_accuracy(name: str, model, test_pairs, test_prompt_lengths: list[int], pad_token_id: int) -> dict:
     score = answer_scorer(name, model)
     chosen, rejected = (
-        score_answers(score, test_pairs[column], test_prompt_lengths, pad_token_id) for column in ("chosen_ids", "rejected_ids")
+        score_answers(score, test_pairs[column], test_prompt_lengths, pad_token_id)
+        for column in ("chosen_ids", "rejected_ids")
     )
     return {key: round(value, 4) for key, value in pairwise_metrics(chosen, rejected).items()}
 
@@ -320,7 +332,10 @@ def row_generators(base, models: dict, eos_token_id: int, options) -> dict:
 def token_log_probs(new_tokens: torch.Tensor, step_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """`(batch, steps)`: the log-probability of each generated token under the logits of its step."""
     return torch.stack(
-        [logits.float().log_softmax(-1).gather(-1, new_tokens[:, step, None]).squeeze(-1) for step, logits in enumerate(step_logits)],
+        [
+            logits.float().log_softmax(-1).gather(-1, new_tokens[:, step, None]).squeeze(-1)
+            for step, logits in enumerate(step_logits)
+        ],
         dim=1,
     )
 
@@ -346,13 +361,13 @@ def generation_batches(tokenizer, prompts: list[list[dict]], batch_size: int) ->
 @torch.no_grad()
 def generate_rows(generators: dict, variants: list[tuple[str, float | None]], batches, eos_token_id: int, options):
     """Every variant's answers (token lists, prompt order), the base model's summed negative log-likelihood of
-    its answer tokens, its generate seconds and decoding steps; and the load average after each batch.
+    its answer tokens, its generate seconds and decoding steps per batch; and the load average after each batch.
 
     The variants take turns batch by batch, so a change in machine load while they run hits them alike.
     """
     num_prompts = sum(len(indices) for indices, _ in batches)
     results = {
-        variant: {"answers": [None] * num_prompts, "negative_log_likelihood": 0.0, "seconds": 0.0, "steps": 0}
+        variant: {"answers": [None] * num_prompts, "negative_log_likelihood": 0.0, "seconds": [], "steps": []}
         for variant in variants
     }
     load_averages = []
@@ -368,15 +383,15 @@ def generate_rows(generators: dict, variants: list[tuple[str, float | None]], ba
             torch.manual_seed(options.seed + batch_index)
             start = time.perf_counter()
             new_tokens, step_logits = generators[row](inputs, weight)
-            results[variant]["seconds"] += time.perf_counter() - start
-            results[variant]["steps"] += new_tokens.shape[1]
+            results[variant]["seconds"].append(time.perf_counter() - start)
+            results[variant]["steps"].append(new_tokens.shape[1])
             log_probs = token_log_probs(new_tokens, step_logits)
             for row_index, (index, tokens) in enumerate(zip(indices, new_tokens.tolist())):
                 answer = answer_tokens(tokens, eos_token_id)
                 results[variant]["answers"][index] = answer
                 results[variant]["negative_log_likelihood"] -= log_probs[row_index, : len(answer)].sum().item()
         load_averages.append(os.getloadavg())
-        print(f"batch {batch_index + 1}/{len(batches)} generated by every row, load average {load_averages[-1]}", flush=True)
+        print(f"batch {batch_index + 1}/{len(batches)} done by every row, load average {load_averages[-1]}", flush=True)
     return results, load_averages
 
 
@@ -413,6 +428,39 @@ def variant_label(row: str, weight: float | None) -> str:
     return row if weight is None else f"{row} ({'alpha' if row == 'otter_token_head' else 'w'}={weight:g})"
 
 
+def row_metrics(
+    variant, generation: dict, texts: list[str], gold: list[float], greedy: dict, greedy_gold: list[float]
+) -> dict:
+    """The report of one variant: gold reward, win rate, time per token and fluency, against greedy's."""
+    row, weight = variant
+    reward_mean, reward_se = mean_and_standard_error(gold)
+    win_mean, win_se = mean_and_standard_error(win_outcomes(gold, greedy_gold))
+    # Per batch against greedy on the same batch, then the median: a burst of load from other processes during
+    # one call moves one ratio, not the row's figure.
+    time_ratios = [
+        (seconds / steps) / (greedy_seconds / greedy_steps)
+        for seconds, steps, greedy_seconds, greedy_steps in zip(
+            generation["seconds"], generation["steps"], greedy["seconds"], greedy["steps"]
+        )
+    ]
+    answer_token_count = sum(map(len, generation["answers"]))
+    return {
+        "row": row,
+        "weight": weight,
+        "label": variant_label(row, weight),
+        "gold_reward_mean": round(reward_mean, 4),
+        "gold_reward_se": round(reward_se, 4),
+        "win_rate_vs_greedy": round(win_mean, 4),
+        "win_rate_se": round(win_se, 4),
+        "ms_per_token": round(1000 * sum(generation["seconds"]) / sum(generation["steps"]), 2),
+        "time_vs_greedy": round(statistics.median(time_ratios), 3),
+        "time_vs_greedy_per_batch": [round(ratio, 3) for ratio in time_ratios],
+        "perplexity": round(math.exp(generation["negative_log_likelihood"] / answer_token_count), 3),
+        "distinct_2": round(distinct_n(texts, 2), 4),
+        "mean_answer_tokens": round(answer_token_count / len(texts), 1),
+    }
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| | gold reward | win rate vs greedy | time per token vs greedy | perplexity | distinct-2 |",
@@ -423,6 +471,19 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['label']} | {row['gold_reward_mean']:+.3f} ± {row['gold_reward_se']:.3f} "
             f"| {100 * row['win_rate_vs_greedy']:.1f} ± {100 * row['win_rate_se']:.1f} % "
             f"| {row['time_vs_greedy']:.2f} | {row['perplexity']:.2f} | {row['distinct_2']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def reward_model_table(reward_models: dict, held_out_pairs: int) -> str:
+    lines = [
+        f"| reward model | trained on | pairs (fitted) | steps | train time | held-out accuracy ({held_out_pairs} pairs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, record in reward_models.items():
+        lines.append(
+            f"| {name} | `{record['settings']['part']}` | {record['train_pairs']} | {record['steps']} "
+            f"| {record['train_seconds']:.0f} s | {100 * record['held_out_accuracy']:.1f} % |"
         )
     return "\n".join(lines)
 
@@ -486,7 +547,7 @@ def main():
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training pair and test pair")
     parser.add_argument(
-        "--held-out-pairs", type=int, help="`test` pairs scored for accuracy (default: every fitted one after the prompts')"
+        "--held-out-pairs", type=int, help="`test` pairs scored for accuracy (default: all after the prompts' pairs)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per training step")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -512,7 +573,8 @@ def main():
         parser.error(f"only {len(test_rows)} `test` pairs fit in {options.max_length} tokens; ask for fewer --prompts")
     prompts = test_rows["prompt"][: options.prompts]
 
-    reward_model_names = ["gold", *dict.fromkeys(ROW_REWARD_MODEL[row] for row in options.rows if row in ROW_REWARD_MODEL)]
+    needed = dict.fromkeys(ROW_REWARD_MODEL[row] for row in options.rows if row in ROW_REWARD_MODEL)
+    reward_model_names = ["gold", *needed]
     models, reward_models = {}, {}
     # The pairs whose prompts are not answered: no model trained on any `test` pair, and none is judged on these.
     held_out_rows = test_rows.select(range(options.prompts, len(test_rows)))
@@ -524,14 +586,16 @@ def main():
         models[name], record = trained_reward_model(name, base_path, tokenizer, parts, options)
         accuracy = held_out_accuracy(name, models[name], test_pairs, test_prompt_lengths, tokenizer.pad_token_id)
         reward_models[name] = {**record, **{f"held_out_{key}": value for key, value in accuracy.items()}}
-        print(f"{name}: held-out pairwise accuracy {100 * accuracy['accuracy']:.1f} % on {len(test_pairs)} pairs", flush=True)
+        print(f"{name}: held-out accuracy {100 * accuracy['accuracy']:.1f} % on {len(test_pairs)} pairs", flush=True)
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     eos_token_id = tokenizer.eos_token_id
     left_padding_tokenizer = AutoTokenizer.from_pretrained(base_path, padding_side="left")
     batches = generation_batches(left_padding_tokenizer, prompts, options.generation_batch_size)
     variants = [
-        (row, weight) for row in options.rows for weight in (getattr(options, WEIGHT_OPTIONS[row]) if row in WEIGHT_OPTIONS else [None])
+        (row, weight)
+        for row in options.rows
+        for weight in (getattr(options, WEIGHT_OPTIONS[row]) if row in WEIGHT_OPTIONS else [None])
     ]
     load_average_before_generation = os.getloadavg()
     generations, load_averages = generate_rows(
@@ -544,30 +608,10 @@ def main():
         for variant, generation in generations.items()
     }
     gold = {variant: judge(variant_texts) for variant, variant_texts in texts.items()}
-    greedy_seconds_per_step = generations[("greedy", None)]["seconds"] / generations[("greedy", None)]["steps"]
-    rows = []
-    for variant, generation in generations.items():
-        row, weight = variant
-        reward_mean, reward_se = mean_and_standard_error(gold[variant])
-        win_mean, win_se = mean_and_standard_error(win_outcomes(gold[variant], gold[("greedy", None)]))
-        seconds_per_step = generation["seconds"] / generation["steps"]
-        answer_token_count = sum(map(len, generation["answers"]))
-        rows.append(
-            {
-                "row": row,
-                "weight": weight,
-                "label": variant_label(row, weight),
-                "gold_reward_mean": round(reward_mean, 4),
-                "gold_reward_se": round(reward_se, 4),
-                "win_rate_vs_greedy": round(win_mean, 4),
-                "win_rate_se": round(win_se, 4),
-                "ms_per_token": round(1000 * seconds_per_step, 2),
-                "time_vs_greedy": round(seconds_per_step / greedy_seconds_per_step, 3),
-                "perplexity": round(math.exp(generation["negative_log_likelihood"] / answer_token_count), 3),
-                "distinct_2": round(distinct_n(texts[variant], 2), 4),
-                "mean_answer_tokens": round(answer_token_count / len(prompts), 1),
-            }
-        )
+    rows = [
+        row_metrics(variant, generation, texts[variant], gold[variant], generations[GREEDY], gold[GREEDY])
+        for variant, generation in generations.items()
+    ]
 
     report = {
         "base_model": f"{DEFAULT_BASE_MODEL}, fp32",
@@ -596,10 +640,15 @@ def main():
         "rows": rows,
     }
     (output / "alignment.json").write_text(json.dumps(report, indent=2) + "\n")
-    answers = [{"prompt": prompt, **{variant_label(*variant): texts[variant][index] for variant in texts}} for index, prompt in enumerate(prompts)]
+    answers = [
+        {"prompt": prompt, **{variant_label(*variant): texts[variant][index] for variant in texts}}
+        for index, prompt in enumerate(prompts)
+    ]
     (output / "alignment_answers.json").write_text(json.dumps(answers, indent=2) + "\n")
     plot_tradeoff(rows, output / "alignment_tradeoff.png")
     print(json.dumps(report, indent=2))
+    print(reward_model_table(reward_models, len(test_pairs)))
+    print()
     print(markdown_table(rows))
 
 

@@ -19,7 +19,7 @@ def win_outcomes(scores: list[float], baseline_scores: list[float]) -> list[floa
     """Per prompt: 1 where `scores` beats the baseline, 0.5 on a tie, 0 where it loses."""
     if len(scores) != len(baseline_scores):
         raise ValueError(f"{len(scores)} scores against {len(baseline_scores)} baseline scores.")
-    return [1.0 if score > baseline else 0.5 if score == baseline else 0.0 for score, baseline in zip(scores, baseline_scores)]
+    return [1.0 if score > base else 0.5 if score == base else 0.0 for score, base in zip(scores, baseline_scores)]
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
