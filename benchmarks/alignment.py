@@ -28,7 +28,12 @@ left-padded batches (prompts of similar length together), `--max-new-tokens` new
                     token head of the same forward. Its reward logits are the logits plus a learned term d, so
                     greedy picks argmax(logits + alpha / (1 + alpha) * d): alpha = 1 / beta = 10 is GenARM's choice,
                     and larger alphas change little.
-The guided rows run once per weight of their sweep (`--args-weights`, `--otter-weights`, `--token-weights`).
+The guided rows run once per weight of their sweep (`--args-weights`, `--otter-weights`, `--token-weights`); at
+weight 0 each is greedy decoding, so the greedy row starts every sweep.
+
+Cost on 2 CPU cores: training the reward models is the largest single part (a full fine-tune runs at 40-80
+tokens/s), and a rerun skips it. With 20 prompts per batch decoding is compute-bound, so a guided step costs about
+as much as running its k candidates, and every extra weight of a sweep costs as much again.
 
 Per row:
   gold reward       mean and standard error over the prompts;
@@ -539,9 +544,9 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling and best-of-4")
     parser.add_argument("--top-k", type=int, default=10, help="candidates rescored per token by ARGS")
     parser.add_argument("--args-weights", type=float, nargs="+", default=[1.0], help="args_separate_rm weights w")
-    parser.add_argument("--otter-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="otter_args w")
-    parser.add_argument("--token-weights", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="token head alpha")
-    parser.add_argument("--gold-pairs", type=int, default=256, help="`gold_train` pairs taken (before fitting)")
+    parser.add_argument("--otter-weights", type=float, nargs="+", default=[1.0, 4.0], help="otter_args w")
+    parser.add_argument("--token-weights", type=float, nargs="+", default=[1.0, 10.0], help="token head alpha")
+    parser.add_argument("--gold-pairs", type=int, default=192, help="`gold_train` pairs taken (before fitting)")
     parser.add_argument(
         "--reward-pairs", type=int, default=128, help="`reward_train` pairs taken (before fitting) by every proxy"
     )
