@@ -66,7 +66,8 @@ def default_threads() -> int:
     # On a shared machine, threads waiting for a core that another process holds stall every operation, so use
     # only the cores that the load average leaves idle.
     cores = os.cpu_count() or 1
-    return max(1, cores - round(os.getloadavg()[0]))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, cores - round(load))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,7 +178,7 @@ def describe_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
     count = len(chosen_scores)
     half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / count)
     return (
-        f"{accuracy:.1%} on {count} pairs (95% interval {accuracy - half_width:.1%} to "
+        f"{accuracy:.1%} on {count} pairs (95% interval {max(0.0, accuracy - half_width):.1%} to "
         f"{min(1.0, accuracy + half_width):.1%}; chance is 50%)"
     )
 
@@ -197,9 +198,9 @@ def answer(model, tokenizer, prompt_messages, reward_weight: float, reward_top_k
     return tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def demo_prompts(test_pairs, count: int) -> list:
-    """Held-out single-request prompts, short enough to read beside two answers."""
-    single_turn = [row["prompt"] for row in test_pairs if len(row["prompt"]) == 1 and len(row["prompt"][0]["content"]) < 120]
+def demo_prompts(pairs, count: int) -> list:
+    """Single-request prompts of `pairs`, short enough to read beside two answers."""
+    single_turn = [row["prompt"] for row in pairs if len(row["prompt"]) == 1 and len(row["prompt"][0]["content"]) < 120]
     return single_turn[:count]
 
 
@@ -243,7 +244,7 @@ def main(argv=None) -> None:
 
     width = 100
     judge_scores = {"original": [], "guided": []}
-    guide_values = {"original": [], "guided": []}
+    guide_rewards = {"original": [], "guided": []}
     seconds = {"original": [], "guided": []}
     for prompt in demo_prompts(parts["test"], args.prompts):
         print("\n" + "=" * width + f"\nPrompt: {prompt[-1]['content']}")
@@ -251,9 +252,9 @@ def main(argv=None) -> None:
             answer_start = time.perf_counter()
             text = answer(model, tokenizer, prompt, weight, args.reward_top_k, args.max_new_tokens)
             seconds[name].append(time.perf_counter() - answer_start)
-            values, features = rewards_and_features(model, tokenizer, [prompt + [{"role": "assistant", "content": text}]])
+            rewards, features = rewards_and_features(model, tokenizer, [prompt + [{"role": "assistant", "content": text}]])
             judge_scores[name].append(judge(features).item())
-            guide_values[name].append(values.item())
+            guide_rewards[name].append(rewards.item())
             label = "Original (greedy)" if name == "original" else f"Guided (w={weight:g}, k={args.reward_top_k})"
             print(f"--- {label}, judge score {judge_scores[name][-1]:+.2f}")
             print(textwrap.fill(text, width=width))
@@ -262,17 +263,17 @@ def main(argv=None) -> None:
     for name in judge_scores:
         print(
             f"{name:>8}: mean judge score {statistics.mean(judge_scores[name]):+.2f} "
-            f"(guide's own reward {statistics.mean(guide_values[name]):.2f}), "
+            f"(guide's own reward {statistics.mean(guide_rewards[name]):.2f}), "
             f"median {statistics.median(seconds[name]):.1f} s per answer"
         )
     differences = [guided - original for original, guided in zip(judge_scores["original"], judge_scores["guided"])]
-    wins, losses = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    wins, losses = sum(difference > 0 for difference in differences), sum(difference < 0 for difference in differences)
     print(f"By the judge, the guided answer is better on {wins} of {len(differences)} prompts and worse on {losses}.")
     if statistics.mean(differences) > 0 and wins > losses:
         print("Guidance helped by the judge's measure, on a handful of prompts: a hint, not a measurement.")
     else:
         print("Guidance did not help by the judge's measure.")
-    print(f"\nDemo wall time: {time.perf_counter() - start:.0f} s")
+    print(f"\nWall time from model load to here: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
