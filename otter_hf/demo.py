@@ -53,7 +53,8 @@ from .generation import reward_guided_generate
 from .insertion import insert
 from .trainers import OtterRewardConfig, OtterRewardTrainer
 
-# Tokens per templated dialogue: HH-RLHF's median fits, and each step stays cheap on a CPU.
+# Tokens per templated dialogue: about three HH-RLHF pairs in four fit once their oldest exchanges are dropped, and
+# a training step stays cheap on a CPU.
 MAX_LENGTH = 128
 PAIRS_PER_STEP = 8
 SCORING_BATCH_SIZE = 16
