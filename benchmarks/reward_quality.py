@@ -105,7 +105,7 @@ def reward_config(output_dir: str, method: str, seed: int, options) -> dict:
         lr_scheduler_type="linear",
         warmup_steps=0.1,
         max_length=options.max_length,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
         bf16=False,
