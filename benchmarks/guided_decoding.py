@@ -60,11 +60,23 @@ PROMPT = (
 
 class SeparateRewardModelProcessor(LogitsProcessor):
     """The ARGS baseline at its strongest: a reward model with its own KV cache scores all k candidates of a step
-    in one forward (the new token, then the candidates sharing the cached prefix through a 4D mask)."""
+    in one forward (the new token, then the candidates sharing the cached prefix through a 4D mask).
 
-    def __init__(self, reward_backbone, value_head: nn.Linear, weight: float, top_k: int):
+    `prompt_attention_mask` is the attention mask of a left-padded prompt batch (None: no padding); the tokens
+    generate() appends after the prompt are all attended to.
+    """
+
+    def __init__(
+        self,
+        reward_backbone,
+        value_head: nn.Linear,
+        weight: float,
+        top_k: int,
+        prompt_attention_mask: torch.Tensor | None = None,
+    ):
         self.reward_backbone, self.value_head = reward_backbone, value_head
         self.weight, self.top_k = weight, top_k
+        self.prompt_padding_mask = prompt_attention_mask.bool() if prompt_attention_mask is not None else None
         self.cache, self.cached_length = None, 0
 
     @torch.no_grad()
@@ -73,6 +85,8 @@ class SeparateRewardModelProcessor(LogitsProcessor):
             self.cache, self.cached_length = DynamicCache(config=self.reward_backbone.config), 0
         candidate_scores, candidates = scores.topk(self.top_k, dim=-1)
         padding_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if self.prompt_padding_mask is not None:
+            padding_mask[:, : self.prompt_padding_mask.shape[1]] = self.prompt_padding_mask
         position_ids = padding_position_ids(padding_mask)
         num_new_tokens = input_ids.shape[1] - self.cached_length
         hidden = self.reward_backbone(
