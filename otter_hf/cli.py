@@ -114,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         formatter_class=HelpFormatter,
-        help="train the inserted parameters and the value head",
-        description="Train an Otter model's inserted parameters and value head; the base stays frozen. "
-        "Objective 'reward' is TRL's reward modelling (OtterRewardTrainer) on preference pairs: columns `chosen` "
-        "and `rejected`, optionally `prompt` and `margin`. Objective 'value' regresses the value at every prefix "
+        help="train the inserted parameters and a head",
+        description="Train an Otter model's inserted parameters and one of its heads; the base stays frozen. "
+        "Objective 'reward' is TRL's reward modelling of the value head (OtterRewardTrainer) on preference pairs: "
+        "columns `chosen` and `rejected`, optionally `prompt` and `margin`. Objective 'token-reward' trains the "
+        "token-level reward head (OtterTokenRewardTrainer, GenARM's loss; insert with --token-reward-head) on the "
+        "same pairs. Objective 'value' regresses the value at every prefix "
         "(OtterValueTrainer): columns `completion` and `label`, optionally `prompt`; or step labels `prompt`, "
         "`completions`, `labels`. The trained model, tokenizer and metrics (all_results.json, for "
         "`otter-hf push --metrics`) are saved to --output-dir. The preference set bundled with otter_hf, "
@@ -129,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split to train on: of a Hub dataset, or the rows of a file whose `split` column names it")
     train.add_argument("--eval-dataset", help="evaluation data, in the same forms as --dataset")
     train.add_argument("--eval-split", default="test", help="split of --eval-dataset to evaluate on, as --split")
-    train.add_argument("--objective", choices=("auto", "reward", "value"), default="auto",
-                       help="'auto' picks 'reward' for chosen/rejected columns, 'value' for completion/label ones")
+    train.add_argument("--objective", choices=("auto", "reward", "token-reward", "value"), default="auto",
+                       help="'auto' picks 'token-reward' for chosen/rejected columns when the model has a token-level "
+                       "reward head, 'reward' when it has not, and 'value' for completion/label columns")
+    train.add_argument("--beta", type=float, help="token-reward objective: GenARM's beta (default: the trainer's, 0.1)")
     train.add_argument("--output-dir", required=True,
                        help="folder for the trained model and its metrics (new or empty, or see --overwrite)")
     _add_overwrite_argument(train, "--output-dir")
@@ -148,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         formatter_class=HelpFormatter,
         help="generate text guided by the in-model reward",
-        description="Reward-guided generation (ARGS): at every step the top-k tokens are rescored as "
+        description="Reward-guided generation. By default ARGS: at every step the top-k tokens are rescored as "
         "logit + weight * value, with the value the Otter model predicts for each candidate, at the cost of one "
-        "k-token forward per new token. --reward-weight 0 gives the base model's own decoding.",
+        "k-token forward per new token. With --token-reward-weight, the token-level reward head guides instead: "
+        "logits + weight * log_softmax(token reward logits), from the same forward. A weight of 0 gives the base "
+        "model's own decoding.",
     )
     generate.add_argument("model", help="saved Otter checkpoint (folder or Hub id), or an inserted-only save with --otter-only")
     generate.add_argument("--prompt", required=True, help="the prompt")
@@ -159,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     generate.add_argument("--reward-weight", type=float, default=1.5, help="weight of the reward")
     generate.add_argument("--top-k", type=int, default=10, help="candidates rescored per step")
+    generate.add_argument("--token-reward-weight", type=float,
+                          help="guide with the token-level reward head at this weight instead of ARGS")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     generate.add_argument("--do-sample", action="store_true", help="sample among the rescored candidates instead of greedy")
     generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
@@ -309,7 +317,14 @@ def run_insert(args) -> None:
 def run_train(args) -> None:
     from trl.data_utils import get_dataset_column_names
 
-    from .trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
+    from .trainers import (
+        OtterRewardConfig,
+        OtterRewardTrainer,
+        OtterTokenRewardConfig,
+        OtterTokenRewardTrainer,
+        OtterValueConfig,
+        OtterValueTrainer,
+    )
     from .trainers.reward_trainer import PREFERENCE_COLUMNS_HELP
     from .trainers.value_trainer import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
@@ -321,7 +336,7 @@ def run_train(args) -> None:
     if objective == "auto":
         columns = set(get_dataset_column_names(train_dataset))
         if {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns:
-            objective = "reward"
+            objective = "preferences"
         elif {"completion", "label"} <= columns or {"completions", "labels"} <= columns:
             objective = "value"
         else:
@@ -332,9 +347,20 @@ def run_train(args) -> None:
             )
     model = _load_model(args.model, otter_only=False)
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
+    has_token_reward_head = getattr(model, "token_reward_head", None) is not None
+    if objective == "preferences":
+        objective = "token-reward" if has_token_reward_head else "reward"
+    if objective == "token-reward" and not has_token_reward_head:
+        raise ValueError(
+            f"--objective token-reward: {args.model} has no token-level reward head; insert one with "
+            "`otter-hf insert --token-reward-head`."
+        )
+    if args.beta is not None and objective != "token-reward":
+        raise ValueError(f"--beta sets the token-reward objective's beta; the objective here is {objective!r}.")
 
     config_class, trainer_class = {
         "reward": (OtterRewardConfig, OtterRewardTrainer),
+        "token-reward": (OtterTokenRewardConfig, OtterTokenRewardTrainer),
         "value": (OtterValueConfig, OtterValueTrainer),
     }[objective]
     # Training runs in the scratch folder that replaces --output-dir's contents only once all is written.
@@ -352,6 +378,8 @@ def run_train(args) -> None:
         )
         if args.learning_rate is not None:
             options["learning_rate"] = args.learning_rate
+        if args.beta is not None:
+            options["beta"] = args.beta
         trainer = trainer_class(
             model,
             args=config_class(**options),
@@ -364,16 +392,15 @@ def run_train(args) -> None:
         if eval_dataset is not None:
             trainer.save_metrics("eval", trainer.evaluate())
         trainer.save_model(output_dir)
+    trained = "the token-level reward head" if objective == "token-reward" else "the value head"
     print(
-        f"Trained the value head ({objective} objective); saved the model to {args.output_dir} and its metrics to "
+        f"Trained {trained} ({objective} objective); saved the model to {args.output_dir} and its metrics to "
         f"{os.path.join(args.output_dir, 'all_results.json')}."
     )
 
 
 def run_generate(args) -> None:
     import torch
-
-    from .generation import reward_guided_generate
 
     _set_threads(args.threads)
     model = _load_model(args.model, otter_only=args.otter_only).eval()
@@ -393,13 +420,15 @@ def run_generate(args) -> None:
             f"{model.config.vocab_size}: it belongs to another model. Pass this model's tokenizer with --tokenizer."
         )
     sampling = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {"do_sample": False}
+    if args.token_reward_weight is not None:
+        guidance = {"token_reward_weight": args.token_reward_weight}
+    else:
+        guidance = {"reward_weight": args.reward_weight, "reward_top_k": args.top_k}
     torch.manual_seed(args.seed)
     with torch.no_grad():
         output_ids = model.generate(
             **inputs,
-            custom_generate=reward_guided_generate,
-            reward_weight=args.reward_weight,
-            reward_top_k=args.top_k,
+            **guidance,
             max_new_tokens=args.max_new_tokens,
             use_cache=True,  # candidates share the cached prefix, whatever the checkpoint's config says
             **{key: value for key, value in sampling.items() if value is not None},

@@ -198,6 +198,37 @@ def test_train_then_generate(capsys, base_folder, tmp_path):
     assert all(word.startswith("w") for word in out.split())
 
 
+def test_token_reward_head_insert_train_and_generate(capsys, base_folder, tmp_path):
+    run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter", "--token-reward-head")
+    rows = [{"prompt": "w5", "chosen": " w6 w7 w8", "rejected": " w9 w9 w9"}] * 8
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    labels = [{"prompt": "w5", "completion": " w6", "label": 1.0}] * 4
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in labels))
+
+    status, out, err = run_cli(
+        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "pairs.jsonl", "--eval-dataset", tmp_path / "pairs.jsonl",
+        "--output-dir", tmp_path / "trained", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-2, "--beta", 0.5,
+    )
+    assert status == 0, err
+    assert "token-level reward head (token-reward objective)" in out
+    results = json.loads((tmp_path / "trained" / "all_results.json").read_text())
+    assert "eval_rewards/accuracies" in results and "eval_rewards/margins" in results
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    assert trained.token_reward_head.proj.weight.abs().sum() > 0
+
+    status, out, err = run_cli(
+        capsys, "generate", tmp_path / "trained", "--prompt", "w5 w6", "--max-new-tokens", 4, "--token-reward-weight", 2.0
+    )
+    assert status == 0, err
+    assert all(word.startswith("w") for word in out.split())
+
+    status, _, err = run_cli(
+        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "labels.jsonl", "--output-dir", tmp_path / "value",
+        "--beta", 0.5,
+    )
+    assert status == 2 and "--beta sets the token-reward objective's beta" in err
+
+
 @pytest.mark.slow
 def test_bench_prints_and_writes_the_overhead_report(capsys, base_folder, tmp_path):
     status, out, err = run_cli(

@@ -128,7 +128,8 @@ def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tm
     repo_id, message, files = fake_hub.commits[-1]
     assert repo_id == "user/otter-llama" and message == "Upload Otter model"
     assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "otter_llama.py",
-            "modeling_otter.py", "persistence.py", "configuration_otter.py", "sequence_classification.py"} <= set(files)
+            "modeling_otter.py", "persistence.py", "configuration_otter.py", "sequence_classification.py",
+            "inserted_heads.py", "token_reward_guidance.py"} <= set(files)
 
     card = ModelCard(fake_hub.files("user/otter-llama")["README.md"].decode())
     assert card.data.base_model == "user/tiny-llama"
@@ -141,7 +142,19 @@ def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tm
     assert "IMDB reviews labelled by sentiment" in card.text
     assert "| eval_accuracy | 0.875 |" in card.text
     assert 'AutoModelForCausalLM.from_pretrained("user/otter-llama")' in card.text
-    assert "reward_guided_generate" in card.text
+    assert "model.generate(**inputs, reward_weight=1.5, reward_top_k=10" in card.text
+    assert "token_reward_weight" not in card.text and "token-level-reward" not in card.data.tags
+
+
+def test_the_card_of_a_model_with_a_token_reward_head_says_how_to_decode_with_it(fake_hub, tmp_path):
+    put_base_on_hub(fake_hub, make_base("qwen2-bias"), "user/tiny-qwen2", tmp_path)
+    otter = make_otter(AutoModelForCausalLM.from_pretrained("user/tiny-qwen2"), token_reward_head=True)
+    otter.push_to_hub("user/otter-genarm")
+    card = ModelCard(fake_hub.files("user/otter-genarm")["README.md"].decode())
+    assert "token-level-reward" in card.data.tags
+    assert f"token-level reward head ({otter.config.vocab_size:,} x {otter.config.inserted_hidden_size}" in card.text
+    assert "model.generate(**inputs, token_reward_weight=" in card.text
+    assert f"{otter.num_inserted_parameters():,}" in card.text
 
 
 def test_a_pushed_checkpoint_loads_through_the_auto_classes(fake_hub, base_name):

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+GUIDED_DECODING = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 report = {}
 for repo, tensors_path in json.loads(sys.argv[1]).items():
     tensors = load_file(tensors_path)
@@ -47,6 +48,11 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
     with torch.no_grad():
         output = model(tensors["input_ids"], attention_mask=tensors["attention_mask"])
     real = tensors["attention_mask"].bool()
+    if "guided_ids" in tensors:
+        guided = model.generate(
+            tensors["input_ids"], attention_mask=tensors["attention_mask"], token_reward_weight=2.0, **GUIDED_DECODING
+        )
+        result["guided_equal"] = torch.equal(guided, tensors["guided_ids"])
     result["causal_lm_class"] = f"{type(model).__module__}.{type(model).__name__}"
     result["logits_equal"] = torch.equal(output.logits, tensors["logits"])
     result["value_close"] = torch.allclose(output.value[real], tensors["value"][real], atol=1e-5, rtol=1e-5)
@@ -71,10 +77,13 @@ def _expected_outputs(model, path) -> None:
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
         output = model(input_ids, attention_mask=attention_mask)
-    save_file(
-        {"input_ids": input_ids, "attention_mask": attention_mask, "logits": output.logits, "value": output.value},
-        str(path),
-    )
+    expected = {"input_ids": input_ids, "attention_mask": attention_mask, "logits": output.logits, "value": output.value}
+    if model.config.token_reward_head:
+        # Token-reward guidance runs in the checkpoint's own code, without otter_hf.
+        expected["guided_ids"] = model.generate(
+            input_ids, attention_mask=attention_mask, token_reward_weight=2.0, max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+    save_file(expected, str(path))
 
 
 def test_saved_checkpoint_carries_its_code_and_auto_map(tmp_path):
@@ -105,6 +114,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         "modeling_otter.py",
         "persistence.py",
         "sequence_classification.py",
+        "token_reward_guidance.py",
     }
 
 
@@ -121,7 +131,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
     repos = {}
     # A local folder per architecture, and one repository pulled from the (fake) Hub.
     for name in ("llama-gqa-tied", "mistral-sliding", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
-        otter = make_otter(make_base(name))
+        otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)
         _expected_outputs(otter, tmp_path / f"{name}.safetensors")
@@ -159,6 +169,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["causal_lm_class"].startswith("transformers_modules.")
         assert result["causal_lm_class"].endswith("ForCausalLMWithValueHead")
         assert result["logits_equal"] and result["value_close"], repo
+        assert result.get("guided_equal", "llama" not in repo), repo
         assert result["only_inserted_trainable"]
         assert result["config_class"].startswith("Otter") and result["config_class"].endswith("Config")
         assert result["backbone_class"].startswith("Otter") and result["backbone_class"].endswith("Model")

@@ -51,7 +51,7 @@ def otter_model_card(
         pipeline_tag="text-generation",
         license=license,
         datasets=list(datasets) if datasets else None,
-        tags=list(dict.fromkeys([*OTTER_TAGS, *tags])),
+        tags=list(dict.fromkeys([*OTTER_TAGS, *(["token-level-reward"] if config.token_reward_head else []), *tags])),
     )
     overhead_rows, overhead_settings = _overhead_table(overhead or {})
     return ModelCard.from_template(
@@ -71,6 +71,8 @@ def otter_model_card(
         inserted_num_key_value_heads=config.inserted_num_key_value_heads,
         inserted_intermediate_size=config.inserted_intermediate_size,
         inserted_init=config.inserted_init,
+        heads=_heads_in_words(config),
+        token_reward_head=config.token_reward_head,
         num_inserted_parameters=f"{num_inserted_parameters:,}",
         num_base_parameters=f"{num_base_parameters:,}",
         inserted_parameter_fraction=f"{num_inserted_parameters / num_base_parameters:.2%}",
@@ -79,6 +81,15 @@ def otter_model_card(
         overhead_rows=overhead_rows,
         overhead_settings=overhead_settings,
     )
+
+
+def _heads_in_words(config) -> str:
+    heads = ["value head (`v_head`)"]
+    if config.token_reward_head:
+        heads.append(f"token-level reward head ({config.vocab_size:,} x {config.inserted_hidden_size}, `token_reward_head`)")
+    if config.num_draft_heads:
+        heads.append(f"{config.num_draft_heads} draft heads (`draft_heads`)")
+    return ", ".join(heads)
 
 
 def _overhead_table(report: Mapping) -> tuple[list[tuple[str, str, str]], str]:

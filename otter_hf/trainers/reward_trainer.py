@@ -33,8 +33,8 @@ class OtterRewardConfig(RewardConfig):
         Batches pairs of similar length (by the longer of chosen and rejected), so a step does not pad every
         sequence to the longest dialogue in a random batch; on HH-RLHF that halves the tokens a step computes.
         `"random"` gives TRL's default order.
-    gradient_checkpointing (`bool`, *optional*, defaults to `False`):
-        TRL turns it on by default. For Otter it recomputes the whole frozen forward of every layer during
+    activation_checkpointing (`bool`, *optional*, defaults to `False`):
+        TRL turns it on by default (as `gradient_checkpointing`, the deprecated name, which still works). For Otter it recomputes the whole frozen forward of every layer during
         backward, although only the narrow inserted stream takes gradients; off, a step costs about one base
         forward plus the inserted parameters' own work.
     """
@@ -47,9 +47,11 @@ class OtterRewardConfig(RewardConfig):
         default="group_by_length",
         metadata={"help": "Sampler for training; 'group_by_length' batches pairs of similar length."},
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in backward; off by default, since the frozen base takes no gradient."},
+    # Unset rather than TRL's True: with `activation_checkpointing` unset too, transformers turns checkpointing off
+    # without a deprecation warning, while a user's own `gradient_checkpointing=True` still applies.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated name of `activation_checkpointing`; both unset: off."},
     )
 
     def __post_init__(self):
