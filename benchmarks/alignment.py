@@ -108,12 +108,12 @@ TRAINING_PART = {
     "otter_value": "reward_train",
     "otter_token_head": "reward_train",
 }
-# reward_quality.py's learning rates: 2e-5 for a full fine-tune, 1e-3 for the inserted parameters.
+# reward_quality.py's learning rates: 2e-5 for a full fine-tune, 1e-3 for the inserted parameters and heads.
 LEARNING_RATE = {
     "gold": LEARNING_RATES["full_reward_model"],
     "separate_rm": LEARNING_RATES["full_reward_model"],
     "otter_value": LEARNING_RATES["otter"],
-    "otter_token_head": LEARNING_RATES["otter"],
+    "otter_token_head": LEARNING_RATES["token_head"],
 }
 TRAINING_RECORD = "training.json"
 
@@ -144,30 +144,16 @@ def training_settings(name: str, base_path: str, options) -> dict:
 def train_reward_model(name: str, base_path: str, tokenizer, train, options):
     """Train `name` on the fitted preference rows `train`; returns the model and the optimiser steps taken."""
     torch.manual_seed(options.seed)
+    method = {"otter_value": "otter", "otter_token_head": "token_head"}.get(name, "full_reward_model")
     with tempfile.TemporaryDirectory() as output_dir:
+        config = {**reward_config(output_dir, method, options.seed, options), "num_train_epochs": options.epochs}
         if name == "otter_token_head":
+            # Its trainer takes the untokenized pairs and splits prompt and answers itself.
+            config.pop("bf16")
             model = otter_hf.insert(base_path, dtype=torch.float32, token_reward_head=True)
-            args = OtterTokenRewardConfig(
-                output_dir=output_dir,
-                beta=options.token_beta,
-                num_train_epochs=options.epochs,
-                per_device_train_batch_size=options.batch_size,
-                learning_rate=LEARNING_RATE[name],
-                lr_scheduler_type="linear",
-                warmup_steps=0.1,
-                max_length=options.max_length,
-                use_cpu=True,
-                seed=options.seed,
-                data_seed=options.seed,
-                logging_steps=10_000,
-                save_strategy="no",
-                report_to=[],
-                disable_tqdm=True,
-            )
+            args = OtterTokenRewardConfig(**config, beta=options.token_beta)
             trainer = OtterTokenRewardTrainer(model, args=args, train_dataset=train, processing_class=tokenizer)
         else:
-            method = "otter" if name == "otter_value" else "full_reward_model"
-            config = {**reward_config(output_dir, method, options.seed, options), "num_train_epochs": options.epochs}
             # Tokenized as TRL would, plus the `length` column that batches pairs of similar length.
             train = tokenize_pairs(train, tokenizer)
             if name == "otter_value":
@@ -177,7 +163,8 @@ def train_reward_model(name: str, base_path: str, tokenizer, train, options):
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
                 model.config.pad_token_id = tokenizer.pad_token_id
-                trainer = RewardTrainer(model, args=RewardConfig(**config), train_dataset=train, processing_class=tokenizer)
+                args = RewardConfig(**config)
+                trainer = RewardTrainer(model, args=args, train_dataset=train, processing_class=tokenizer)
         trainer.train()
     return model.eval(), trainer.state.global_step
 
