@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 from trl.data_utils import get_dataset_column_names, is_conversational, maybe_extract_prompt
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.dpo_trainer import DataCollatorForPreference, common_prefix_length
 from trl.trainer.utils import selective_log_softmax
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
@@ -62,15 +62,6 @@ class OtterTokenRewardConfig(OtterTokenConfig):
             raise ValueError(f"`beta` must be positive, got {self.beta!r}.")
 
 
-def _common_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
 def tokenize_preference_row(example: dict, processing_class) -> dict:
     """`prompt_ids`, `chosen_ids` and `rejected_ids` of one pair, as TRL's `DPOTrainer` tokenizes it.
 
@@ -94,7 +85,7 @@ def tokenize_preference_row(example: dict, processing_class) -> dict:
         }
     # transformers 5 returns a BatchEncoding from apply_chat_template; older versions a plain list.
     prompt_ids, full_ids = _token_list(prompt_ids), {answer: _token_list(ids) for answer, ids in full_ids.items()}
-    prompt_length = min(_common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
+    prompt_length = min(common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
     return {
         "prompt_ids": prompt_ids[:prompt_length],
         "chosen_ids": full_ids["chosen"][prompt_length:],
