@@ -244,8 +244,20 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
+    parser.add_argument(
+        "--learning-rates",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="override a method's learning rate for a sweep, e.g. token_head=1e-2",
+    )
     parser.add_argument("--output", default="benchmarks/results/reward_quality.json")
     options = parser.parse_args()
+    for override in options.learning_rates:
+        method, _, rate = override.partition("=")
+        if method not in LEARNING_RATES or not rate:
+            parser.error(f"--learning-rates takes METHOD=LR with METHOD one of {list(LEARNING_RATES)}, got {override!r}")
+        LEARNING_RATES[method] = float(rate)
     torch.set_num_threads(options.threads)
 
     path = embedded_base_model_path()

@@ -8,7 +8,7 @@ import otter_hf
 from conftest import make_base, random_batch
 from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
-from test_trainers import BAD, GOOD, QUESTIONS, conversational_pairs
+from test_trainers import BAD, GOOD, QUESTIONS, conversational_pairs, trainer_config
 
 
 def make_token_otter(name: str = "llama-gqa-tied"):
@@ -17,19 +17,7 @@ def make_token_otter(name: str = "llama-gqa-tied"):
 
 
 def token_reward_config(tmp_path, **overrides) -> OtterTokenRewardConfig:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=3e-3,
-        beta=0.5,
-        logging_steps=4,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
-    return OtterTokenRewardConfig(**{**options, **overrides})
+    return trainer_config(OtterTokenRewardConfig, tmp_path, **{"beta": 0.5, **overrides})
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "gemma3-sliding-softcap", "gpt2-layernorm"])

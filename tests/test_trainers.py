@@ -37,7 +37,8 @@ def conversational_pairs(n: int = 20) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def reward_config(tmp_path, **overrides) -> OtterRewardConfig:
+def trainer_config(config_class, tmp_path, **overrides):
+    """A short, quiet CPU run of any Otter trainer config: 12 steps of 4 rows, nothing saved or reported."""
     options = dict(
         output_dir=str(tmp_path / "out"),
         max_steps=12,
@@ -49,21 +50,15 @@ def reward_config(tmp_path, **overrides) -> OtterRewardConfig:
         report_to=[],
         disable_tqdm=True,
     )
-    return OtterRewardConfig(**{**options, **overrides})
+    return config_class(**{**options, **overrides})
+
+
+def reward_config(tmp_path, **overrides) -> OtterRewardConfig:
+    return trainer_config(OtterRewardConfig, tmp_path, **overrides)
 
 
 def value_config(tmp_path, **overrides) -> OtterValueConfig:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        logging_steps=4,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
-    return OtterValueConfig(**{**options, **overrides})
+    return trainer_config(OtterValueConfig, tmp_path, **overrides)
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
