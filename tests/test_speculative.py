@@ -34,9 +34,10 @@ DRAFTING_BASES = {
 
 def make_drafting_otter(name):
     """An Otter model whose draft heads hold small random weights (`make_otter` perturbs every inserted
-    parameter): each head drafts roughly what the LM head predicts at its position, which is sometimes right."""
+    parameter): each head drafts roughly what the LM head predicts at its position, which is sometimes right.
+    Its threshold verifies every draft."""
     base = make_base(name, **DRAFTING_BASES[name])
-    return base, make_otter(base, num_draft_heads=4)
+    return base, make_otter(base, num_draft_heads=4, draft_confidence_threshold=0.0)
 
 
 class OracleDrafts:
@@ -135,8 +136,8 @@ def test_draft_heads_predict_from_both_final_streams():
     _, model = make_drafting_otter("llama-gqa-tied")
     input_ids, _ = random_batch(2, 5)
     outputs = model(input_ids=input_ids, output_hidden_states=True, output_draft_logits=True)
-    drafts = otter_draft_heads(model)(input_ids, outputs.hidden_states[-1][:, -1], outputs.inserted_hidden_states[-1][:, -1])
-    assert torch.equal(drafts, outputs.draft_logits[:, -1].argmax(-1))
+    draft_logits = otter_draft_heads(model)(input_ids, outputs.hidden_states[-1][:, -1], outputs.inserted_hidden_states[-1][:, -1])
+    torch.testing.assert_close(draft_logits, outputs.draft_logits[:, -1])
 
 
 def test_refuses_models_that_cannot_draft_or_crop():
@@ -150,8 +151,8 @@ def test_refuses_models_that_cannot_draft_or_crop():
     with pytest.raises(ValueError, match="sliding-window"):
         speculative(sliding, input_ids, attention_mask)
     _, model = make_drafting_otter("llama-gqa-tied")
-    with pytest.raises(ValueError, match="greedy search only"):
-        speculative(model, input_ids, attention_mask, do_sample=True)
+    with pytest.raises(ValueError, match="num_beams=1"):
+        speculative(model, input_ids, attention_mask, num_beams=2)
     with model.otter_disabled(), pytest.raises(ValueError, match="switched off"):
         speculative(model, input_ids, attention_mask)
 
