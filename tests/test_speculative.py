@@ -179,3 +179,113 @@ def test_stops_at_max_length_without_drafting_past_it():
     assert output.accepted_tokens_per_step == [3]
     assert seen == [input_ids.shape[1] + 1]
     assert all(layer.keys.shape[-2] == reference.shape[1] for layer in output.past_key_values.layers)
+
+
+# -- the draft confidence threshold -----------------------------------------------------------------------------
+
+
+def confident_logits(tokens, confidences, vocab_size=96):
+    """Draft logits whose argmax is `tokens` (batch, num_drafts) with softmax probability `confidences`."""
+    confidences = torch.as_tensor(confidences, dtype=torch.float32).expand(tokens.shape)
+    rest = ((1 - confidences) / (vocab_size - 1)).log()
+    logits = rest[..., None].expand(*tokens.shape, vocab_size).clone()
+    return logits.scatter(-1, tokens[..., None], confidences.log()[..., None])
+
+
+class ConfidentOracle(OracleDrafts):
+    """The true greedy continuation as draft logits, with the given confidence for each draft (and row)."""
+
+    def __init__(self, reference, confidences):
+        super().__init__(reference, len(confidences[0]))
+        self.confidences = torch.tensor(confidences)
+
+    def __call__(self, input_ids, hidden_states, inserted_hidden_states):
+        drafts = super().__call__(input_ids, hidden_states, inserted_hidden_states)
+        return confident_logits(drafts, self.confidences[:, : drafts.shape[1]])
+
+
+def steps_of(tokens_per_step):
+    """The tokens each step adds to MAX_NEW_TOKENS when every step adds `tokens_per_step`, the last one what is left."""
+    remainder = [MAX_NEW_TOKENS % tokens_per_step] if MAX_NEW_TOKENS % tokens_per_step else []
+    return [tokens_per_step] * (MAX_NEW_TOKENS // tokens_per_step) + remainder
+
+
+def test_the_threshold_cuts_each_chain_before_its_first_unconfident_draft():
+    base = make_base("llama-gqa-tied")
+    input_ids, attention_mask = random_batch(1, 6)
+    reference = greedy(base, input_ids, attention_mask)
+    oracle = ConfidentOracle(reference, [[0.9, 0.8, 0.3, 0.9]])
+    for threshold, tokens_per_step in ((0.0, 5), (0.25, 5), (0.5, 3), (0.85, 2), (0.95, 1)):
+        output = speculative(base, input_ids, attention_mask, draft_fn=oracle, draft_confidence_threshold=threshold)
+        assert torch.equal(output.sequences, reference)
+        assert output.accepted_tokens_per_step == steps_of(tokens_per_step)
+
+
+def test_the_shortest_confident_chain_of_a_batch_sets_its_length():
+    base = make_base("llama-gqa-tied")
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    reference = greedy(base, input_ids, attention_mask)
+    oracle = ConfidentOracle(reference, [[0.9, 0.9, 0.9, 0.9], [0.9, 0.9, 0.2, 0.9]])
+    output = speculative(base, input_ids, attention_mask, draft_fn=oracle, draft_confidence_threshold=0.5)
+    assert torch.equal(output.sequences, reference)
+    assert output.accepted_tokens_per_step == steps_of(3)
+
+
+def test_threshold_zero_verifies_every_draft_of_the_draft_heads():
+    _, model = make_drafting_otter("llama-gqa-tied")
+    input_ids, attention_mask = random_batch(3, 7, padding="left")
+    heads = otter_draft_heads(model)
+    # Token ids carry no confidence, so every one is verified: the drafting before the threshold existed.
+    every_draft = speculative(model, input_ids, attention_mask, draft_fn=lambda *streams: heads(*streams).argmax(-1))
+    for options in ({}, {"draft_confidence_threshold": 0.0}):  # the config's 0.0, then the argument
+        output = speculative(model, input_ids, attention_mask, **options)
+        assert torch.equal(output.sequences, every_draft.sequences)
+        assert output.accepted_tokens_per_step == every_draft.accepted_tokens_per_step
+    assert max(every_draft.accepted_tokens_per_step) > 1
+
+
+def test_untrained_draft_heads_decode_as_plain_greedy_on_the_base_computation():
+    base = make_base("llama-gqa-tied")
+    model = otter_hf.insert(base, num_draft_heads=4)  # zero-initialised heads, threshold 1.0 by default
+    assert model.config.draft_confidence_threshold == 1.0
+    input_ids, attention_mask = random_batch(2, 7, padding="left")
+    output = speculative(model, input_ids, attention_mask)
+    assert torch.equal(output.sequences, greedy(base, input_ids, attention_mask))
+    assert output.accepted_tokens_per_step == [1] * MAX_NEW_TOKENS
+    # Under `otter_disabled()`: only the original layers were cached, the inserted stream never ran.
+    assert len(output.past_key_values.layers) == model.config.num_hidden_layers
+
+
+def test_threshold_one_never_calls_the_draft_fn():
+    base = make_base("qwen2-bias")
+    input_ids, attention_mask = random_batch(1, 6)
+
+    def refuse(*streams):
+        raise AssertionError("drafted with drafting switched off")
+
+    output = speculative(base, input_ids, attention_mask, draft_fn=refuse, draft_confidence_threshold=1.0)
+    assert torch.equal(output.sequences, greedy(base, input_ids, attention_mask))
+
+
+def test_the_threshold_must_be_a_probability():
+    _, model = make_drafting_otter("llama-gqa-tied")
+    input_ids, attention_mask = random_batch(1, 5)
+    for threshold in (1.5, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"`draft_confidence_threshold` must be a number in \[0, 1\]"):
+            speculative(model, input_ids, attention_mask, draft_confidence_threshold=threshold)
+    with pytest.raises(ValueError, match=r"`draft_confidence_threshold` must be in \[0, 1\], got 2.0"):
+        otter_hf.insert(make_base("llama-gqa-tied"), num_draft_heads=2, draft_confidence_threshold=2.0)
+
+
+def test_the_configured_threshold_is_saved_loaded_and_used(tmp_path):
+    base, model = make_drafting_otter("llama-gqa-tied")
+    model.config.draft_confidence_threshold = 0.37
+    model.save_pretrained(tmp_path / "full")
+    model.save_otter(tmp_path / "inserted")
+    for loaded in (type(model).from_pretrained(tmp_path / "full"), otter_hf.load_otter(base, tmp_path / "inserted")):
+        assert loaded.config.draft_confidence_threshold == 0.37
+    input_ids, attention_mask = random_batch(3, 7, padding="left")
+    model.config.draft_confidence_threshold = 0.0
+    assert max(speculative(model, input_ids, attention_mask).accepted_tokens_per_step) > 1
+    model.config.draft_confidence_threshold = 1.0
+    assert speculative(model, input_ids, attention_mask).accepted_tokens_per_step == [1] * MAX_NEW_TOKENS
