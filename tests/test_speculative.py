@@ -1,8 +1,18 @@
+from collections import Counter
+
 import pytest
 import torch
+from datasets import Dataset
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import otter_hf
-from otter_hf.generation import speculative_generate
+from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_draft_heads
 
 from conftest import PAD, make_base, make_otter, random_batch
@@ -11,7 +21,9 @@ MAX_NEW_TOKENS = 24
 
 
 def greedy(base, input_ids, attention_mask, **kwargs):
-    return base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
+    """Plain `generate()`: greedy search unless `kwargs` say otherwise."""
+    options = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    return base.generate(input_ids=input_ids, attention_mask=attention_mask, **{**options, **kwargs})
 
 
 def speculative(model, input_ids, attention_mask, **kwargs):
@@ -289,3 +301,209 @@ def test_the_configured_threshold_is_saved_loaded_and_used(tmp_path):
     assert max(speculative(model, input_ids, attention_mask).accepted_tokens_per_step) > 1
     model.config.draft_confidence_threshold = 1.0
     assert speculative(model, input_ids, attention_mask).accepted_tokens_per_step == [1] * MAX_NEW_TOKENS
+
+
+# -- calibration ----------------------------------------------------------------------------------------------
+
+PROMPT_LENGTH, COMPLETION_LENGTH = 6, 16
+# A base whose greedy continuations do not just repeat one token (as the tied tiny Llama's do), which untrained
+# heads, drafting the next token once more, would get right.
+CALIBRATION_BASE = "qwen2-bias"
+
+
+def self_distilled(base, num_prompts=4):
+    """Random prompts and the base's greedy continuations (the base has no end-of-sequence token, so every
+    continuation is full length), as `build_self_distillation_dataset` writes them, and as one tensor."""
+    input_ids, attention_mask = random_batch(num_prompts, PROMPT_LENGTH, seed=7)
+    sequences = base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=COMPLETION_LENGTH)
+    completion_mask = [[0] * PROMPT_LENGTH + [1] * COMPLETION_LENGTH] * num_prompts
+    return Dataset.from_dict({"input_ids": sequences.tolist(), "completion_mask": completion_mask}), sequences
+
+
+class LookUpDrafts:
+    """Draft logits from the self-distilled sequences: head 0 right, with confidence 0.85; the later heads wrong,
+    with confidence 0.35."""
+
+    def __init__(self, sequences, num_drafts=4):
+        self.sequences, self.num_drafts = sequences, num_drafts
+
+    def __call__(self, input_ids, hidden_states, inserted_hidden_states):
+        length = input_ids.shape[1]
+        row = int((self.sequences[:, :length] == input_ids).all(-1).nonzero()[0])
+        drafts = self.sequences[row, length : length + self.num_drafts]
+        drafts = torch.cat([drafts, drafts.new_full((self.num_drafts - len(drafts),), 3)])
+        drafts[1:] = (drafts[1:] + 1) % 96
+        return confident_logits(drafts[None], [0.85] + [0.35] * (self.num_drafts - 1))
+
+
+def test_calibration_never_drafts_with_untrained_heads():
+    base = make_base(CALIBRATION_BASE, eos_token_id=None)
+    dataset, _ = self_distilled(base)
+    calibration = calibrate_draft_confidence(otter_hf.insert(base, num_draft_heads=4), dataset)
+    assert calibration.threshold == 1.0 and calibration.expected_speed_up == 1.0
+    assert max(calibration.speed_ups) < 1.0
+    assert len(calibration.speed_ups) == len(calibration.thresholds) == 100
+
+
+def test_calibration_keeps_the_drafts_that_pay():
+    base = make_base(CALIBRATION_BASE, eos_token_id=None)
+    dataset, sequences = self_distilled(base)
+    calibration = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences))
+    # Only head 0 is worth verifying: cut after it, anywhere in [0.35, 0.85); the highest such threshold wins ties.
+    assert calibration.threshold == 0.84
+    best = calibration.thresholds.index(0.84)
+    assert calibration.drafts_per_step[best] <= 1.0 and calibration.accepted_tokens_per_step[best] > 1.9
+    # Every step gains a token at a cost of 1 + 0.3 + 0.2 (the default cost model), but a row's last one.
+    assert 1.25 < calibration.expected_speed_up <= 2 / 1.5 + 1e-9
+    # Verifying all four drafts costs more than it gains.
+    assert calibration.speed_ups[0] < 1.0 and calibration.drafts_per_step[0] > 3
+    # Head 0's drafts are accepted (bar the padding past a row's end), the others' never.
+    head_zero_bin, later_heads_bin = calibration.acceptance_by_confidence[8], calibration.acceptance_by_confidence[3]
+    assert head_zero_bin[1] > 0.9 and later_heads_bin[1] == 0.0 and later_heads_bin[2] > 0
+    # Without costs, every threshold that verifies head 0 gains as much: the highest wins.
+    free = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences), verification_cost=0, drafting_overhead=0)
+    assert free.threshold == 0.84 and free.speed_ups[0] == free.expected_speed_up
+
+
+def test_calibration_replays_the_decoding_loop():
+    base = make_base(CALIBRATION_BASE, eos_token_id=None)
+    model = make_otter(base, num_draft_heads=4)
+    dataset, sequences = self_distilled(base)
+    thresholds = [0.0, 0.02, 0.04, 0.06]
+    calibration = calibrate_draft_confidence(model, dataset, thresholds=thresholds)
+    assert 0 < calibration.drafts_per_step[2] < 4  # a threshold that cuts some chains and not others
+    for index, threshold in enumerate(thresholds):
+        steps = []
+        for row in range(len(sequences)):
+            prompt = sequences[row : row + 1, :PROMPT_LENGTH]
+            output = speculative(
+                model, prompt, torch.ones_like(prompt), max_new_tokens=COMPLETION_LENGTH, draft_confidence_threshold=threshold
+            )
+            assert torch.equal(output.sequences, sequences[row : row + 1])
+            steps += output.accepted_tokens_per_step
+        assert calibration.accepted_tokens_per_step[index] == pytest.approx(sum(steps) / len(steps))
+
+
+def test_calibration_refuses_bad_costs_and_thresholds():
+    base = make_base(CALIBRATION_BASE, eos_token_id=None)
+    dataset, _ = self_distilled(base, num_prompts=1)
+    model = otter_hf.insert(base, num_draft_heads=2)
+    with pytest.raises(ValueError, match="`verification_cost` must be a non-negative number"):
+        calibrate_draft_confidence(model, dataset, verification_cost=-0.1)
+    with pytest.raises(ValueError, match=r"`thresholds` must be candidates in \[0, 1\)"):
+        calibrate_draft_confidence(model, dataset, thresholds=[0.5, 1.0])
+    with pytest.raises(ValueError, match="no completion tokens"):
+        calibrate_draft_confidence(model, Dataset.from_dict({"input_ids": [[5, 6, 7]], "completion_mask": [[1, 0, 0]]}))
+
+
+# -- sampling -------------------------------------------------------------------------------------------------
+
+SAMPLING = dict(do_sample=True, repetition_penalty=1.3, temperature=0.8, top_k=6, top_p=0.9)
+SMALL_VOCABULARY = 16
+
+
+def sampling_processors():
+    """What generate() applies with SAMPLING: its processors, then its warpers, in its order."""
+    return LogitsProcessorList(
+        [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.8), TopKLogitsWarper(6), TopPLogitsWarper(0.9)]
+    )
+
+
+def make_peaked_base():
+    """A base over 16 tokens whose next-token distributions are peaked enough for drafts to be accepted often,
+    but far from always."""
+    base = make_base("llama-mha-untied", vocab_size=SMALL_VOCABULARY, eos_token_id=None)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(6)
+    return base
+
+
+class GreedyChainDrafts:
+    """Drafts the model's own raw greedy continuation of the sequence so far (recomputed, no cache)."""
+
+    def __init__(self, model, num_drafts):
+        self.model, self.num_drafts = model, num_drafts
+
+    def __call__(self, input_ids, hidden_states, inserted_hidden_states):
+        sequences = input_ids
+        for _ in range(self.num_drafts):
+            next_tokens = self.model(input_ids=sequences).logits[:, -1].argmax(-1, keepdim=True)
+            sequences = torch.cat([sequences, next_tokens], dim=-1)
+        return sequences[:, input_ids.shape[1] :]
+
+
+@torch.no_grad()
+def exact_distribution(model, prompt, num_tokens):
+    """The probability of every continuation of `prompt` with `num_tokens` tokens under SAMPLING."""
+    distribution = {(): 1.0}
+    for _ in range(num_tokens):
+        prefixes = list(distribution)
+        sequences = torch.cat([prompt.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1)], dim=-1)
+        scores = sampling_processors()(sequences, model(input_ids=sequences).logits[:, -1].float())
+        probabilities = scores.softmax(-1)
+        distribution = {
+            prefix + (token,): distribution[prefix] * float(probabilities[row, token])
+            for row, prefix in enumerate(prefixes)
+            for token in range(SMALL_VOCABULARY)
+            if probabilities[row, token] > 0
+        }
+    return distribution
+
+
+def total_variation(counts: Counter, distribution: dict) -> float:
+    total = sum(counts.values())
+    keys = set(counts) | set(distribution)
+    return 0.5 * sum(abs(counts[key] / total - distribution.get(key, 0.0)) for key in keys)
+
+
+@pytest.mark.parametrize("batch_size, calls", [(1, 400), (40, 10)])
+def test_sampling_draws_from_the_distribution_of_plain_sampling(batch_size, calls):
+    base = make_peaked_base()
+    prompt = torch.tensor([[5, 9, 3, 12]])
+    new_tokens = 3
+    exact = exact_distribution(base, prompt, new_tokens)
+    inputs = prompt.expand(batch_size, -1)
+    torch.manual_seed(0)
+    samples, steps = Counter(), []
+    for _ in range(calls):
+        output = speculative(
+            base, inputs, torch.ones_like(inputs), draft_fn=GreedyChainDrafts(base, 2), max_new_tokens=new_tokens, **SAMPLING
+        )
+        samples.update(map(tuple, output.sequences[:, prompt.shape[1] :].tolist()))
+        steps += output.accepted_tokens_per_step
+    # Drafts were accepted and rejected: both branches of the acceptance rule ran.
+    assert min(steps) == 1 and (max(steps) > 1 or batch_size > 1)
+    # As close to the exact distribution as 99 % of samples of the same size drawn from it.
+    generator = torch.Generator().manual_seed(0)
+    outcomes, probabilities = list(exact), torch.tensor(list(exact.values()))
+    null = sorted(
+        total_variation(Counter(outcomes[i] for i in torch.multinomial(probabilities, sum(samples.values()), True, generator=generator).tolist()), exact)
+        for _ in range(200)
+    )
+    assert total_variation(samples, exact) <= null[197]
+
+
+def test_sampling_without_drafts_draws_what_generate_draws():
+    base = make_base("llama-gqa-tied")
+    model = otter_hf.insert(base, num_draft_heads=4)  # threshold 1.0: drafting off
+    input_ids, attention_mask = random_batch(2, 7, padding="left")
+    torch.manual_seed(3)
+    reference = greedy(base, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20)
+    unconfident = lambda ids, *streams: confident_logits(ids[:, -3:], 0.1)  # every chain cut to nothing
+    for options in ({}, {"draft_fn": unconfident, "draft_confidence_threshold": 0.5}):
+        torch.manual_seed(3)
+        output = speculative(model, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20, **options)
+        assert torch.equal(output.sequences, reference)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    base = make_peaked_base()
+    input_ids = torch.tensor([[5, 9, 3, 12], [7, 4, 11, 6]])
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outputs.append(speculative(base, input_ids, torch.ones_like(input_ids), draft_fn=GreedyChainDrafts(base, 3), **SAMPLING))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert outputs[0].accepted_tokens_per_step == outputs[1].accepted_tokens_per_step
+    assert max(outputs[0].accepted_tokens_per_step) > 1
+    assert not torch.equal(outputs[0].sequences, outputs[2].sequences)

@@ -143,10 +143,7 @@ def calibrate_draft_confidence(
         )
     candidates = torch.tensor(thresholds, dtype=torch.float32)
 
-    tokens = torch.zeros(len(thresholds))
-    cost = torch.zeros(len(thresholds))
-    steps = torch.zeros(len(thresholds))
-    verified = torch.zeros(len(thresholds))
+    tokens, cost, steps, verified = torch.zeros(4, len(thresholds), dtype=torch.float64)
     bin_accepted = torch.zeros(CONFIDENCE_BINS)
     bin_total = torch.zeros(CONFIDENCE_BINS)
     for row in dataset:
