@@ -414,7 +414,7 @@ def make_peaked_base():
     but far from always."""
     base = make_base("llama-mha-untied", vocab_size=SMALL_VOCABULARY, eos_token_id=None)
     with torch.no_grad():
-        base.lm_head.weight.mul_(6)
+        base.lm_head.weight.mul_(20)
     return base
 
 
@@ -456,7 +456,7 @@ def total_variation(counts: Counter, distribution: dict) -> float:
     return 0.5 * sum(abs(counts[key] / total - distribution.get(key, 0.0)) for key in keys)
 
 
-@pytest.mark.parametrize("batch_size, calls", [(1, 400), (40, 10)])
+@pytest.mark.parametrize("batch_size, calls", [(1, 300), (40, 8)])
 def test_sampling_draws_from_the_distribution_of_plain_sampling(batch_size, calls):
     base = make_peaked_base()
     prompt = torch.tensor([[5, 9, 3, 12]])
