@@ -18,6 +18,9 @@ prices them with a simple cost model and returns the threshold with the most tok
 
 The cost model, in one-token forwards of plain decoding: a step that verifies `n` drafts costs
 `1 + drafting_overhead + verification_cost * n`, and a step of plain decoding costs 1.
+
+The replay is of greedy decoding. Sampling accepts a draft with the probability the model gives it rather than
+whenever it is the argmax, so a threshold calibrated here is a starting point for sampling, not its optimum.
 """
 
 from dataclasses import dataclass
@@ -67,7 +70,6 @@ def _check_cost(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a non-negative number (in one-token forwards), got {value!r}.")
 
 
-@torch.no_grad()
 def _drafts_and_confidences(model, draft_fn, input_ids, positions, chunk_size=32):
     """The drafts `(len(positions), num_drafts)` and their confidences at each position of one sequence, from the
     teacher-forced final hidden states there (the draft heads at position t propose the tokens from t + 2 on)."""

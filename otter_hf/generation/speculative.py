@@ -36,15 +36,16 @@ warpers: temperature, top-k, top-p, ...), `d` is accepted with probability `p(d)
 drawn from `p` with `d` removed and renormalised, and the chain stops. Either way the token has distribution `p`
 exactly. After a fully accepted chain the next token is drawn from `p` as usual. In a batch, the first draft that
 some row rejects ends the chain for every row; there, a row that rejected draws from its residual distribution and
-a row that accepted keeps the draft it accepted (drawing afresh would undercount drafts, since the row's own
-rejection alone also ends the chain). Both become the first token of the next step. The argmax proposal keeps the
-draft independent of the warpers, so the rule is exact for any processor a sampling `generate()` applies.
+a row that accepted keeps the draft it accepted. (Drawing afresh from `p` there would make the draft too rare: the
+row's own rejections end the chain as well, and those are not redrawn.) Either token becomes the first one of the
+next step. The argmax proposal keeps the draft independent of the warpers, so the rule is exact for any processor
+a sampling `generate()` applies.
 
 The confidence threshold makes drafting pay (or stop): 0.0 verifies every draft, 1.0 never drafts. With drafting
 switched off entirely (threshold 1.0), the loop decodes one token per forward with the base computation only (an
 Otter model runs under `otter_disabled()`, so the inserted stream costs nothing) and takes the same tokens, and,
 with `do_sample=True`, the same random draws, as ordinary `generate()`. An Otter model reads the threshold from
-`config.draft_confidence_threshold`, whose default 1.0 keeps a model with untrained heads exactly as fast as plain
+`config.draft_confidence_threshold`, whose default 1.0 keeps a model with untrained heads as fast as plain
 decoding until `calibrate_draft_confidence` (in `otter_hf.generation.draft_calibration`) finds a threshold at which
 its heads pay.
 
@@ -148,7 +149,7 @@ def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
         )
 
 
-def check_draft_confidence_threshold(threshold) -> None:
+def _check_draft_confidence_threshold(threshold) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(
             "`draft_confidence_threshold` must be a number in [0, 1] (0 verifies every draft, 1 never drafts), "
@@ -161,7 +162,7 @@ def _draft_confidence_threshold(model, draft_fn: DraftFunction | None, threshold
         # The config's threshold belongs to the model's own heads, for which it was calibrated; a `draft_fn` has
         # all its drafts verified unless the call says otherwise.
         threshold = model.config.draft_confidence_threshold if draft_fn is None else 0.0
-    check_draft_confidence_threshold(threshold)
+    _check_draft_confidence_threshold(threshold)
     return float(threshold)
 
 
