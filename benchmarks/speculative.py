@@ -8,9 +8,11 @@ prompts), the same optimiser, learning rate, batches and number of steps:
 - Medusa: heads `h + SiLU(W_k h)` on the frozen base's last hidden state, trained with a plain `Trainer` on the
   same loss (`draft_head_loss`); it drafts and verifies with the base model alone.
 
-Both decode with `speculative_generate` (greedy). On the held-out prompts the script reports each head's top-1
-accuracy on the base's own continuations, the mean tokens accepted per verification forward, the wall-clock time
-per generated token against plain greedy `base.generate(do_sample=False)` (medians over prompts, batch 1), and
+Both decode with `speculative_generate` (greedy), each with a draft confidence threshold that
+`calibrate_draft_confidence` picks on a calibration split (prompts used neither for training nor for evaluation),
+unless `--draft-confidence-threshold` sets one for both. On the held-out prompts the script reports each head's
+top-1 accuracy on the base's own continuations, the mean tokens accepted per verification forward, the wall-clock
+time per generated token against plain greedy `base.generate(do_sample=False)` (medians over prompts, batch 1), and
 whether every output was token-identical to plain greedy. It prints one JSON object.
 
     python benchmarks/speculative.py
@@ -29,7 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
-from otter_hf.generation import speculative_generate
+from otter_hf.generation import calibrate_draft_confidence, speculative_generate
+from otter_hf.generation.speculative import confident_draft_logits
 from otter_hf.trainers import (
     DataCollatorForDraftHeads,
     OtterDraftConfig,
@@ -156,6 +159,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-draft-heads", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=10, help="Prompts kept out of training, for evaluation.")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=6,
+        help="Prompts kept out of training and evaluation, on which each drafter's confidence threshold is calibrated.",
+    )
+    parser.add_argument(
+        "--draft-confidence-threshold",
+        type=float,
+        help="Confidence threshold for both drafters, in [0, 1] (0 verifies every draft, 1 never drafts); "
+        "calibrated for each on the calibration prompts when not given.",
+    )
     parser.add_argument("--distill-new-tokens", type=int, default=64, help="Length of the self-distilled answers.")
     parser.add_argument("--eval-new-tokens", type=int, default=48, help="Tokens generated per held-out prompt.")
     parser.add_argument("--train-steps", type=int, default=30)
@@ -163,6 +178,10 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.draft_confidence_threshold is None and args.calibration_prompts < 1:
+        parser.error("--calibration-prompts must be at least 1 unless --draft-confidence-threshold is given.")
+    if args.draft_confidence_threshold is not None and not 0.0 <= args.draft_confidence_threshold <= 1.0:
+        parser.error(f"--draft-confidence-threshold must be in [0, 1], got {args.draft_confidence_threshold}.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -173,10 +192,16 @@ def main():
     base.requires_grad_(False)
     otter = otter_hf.insert(base, num_draft_heads=args.num_draft_heads)
 
-    train_prompts, held_out_prompts = PROMPTS[: -args.held_out], PROMPTS[-args.held_out :]
+    held_out_start = len(PROMPTS) - args.held_out
+    calibration_start = held_out_start - args.calibration_prompts
+    train_prompts = PROMPTS[:calibration_start]
+    calibration_prompts = PROMPTS[calibration_start:held_out_start]
+    held_out_prompts = PROMPTS[held_out_start:]
     distill_start = time.perf_counter()
-    train_dataset = build_self_distillation_dataset(base, tokenizer, train_prompts, args.distill_new_tokens, batch_size=8)
-    held_out_dataset = build_self_distillation_dataset(base, tokenizer, held_out_prompts, args.distill_new_tokens, batch_size=8)
+    train_dataset, calibration_dataset, held_out_dataset = (
+        build_self_distillation_dataset(base, tokenizer, prompts, args.distill_new_tokens, batch_size=8)
+        for prompts in (train_prompts, calibration_prompts, held_out_prompts)
+    )
     distill_seconds = time.perf_counter() - distill_start
 
     training = dict(
@@ -219,21 +244,49 @@ def main():
     def medusa_draft_hidden(input_ids):
         return medusa.heads(base.model(input_ids=input_ids).last_hidden_state)
 
-    def medusa_draft(input_ids, hidden_states, inserted_hidden_states):
-        return base.lm_head(medusa.heads(hidden_states)).argmax(-1)
+    def medusa_drafts(confidence_threshold):
+        # Decoded only as far as the threshold needs, as Otter's own heads are.
+        def draft(input_ids, hidden_states, inserted_hidden_states):
+            return confident_draft_logits(medusa.heads(hidden_states), base.lm_head, confidence_threshold)
+
+        return draft
 
     accuracy = {
         "otter": held_out_accuracy(otter_draft_hidden, otter.lm_head, held_out_dataset),
         "medusa": held_out_accuracy(medusa_draft_hidden, base.lm_head, held_out_dataset),
     }
 
+    calibration_start_time = time.perf_counter()
+    if args.draft_confidence_threshold is None:
+        calibrations = {
+            "otter": calibrate_draft_confidence(otter, calibration_dataset),
+            "medusa": calibrate_draft_confidence(base, calibration_dataset, draft_fn=medusa_drafts(0.0)),
+        }
+        thresholds = {name: calibration.threshold for name, calibration in calibrations.items()}
+    else:
+        calibrations = {}
+        thresholds = {"otter": args.draft_confidence_threshold, "medusa": args.draft_confidence_threshold}
+    calibration_seconds = time.perf_counter() - calibration_start_time
+
     generation = dict(do_sample=False, max_new_tokens=args.eval_new_tokens)
     methods = {
         "greedy": (base.generate, {}),
-        "otter": (otter.generate, dict(custom_generate=speculative_generate, return_dict_in_generate=True)),
+        "otter": (
+            otter.generate,
+            dict(
+                custom_generate=speculative_generate,
+                draft_confidence_threshold=thresholds["otter"],
+                return_dict_in_generate=True,
+            ),
+        ),
         "medusa": (
             base.generate,
-            dict(custom_generate=speculative_generate, draft_fn=medusa_draft, return_dict_in_generate=True),
+            dict(
+                custom_generate=speculative_generate,
+                draft_fn=medusa_drafts(thresholds["medusa"]),
+                draft_confidence_threshold=thresholds["medusa"],
+                return_dict_in_generate=True,
+            ),
         ),
     }
     seconds_per_token = {name: [] for name in methods}
@@ -264,6 +317,7 @@ def main():
         "threads": args.threads,
         "num_draft_heads": args.num_draft_heads,
         "train_prompts": len(train_prompts),
+        "calibration_prompts": len(calibration_prompts),
         "held_out_prompts": len(held_out_prompts),
         "distill_new_tokens": args.distill_new_tokens,
         "eval_new_tokens": args.eval_new_tokens,
@@ -278,6 +332,14 @@ def main():
             "medusa_train_seconds": round(medusa_train_seconds, 1),
         },
         "held_out_top1_accuracy_per_head": accuracy,
+        "draft_confidence_threshold": {
+            "value": thresholds,
+            "source": "calibrated" if calibrations else "--draft-confidence-threshold",
+            "calibration_expected_speed_up": {
+                name: round(calibration.expected_speed_up, 3) for name, calibration in calibrations.items()
+            },
+            "calibration_seconds": round(calibration_seconds, 1),
+        },
         "mean_accepted_tokens_per_step": {name: round(statistics.mean(values), 3) for name, values in accepted.items()},
         "median_ms_per_token": {name: round(1000 * value, 2) for name, value in median_seconds.items()},
         "speed_up_over_greedy": {

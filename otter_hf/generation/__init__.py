@@ -1,10 +1,17 @@
-"""Decoding with the Otter signal: ARGS reward guidance from the in-model value head."""
+"""Decoding with the Otter signal (ARGS reward guidance from the in-model value head) and with the draft heads
+(speculative decoding)."""
 
 from .logits_process import OtterRewardLogitsProcessor
 from .reward_guided import reward_guided_generate
 
 __all__ = ["OtterRewardLogitsProcessor", "reward_guided_generate"]
 
+from .draft_calibration import DraftConfidenceCalibration, calibrate_draft_confidence
 from .speculative import SpeculativeDecoderOnlyOutput, speculative_generate
 
-__all__ += ["SpeculativeDecoderOnlyOutput", "speculative_generate"]
+__all__ += [
+    "DraftConfidenceCalibration",
+    "SpeculativeDecoderOnlyOutput",
+    "calibrate_draft_confidence",
+    "speculative_generate",
+]

@@ -168,6 +168,10 @@ def _is_probability_below_one(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
 
+def _is_probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -209,6 +213,16 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 "after the next one, for speculative decoding. 0 builds none.",
                 requirement="a non-negative integer",
                 is_valid=_is_count,
+            ),
+            HeadOption(
+                name="draft_confidence_threshold",
+                type=float,
+                default=1.0,
+                help="Speculative decoding keeps a chain of drafts while each head's probability of its own draft "
+                "exceeds this; 1.0 never drafts (plain decoding of the base, the default until "
+                "`otter_hf.generation.calibrate_draft_confidence` picks one for trained heads), 0.0 keeps every draft.",
+                requirement="in [0, 1]",
+                is_valid=_is_probability,
             ),
         ),
         is_built=lambda config: config.num_draft_heads > 0,
