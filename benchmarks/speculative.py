@@ -71,6 +71,14 @@ def hh_first_turns() -> dict[str, list[str]]:
     return {"train": train, "test": [turn for turn in first_turns(["test"]) if turn not in seen]}
 
 
+def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as a one-turn user conversation through the chat template, ready for the answer."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        for prompt in prompts
+    ]
+
+
 def self_distilled(base, tokenizer, prompts: list[str], max_new_tokens: int, cache_file: Path) -> Dataset:
     """The base model's greedy answers to `prompts`, from `cache_file` when it was written for exactly these."""
     if cache_file.exists():
@@ -334,10 +342,7 @@ def main():
         ),
     }
     tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        for prompt in held_out_prompts
-    ]
+    texts = chat_texts(tokenizer, held_out_prompts)
     decoding = {}
     with torch.no_grad():
         for batch_size in args.batch_sizes:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.generation import speculative_generate
-from speculative import hh_first_turns
+from speculative import chat_texts, hh_first_turns
 
 
 def main():
@@ -41,10 +41,7 @@ def main():
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     otter = otter_hf.load_otter(base, args.heads).eval()
     prompts = hh_first_turns()["test"][args.calibration_prompts : args.calibration_prompts + args.held_out]
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        for prompt in prompts
-    ]
+    texts = chat_texts(tokenizer, prompts)
     generation = dict(do_sample=False, max_new_tokens=args.eval_new_tokens, pad_token_id=tokenizer.pad_token_id)
     result = {"draft_confidence_threshold": otter.config.draft_confidence_threshold}
     with torch.no_grad():

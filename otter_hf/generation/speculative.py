@@ -62,6 +62,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
+from ..modeling.inserted_heads import is_probability
 from .loop_inputs import pop_prepared_inputs
 
 # (sequences ending with the token the LM head fixed, final hidden states of the original stream at the position
@@ -150,7 +151,7 @@ def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
 
 
 def _check_draft_confidence_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+    if not is_probability(threshold):
         raise ValueError(
             "`draft_confidence_threshold` must be a number in [0, 1] (0 verifies every draft, 1 never drafts), "
             f"got {threshold!r}."
@@ -356,7 +357,7 @@ def _decode(
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, num_candidates)], dim=-1)
         verify_logits, hidden, inserted_hidden = forward(candidates, positions, attention_mask, logits_to_keep=0)
         draft_scores = _draft_scores(logits_processor, input_ids, candidates, verify_logits)
-        if drafts.shape[1] == 0:  # no test to run, and no random draw, so a draftless loop samples as generate()
+        if drafts.shape[1] == 0:  # a chain cut to nothing: no test to run, and no random draw spent on one
             accepted = drafts.bool()
         elif do_sample:
             draft_probabilities = draft_scores.softmax(-1).gather(-1, drafts[..., None]).squeeze(-1)

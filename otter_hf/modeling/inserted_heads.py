@@ -168,7 +168,7 @@ def _is_probability_below_one(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
 
-def _is_probability(value) -> bool:
+def is_probability(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
@@ -222,7 +222,7 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 "exceeds this; 1.0 never drafts (plain decoding of the base, the default until "
                 "`otter_hf.generation.calibrate_draft_confidence` picks one for trained heads), 0.0 keeps every draft.",
                 requirement="in [0, 1]",
-                is_valid=_is_probability,
+                is_valid=is_probability,
             ),
         ),
         is_built=lambda config: config.num_draft_heads > 0,
