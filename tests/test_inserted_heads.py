@@ -15,7 +15,10 @@ from otter_hf.modeling.inserted_heads import INSERTED_HEADS
 from conftest import make_base, make_otter, random_batch
 
 # Options under which a config builds every registered head; a new head that needs one belongs here.
-BUILD_EVERY_HEAD = {"num_draft_heads": 2, "token_reward_head": True}
+BUILD_EVERY_HEAD = {"num_draft_heads": 2, "num_recurrent_drafts": 2, "draft_vocab_size": 40, "token_reward_head": True}
+# Heads whose output skips positions: the recurrent draft head reads the token after each position, so the last
+# one has none.
+POSITIONS_SKIPPED = {"recurrent_draft_logits": 1}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_every_head_fills_its_output_field(otter_bf16, head):
         with otter_bf16.otter_disabled():
             disabled = otter_bf16(input_ids, attention_mask=attention_mask)
     assert head.output_field in {field.name for field in dataclasses.fields(OtterCausalLMOutputWithValue)}
-    assert getattr(requested, head.output_field).shape[:2] == (2, 5)
+    assert getattr(requested, head.output_field).shape[:2] == (2, 5 - POSITIONS_SKIPPED.get(head.output_field, 0))
     assert (getattr(plain, head.output_field) is not None) == head.computed_by_default
     assert getattr(disabled, head.output_field) is None
 

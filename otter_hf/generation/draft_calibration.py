@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .speculative import DraftFunction, check_speculative_model, draft_confidence
+from .speculative import DraftFunction, check_speculative_model, draft_confidence, has_recurrent_draft_head, otter_recurrent_drafts
 
 # Candidate thresholds: 0.00, 0.01, ..., 0.99; 1.0 (never draft) is always the fallback.
 DEFAULT_THRESHOLDS = tuple(step / 100 for step in range(100))
@@ -136,6 +136,8 @@ def calibrate_draft_confidence(
             The candidates, each in [0, 1); defaults to 0.00, 0.01, ..., 0.99.
     """
     check_speculative_model(model, draft_fn)
+    if draft_fn is None and has_recurrent_draft_head(model):
+        draft_fn = otter_recurrent_drafts(model)
     _check_cost("verification_cost", verification_cost)
     _check_cost("drafting_overhead", drafting_overhead)
     thresholds = sorted(DEFAULT_THRESHOLDS if thresholds is None else thresholds)

@@ -122,20 +122,53 @@ def otter_draft_heads(model, confidence_threshold: float = 0.0) -> DraftFunction
     return draft
 
 
+def otter_recurrent_drafts(model, confidence_threshold: float = 0.0) -> DraftFunction:
+    """The drafts of an Otter model's recurrent draft head: up to `num_recurrent_drafts` tokens, each drafted from
+    the hidden state the head predicted for the token before it, stopping after the first draft whose confidence
+    no row exceeds `confidence_threshold`. Its logits cover the draft vocabulary; the other tokens get -inf."""
+    head = model.recurrent_draft_head
+
+    def draft(input_ids, hidden_states, inserted_hidden_states):
+        features, token = hidden_states, input_ids[:, -1]
+        logits = []
+        for _ in range(model.config.num_recurrent_drafts):
+            features = head.step(features, model.token_embeddings(token))
+            logits.append(head.draft_logits(features).float())
+            if draft_confidence(logits[-1]).max() <= confidence_threshold:
+                break
+            token = head.draft_token_ids[logits[-1].argmax(-1)]
+        draft_vocab_logits = torch.stack(logits, dim=1)
+        full_logits = draft_vocab_logits.new_full((*draft_vocab_logits.shape[:2], model.config.vocab_size), float("-inf"))
+        return full_logits.index_copy_(-1, head.draft_token_ids, draft_vocab_logits)
+
+    return draft
+
+
+def has_recurrent_draft_head(model) -> bool:
+    return getattr(model, "recurrent_draft_head", None) is not None
+
+
+def otter_drafts(model, confidence_threshold: float = 0.0) -> DraftFunction:
+    """An Otter model's own drafter: its recurrent draft head when it has one, else its Medusa-style heads."""
+    if has_recurrent_draft_head(model):
+        return otter_recurrent_drafts(model, confidence_threshold)
+    return otter_draft_heads(model, confidence_threshold)
+
+
 def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
     """Raise a clear error when `model` cannot draft (without `draft_fn`) or its cache cannot be cropped."""
     config = model.config
-    if draft_fn is None:
+    if draft_fn is None and not has_recurrent_draft_head(model):
         if getattr(config, "inserted_hidden_size", None) is None:
             raise TypeError(
                 f"Speculative decoding drafts with an Otter model's draft heads; {type(model).__name__} has none. Build "
-                "one with `otter_hf.insert(base_model, num_draft_heads=4)`, or pass your own `draft_fn`."
+                "one with `otter_hf.insert(base_model, num_recurrent_drafts=5)`, or pass your own `draft_fn`."
             )
         if getattr(model, "draft_heads", None) is None:
             raise ValueError(
-                "This Otter model has no draft heads (`num_draft_heads=0`). Insert them with "
-                "`otter_hf.insert(base_model, num_draft_heads=4)` and train them with `OtterDraftTrainer`, or pass "
-                "your own `draft_fn`."
+                "This Otter model has no draft heads. Insert a recurrent one with `otter_hf.insert(base_model, "
+                "num_recurrent_drafts=5)` (or Medusa-style ones with `num_draft_heads=4`) and train it with "
+                "`OtterDraftTrainer`, or pass your own `draft_fn`."
             )
         if not model.otter_enabled:
             raise ValueError(
@@ -274,8 +307,13 @@ def speculative_generate(
         raise ValueError("Speculative decoding verifies drafts against the cached prefix: leave use_cache=True.")
 
     if confidence_threshold < 1.0:
-        draft_fn = draft_fn or otter_draft_heads(model, confidence_threshold)
-        return _decode(model, input_ids, logits_processor, stopping_criteria, generation_config, draft_fn, confidence_threshold, model_kwargs)
+        # The recurrent draft head reads the original stream alone: the inserted one need not run.
+        base_computation_only = draft_fn is None and has_recurrent_draft_head(model)
+        draft_fn = draft_fn or otter_drafts(model, confidence_threshold)
+        with model.otter_disabled() if base_computation_only else contextlib.nullcontext():
+            return _decode(
+                model, input_ids, logits_processor, stopping_criteria, generation_config, draft_fn, confidence_threshold, model_kwargs
+            )
     # Drafting is off: generate()'s own decoding loop, with nothing but the base computation to pay for (a loop of
     # our own measured 2-10 % slower than transformers' on SmolLM2 at batch 1-4).
     with model.otter_disabled() if hasattr(model, "otter_disabled") else contextlib.nullcontext():

@@ -571,6 +571,18 @@ class OtterForCausalLMMixin:
     def otter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, p) for name, p in self.named_parameters() if is_inserted_parameter(name))
 
+    def otter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The inserted parameters and the inserted modules' persistent buffers (a draft vocabulary's token ids):
+        everything `save_otter` writes."""
+        state = dict(self.otter_named_parameters())
+        persistent_buffers = self.state_dict(keep_vars=True).keys()
+        state.update(
+            (name, buffer)
+            for name, buffer in self.named_buffers()
+            if is_inserted_parameter(name) and name in persistent_buffers
+        )
+        return state
+
     def otter_parameters(self) -> Iterator[nn.Parameter]:
         return (parameter for _, parameter in self.otter_named_parameters())
 
@@ -593,6 +605,10 @@ class OtterForCausalLMMixin:
     def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
         return self.logits_from_hidden(self.draft_heads(hidden, inserted_hidden))
+
+    def token_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Rows of the base model's input embedding matrix (unscaled, without the inserted columns)."""
+        return nn.functional.embedding(input_ids, self.get_input_embeddings().weight)
 
     def otter_decoder_layers(self) -> list:
         """The Otter decoder layers, first to last."""
@@ -700,7 +716,15 @@ class OtterForCausalLMMixin:
         logits = self.logits_from_hidden(kept_hidden_states)
         head_outputs = self._inserted_head_outputs(
             requested_heads,
-            FinalStreams(hidden_states, inserted_hidden, logits, logits_to_keep, self.logits_from_hidden),
+            FinalStreams(
+                hidden_states,
+                inserted_hidden,
+                logits,
+                logits_to_keep,
+                self.logits_from_hidden,
+                input_ids=input_ids,
+                token_embeddings=self.token_embeddings,
+            ),
         )
 
         loss = None
@@ -840,4 +864,4 @@ class OtterForCausalLMMixin:
         """Write only the inserted parameters (safetensors) and a config naming the base model and the
         fingerprint of its weights; `otter_hf.load_otter(base, save_directory)` attaches them again."""
         self.config.base_model_fingerprint = self.base_weights_fingerprint()
-        save_inserted_parameters(save_directory, self.otter_named_parameters(), self.config)
+        save_inserted_parameters(save_directory, self.otter_state_dict().items(), self.config)

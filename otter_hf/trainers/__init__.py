@@ -16,6 +16,18 @@ __all__ = [
     "token_reward_log_probs",
 ]
 
-from .draft_trainer import DataCollatorForDraftHeads, OtterDraftConfig, OtterDraftTrainer, build_self_distillation_dataset
+from .draft_trainer import (
+    DataCollatorForDraftHeads,
+    OtterDraftConfig,
+    OtterDraftTrainer,
+    build_self_distillation_dataset,
+    fit_draft_vocabulary,
+)
 
-__all__ += ["DataCollatorForDraftHeads", "OtterDraftConfig", "OtterDraftTrainer", "build_self_distillation_dataset"]
+__all__ += [
+    "DataCollatorForDraftHeads",
+    "OtterDraftConfig",
+    "OtterDraftTrainer",
+    "build_self_distillation_dataset",
+    "fit_draft_vocabulary",
+]

@@ -1,9 +1,19 @@
 """Training an Otter model's draft heads for speculative decoding (`otter_hf.generation.speculative_generate`).
 
-Head k (0-based, as in `model.draft_heads`) at position t predicts the token at t + k + 2, k + 1 tokens past the
-one the LM head predicts; its loss is the cross-entropy against that token, and the training loss is the mean
-over heads. Only the inserted parameters and the draft heads train: the base model, its LM head included, stays
-frozen, so the model's own greedy output (what the drafts must match) never moves.
+Medusa-style heads (`model.draft_heads`): head k (0-based) at position t predicts the token at t + k + 2, k + 1
+tokens past the one the LM head predicts; its loss is the cross-entropy against that token, and the loss is the
+mean over heads. They read the inserted stream, which trains with them.
+
+The recurrent draft head (`model.recurrent_draft_head`, EAGLE-style): from the final hidden state at t and the
+token at t + 1 it predicts the hidden state at t + 1 and, through its LM head, the token at t + 2; a second step
+reads its own prediction and the token at t + 2. Its loss is the cross-entropy of both steps over its draft
+vocabulary (the second weighted by half), plus the smooth L1 distance of the first predicted hidden state to the
+real one. It reads the original stream alone, so the forward runs without gradient and without the inserted
+stream. Before training a head whose draft vocabulary was never fitted, the trainer fits it to the training
+targets (`fit_draft_vocabulary`).
+
+Only inserted parameters train: the base model, its LM head included, stays frozen, so the model's own greedy
+output (what the drafts must match) never moves.
 
 Dataset format, one of:
 
@@ -15,6 +25,7 @@ Drafts pay off when they match what the model itself generates, so the best trai
 greedy output (self-distillation, as in Medusa): `build_self_distillation_dataset(model, tokenizer, prompts)`.
 """
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +88,80 @@ def draft_head_loss(
     return torch.stack(losses).mean(), torch.stack(accuracies)
 
 
+# The recurrent head's loss weights: its teacher-forced step, then a step from its own predicted hidden state.
+RECURRENT_STEP_WEIGHTS = (1.0, 0.5)
+FEATURE_LOSS_WEIGHT = 1.0
+
+
+def recurrent_draft_loss(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    token_embeddings,
+    input_ids: torch.LongTensor,
+    target_mask: torch.Tensor,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrent draft head's loss (see the module docstring) and each step's top-1 accuracy.
+
+    Args:
+        head: the `OtterRecurrentDraftHead`.
+        hidden: `(batch, seq, hidden_size)`, final (post-norm) hidden states of the original stream.
+        token_embeddings: token ids -> input embedding rows (`model.token_embeddings`).
+        input_ids: `(batch, seq)`, the sequences.
+        target_mask: `(batch, seq)`, true where a token is a target. A step is scored only where the tokens it
+            reads and the one it predicts are all targets: at decoding time they are the model's own tokens.
+        vocab_size: the model's vocabulary size.
+    """
+    to_draft_index = torch.full((vocab_size,), -1, dtype=torch.long, device=input_ids.device)
+    to_draft_index[head.draft_token_ids] = torch.arange(head.draft_token_ids.shape[0], device=input_ids.device)
+    target_mask = target_mask.bool()
+    scored = target_mask[:, 1:]
+    features = hidden
+    loss = hidden.new_zeros(())
+    accuracies = []
+    for step, weight in enumerate(RECURRENT_STEP_WEIGHTS):
+        shift = step + 2
+        length = input_ids.shape[1] - shift
+        if length <= 0:
+            accuracies.append(torch.tensor(float("nan")))
+            continue
+        features = head.step(features[:, :length], token_embeddings(input_ids[:, shift - 1 : shift - 1 + length]))
+        scored = scored[:, :length] & target_mask[:, shift:]
+        if not scored.any():
+            accuracies.append(torch.tensor(float("nan")))
+            continue
+        targets = input_ids[:, shift:][scored]
+        logits = head.draft_logits(features[scored]).float()
+        draft_targets = to_draft_index[targets]
+        in_vocabulary = draft_targets >= 0
+        if in_vocabulary.any():  # targets outside the draft vocabulary cannot be learnt, only missed
+            loss = loss + weight * nn.functional.cross_entropy(logits[in_vocabulary], draft_targets[in_vocabulary])
+        if step == 0:
+            loss = loss + FEATURE_LOSS_WEIGHT * nn.functional.smooth_l1_loss(features[scored], hidden[:, 1 : 1 + length][scored])
+        drafts = head.draft_token_ids[logits.argmax(-1)]
+        accuracies.append((drafts == targets).float().mean().detach())
+    return loss, torch.stack(accuracies)
+
+
+def fit_draft_vocabulary(model, dataset) -> None:
+    """Give the recurrent draft head the `draft_vocab_size` tokens most frequent among the targets of `dataset`
+    (rows with `input_ids` and an optional `completion_mask`), and its LM head the base LM head's rows for them.
+    Tokens that never occur fill the rest in id order."""
+    head = model.recurrent_draft_head
+    counts = collections.Counter()
+    for row in dataset:
+        mask = row.get("completion_mask") or [1] * len(row["input_ids"])
+        counts.update(token for token, is_target in zip(row["input_ids"], mask) if is_target)
+    size = head.draft_token_ids.shape[0]
+    chosen = [token for token, _ in counts.most_common(size)]
+    chosen_set = set(chosen)
+    chosen += [token for token in range(model.config.vocab_size) if token not in chosen_set][: size - len(chosen)]
+    token_ids = torch.tensor(chosen, dtype=torch.long, device=head.draft_token_ids.device)
+    with torch.no_grad():
+        head.draft_token_ids.copy_(token_ids)
+        head.lm_head.weight.copy_(model.lm_head.weight[token_ids].to(head.lm_head.weight.dtype))
+
+
 @dataclass
 class DataCollatorForDraftHeads(DataCollatorMixin):
     """Right-pads `input_ids` and builds the attention mask and the target mask (`completion_mask` on real tokens)."""
@@ -104,10 +189,12 @@ class OtterDraftTrainer(OtterTokenTrainer):
     """Trains an Otter model's draft heads, and the inserted parameters they read, to predict future tokens.
 
     See the module docstring for the loss and the dataset format. Training and evaluation also log each head's
-    top-1 accuracy as `draft_accuracy_head_{k}` (head k, from 0, predicts the token at t + k + 2).
+    top-1 accuracy as `draft_accuracy_head_{k}` (head k, from 0, predicts the token at t + k + 2), and the
+    recurrent draft head's as `recurrent_draft_accuracy_step_{k}` (step k, from 0, predicts the token at t + k + 2).
 
     Args:
-        model: an Otter causal LM with draft heads (`otter_hf.insert(base, num_draft_heads=4)`).
+        model: an Otter causal LM with a recurrent draft head (`otter_hf.insert(base, num_recurrent_drafts=5)`),
+            Medusa-style draft heads (`num_draft_heads=4`), or both.
         args ([`OtterDraftConfig`], *optional*): training configuration.
         train_dataset, eval_dataset: datasets with a `text` or an `input_ids` column (and optionally
             `completion_mask`); `eval_dataset` may be a dict of them.
@@ -121,10 +208,11 @@ class OtterDraftTrainer(OtterTokenTrainer):
 
     def __init__(self, model, args: OtterDraftConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
         check_otter_model(model, type(self).__name__)
-        if getattr(model, "draft_heads", None) is None:
+        if getattr(model, "draft_heads", None) is None and getattr(model, "recurrent_draft_head", None) is None:
             raise ValueError(
-                "This Otter model has no draft heads to train (`num_draft_heads=0`). Insert them with "
-                "`otter_hf.insert(base_model, num_draft_heads=4)`."
+                "This Otter model has no draft heads to train. Insert a recurrent draft head with "
+                "`otter_hf.insert(base_model, num_recurrent_drafts=5)` or Medusa-style heads with "
+                "`num_draft_heads=4`."
             )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
@@ -137,6 +225,9 @@ class OtterDraftTrainer(OtterTokenTrainer):
             self._check_columns(dataset, name)
 
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
+        head = getattr(model, "recurrent_draft_head", None)
+        if head is not None and not head.is_vocabulary_fitted():
+            fit_draft_vocabulary(model, self.train_dataset)
 
     @staticmethod
     def _check_columns(dataset, dataset_name: str) -> None:
@@ -176,21 +267,47 @@ class OtterDraftTrainer(OtterTokenTrainer):
             self._signature_columns = ["input_ids", "completion_mask"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            use_cache=False,
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
         otter = self.accelerator.unwrap_model(model)
-        draft_hidden = otter.draft_heads(outputs.hidden_states[-1], outputs.inserted_hidden_states[-1])
-        loss, accuracies = draft_head_loss(draft_hidden, otter.lm_head, inputs["input_ids"], inputs["target_mask"])
+        # Only Medusa-style heads read the inserted stream; the recurrent head needs no gradient through the model.
+        reads_inserted_stream = otter.draft_heads is not None
+        with (
+            contextlib.nullcontext() if reads_inserted_stream else otter.otter_disabled(),
+            torch.set_grad_enabled(reads_inserted_stream and torch.is_grad_enabled()),
+        ):
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+        hidden = outputs.hidden_states[-1]
         mode = "train" if model.training else "eval"
-        for head, accuracy in enumerate(accuracies.tolist()):
+        loss = hidden.new_zeros(())
+        extra_outputs = {}
+        if otter.draft_heads is not None:
+            draft_hidden = otter.draft_heads(hidden, outputs.inserted_hidden_states[-1])
+            head_loss, accuracies = draft_head_loss(draft_hidden, otter.lm_head, inputs["input_ids"], inputs["target_mask"])
+            loss = loss + head_loss
+            self._log_accuracies(mode, "draft_accuracy_head", accuracies)
+            extra_outputs["draft_hidden"] = draft_hidden
+        if otter.recurrent_draft_head is not None:
+            recurrent_loss, accuracies = recurrent_draft_loss(
+                otter.recurrent_draft_head,
+                hidden,
+                otter.token_embeddings,
+                inputs["input_ids"],
+                inputs["target_mask"],
+                otter.config.vocab_size,
+            )
+            loss = loss + recurrent_loss
+            self._log_accuracies(mode, "recurrent_draft_accuracy_step", accuracies)
+        return (loss, extra_outputs) if return_outputs else loss
+
+    def _log_accuracies(self, mode: str, prefix: str, accuracies: torch.Tensor) -> None:
+        for index, accuracy in enumerate(accuracies.tolist()):
             if accuracy == accuracy:  # not NaN: the batch had targets this far ahead
-                self._metrics[mode][f"draft_accuracy_head_{head}"].append(accuracy)
-        return (loss, {"draft_hidden": draft_hidden}) if return_outputs else loss
+                self._metrics[mode][f"{prefix}_{index}"].append(accuracy)
 
 
 @torch.no_grad()
