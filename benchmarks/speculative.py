@@ -246,7 +246,8 @@ def main():
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs of the Medusa-style heads (otter, medusa)")
     parser.add_argument("--recurrent-epochs", type=float, default=4.0, help="epochs of the recurrent head")
     parser.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of the Medusa-style heads (otter, medusa)")
+    parser.add_argument("--recurrent-learning-rate", type=float, default=3e-3, help="of the recurrent head")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default="benchmarks/results/speculative", help="self-distilled answers, trained heads")
     parser.add_argument("--output", default="benchmarks/results/speculative.json")
@@ -281,7 +282,6 @@ def main():
 
     training = dict(
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
@@ -294,6 +294,7 @@ def main():
         disable_tqdm=True,
     )
     epochs = {"recurrent": args.recurrent_epochs, "otter": args.epochs, "medusa": args.epochs}
+    learning_rates = {"recurrent": args.recurrent_learning_rate, "otter": args.learning_rate, "medusa": args.learning_rate}
     models, train_seconds, trainable_parameters = {}, {}, {}
     with tempfile.TemporaryDirectory() as output_dir:
         for name in args.drafters:
@@ -302,7 +303,13 @@ def main():
                 medusa = MedusaOnFrozenBase(base, MedusaHeads(base.config.hidden_size, args.num_draft_heads))
                 Trainer(
                     medusa,
-                    TrainingArguments(output_dir, remove_unused_columns=False, num_train_epochs=epochs[name], **training),
+                    TrainingArguments(
+                        output_dir,
+                        remove_unused_columns=False,
+                        num_train_epochs=epochs[name],
+                        learning_rate=learning_rates[name],
+                        **training,
+                    ),
                     train_dataset=train_dataset,
                     data_collator=DataCollatorForDraftHeads(pad_token_id=tokenizer.pad_token_id),
                 ).train()
@@ -317,7 +324,7 @@ def main():
                 otter = otter_hf.insert(base, **insert_options)
                 OtterDraftTrainer(
                     otter,
-                    OtterDraftConfig(output_dir, num_train_epochs=epochs[name], **training),
+                    OtterDraftConfig(output_dir, num_train_epochs=epochs[name], learning_rate=learning_rates[name], **training),
                     train_dataset=train_dataset,
                     processing_class=tokenizer,
                 ).train()
@@ -480,7 +487,7 @@ def main():
         "training": {
             "epochs": epochs,
             "batch_size": args.batch_size,
-            "learning_rate": args.learning_rate,
+            "learning_rate": learning_rates,
             "optimizer": "AdamW (Trainer default), linear decay, no warm-up, no weight decay, length-grouped batches",
             "trainable_parameters": trainable_parameters,
             "train_seconds": train_seconds,
