@@ -144,6 +144,7 @@ def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tm
     assert 'AutoModelForCausalLM.from_pretrained("user/otter-llama")' in card.text
     assert "model.generate(**inputs, reward_weight=1.5, reward_top_k=10" in card.text
     assert "token_reward_weight" not in card.text and "token-level-reward" not in card.data.tags
+    assert "speculative_generate" not in card.text
 
 
 def test_the_card_of_a_model_with_a_token_reward_head_says_how_to_decode_with_it(fake_hub, tmp_path):
@@ -155,6 +156,17 @@ def test_the_card_of_a_model_with_a_token_reward_head_says_how_to_decode_with_it
     assert f"token-level reward head ({otter.config.vocab_size:,} x {otter.config.inserted_hidden_size}" in card.text
     assert "model.generate(**inputs, token_reward_weight=" in card.text
     assert f"{otter.num_inserted_parameters():,}" in card.text
+
+
+def test_the_card_of_a_model_with_a_recurrent_draft_head_says_how_to_decode_with_it(fake_hub, tmp_path):
+    put_base_on_hub(fake_hub, make_base("qwen2-bias"), "user/tiny-qwen2", tmp_path)
+    otter = make_otter(
+        AutoModelForCausalLM.from_pretrained("user/tiny-qwen2"), num_recurrent_drafts=4, draft_confidence_threshold=0.4
+    )
+    otter.push_to_hub("user/otter-drafts")
+    card = ModelCard(fake_hub.files("user/otter-drafts")["README.md"].decode())
+    assert f"a recurrent draft head drafting up to 4 tokens over {otter.config.vocab_size:,}" in card.text
+    assert "custom_generate=speculative_generate" in card.text and "(0.4)" in card.text
 
 
 def test_a_pushed_checkpoint_loads_through_the_auto_classes(fake_hub, base_name):

@@ -73,6 +73,8 @@ def otter_model_card(
         inserted_init=config.inserted_init,
         heads=_heads_in_words(config),
         token_reward_head=config.token_reward_head,
+        drafts=bool(config.num_draft_heads or config.num_recurrent_drafts),
+        draft_confidence_threshold=config.draft_confidence_threshold,
         num_inserted_parameters=f"{num_inserted_parameters:,}",
         num_base_parameters=f"{num_base_parameters:,}",
         inserted_parameter_fraction=f"{num_inserted_parameters / num_base_parameters:.2%}",
@@ -89,6 +91,11 @@ def _heads_in_words(config) -> str:
         heads.append(f"token-level reward head ({config.vocab_size:,} x {config.inserted_hidden_size}, `token_reward_head`)")
     if config.num_draft_heads:
         heads.append(f"{config.num_draft_heads} draft heads (`draft_heads`)")
+    if config.num_recurrent_drafts:
+        heads.append(
+            f"a recurrent draft head drafting up to {config.num_recurrent_drafts} tokens over "
+            f"{min(config.draft_vocab_size, config.vocab_size):,} (`recurrent_draft_head`)"
+        )
     return ", ".join(heads)
 
 
