@@ -1,5 +1,5 @@
-"""Speculative decoding with Otter draft heads against Medusa-style heads and prompt lookup, on SmolLM2-135M-Instruct
-(CPU, fp32).
+"""Speculative decoding with Otter's draft heads against Medusa-style heads and prompt lookup, on
+SmolLM2-135M-Instruct (CPU, fp32).
 
 Data: the first human turn of every HH-RLHF harmless dialogue (`otter_hf.load_hh_rlhf`, split once by
 `otter_hf.split_hh_rlhf`). Training prompts come from the `reward_train` and `gold_train` parts; calibration and
@@ -7,26 +7,32 @@ held-out prompts from the `test` part, disjoint from each other and from trainin
 base model's own greedy decoding (self-distillation, `build_self_distillation_dataset`, in large batches); the
 answers are cached in `--cache-dir`, so a rerun trains at once.
 
-Both drafters get K heads, the same self-distilled answers, the same optimiser, learning rate, batches and epochs:
+Drafters (`--drafters`), all trained on the same self-distilled answers with the same optimiser and batches:
 
-- Otter: `otter_hf.insert(base, num_draft_heads=K)`, trained with `OtterDraftTrainer` (inserted parameters and
-  draft heads `h + SiLU(W_k [h, g])`); it drafts and verifies with the Otter model.
-- Medusa: heads `h + SiLU(W_k h)` on the frozen base's last hidden state, trained with a plain `Trainer` on the
-  same loss (`draft_head_loss`); it drafts and verifies with the base model alone.
+- recurrent: `otter_hf.insert(base, num_recurrent_drafts=5)`, the EAGLE-style recurrent draft head over a
+  4,096-token draft vocabulary, trained with `OtterDraftTrainer` (`--recurrent-epochs`, `--recurrent-learning-rate`:
+  its epoch costs a forward of the base without gradient, a third of an Otter epoch); decodes with the base
+  computation only;
+- otter: `otter_hf.insert(base, num_draft_heads=4)`, Medusa-style heads `h + SiLU(W_k [h, g])` on both final
+  streams, trained with `OtterDraftTrainer` with the inserted parameters (`--epochs`, `--learning-rate`);
+- medusa: heads `h + SiLU(W_k h)` on the frozen base's last hidden state, trained with a plain `Trainer` on the
+  same loss (`draft_head_loss`); drafts and verifies with the base model alone.
 
-Both decode with `speculative_generate` (greedy), each with the draft confidence threshold that
+Each decodes with `speculative_generate` (greedy) at the draft confidence threshold that
 `calibrate_draft_confidence` picks on the calibration prompts, unless `--draft-confidence-threshold` sets one for
-both; the calibration's cost model (what each verified draft and drafting itself cost, in one-token forwards of
-the base) is measured for each drafter on this machine first. The free baseline is transformers' own prompt lookup (`generate(prompt_lookup_num_tokens=10)`, batch 1 only:
-transformers' assisted decoding refuses larger batches). On the held-out prompts the script reports each head's
-top-1 accuracy on the base's own continuations, the mean tokens accepted per verification forward, the wall-clock
-time per generated token against plain greedy `base.generate(do_sample=False)` on the same prompts (the median over
-batches of the ratio, and the ratio of medians) at each batch size, and whether every output was token-identical
-to plain greedy. The trained Otter model's inserted parameters, with its calibrated threshold, are saved with
-`save_otter` to `--cache-dir`/otter-draft-heads (attach with `otter_hf.load_otter(base, path)`). It prints one JSON
-object and writes it to `--output`.
+all; the calibration's cost model (what each verified draft and drafting itself cost, in one-token forwards of the
+base) is measured for each drafter on this machine first. The free baseline is transformers' own prompt lookup
+(`generate(prompt_lookup_num_tokens=10)`, batch 1 only: transformers' assisted decoding refuses larger batches).
+On the held-out prompts the script reports the drafts' top-1 accuracy on the base's own continuations (each
+Medusa-style head; the recurrent head's teacher-forced first step), the tokens per step if every draft were
+verified (a greedy replay), the mean tokens accepted per verification forward, the wall-clock time per generated
+token against plain greedy `base.generate(do_sample=False)` on the same prompts (the median over batches of the
+ratio, and the ratio of medians) at each batch size, and whether every output was token-identical to plain greedy.
+Each trained Otter model's inserted parameters, with its calibrated threshold, are saved with `save_otter` to
+`--cache-dir`/<drafter>-draft-heads (attach with `otter_hf.load_otter(base, path)`). It prints one JSON object and
+writes it to `--output`.
 
-    python benchmarks/speculative.py [--train-prompts 1024] [--epochs 1] [--batch-sizes 1 4]
+    python benchmarks/speculative.py [--drafters recurrent otter medusa] [--train-prompts 1024] [--batch-sizes 1 4]
 """
 
 import argparse
@@ -188,19 +194,24 @@ def forward_seconds(model, prompt_ids: torch.LongTensor, num_tokens: int) -> flo
 @torch.no_grad()
 def measured_step_costs(model, first_draft_fn, base, prompt_ids, num_drafts: int) -> dict:
     """`calibrate_draft_confidence`'s cost model measured for one drafter on this machine, in one-token forwards of
-    the base: `verification_cost` (each extra token a verification forward carries) and `drafting_overhead` (what a
-    step costs beyond the base's one-token forward while drafting: the verifier's extra stream, if any, and the
-    first draft, which every drafting step computes). `first_draft_fn` is the drafter cut after its first draft."""
+    the base: `verification_fixed_cost` (what a 2-token forward costs beyond a one-token one, less one draft's
+    share), `verification_cost` (what each further token adds, from a forward over all `num_drafts` drafts) and
+    `drafting_overhead` (what a step costs beyond the base's one-token forward while drafting: the verifier's extra
+    stream, if any, and the first draft, which every drafting step computes). `first_draft_fn` is the drafter cut
+    after its first draft."""
     base_step = forward_seconds(base, prompt_ids, 1)
     model_step = forward_seconds(model, prompt_ids, 1)
+    two_token_step = forward_seconds(model, prompt_ids, 2)
     verify_step = forward_seconds(model, prompt_ids, 1 + num_drafts)
     outputs = model(input_ids=prompt_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
     inserted = getattr(outputs, "inserted_hidden_states", None)
     hidden, inserted = outputs.hidden_states[-1][:, -2], inserted[-1][:, -2] if inserted else None
     first_draft = median_seconds(lambda: first_draft_fn(prompt_ids, hidden, inserted))
     # Timing noise can make a difference of two near-equal forwards negative; a cost is never below zero.
+    per_draft = max(0.0, (verify_step - two_token_step) / max(1, num_drafts - 1) / base_step)
     return {
-        "verification_cost": round(max(0.0, (verify_step - model_step) / num_drafts / base_step), 3),
+        "verification_fixed_cost": round(max(0.0, (two_token_step - model_step) / base_step - per_draft), 3),
+        "verification_cost": round(per_draft, 3),
         "drafting_overhead": round(max(0.0, (model_step - base_step + first_draft) / base_step), 3),
         "base_one_token_forward_ms": round(1000 * base_step, 2),
     }
@@ -401,6 +412,7 @@ def main():
             draft_fn=draft_function(name, 0.0) if name == "medusa" else None,
             verification_cost=step_costs[name]["verification_cost"],
             drafting_overhead=step_costs[name]["drafting_overhead"],
+            verification_fixed_cost=step_costs[name]["verification_fixed_cost"],
         )
         thresholds[name] = calibrations[name].threshold
     calibration_seconds = time.perf_counter() - calibration_start_time

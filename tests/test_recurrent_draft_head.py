@@ -7,10 +7,11 @@ from datasets import Dataset
 import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_recurrent_drafts
-from otter_hf.trainers import OtterDraftConfig, OtterDraftTrainer, fit_draft_vocabulary
+from otter_hf.trainers import OtterDraftTrainer, fit_draft_vocabulary
 from otter_hf.trainers.draft_trainer import RECURRENT_STEP_WEIGHTS, recurrent_draft_loss
 
 from conftest import make_base, make_otter, make_tokenizer, random_batch
+from test_draft_trainer import make_config
 
 DRAFT_VOCAB_SIZE = 40
 PROMPT_LENGTH, COMPLETION_LENGTH = 6, 16
@@ -112,27 +113,13 @@ def test_the_draft_vocabulary_is_fitted_to_the_most_frequent_targets():
     assert head.is_vocabulary_fitted()
 
 
-def make_config(tmp_path, **overrides):
-    options = dict(
-        max_steps=30,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-    )
-    return OtterDraftConfig(str(tmp_path), **{**options, **overrides})
-
-
 @pytest.mark.parametrize("name", ["qwen2-bias", "gpt2-layernorm"])
 def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, tmp_path, tiny_tokenizer):
     base = make_base(name, eos_token_id=None)
     otter = otter_hf.insert(base, num_recurrent_drafts=3, draft_vocab_size=DRAFT_VOCAB_SIZE)
     dataset, _ = self_distilled(base)
     original = {parameter_name: p.detach().clone() for parameter_name, p in otter.named_parameters()}
-    trainer = OtterDraftTrainer(otter, make_config(tmp_path), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer)
+    trainer = OtterDraftTrainer(otter, make_config(tmp_path, max_steps=30), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer)
     assert otter.recurrent_draft_head.is_vocabulary_fitted()
     fitted = otter.recurrent_draft_head.draft_token_ids.clone()
     before = trainer.evaluate()
@@ -152,7 +139,7 @@ def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, 
 def trained_recurrent_otter(tmp_path_factory):
     """A tiny Qwen2 Otter model whose recurrent head was trained on the base's own greedy continuations."""
     base = make_base("qwen2-bias", eos_token_id=None)
-    otter = otter_hf.insert(base, num_recurrent_drafts=3, draft_vocab_size=DRAFT_VOCAB_SIZE)
+    otter = otter_hf.insert(base, num_recurrent_drafts=3, draft_vocab_size=DRAFT_VOCAB_SIZE, draft_max_batch_size=4)
     dataset, sequences = self_distilled(base, num_prompts=8)
     config = make_config(tmp_path_factory.mktemp("run"), max_steps=60)
     OtterDraftTrainer(otter, config, train_dataset=dataset, processing_class=make_tokenizer()).train()

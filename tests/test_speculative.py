@@ -47,9 +47,9 @@ DRAFTING_BASES = {
 def make_drafting_otter(name):
     """An Otter model whose draft heads hold small random weights (`make_otter` perturbs every inserted
     parameter): each head drafts roughly what the LM head predicts at its position, which is sometimes right.
-    Its threshold verifies every draft."""
+    Its threshold verifies every draft, at batch sizes up to 8."""
     base = make_base(name, **DRAFTING_BASES[name])
-    return base, make_otter(base, num_draft_heads=4, draft_confidence_threshold=0.0)
+    return base, make_otter(base, num_draft_heads=4, draft_confidence_threshold=0.0, draft_max_batch_size=8)
 
 
 class OracleDrafts:
@@ -268,6 +268,20 @@ def test_untrained_draft_heads_decode_as_plain_greedy_on_the_base_computation():
     assert len(output.past_key_values.layers) == model.config.num_hidden_layers
 
 
+def test_the_model_drafts_only_for_batches_up_to_its_draft_max_batch_size():
+    base, model = make_drafting_otter("llama-gqa-tied")
+    model.config.draft_max_batch_size = 2
+    for batch_size, drafts in ((1, True), (2, True), (3, False)):
+        input_ids, attention_mask = random_batch(batch_size, 7, padding="left" if batch_size > 1 else None)
+        output = speculative(model, input_ids, attention_mask)
+        assert torch.equal(output.sequences, greedy(base, input_ids, attention_mask))
+        assert (max(output.accepted_tokens_per_step) > 1) == drafts
+        # Drafting off runs the base computation alone: no inserted keys and values were cached.
+        assert (len(output.past_key_values.layers) == model.config.num_hidden_layers) == (not drafts)
+    with pytest.raises(ValueError, match="`draft_max_batch_size` must be a positive integer, got 0"):
+        otter_hf.insert(base, num_draft_heads=2, draft_max_batch_size=0)
+
+
 def test_threshold_one_never_calls_the_draft_fn():
     base = make_base("qwen2-bias")
     input_ids, attention_mask = random_batch(1, 6)
@@ -348,12 +362,13 @@ def test_calibration_never_drafts_with_untrained_heads():
 def test_calibration_keeps_the_drafts_that_pay():
     base = make_base(CALIBRATION_BASE, eos_token_id=None)
     dataset, sequences = self_distilled(base)
-    calibration = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences))
+    linear_costs = dict(verification_cost=0.2, drafting_overhead=0.3, verification_fixed_cost=0.0)
+    calibration = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences), **linear_costs)
     # Only head 0 is worth verifying: cut after it, anywhere in [0.35, 0.85); the highest such threshold wins ties.
     assert calibration.threshold == 0.84
     best = calibration.thresholds.index(0.84)
     assert calibration.drafts_per_step[best] <= 1.0 and calibration.accepted_tokens_per_step[best] > 1.9
-    # Every step gains a token at a cost of 1 + 0.3 + 0.2 (the default cost model), but a row's last one.
+    # Every step gains a token at a cost of 1 + 0.3 + 0.2, but a row's last one.
     assert 1.25 < calibration.expected_speed_up <= 2 / 1.5 + 1e-9
     # Verifying all four drafts costs more than it gains.
     assert calibration.speed_ups[0] < 1.0 and calibration.drafts_per_step[0] > 3
@@ -361,8 +376,26 @@ def test_calibration_keeps_the_drafts_that_pay():
     head_zero_bin, later_heads_bin = calibration.acceptance_by_confidence[8], calibration.acceptance_by_confidence[3]
     assert head_zero_bin[1] > 0.9 and later_heads_bin[1] == 0.0 and later_heads_bin[2] > 0
     # Without costs, every threshold that verifies head 0 gains as much: the highest wins.
-    free = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences), verification_cost=0, drafting_overhead=0)
+    free = calibrate_draft_confidence(
+        base, dataset, draft_fn=LookUpDrafts(sequences), verification_cost=0, drafting_overhead=0, verification_fixed_cost=0
+    )
     assert free.threshold == 0.84 and free.speed_ups[0] == free.expected_speed_up
+
+
+def test_the_fixed_cost_of_a_verification_forward_prices_short_chains():
+    base = make_base(CALIBRATION_BASE, eos_token_id=None)
+    dataset, sequences = self_distilled(base)
+    # By default (CPU costs) one right draft per step does not repay a multi-token forward and drafting itself.
+    assert calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences)).threshold == 1.0
+    # Without drafting overhead it does: two tokens for 1 + 0.65 + 0.05, and a chain cut to nothing costs nothing.
+    cheap = calibrate_draft_confidence(base, dataset, draft_fn=LookUpDrafts(sequences), drafting_overhead=0.0)
+    assert cheap.threshold == 0.84
+    assert 1.1 < cheap.expected_speed_up <= 2 / 1.7 + 1e-9
+    # A step that verifies nothing pays no fixed cost: only the overhead separates its cost from plain decoding.
+    never = calibrate_draft_confidence(
+        base, dataset, draft_fn=LookUpDrafts(sequences), drafting_overhead=0.0, thresholds=[0.9]
+    )
+    assert never.drafts_per_step == [0.0] and never.speed_ups == [1.0]
 
 
 def test_calibration_replays_the_decoding_loop():
@@ -390,6 +423,8 @@ def test_calibration_refuses_bad_costs_and_thresholds():
     model = otter_hf.insert(base, num_draft_heads=2)
     with pytest.raises(ValueError, match="`verification_cost` must be a non-negative number"):
         calibrate_draft_confidence(model, dataset, verification_cost=-0.1)
+    with pytest.raises(ValueError, match="`verification_fixed_cost` must be a non-negative number"):
+        calibrate_draft_confidence(model, dataset, verification_fixed_cost=-1)
     with pytest.raises(ValueError, match=r"`thresholds` must be candidates in \[0, 1\)"):
         calibrate_draft_confidence(model, dataset, thresholds=[0.5, 1.0])
     with pytest.raises(ValueError, match="no completion tokens"):

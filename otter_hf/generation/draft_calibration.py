@@ -16,8 +16,11 @@ prices them with a simple cost model and returns the threshold with the most tok
 >>> otter_model.config.draft_confidence_threshold = calibration.threshold  # saved with the model
 ```
 
-The cost model, in one-token forwards of plain decoding: a step that verifies `n` drafts costs
-`1 + drafting_overhead + verification_cost * n`, and a step of plain decoding costs 1.
+The cost model, in one-token forwards of plain decoding: a step that verifies `n >= 1` drafts costs
+`1 + drafting_overhead + verification_fixed_cost + verification_cost * n`, one whose chain was cut to nothing
+`1 + drafting_overhead`, and a step of plain decoding 1. The fixed cost is what any forward over more than one
+token costs beyond a one-token forward: on a CPU it is most of the price of verifying (SmolLM2-135M on 2 cores:
+a 2-token forward costs 1.7 one-token forwards, a 6-token forward 1.8).
 
 The replay is of greedy decoding. Sampling accepts a draft with the probability the model gives it rather than
 whenever it is the argmax, so a threshold calibrated here is a starting point for sampling, not its optimum.
@@ -106,8 +109,9 @@ def calibrate_draft_confidence(
     model,
     dataset,
     draft_fn: DraftFunction | None = None,
-    verification_cost: float = 0.2,
+    verification_cost: float = 0.05,
     drafting_overhead: float = 0.3,
+    verification_fixed_cost: float = 0.65,
     thresholds: list[float] | None = None,
 ) -> DraftConfidenceCalibration:
     r"""
@@ -124,14 +128,19 @@ def calibrate_draft_confidence(
             replayed at every position whose next token is a completion token.
         draft_fn (`Callable`, *optional*):
             The drafter, as `speculative_generate` takes it; called once per position with the sequence up to the
-            token after it. Defaults to the model's draft heads, which draft every position in one call.
-        verification_cost (`float`, *optional*, defaults to 0.2):
-            What each verified draft adds to a step, in one-token forwards: a forward over 5 tokens cost about 1.8
-            one-token forwards for SmolLM2-135M on 2 CPU cores; on a GPU, far less.
+            token after it. Defaults to the model's own drafter: its recurrent draft head (called per position as
+            well), or its Medusa-style heads, which draft every position in one call.
+        verification_cost (`float`, *optional*, defaults to 0.05):
+            What each verified draft adds to a step, in one-token forwards, on top of `verification_fixed_cost`.
         drafting_overhead (`float`, *optional*, defaults to 0.3):
             What every step costs beyond a forward of the base model while drafting is on, even when the chain is
-            cut to nothing: for an Otter model on SmolLM2-135M (CPU), about 0.12 for the inserted stream and about
-            0.2 for decoding the first draft head with the LM head, a fifth of that model.
+            cut to nothing: for Medusa-style heads on SmolLM2-135M (CPU), about 0.25-0.3 (the inserted stream and
+            decoding the first head with the LM head, a fifth of that model); for the recurrent head, about 0.02.
+        verification_fixed_cost (`float`, *optional*, defaults to 0.65):
+            What a verification forward costs beyond a one-token forward whatever the number of drafts: about
+            0.65-0.75 for SmolLM2-135M on 2 CPU cores; near 0 on a GPU, where the defaults are far too high.
+            The defaults are that CPU's, so that a model is not made slower by a calibration run without measured
+            costs.
         thresholds (`list[float]`, *optional*):
             The candidates, each in [0, 1); defaults to 0.00, 0.01, ..., 0.99.
     """
@@ -140,6 +149,7 @@ def calibrate_draft_confidence(
         draft_fn = otter_recurrent_drafts(model)
     _check_cost("verification_cost", verification_cost)
     _check_cost("drafting_overhead", drafting_overhead)
+    _check_cost("verification_fixed_cost", verification_fixed_cost)
     thresholds = sorted(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     if not thresholds or not all(isinstance(t, (int, float)) and 0.0 <= t < 1.0 for t in thresholds):
         raise ValueError(
@@ -193,7 +203,8 @@ def calibrate_draft_confidence(
                 tokens[candidate] += added
                 steps[candidate] += 1
                 verified[candidate] += drafted
-                cost[candidate] += 1 + drafting_overhead + verification_cost * drafted
+                verification = verification_fixed_cost + verification_cost * drafted if drafted else 0.0
+                cost[candidate] += 1 + drafting_overhead + verification
                 position += added
 
     if not steps.any():

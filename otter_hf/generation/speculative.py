@@ -1,7 +1,15 @@
 """Speculative decoding where the model drafts for itself, as a `generate()` decoding loop.
 
-An Otter model with draft heads (`otter_hf.insert(base, num_draft_heads=4)`, trained with `OtterDraftTrainer`)
-proposes the tokens after the next one from the inserted stream, Medusa-style, and the same model verifies them:
+An Otter model with draft heads (trained with `OtterDraftTrainer`) proposes the tokens after the next one, and the
+same model verifies them. Two kinds of heads draft:
+
+- a recurrent draft head (`otter_hf.insert(base, num_recurrent_drafts=5)`, EAGLE-style): each draft comes from the
+  hidden state the head predicted for the token before it, so it knows the tokens it continues. It reads the
+  original stream alone, so decoding with it runs the base computation only (`otter_disabled()`). A model that
+  has one drafts with it;
+- Medusa-style heads (`num_draft_heads=4`): head k guesses the token k + 2 ahead from the final streams at one
+  position.
+
 
 ```python
 >>> from otter_hf.generation import calibrate_draft_confidence, speculative_generate
@@ -13,8 +21,8 @@ proposes the tokens after the next one from the inserted stream, Medusa-style, a
 Each step, with the cache holding every accepted token:
 
 1. the LM head's processed scores at the last accepted position give the next token `t1` (its argmax, or a sample
-   with `do_sample=True`), and the draft heads at that position propose `d2 ... d(K+1)`, each the argmax of its
-   head;
+   with `do_sample=True`), and the drafter proposes `d2 ... d(K+1)` from the final hidden states at that position
+   (and `t1`), each draft the argmax of its logits;
 2. the chain of drafts is cut before the first draft whose confidence (its head's softmax probability of it) does
    not exceed `draft_confidence_threshold`; in a batch, the shortest chain of an unfinished row sets the length;
 3. one forward of `[t1, d2, ..., dn]` over the cache gives the LM logits after each of them (with no draft left,
@@ -41,7 +49,10 @@ row's own rejections end the chain as well, and those are not redrawn.) Either t
 next step. The argmax proposal keeps the draft independent of the warpers, so the rule is exact for any processor
 a sampling `generate()` applies.
 
-The confidence threshold makes drafting pay (or stop): 0.0 verifies every draft, 1.0 never drafts. With drafting
+The confidence threshold makes drafting pay (or stop): 0.0 verifies every draft, 1.0 never drafts. A model's own
+heads draft only for batches of at most `config.draft_max_batch_size` rows (1 by default): in a batch a step keeps
+the fewest drafts any row accepts, so on SmolLM2 at batch 4 a threshold calibrated for batch 1 kept 1.007 tokens
+per step and decoded at 0.83x the speed of plain greedy. With drafting
 switched off entirely (threshold 1.0), decoding is `generate()`'s own greedy or sampling loop over the base
 computation only (an Otter model runs under `otter_disabled()`, so the inserted stream costs nothing): the same
 tokens, and with `do_sample=True` the same random draws, as ordinary `generate()`, at its cost. An Otter model
@@ -162,7 +173,8 @@ def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
         if getattr(config, "inserted_hidden_size", None) is None:
             raise TypeError(
                 f"Speculative decoding drafts with an Otter model's draft heads; {type(model).__name__} has none. Build "
-                "one with `otter_hf.insert(base_model, num_recurrent_drafts=5)`, or pass your own `draft_fn`."
+                "one with `otter_hf.insert(base_model, num_recurrent_drafts=5)` (or Medusa-style heads with "
+                "`num_draft_heads=4`), or pass your own `draft_fn`."
             )
         if getattr(model, "draft_heads", None) is None:
             raise ValueError(
@@ -191,12 +203,14 @@ def _check_draft_confidence_threshold(threshold) -> None:
         )
 
 
-def _draft_confidence_threshold(model, draft_fn: DraftFunction | None, threshold: float | None) -> float:
+def _draft_confidence_threshold(model, draft_fn: DraftFunction | None, threshold: float | None, batch_size: int) -> float:
     if threshold is None:
         # The config's threshold belongs to the model's own heads, for which it was calibrated; a `draft_fn` has
         # all its drafts verified unless the call says otherwise.
         threshold = model.config.draft_confidence_threshold if draft_fn is None else 0.0
     _check_draft_confidence_threshold(threshold)
+    if draft_fn is None and batch_size > model.config.draft_max_batch_size:
+        return 1.0  # a batch too large to gain from drafting: see `draft_max_batch_size`
     return float(threshold)
 
 
@@ -293,12 +307,14 @@ def speculative_generate(
             In [0, 1]: a chain of drafts ends before the first draft whose confidence does not exceed it; 0 verifies
             every draft and 1 never drafts, decoding one token per forward of the base computation alone. Defaults
             to `model.config.draft_confidence_threshold` for the model's own draft heads (1.0 until calibrated with
-            `calibrate_draft_confidence`), and to 0 with a `draft_fn`.
+            `calibrate_draft_confidence`), and to 0 with a `draft_fn`. The model's own heads draft only for
+            batches of at most `model.config.draft_max_batch_size` rows (default 1); larger ones decode with
+            drafting off.
 
     The other arguments are the ones `generate()` prepares for its own decoding loops.
     """
     check_speculative_model(model, draft_fn)
-    confidence_threshold = _draft_confidence_threshold(model, draft_fn, draft_confidence_threshold)
+    confidence_threshold = _draft_confidence_threshold(model, draft_fn, draft_confidence_threshold, input_ids.shape[0])
     if generation_config.num_beams > 1:
         raise ValueError("Speculative decoding runs greedy search or sampling over a single beam: set num_beams=1.")
     if generation_config.output_attentions or generation_config.output_hidden_states:

@@ -290,6 +290,16 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 requirement="in [0, 1]",
                 is_valid=is_probability,
             ),
+            HeadOption(
+                name="draft_max_batch_size",
+                type=int,
+                default=1,
+                help="The largest batch the model's own draft heads draft for; larger batches decode as plain "
+                "generate() (drafting off). In a batch a step keeps only the drafts every row accepts, and "
+                "`calibrate_draft_confidence` prices batch-1 decoding.",
+                requirement="a positive integer",
+                is_valid=_is_positive_count,
+            ),
         ),
         is_built=lambda config: config.num_draft_heads > 0,
         output_field="draft_logits",
