@@ -190,7 +190,7 @@ class OtterRecurrentDraftHead(nn.Module):
         self.draft_token_ids.copy_(torch.arange(self.draft_token_ids.shape[0]))
 
     def is_vocabulary_fitted(self) -> bool:
-        """Whether the draft vocabulary is still the initial one (the first ids), which no training data chose."""
+        """Whether training data chose the draft vocabulary: False while it is still the initial one (the first ids)."""
         return not torch.equal(self.draft_token_ids.cpu(), torch.arange(self.draft_token_ids.shape[0]))
 
     def predict(self, streams: FinalStreams) -> torch.Tensor:
