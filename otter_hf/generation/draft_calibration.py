@@ -137,8 +137,8 @@ def calibrate_draft_confidence(
             cut to nothing: for Medusa-style heads on SmolLM2-135M (CPU), about 0.25-0.3 (the inserted stream and
             decoding the first head with the LM head, a fifth of that model); for the recurrent head, about 0.02.
         verification_fixed_cost (`float`, *optional*, defaults to 0.65):
-            What a verification forward costs beyond a one-token forward whatever the number of drafts: about
-            0.65-0.75 for SmolLM2-135M on 2 CPU cores; near 0 on a GPU, where the defaults are far too high.
+            What a verification forward costs beyond a one-token forward whatever the number of drafts: measured
+            at 0.5-0.8 for SmolLM2-135M on 2 CPU cores; near 0 on a GPU, where the defaults are far too high.
             The defaults are that CPU's, so that a model is not made slower by a calibration run without measured
             costs.
         thresholds (`list[float]`, *optional*):

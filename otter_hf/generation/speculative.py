@@ -10,7 +10,6 @@ same model verifies them. Two kinds of heads draft:
 - Medusa-style heads (`num_draft_heads=4`): head k guesses the token k + 2 ahead from the final streams at one
   position.
 
-
 ```python
 >>> from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 
@@ -52,13 +51,13 @@ a sampling `generate()` applies.
 The confidence threshold makes drafting pay (or stop): 0.0 verifies every draft, 1.0 never drafts. A model's own
 heads draft only for batches of at most `config.draft_max_batch_size` rows (1 by default): in a batch a step keeps
 the fewest drafts any row accepts, so on SmolLM2 at batch 4 a threshold calibrated for batch 1 kept 1.007 tokens
-per step and decoded at 0.83x the speed of plain greedy. With drafting
-switched off entirely (threshold 1.0), decoding is `generate()`'s own greedy or sampling loop over the base
-computation only (an Otter model runs under `otter_disabled()`, so the inserted stream costs nothing): the same
-tokens, and with `do_sample=True` the same random draws, as ordinary `generate()`, at its cost. An Otter model
-reads the threshold from `config.draft_confidence_threshold`, whose default 1.0 keeps a model with untrained heads
-as fast as plain decoding until `calibrate_draft_confidence` (in `otter_hf.generation.draft_calibration`) finds a threshold at which
-its heads pay.
+per step and decoded at 0.83x the speed of plain greedy. With drafting switched off entirely (threshold 1.0),
+decoding is `generate()`'s own greedy or sampling loop over the base computation only (an Otter model runs under
+`otter_disabled()`, so the inserted stream costs nothing): the same tokens, and with `do_sample=True` the same
+random draws, as ordinary `generate()`, at its cost. An Otter model reads the threshold from
+`config.draft_confidence_threshold`, whose default 1.0 keeps a model with untrained heads as fast as plain
+decoding until `calibrate_draft_confidence` (in `otter_hf.generation.draft_calibration`) finds a threshold at
+which its heads pay.
 
 One caveat is numerical, not algorithmic: a forward over several tokens rounds differently from as many one-token
 forwards, so on a real model a near-tie between the two best tokens can occasionally resolve the other way.
