@@ -193,29 +193,8 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     return model
 
 
-def check_base_modules(otter_class, base) -> None:
-    """Refuse a base whose modules are not the ones `otter_class` was written for (a patched or custom layer
-    would run through the Otter layer's copy of the original steps, not through its own code)."""
-    for path, expected in otter_class.written_for.items():
-        try:
-            found = type(base.get_submodule(path))
-        except AttributeError:
-            raise ValueError(
-                f"{otter_class.__name__} was written for a base with a {expected.__name__} at `{path}`; this "
-                f"{type(base).__name__} has no module there."
-            ) from None
-        if found is not expected:
-            raise ValueError(
-                f"{otter_class.__name__} was written for {expected.__module__}.{expected.__name__} at `{path}`, but "
-                f"this base has {found.__module__}.{found.__name__} there. Otter recomputes the original steps "
-                f"exactly as {expected.__name__} does, so it refuses other code; load the base with transformers' "
-                "own classes."
-            )
-
-
 def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
-    check_base_modules(otter_class, base)
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
     with init_empty_weights(include_buffers=False):

@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import otter_hf
 from otter_hf.modeling.initialization import copied_head_sources
@@ -100,15 +100,19 @@ def test_unsupported_architecture_names_the_supported_ones():
         otter_hf.insert(neox)
 
 
-class PatchedLlamaRMSNorm(LlamaRMSNorm):
-    """Stands for a kernel library's drop-in norm: same weights, other code."""
-
-
-def test_a_base_with_other_module_classes_is_refused_naming_both():
-    base = make_base("llama-gqa-tied")
-    base.model.layers[0].input_layernorm.__class__ = PatchedLlamaRMSNorm
-    with pytest.raises(ValueError, match="written for .*LlamaRMSNorm at `model.layers.0.input_layernorm`.*PatchedLlamaRMSNorm"):
-        otter_hf.insert(base)
+def test_a_capture_point_that_never_fires_is_an_error_naming_it(monkeypatch):
+    # Stands for a future transformers that computes the attention output through another module than the one
+    # Otter observes: the same weights, in a module without Otter's hook.
+    otter = make_otter(make_base("llama-gqa-tied"))
+    attention = otter.model.layers[1].self_attn
+    unobserved = torch.nn.Linear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False)
+    unobserved.load_state_dict(attention.o_proj.state_dict())
+    monkeypatch.setattr(attention, "o_proj", unobserved)
+    input_ids, _ = random_batch(1, 4)
+    with pytest.raises(RuntimeError, match=f"`layers.1.self_attn.o_proj`.*transformers {transformers.__version__}"):
+        otter(input_ids)
+    with otter.otter_disabled():  # the base computation alone still runs
+        otter(input_ids)
 
 
 def test_inserting_into_an_otter_model_says_it_already_is_one(tmp_path):
@@ -173,14 +177,16 @@ def test_loading_options_need_a_model_id():
         otter_hf.insert(make_base("llama-gqa-tied"), dtype=torch.bfloat16)
 
 
-def test_inputs_embeds_must_carry_both_streams():
-    otter = make_otter(make_base("llama-gqa-tied"))
+def test_inputs_embeds_run_only_the_base_computation():
+    base = make_base("llama-gqa-tied")
+    otter = make_otter(base)
     input_ids, _ = random_batch(1, 4)
-    widened = otter.get_input_embeddings()(input_ids)
+    embeddings = base.get_input_embeddings()(input_ids)
     with torch.no_grad():
-        assert torch.equal(otter(inputs_embeds=widened).value, otter(input_ids).value)
-        with pytest.raises(ValueError, match="both streams"):
-            otter(inputs_embeds=widened[..., : otter.config.hidden_size])
+        with pytest.raises(ValueError, match="takes `input_ids`.*otter_disabled"):
+            otter(inputs_embeds=embeddings)
+        with otter.otter_disabled():
+            assert torch.equal(otter(inputs_embeds=embeddings).logits, base(inputs_embeds=embeddings).logits)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -64,7 +64,9 @@ def test_cached_decoding_logits_are_bit_identical(base_name, padding):
     # values as one pass over the whole sequence.
     stepped_values = torch.cat([output.value for output in outputs], dim=1)
     real = attention_mask.bool()
-    torch.testing.assert_close(stepped_values[real], full.value[real], atol=1e-5, rtol=1e-4)
+    # float32 rounding of sums as large as the largest value (Gemma's scaled stream reaches thousands).
+    scale = full.value[real].abs().max().item()
+    torch.testing.assert_close(stepped_values[real], full.value[real], atol=1e-5 * max(scale, 1.0), rtol=1e-4)
     assert len(cache.layers) == 2 * otter.config.num_hidden_layers
 
 

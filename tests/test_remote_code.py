@@ -111,6 +111,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         os.path.basename(architecture_file),
         "configuration_otter.py",
         "inserted_heads.py",
+        "inserted_stream.py",
         "modeling_otter.py",
         "persistence.py",
         "sequence_classification.py",

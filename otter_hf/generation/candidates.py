@@ -9,8 +9,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from ..modeling.modeling_otter import ensure_inserted_cache_layers
-
 # Attention implementations that take an additive float 4D mask as it is.
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -93,7 +91,6 @@ def score_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Otter decoder on `tokens` over `cache` and return the original stream's final hidden states
     and the in-model value at every token, without the LM head (callers apply it to what they keep)."""
-    ensure_inserted_cache_layers(cache, model.config)
     hidden_states, inserted_hidden, _ = model.final_streams(
         input_ids=tokens,
         attention_mask=attention_mask,

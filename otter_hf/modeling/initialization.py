@@ -1,42 +1,42 @@
 """The three ways `otter_hf.insert` starts the inserted parameters: copy, normal, random."""
 
+import functools
+
 import torch
 from torch import nn
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .modeling_otter import (
-    OtterEmbeddingMixin,
-    OtterInsertedAttention,
-    OtterInsertedMLP,
-    OtterInsertedUngatedMLP,
-    OtterLayerNorm,
-    OtterNorm,
-)
+from .inserted_stream import OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP
 
 
 @torch.no_grad()
 def initialize_inserted_parameters(model, method: str) -> None:
     std = model.config.initializer_range
+    layout = model.base_model.otter_layout
     for module in model.modules():
-        if isinstance(module, OtterEmbeddingMixin):
+        inserted_weight = getattr(module, "inserted_weight", None)
+        if inserted_weight is None:
+            continue
+        size = inserted_weight.shape[-1]
+        if isinstance(module, nn.Embedding):  # token or position embedding: its inserted columns
             if method == "copy":
-                module.inserted_weight.copy_(module.weight[:, : module.inserted_weight.shape[1]])
+                inserted_weight.copy_(module.weight[:, :size])
             else:
                 # nn.Embedding's own default is N(0, 1).
-                nn.init.normal_(module.inserted_weight, std=std if method == "normal" else 1.0)
-        elif isinstance(module, OtterNorm):
-            size = module.inserted_weight.shape[0]
-            has_bias = isinstance(module, OtterLayerNorm)
-            if method == "copy":
-                module.inserted_weight.copy_(module.weight[:size])
-                if has_bias:
-                    module.inserted_bias.copy_(module.bias[:size])
-            else:
-                nn.init.constant_(module.inserted_weight, module.neutral_weight)
-                if has_bias:
-                    nn.init.zeros_(module.inserted_bias)
-        elif isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP)):
+                nn.init.normal_(inserted_weight, std=std if method == "normal" else 1.0)
+            continue
+        inserted_bias = getattr(module, "inserted_bias", None)  # a norm: its inserted weight (and bias)
+        if method == "copy":
+            inserted_weight.copy_(module.weight[:size])
+            if inserted_bias is not None:
+                inserted_bias.copy_(module.bias[:size])
+        else:
+            nn.init.constant_(inserted_weight, layout.norm.neutral_weight)
+            if inserted_bias is not None:
+                nn.init.zeros_(inserted_bias)
+    for module in model.modules():
+        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -45,8 +45,9 @@ def initialize_inserted_parameters(model, method: str) -> None:
             getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
         for layer in model.otter_decoder_layers():
-            _copy_attention(layer.inserted_attn, layer.copy_source, model.config)
-            _copy_mlp(layer.inserted_mlp, layer.copy_source, model.config)
+            copy_source = functools.partial(layout.copy_source, layer)
+            _copy_attention(layer.inserted_attn, copy_source, model.config)
+            _copy_mlp(layer.inserted_mlp, copy_source, model.config)
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:

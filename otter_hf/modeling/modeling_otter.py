@@ -1,30 +1,41 @@
-"""The insertion mechanics shared by every Otter architecture.
+"""The insertion mechanics shared by every Otter architecture: the backbone that observes the base model, and
+the causal LM with the inserted heads.
 
-An Otter model carries two residual streams through the decoder: the original stream `h` (width
-`hidden_size`), computed by the base model's own modules on the very same tensors so that the original
-logits are bit-identical, and the inserted stream `g` (width `inserted_hidden_size`), which reads `h`
-but is never read by it. Between modules the two streams travel as one widened tensor `[h, g]`, so the
-architecture's own model forward (masks, rotary embeddings, decoder loop, caching) runs unchanged.
+An Otter model carries two residual streams through the decoder: the original stream `h` (width `hidden_size`),
+which is the base model's own computation, run unchanged, and the inserted stream `g` (width
+`inserted_hidden_size`), which reads `h` but is never read by it. The backbone is the architecture's own model
+class with the inserted parameters attached to its modules and hooks on the capture points of its
+`OtterLayout` (see `inserted_stream.py`); the causal LM's forward is the architecture's own, and the inserted
+heads read the final streams after it. The original logits are therefore the base model's by construction, in
+every dtype, attention implementation and transformers version whose modules the layout names.
 
-This file and the per-architecture files import only torch, transformers, safetensors and their
-siblings, so they can be shipped next to a checkpoint for `trust_remote_code`.
+This file and the per-architecture files import only torch, transformers, safetensors and their siblings, so
+they ship next to a checkpoint for `trust_remote_code`.
 """
 
 import contextlib
+import functools
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, make_dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, FinalStreams
+from .inserted_stream import (
+    CapturePointMissed,
+    InsertedStream,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterInsertedUngatedMLP,
+    OtterLayout,
+)
 from .persistence import (
     base_weights_fingerprint,
     recover_before_loading,
@@ -45,485 +56,266 @@ def is_inserted_parameter(name: str) -> bool:
     return INSERTED_PARAMETER_PATTERN.search(name) is not None
 
 
-def split_streams(hidden_states: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split a widened tensor into the original stream and the inserted stream (None when not widened).
-
-    The original part is made contiguous so the base kernels see the same memory layout as in the base model.
-    """
-    if hidden_states.shape[-1] == hidden_size:
-        return hidden_states, None
-    return hidden_states[..., :hidden_size].contiguous(), hidden_states[..., hidden_size:]
-
-
-def join_streams(original: torch.Tensor, inserted: torch.Tensor | None) -> torch.Tensor:
-    return original if inserted is None else torch.cat([original, inserted], dim=-1)
-
-
-def ensure_inserted_cache_layers(cache: Cache, config) -> None:
-    """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`.
-
-    Keeping them beside the original layers (rather than inside them) leaves the original keys and values
-    exactly as the base model stores them, while `crop`, `reorder_cache` and friends still reach both.
-    """
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"Otter models keep their inserted keys and values in a DynamicCache; got {type(cache).__name__}. "
-            "Pass a DynamicCache (the default of generate()) or no cache at all."
-        )
-    if cache.layer_class_to_replicate is not None:
-        return  # a cache without a config grows by itself to any layer index
-    num_layers = config.num_hidden_layers
-    if len(cache.layers) == num_layers:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        cache.layers.extend(
-            DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs) for layer_type, kwargs in zip(layer_types, layer_kwargs)
-        )
-    elif len(cache.layers) != 2 * num_layers:
-        raise ValueError(
-            f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
-            f"{num_layers} (a fresh cache) or {2 * num_layers} (one it has already filled)."
-        )
-
-
-class OtterEmbeddingMixin:
-    """Adds the inserted stream's own embedding columns (`inserted_weight`) to an architecture's token embedding.
-
-    The original stream is the base embedding's own forward; `embed_inserted` gives the inserted stream, scaled
-    as the architecture scales the original one.
-    """
-
-    def add_inserted_columns(self, config) -> None:
-        self.inserted_weight = nn.Parameter(torch.empty(self.num_embeddings, config.inserted_hidden_size))
-        self.inserted_enabled = True
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        original = super().forward(input_ids)
-        if not self.inserted_enabled:
-            return original
-        return join_streams(original, self.embed_inserted(input_ids))
-
-    def embed_inserted(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self.inserted_weight)
-
-
-class OtterEmbedding(OtterEmbeddingMixin, nn.Embedding):
-    """The base token embedding (unscaled, as in Llama), plus the inserted stream's embedding columns."""
-
-    def __init__(self, config):
-        super().__init__(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.add_inserted_columns(config)
-
-
-class OtterNorm(nn.Module):
-    """A norm whose statistics come from the original stream only.
-
-    `normalize` runs the base norm's own operations on the original stream and applies the same statistics,
-    with the inserted stream's own weight, to the inserted stream, so nothing in it changes the original result.
-    `neutral_weight` is the inserted weight that leaves the normalised inserted stream unscaled.
-    """
-
-    neutral_weight = 1.0
-
-    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.weight = nn.Parameter(torch.full((hidden_size,), self.neutral_weight))
-        self.inserted_weight = nn.Parameter(torch.full((inserted_size,), self.neutral_weight))
-        self.eps = eps
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config.hidden_size, config.inserted_hidden_size, config.rms_norm_eps)
-
-    def normalize(
-        self, original: torch.Tensor, inserted: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return join_streams(*self.normalize(*split_streams(hidden_states, self.hidden_size)))
-
-    def extra_repr(self):
-        return f"{self.hidden_size} + {self.inserted_weight.shape[0]} inserted, eps={self.eps}"
-
-
-class OtterRMSNorm(OtterNorm):
-    """Llama's RMSNorm, `w * x / rms(x)` cast back before the weight; the inserted stream shares `rms(h)`."""
-
-    def normalize(self, original, inserted):
-        input_dtype = original.dtype
-        original = original.to(torch.float32)
-        variance = original.pow(2).mean(-1, keepdim=True)
-        inverse_rms = torch.rsqrt(variance + self.eps)
-        original_normed = self.weight * (original * inverse_rms).to(input_dtype)
-        if inserted is None:
-            return original_normed, None
-        inserted_normed = self.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(input_dtype)
-        return original_normed, inserted_normed
-
-
-class OtterLayerNorm(OtterNorm):
-    """LayerNorm with bias (GPT-2); the inserted stream is centred and scaled by the original stream's mean and
-    variance, then takes its own weight and bias (`inserted_bias`)."""
-
-    def __init__(self, hidden_size: int, inserted_size: int, eps: float):
-        super().__init__(hidden_size, inserted_size, eps)
-        self.bias = nn.Parameter(torch.zeros(hidden_size))
-        self.inserted_bias = nn.Parameter(torch.zeros(inserted_size))
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config.hidden_size, config.inserted_hidden_size, config.layer_norm_epsilon)
-
-    def normalize(self, original, inserted):
-        original_normed = nn.functional.layer_norm(original, (self.hidden_size,), self.weight, self.bias, self.eps)
-        if inserted is None:
-            return original_normed, None
-        variance, mean = torch.var_mean(original, dim=-1, keepdim=True, correction=0)
-        inserted_normed = (inserted - mean) * torch.rsqrt(variance + self.eps) * self.inserted_weight + self.inserted_bias
-        return original_normed, inserted_normed
-
-
-class OtterInsertedAttention(nn.Module):
-    """The inserted attention heads of one layer.
-
-    Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream
-    only, reads the original heads' outputs and the inserted heads' outputs.
-    """
-
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, output_bias: bool):
-        super().__init__()
-        self.config = config
-        self.head_dim = attention_head_size(config)
-        self.num_heads = config.inserted_num_attention_heads
-        self.num_key_value_heads = config.inserted_num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        # The inserted heads cache after all original layers, see `ensure_inserted_cache_layers`.
-        self.layer_idx = config.num_hidden_layers + layer_idx
-        input_size = config.hidden_size + config.inserted_hidden_size
-        qkv_size = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
-        heads_size = (config.num_attention_heads + self.num_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(input_size, qkv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(heads_size, config.inserted_hidden_size, bias=output_bias)
-
-    def forward(
-        self,
-        normed: torch.Tensor,
-        inserted_normed: torch.Tensor,
-        original_heads: torch.Tensor,
-        prepare_query_key: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
-        attention_fn: Callable,
-        scaling: float,
-        **kwargs,
-    ) -> torch.Tensor:
-        input_shape = normed.shape[:-1]
-        qkv = self.qkv_proj(join_streams(normed, inserted_normed)).view(*input_shape, -1, self.head_dim)
-        query, key, value = qkv.transpose(1, 2).split(
-            [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
-        )
-        query, key = prepare_query_key(query, key)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        heads, _ = attention_fn(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=scaling,
-            **kwargs,
-        )
-        heads = heads.reshape(*input_shape, -1)
-        return self.o_proj(torch.cat([original_heads, heads], dim=-1))
-
-
-class OtterInsertedMLP(nn.Module):
-    """The inserted gated units of one layer: gate and up read both streams, down reads all units."""
-
-    def __init__(self, config, bias: bool, act_fn: Callable):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.gate_up_proj = nn.Linear(input_size, 2 * config.inserted_intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(
-            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
-        )
-        self.act_fn = act_fn
-
-    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        gate, up = self.gate_up_proj(join_streams(normed, inserted_normed)).chunk(2, dim=-1)
-        return self.down_proj(torch.cat([original_units, self.act_fn(gate) * up], dim=-1))
-
-
-class OtterInsertedUngatedMLP(nn.Module):
-    """The inserted units of one layer of an MLP without a gate (GPT-2): up reads both streams, down reads all
-    units."""
-
-    def __init__(self, config, bias: bool, act_fn: Callable):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.up_proj = nn.Linear(input_size, config.inserted_intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(
-            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
-        )
-        self.act_fn = act_fn
-
-    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        units = self.act_fn(self.up_proj(join_streams(normed, inserted_normed)))
-        return self.down_proj(torch.cat([original_units, units], dim=-1))
-
-
-class OtterDecoderLayerMixin:
-    """Turns an architecture's decoder layer into an Otter layer.
-
-    The forward here holds the stream maths of every architecture: norms whose statistics come from the original
-    stream, the original attention and MLP steps on the original stream, the inserted heads and units beside
-    them, each module's output added to its own stream. The architecture's layer class declares what differs:
-
-    - `inserted_mlp_class`: `OtterInsertedMLP` (gated, the default) or `OtterInsertedUngatedMLP`;
-    - `norm_class`, the Otter norm matching the base norm, and the names of the base layer's norms it replaces:
-      `attention_norm` and `mlp_norm` before each module, `attention_output_norm` and `mlp_output_norm` on each
-      module's output (Gemma's sandwich norms) or None;
-    - `rotary_fn` and `eager_attention_fn`, the architecture's own functions;
-    - `copy_sources`: the base projections that copy-initialisation reads, by role (see `copy_source`);
-    - the hooks below, whose defaults are Llama's: `project_heads`, `normalize_query_key` (and through it
-      `prepare_inserted_query_key`), `original_attention`, `original_mlp`, `mlp_activation`,
-      `attention_sliding_window`, `copy_source`.
-    """
-
-    norm_class: type[OtterNorm] = OtterRMSNorm
-    inserted_mlp_class: type[nn.Module] = OtterInsertedMLP
-    attention_norm: str = "input_layernorm"
-    attention_output_norm: str | None = None
-    mlp_norm: str = "post_attention_layernorm"
-    mlp_output_norm: str | None = None
-    rotary_fn: Callable
-    eager_attention_fn: Callable
-    copy_sources: dict[str, str] = {
-        "query": "self_attn.q_proj",
-        "key": "self_attn.k_proj",
-        "value": "self_attn.v_proj",
-        "output": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
-    }
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.config = config  # Llama's layer does not keep it; Gemma's does
-        for name in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm):
-            if name is not None:
-                setattr(self, name, self.norm_class.from_config(config))
-        self.inserted_attn = OtterInsertedAttention(
-            config,
-            layer_idx,
-            qkv_bias=self.copy_source("query")[1] is not None,
-            output_bias=self.copy_source("output")[1] is not None,
-        )
-        self.inserted_mlp = self.inserted_mlp_class(
-            config, bias=self.copy_source("up")[1] is not None, act_fn=self.mlp_activation()
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        detach_original_stream: bool = False,
-        **kwargs,
-    ) -> torch.Tensor:
-        original, inserted = split_streams(hidden_states, self.config.hidden_size)
-        if detach_original_stream:
-            # Joining the streams makes autograd see the original one as depending on the inserted parameters;
-            # it does not, and cutting it here keeps backward out of the frozen base computation.
-            original = original.detach()
-        if inserted is None:  # inserted stream switched off: the base layer, at base cost
-            return super().forward(
-                hidden_states,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention_fn)
-
-        normed, inserted_normed = getattr(self, self.attention_norm).normalize(original, inserted)
-        original_heads, attention_output = self.original_attention(
-            normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs
-        )
-        inserted_output = self.inserted_attn(
-            normed,
-            inserted_normed,
-            original_heads,
-            prepare_query_key=lambda query, key: self.prepare_inserted_query_key(query, key, position_embeddings),
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            attention_fn=attention_fn,
-            # The inserted heads attend like the original ones: same scale, same window.
-            scaling=self.self_attn.scaling,
-            sliding_window=self.attention_sliding_window(),
-            **kwargs,
-        )
-        original, inserted = self._add_outputs(
-            original, inserted, attention_output, inserted_output, self.attention_output_norm
-        )
-
-        normed, inserted_normed = getattr(self, self.mlp_norm).normalize(original, inserted)
-        original_units, mlp_output = self.original_mlp(normed)
-        inserted_output = self.inserted_mlp(normed, inserted_normed, original_units)
-        original, inserted = self._add_outputs(original, inserted, mlp_output, inserted_output, self.mlp_output_norm)
-        return join_streams(original, inserted)
-
-    def _add_outputs(self, original, inserted, output, inserted_output, output_norm: str | None):
-        """Each stream plus its module's output, normalised first where the architecture norms module outputs."""
-        if output_norm is not None:
-            output, inserted_output = getattr(self, output_norm).normalize(output, inserted_output)
-        return original + output, inserted + inserted_output
-
-    # -- architecture hooks (Llama's by default) --------------------------------------------------------------
-
-    def project_heads(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The original query, key and value heads `(batch, heads, seq, head_dim)`, as the base attention forms
-        them before rotary embeddings."""
-        attention = self.self_attn
-        hidden_shape = (*normed.shape[:-1], -1, attention.head_dim)
-        query = attention.q_proj(normed).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(hidden_shape).transpose(1, 2)
-        value = attention.v_proj(normed).view(hidden_shape).transpose(1, 2)
-        return query, key, value
-
-    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the architecture does to query and key heads before rotary embeddings (Qwen3, Gemma 3: q/k norms)."""
-        return query, key
-
-    def prepare_inserted_query_key(self, query, key, position_embeddings):
-        """The inserted heads' queries and keys, treated as the original heads' are."""
-        query, key = self.normalize_query_key(query, key)
-        return self.rotary_fn(query, key, *position_embeddings)
-
-    def attention_sliding_window(self) -> int | None:
-        """The window the base attention passes to the attention function (None: full attention)."""
-        return getattr(self.self_attn, "sliding_window", None)
-
-    def original_attention(self, normed, position_embeddings, attention_mask, past_key_values, attention_fn, **kwargs):
-        """The base attention, step for step, also returning the heads' outputs that the inserted heads read."""
-        attention = self.self_attn
-        query, key, value = self.project_heads(normed)
-        query, key = self.rotary_fn(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attention.layer_idx)
-        heads, _ = attention_fn(
-            attention,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not attention.training else attention.attention_dropout,
-            scaling=attention.scaling,
-            sliding_window=self.attention_sliding_window(),
-            **kwargs,
-        )
-        heads = heads.reshape(*normed.shape[:-1], -1).contiguous()
-        return heads, attention.o_proj(heads)
-
-    def mlp_activation(self) -> Callable:
-        """The base MLP's activation, which the inserted units use too."""
-        return self.mlp.act_fn
-
-    def original_mlp(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base gated MLP, returning its units (what the inserted units read) and its output."""
-        mlp = self.mlp
-        units = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
-        return units, mlp.down_proj(units)
-
-    def copy_source(self, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight `(out_features, in_features)` and bias of the base projection playing `role` (query, key,
-        value, output, gate, up, down), which copy-initialisation and the inserted modules' biases follow."""
-        projection = self.get_submodule(self.copy_sources[role])
-        return projection.weight, projection.bias
-
-
 class OtterModelMixin:
-    """Builds an architecture's decoder stack from Otter layers; its forward is the architecture's own.
+    """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
 
-    The architecture's model class declares `decoder_layer_class`, `rotary_embedding_class` and `embedding_class`
-    (built from the config); the final norm is the decoder layer's `norm_class`.
+    The architecture's model class declares `otter_layout`. The inserted parameters are attached to the base
+    modules they belong with, so their names follow the base's (`layers.0.inserted_attn.qkv_proj.weight`,
+    `layers.0.input_layernorm.inserted_weight`, `embed_tokens.inserted_weight`), and the base parameters keep
+    their own names. Hooks on the capture points feed the inserted stream while a forward runs inside
+    `inserted_stream()`; outside it, and inside `otter_disabled()`, the backbone is the base model at base cost.
     """
 
-    decoder_layer_class: type
-    rotary_embedding_class: type
-    embedding_class: type = OtterEmbedding
+    otter_layout: OtterLayout
 
-    def __init__(self, config):
-        PreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = self.embedding_class(config)
-        self.layers = nn.ModuleList(
-            [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+    def post_init(self):
+        # The base __init__ has built its modules and ends here: attach the inserted parameters before transformers
+        # initialises the weights, so that they are initialised (or loaded) with the others.
+        self._attach_inserted_parameters()
+        super().post_init()
+
+    def _attach_inserted_parameters(self) -> None:
+        config, layout = self.config, self.otter_layout
+        self.otter_enabled = True
+        self._inserted_stream: InsertedStream | None = None
+        embeddings = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
+        for path in embeddings:
+            embedding = self._capture_point(self, path)
+            embedding.inserted_weight = nn.Parameter(torch.empty(embedding.num_embeddings, config.inserted_hidden_size))
+            embedding.register_forward_hook(self._embed_inserted)
+        final_norm = self._capture_point(self, layout.final_norm)
+        self._attach_inserted_norm(final_norm)
+        final_norm.register_forward_hook(self._normalize_final_streams)
+        for index, layer in enumerate(self.otter_decoder_layers()):
+            self._attach_inserted_layer(layer, index)
+
+    def _attach_inserted_norm(self, norm: nn.Module) -> None:
+        size = self.config.inserted_hidden_size
+        norm.inserted_weight = nn.Parameter(torch.empty(size))
+        if self.otter_layout.norm.has_bias:
+            norm.inserted_bias = nn.Parameter(torch.empty(size))
+
+    def _attach_inserted_layer(self, layer: nn.Module, index: int) -> None:
+        config, layout = self.config, self.otter_layout
+        layer_path = f"{layout.layers}.{index}"
+        for path in layout.norm_paths():
+            norm = self._capture_point(layer, path, layer_path)
+            self._attach_inserted_norm(norm)
+            norm.register_forward_hook(functools.partial(self._capture_norm, path))
+        self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
+            self._capture_attention_call, with_kwargs=True
         )
-        self.norm = self.decoder_layer_class.norm_class.from_config(config)
-        self.rotary_emb = self.rotary_embedding_class(config=config)
-        self.gradient_checkpointing = False
-        # Set by the base __init__ of Qwen2 and Mistral, whose forward reads it.
-        self.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
-        self.post_init()
+        for path in (layout.attention_output, layout.mlp_output):
+            self._capture_point(layer, path, layer_path).register_forward_pre_hook(
+                functools.partial(self._capture_input, path)
+            )
+        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path))
 
-    def otter_decoder_layers(self) -> list[OtterDecoderLayerMixin]:
-        return list(self.layers)
+        query_bias = layout.copy_source(layer, "query")[1] is not None
+        output_bias = layout.copy_source(layer, "output")[1] is not None
+        layer.inserted_attn = OtterInsertedAttention(config, index, qkv_bias=query_bias, output_bias=output_bias)
+        mlp_class = OtterInsertedMLP if layout.gated_mlp else OtterInsertedUngatedMLP
+        layer.inserted_mlp = mlp_class(
+            config,
+            bias=layout.copy_source(layer, "up")[1] is not None,
+            act_fn=self._capture_point(layer, layout.mlp_activation, layer_path),
+        )
+
+    def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "") -> nn.Module:
+        try:
+            return parent.get_submodule(path)
+        except AttributeError:
+            full_path = f"{parent_path}.{path}" if parent_path else path
+            raise ValueError(
+                f"{type(self).__name__} reads the base model at `{full_path}`, which the base model of transformers "
+                f"{transformers.__version__} does not have; install a transformers version otter_hf supports (see "
+                "its README)."
+            ) from None
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if getattr(module, "inserted_weight", None) is None:
+            return
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
+        else:
+            init.constant_(module.inserted_weight, self.otter_layout.norm.neutral_weight)
+        if getattr(module, "inserted_bias", None) is not None:
+            init.zeros_(module.inserted_bias)
+
+    def otter_decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers, first to last."""
+        return list(self.get_submodule(self.otter_layout.layers))
+
+    # -- the inserted stream -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def inserted_stream(self, record_hidden_states: bool = False) -> Iterator[InsertedStream | None]:
+        """Compute the inserted stream beside every base forward inside the block; yields it (None inside
+        `otter_disabled()`, where the backbone is the base model alone).
+
+        While autograd records, the base runs without it and only the inserted computation builds a graph: the
+        original stream depends on no inserted parameter, and the frozen base then stores no activations.
+        """
+        if not self.otter_enabled:
+            yield None
+            return
+        if self._inserted_stream is not None:
+            raise RuntimeError("An Otter model computes one inserted stream at a time; this forward ran inside another.")
+        stream = InsertedStream(torch.is_grad_enabled(), record_hidden_states)
+        base_needs_grad = stream.compute_grad and any(
+            parameter.requires_grad for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
+        )
+        self._inserted_stream = stream
+        try:
+            with contextlib.nullcontext() if base_needs_grad else torch.no_grad():
+                yield stream
+        finally:
+            self._inserted_stream = None
+        num_layers = len(self.otter_decoder_layers())
+        if stream.layers_run != num_layers:
+            raise CapturePointMissed(f"{self.otter_layout.layers}.{stream.layers_run}")
+        if stream.final_inserted is None:
+            raise CapturePointMissed(self.otter_layout.final_norm)
+
+    def _embed_inserted(self, embedding: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        stream = self._inserted_stream
+        if stream is None:
+            return
+        with torch.set_grad_enabled(stream.compute_grad):
+            inserted = nn.functional.embedding(args[0], embedding.inserted_weight)
+            scale = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings; the inserted ones alike
+            if scale is not None:
+                inserted = inserted * scale.to(inserted.dtype)
+            stream.add_embedding(inserted)
+
+    def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._inserted_stream is not None:
+            statistics = self.otter_layout.norm.statistics(args[0], getattr(self.config, self.otter_layout.norm_eps))
+            self._inserted_stream.captured[path] = (norm, statistics, output)
+
+    def _capture_attention_call(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._inserted_stream is not None:
+            self._inserted_stream.captured[self.otter_layout.attention] = (attention, kwargs)
+
+    def _capture_input(self, path: str, module: nn.Module, args: tuple) -> None:
+        if self._inserted_stream is not None:
+            self._inserted_stream.captured[path] = (args[0],)
+
+    def _run_inserted_layer(self, layer_path: str, layer: nn.Module, args: tuple, output) -> None:
+        stream = self._inserted_stream
+        if stream is None:
+            return
+        if stream.hidden is None:
+            raise CapturePointMissed(self.otter_layout.token_embedding)
+        if stream.hidden_states is not None:
+            stream.hidden_states.append(stream.hidden)
+        with torch.set_grad_enabled(stream.compute_grad):
+            stream.hidden = self.inserted_layer(layer, layer_path, stream)
+        stream.captured.clear()
+        stream.layers_run += 1
+
+    def inserted_layer(self, layer: nn.Module, layer_path: str, stream: InsertedStream) -> torch.Tensor:
+        """One decoder layer of the inserted stream, from what the base layer handed to the capture points."""
+        layout = self.otter_layout
+        inserted = stream.hidden
+
+        norm, statistics, normed = stream.take(layout.attention_norm, layer_path)
+        inserted_normed = layout.norm.normalize(norm, statistics, inserted)
+        attention, attention_kwargs = stream.take(layout.attention, layer_path)
+        (original_heads,) = stream.take(layout.attention_output, layer_path)
+        output = layer.inserted_attn(normed, inserted_normed, original_heads, attention, attention_kwargs, layout)
+        inserted = inserted + self._normalize_output(output, layout.attention_output_norm, layer_path, stream)
+
+        norm, statistics, normed = stream.take(layout.mlp_norm, layer_path)
+        inserted_normed = layout.norm.normalize(norm, statistics, inserted)
+        (original_units,) = stream.take(layout.mlp_output, layer_path)
+        output = layer.inserted_mlp(normed, inserted_normed, original_units)
+        return inserted + self._normalize_output(output, layout.mlp_output_norm, layer_path, stream)
+
+    def _normalize_output(self, output, output_norm: str | None, layer_path: str, stream) -> torch.Tensor:
+        """A module's inserted output, normalised with the original output's statistics where the architecture
+        norms module outputs (Gemma)."""
+        if output_norm is None:
+            return output
+        norm, statistics, _ = stream.take(output_norm, layer_path)
+        return self.otter_layout.norm.normalize(norm, statistics, output)
+
+    def _normalize_final_streams(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        stream = self._inserted_stream
+        if stream is None:
+            return
+        statistics = self.otter_layout.norm.statistics(args[0], getattr(self.config, self.otter_layout.norm_eps))
+        with torch.set_grad_enabled(stream.compute_grad):
+            stream.final_inserted = self.otter_layout.norm.normalize(norm, statistics, stream.hidden)
+        stream.final_original = output
+        if stream.hidden_states is not None:
+            stream.hidden_states.append(stream.final_inserted)
+
+    def forward(self, *args, **kwargs):
+        """The architecture's own forward; run on its own, the backbone adds the inserted stream to its output."""
+        if self._inserted_stream is not None or not self.otter_enabled:
+            return super().forward(*args, **kwargs)
+        record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
+        with self.inserted_stream(record_hidden_states=record) as stream:
+            outputs = super().forward(*args, **kwargs)
+        return OtterModelOutputWithPast(
+            **outputs,
+            inserted_last_hidden_state=stream.final_inserted,
+            inserted_hidden_states=tuple(stream.hidden_states) if record else None,
+        )
 
 
 @dataclass
-class OtterCausalLMOutput(ModelOutput):
-    """
-    The fields every Otter causal LM returns; `OtterCausalLMOutputWithValue` adds one per inserted head.
+class OtterModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    The architecture's backbone output, plus the inserted stream.
 
-    loss (`torch.FloatTensor`, *optional*):
-        Language-modelling loss of the original logits, when `labels` are given.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        The base model's logits, bit-identical to running the base model alone.
-    past_key_values (`Cache`, *optional*):
-        Original and inserted keys and values.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        The original stream's hidden states, as the base model returns them.
+    inserted_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, inserted_hidden_size)`):
+        The inserted stream after the final norm.
     inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        The inserted stream's hidden states at the same points.
-    attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Attention weights, from the base computation inside `otter_disabled()` only.
+        The inserted stream at the points where `hidden_states` records the original one.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    inserted_last_hidden_state: torch.FloatTensor | None = None
     inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-# The output of every Otter causal LM: the fields above, then each inserted head's output field.
-OtterCausalLMOutputWithValue = make_dataclass(
-    "OtterCausalLMOutputWithValue",
-    [(head.output_field, torch.FloatTensor | None, field(default=None)) for head in INSERTED_HEADS],
-    bases=(OtterCausalLMOutput,),
-    namespace={"__module__": __name__},
-)
-OtterCausalLMOutputWithValue.__doc__ = OtterCausalLMOutput.__doc__.split("\n", 2)[2].rstrip(" ") + "".join(
-    f"    {head.output_field} {head.output_doc}\n".replace("\n    ", "\n        ") for head in INSERTED_HEADS
-)
+@dataclass
+class OtterCausalLMOutputWithValue(CausalLMOutputWithPast):
+    r"""
+    The architecture's causal LM output (`loss`, `logits`, the cache, `hidden_states`, `attentions`: the base
+    model's own, bit-identical), plus the inserted stream and the output of each inserted head.
+
+    inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The inserted stream at the points where `hidden_states` records the original one.
+    value (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
+        The value head's float32 prediction at every position (`v_head`), whatever `logits_to_keep`.
+    draft_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, num_draft_heads, vocab_size)`, *optional*):
+        With `output_draft_logits=True`: draft head k's logits for the token k + 2 positions on (`draft_heads`).
+    recurrent_draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length - 1, draft_vocab_size)`, *optional*):
+        With `output_recurrent_draft_logits=True`: the recurrent draft head's teacher-forced first step, over its
+        draft vocabulary (`recurrent_draft_head`).
+    token_reward_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
+        With `output_token_reward_logits=True`: the token-level reward head's logits (`token_reward_head`).
+    """
+
+    inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    value: torch.FloatTensor | None = None
+    draft_logits: torch.FloatTensor | None = None
+    recurrent_draft_logits: torch.FloatTensor | None = None
+    token_reward_logits: torch.FloatTensor | None = None
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    # The base model as loaded has trainable weights, and for a strided 3D input (the last position of a batch,
+    # `logits_to_keep=1`) torch folds the matmul into 2D only when the weight requires grad; the frozen LM head
+    # would take a batched matmul that rounds differently. The same values, laid out as the base's fold lays them.
+    return (args[0].contiguous(), *args[1:])
 
 
 class OtterForCausalLMMixin:
-    """The Otter causal LM with value head: the architecture's causal LM, its backbone widened, plus the inserted
+    """The Otter causal LM with value head: the architecture's causal LM on the Otter backbone, plus the inserted
     heads of `INSERTED_HEADS` (`v_head`, and those its config asks for)."""
 
     backbone_class: type
@@ -538,6 +330,7 @@ class OtterForCausalLMMixin:
         setattr(self, self.base_model_prefix, self.backbone_class(config))
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.register_forward_pre_hook(_contiguous_input)
         for head in INSERTED_HEADS:
             setattr(self, head.attribute, head.module_class(config) if head.is_built(config) else None)
         self.post_init()
@@ -551,15 +344,6 @@ class OtterForCausalLMMixin:
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
         return loaded
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, OtterEmbeddingMixin):
-            init.normal_(module.inserted_weight, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, OtterNorm):
-            init.constant_(module.inserted_weight, module.neutral_weight)
-            if isinstance(module, OtterLayerNorm):
-                init.zeros_(module.inserted_bias)
 
     # -- inserted parameters -------------------------------------------------------------------------------
 
@@ -596,12 +380,6 @@ class OtterForCausalLMMixin:
         """Inserted parameters as a fraction of the base model's parameters."""
         return self.num_inserted_parameters() / self.num_base_parameters()
 
-    def _original_stream_requires_grad(self, inputs_embeds: torch.Tensor | None) -> bool:
-        """Whether anything upstream of the original stream can take a gradient (normally not: the base is frozen)."""
-        if inputs_embeds is not None and inputs_embeds.requires_grad:
-            return True
-        return any(p.requires_grad for name, p in self.named_parameters() if not is_inserted_parameter(name))
-
     def compute_draft_logits(self, hidden: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-head logits (..., num_draft_heads, vocab_size) from final (post-norm) hidden states of both streams."""
         return self.logits_from_hidden(self.draft_heads(hidden, inserted_hidden))
@@ -610,12 +388,13 @@ class OtterForCausalLMMixin:
         """Rows of the base model's input embedding matrix (unscaled, without the inserted columns)."""
         return nn.functional.embedding(input_ids, self.get_input_embeddings().weight)
 
-    def otter_decoder_layers(self) -> list:
-        """The Otter decoder layers, first to last."""
+    def otter_decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers, first to last, each holding its `inserted_attn` and `inserted_mlp`."""
         return self.base_model.otter_decoder_layers()
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping)."""
+        """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping), for
+        hidden states the base forward never saw (draft heads)."""
         return logits
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -625,14 +404,14 @@ class OtterForCausalLMMixin:
     @property
     def otter_enabled(self) -> bool:
         """Whether the inserted stream runs (False inside `otter_disabled()`)."""
-        return self.get_input_embeddings().inserted_enabled
+        return self.base_model.otter_enabled
 
     def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
         """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
         original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
-        outputs = self.base_model(**inputs)
-        hidden_states, inserted_hidden = split_streams(outputs.last_hidden_state, self.config.hidden_size)
-        return hidden_states, inserted_hidden, outputs
+        with self.base_model.inserted_stream() as stream:
+            outputs = self.base_model(**inputs)
+        return outputs.last_hidden_state, stream.final_inserted if stream is not None else None, outputs
 
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(
@@ -642,16 +421,12 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        # Every embedding that adds inserted columns (GPT-2 has token and position embeddings).
-        embeddings = [module for module in self.modules() if isinstance(module, OtterEmbeddingMixin)]
-        previous = [embedding.inserted_enabled for embedding in embeddings]
-        for embedding in embeddings:
-            embedding.inserted_enabled = False
+        backbone = self.base_model
+        previous, backbone.otter_enabled = backbone.otter_enabled, False
         try:
             yield self
         finally:
-            for embedding, enabled in zip(embeddings, previous):
-                embedding.inserted_enabled = enabled
+            backbone.otter_enabled = previous
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -660,106 +435,78 @@ class OtterForCausalLMMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_attentions: bool | None = None,
+        output_draft_logits: bool = False,
+        output_recurrent_draft_logits: bool = False,
+        output_token_reward_logits: bool = False,
         **kwargs,
     ) -> OtterCausalLMOutputWithValue:
         r"""
-        The causal LM's forward, plus the outputs of the inserted heads. A head whose output is computed only on
-        request takes `output_<field>=True` (`output_draft_logits=True` for the draft heads' `draft_logits`).
+        The architecture's causal LM forward, unchanged, plus the outputs of the inserted heads.
+
+        output_draft_logits (`bool`, *optional*, defaults to `False`):
+            Also compute the draft heads' `draft_logits`.
+        output_recurrent_draft_logits (`bool`, *optional*, defaults to `False`):
+            Also compute the recurrent draft head's `recurrent_draft_logits` (needs `input_ids`).
+        output_token_reward_logits (`bool`, *optional*, defaults to `False`):
+            Also compute the token-level reward head's `token_reward_logits`.
+
+        The other arguments are the base causal LM's, the cache under whichever name this transformers uses.
         """
-        requested_heads = [
-            head
-            for head in INSERTED_HEADS
-            if head.computed_by_default or kwargs.pop(head.request_argument, False)
-        ]
-        inserted_enabled = self.otter_enabled
-        if inserted_enabled:
-            if output_attentions:
-                raise ValueError(
-                    "Otter layers do not record attention weights; run the base computation inside "
-                    "`with model.otter_disabled():` to get them."
-                )
-            if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.hidden_size + self.config.inserted_hidden_size:
-                raise ValueError(
-                    f"`inputs_embeds` must carry both streams (last dimension {self.config.hidden_size} + "
-                    f"{self.config.inserted_hidden_size}); build them with `model.get_input_embeddings()(input_ids)`."
-                )
-            if use_cache is None:
-                use_cache = self.config.use_cache
-            if use_cache and past_key_values is None:
-                past_key_values = DynamicCache(config=self.config)
-            if past_key_values is not None:
-                ensure_inserted_cache_layers(past_key_values, self.config)
-            if torch.is_grad_enabled() and not self._original_stream_requires_grad(inputs_embeds):
-                kwargs["detach_original_stream"] = True
-        elif output_attentions is not None:
-            kwargs["output_attentions"] = output_attentions
-
-        hidden_states, inserted_hidden, outputs = self.final_streams(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        # Contiguous, so the LM head runs the matmul a base model with trainable weights runs: for a 3D input that
-        # needs a copy to fold into 2D, torch folds it only when the weight requires grad, and the frozen LM head
-        # would otherwise take a batched matmul that rounds differently (prefill with logits_to_keep, batch > 1).
-        kept_hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep).contiguous()
-        logits = self.logits_from_hidden(kept_hidden_states)
-        head_outputs = self._inserted_head_outputs(
-            requested_heads,
-            FinalStreams(
-                hidden_states,
-                inserted_hidden,
-                logits,
-                logits_to_keep,
-                self.logits_from_hidden,
+        if inputs_embeds is not None and self.otter_enabled:
+            raise ValueError(
+                "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
+                "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
+            )
+        requested = {
+            "draft_logits": output_draft_logits,
+            "recurrent_draft_logits": output_recurrent_draft_logits,
+            "token_reward_logits": output_token_reward_logits,
+        }
+        record_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
+        with self.base_model.inserted_stream(record_hidden_states) as stream:
+            outputs = super().forward(
                 input_ids=input_ids,
-                token_embeddings=self.token_embeddings,
-            ),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        if stream is None:
+            if any(requested.values()):
+                asked = ", ".join(f"`output_{field}=True`" for field, asked in requested.items() if asked)
+                raise ValueError(f"{asked} needs the inserted stream switched on (it is off in `otter_disabled()`).")
+            return OtterCausalLMOutputWithValue(**outputs)
+
+        streams = FinalStreams(
+            stream.final_original,
+            stream.final_inserted,
+            outputs.logits,
+            logits_to_keep,
+            self.logits_from_hidden,
+            input_ids=input_ids,
+            token_embeddings=self.token_embeddings,
         )
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        all_hidden_states = all_inserted_hidden_states = None
-        if outputs.hidden_states is not None:
-            streams = [split_streams(state, self.config.hidden_size) for state in outputs.hidden_states]
-            all_hidden_states = tuple(original for original, _ in streams)
-            if inserted_enabled:
-                all_inserted_hidden_states = tuple(inserted for _, inserted in streams)
-
+        head_outputs = {}
+        for head in INSERTED_HEADS:
+            module = getattr(self, head.attribute)
+            if not (head.computed_by_default or requested.get(head.output_field)):
+                continue
+            if module is not None:
+                head_outputs[head.output_field] = module.predict(streams)
+            elif not head.computed_by_default:
+                raise ValueError(f"`{head.request_argument}=True` needs {head.description}.")
         return OtterCausalLMOutputWithValue(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=all_hidden_states,
-            inserted_hidden_states=all_inserted_hidden_states,
-            attentions=outputs.attentions,
+            **outputs,
+            inserted_hidden_states=tuple(stream.hidden_states) if record_hidden_states else None,
             **head_outputs,
         )
-
-    def _inserted_head_outputs(self, requested_heads: list, streams: FinalStreams) -> dict[str, torch.Tensor]:
-        """The output field of each requested head that this model built, while the inserted stream runs."""
-        outputs = {}
-        for head in requested_heads:
-            module = getattr(self, head.attribute)
-            if module is not None and streams.inserted_hidden_states is not None:
-                outputs[head.output_field] = module.predict(streams)
-            elif not head.computed_by_default:
-                raise ValueError(
-                    f"`{head.request_argument}=True` needs {head.description} and the inserted stream switched on."
-                )
-        return outputs
 
     # -- generation ----------------------------------------------------------------------------------------
 
