@@ -204,6 +204,13 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
     if unexpected:
         raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
+    # The base's non-persistent buffers too (rotary frequencies), as they are: a base cast with `.to(dtype)` keeps
+    # them in that dtype, where a model built in that dtype keeps them in float32, and rounds its positions so.
+    for name, buffer in base.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(
+            buffer_name, buffer, persistent=buffer_name not in base.get_submodule(module_name)._non_persistent_buffers_set
+        )
     device = base.device
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):

@@ -79,13 +79,13 @@ def make_base(name: str, seed: int = 0, **overrides):
     return model_class(config).eval()
 
 
-def make_otter(base, seed: int = 1, **options):
+def make_otter(base, seed: int = 1, noise: float = 0.05, **options):
     torch.manual_seed(seed)
     model = otter_hf.insert(base, **options)
     # Give the zero-initialised inserted blocks real values, so tests exercise every inserted path.
     with torch.no_grad():
         for parameter in model.otter_parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+            parameter.add_(torch.randn_like(parameter) * noise)
     return model
 
 

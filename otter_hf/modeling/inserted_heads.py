@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.modeling_utils import slice_logits_to_keep
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,10 @@ class FinalStreams:
     token_embeddings: Callable[[torch.LongTensor], torch.Tensor] | None = None
 
     def kept(self, states: torch.Tensor) -> torch.Tensor:
-        """`states` at the positions the LM head's logits were computed for."""
-        return slice_logits_to_keep(states, self.logits_to_keep)
+        """`states` at the positions the LM head's logits were computed for (an int keeps that many last
+        positions, 0 all of them; a tensor holds the positions), as every causal LM of transformers reads it."""
+        keep = self.logits_to_keep
+        return states[:, slice(-keep, None) if isinstance(keep, int) else keep]
 
 
 def initialize_linear(linear: nn.Linear, method: str, std: float) -> None:
