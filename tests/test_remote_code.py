@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from otter_hf.hub import push_to_hub
@@ -31,6 +33,7 @@ sys.meta_path.insert(0, BlockOtterHF())
 
 import torch
 from safetensors.torch import load_file
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 GUIDED_DECODING = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -68,6 +71,7 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
     result["sequence_classifier_class"] = type(classifier).__name__
     result["sequence_scores_shape"] = list(scores.shape)
 report["otter_hf_imported"] = any(name.partition(".")[0] == "otter_hf" for name in sys.modules)
+report["transformers_version"] = transformers.__version__
 with open(sys.argv[2], "w") as file:  # not stdout: transformers' trust_remote_code prompt writes there
     json.dump(report, file)
 """
@@ -163,6 +167,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
     report = json.loads((tmp_path / "report.json").read_text())
 
     assert report.pop("otter_hf_imported") is False
+    assert report.pop("transformers_version") == transformers.__version__
     for repo, result in report.items():
         for auto_class in ("AutoConfig", "AutoModelForCausalLM"):
             refusal = result[f"{auto_class} without trust_remote_code"]
@@ -177,3 +182,36 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["sequence_classifier_class"].endswith("ForSequenceClassification")
         assert result["sequence_scores_shape"] == [2, 1]
 
+
+
+OTTER_OTHER_TRANSFORMERS_PYTHON = os.environ.get("OTTER_OTHER_TRANSFORMERS_PYTHON")
+
+
+@pytest.mark.skipif(
+    not OTTER_OTHER_TRANSFORMERS_PYTHON,
+    reason="set OTTER_OTHER_TRANSFORMERS_PYTHON to the python of an environment with another transformers (.ci/run does)",
+)
+def test_a_checkpoint_loads_under_another_transformers_version_through_its_remote_code(tmp_path):
+    repos = {}
+    for name in ("llama-gqa-tied", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
+        otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
+        otter.save_pretrained(tmp_path / f"saved-{name}")
+        _expected_outputs(otter, tmp_path / f"{name}.safetensors")
+        repos[str(tmp_path / f"saved-{name}")] = str(tmp_path / f"{name}.safetensors")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    completed = subprocess.run(
+        [OTTER_OTHER_TRANSFORMERS_PYTHON, "-c", LOAD_WITHOUT_OTTER_HF, json.dumps(repos), str(tmp_path / "report.json")],
+        env=environment,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report.pop("otter_hf_imported") is False
+    assert report.pop("transformers_version") != transformers.__version__
+    for repo, result in report.items():
+        assert result["logits_equal"] and result["value_close"], repo
+        assert result.get("guided_equal", "llama" not in repo), repo
