@@ -42,7 +42,7 @@ from .candidates import (
     check_within_sliding_window,
     score_candidates,
 )
-from .loop_inputs import pop_prepared_inputs
+from .loop_inputs import cache_field, pop_cache, pop_prepared_inputs
 
 # What generate() appends after the processors a user passes: the reward goes in between, exactly where
 # `OtterRewardLogitsProcessor` sits when passed in `logits_processor`.
@@ -129,11 +129,11 @@ def reward_guided_generate(
                 **model_kwargs,
             )
 
-    cache = model_kwargs.pop("past_key_values", None)
+    cache = pop_cache(model_kwargs)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
         raise ValueError(
             f"Reward-guided decoding starts from an empty DynamicCache; got a {type(cache).__name__} holding "
-            f"{cache.get_seq_length() if cache is not None else 0} tokens. Pass no `past_key_values`."
+            f"{cache.get_seq_length() if cache is not None else 0} tokens. Pass no cache."
         )
     attention_mask, padding_mask, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Reward-guided decoding")
     check_within_sliding_window(model.config, generation_config.max_length + reward_top_k)
@@ -203,6 +203,6 @@ def reward_guided_generate(
 
     if return_dict:
         return GenerateDecoderOnlyOutput(
-            sequences=input_ids, scores=all_scores, logits=all_logits, past_key_values=cache
+            sequences=input_ids, scores=all_scores, logits=all_logits, **{cache_field(GenerateDecoderOnlyOutput): cache}
         )
     return input_ids

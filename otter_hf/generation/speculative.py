@@ -73,7 +73,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from ..modeling.inserted_heads import is_probability
-from .loop_inputs import pop_prepared_inputs
+from .loop_inputs import cache_field, pop_cache, pop_prepared_inputs
 
 # (sequences ending with the token the LM head fixed, final hidden states of the original stream at the position
 # before it, the same for the inserted stream or None) -> draft logits (batch, num_drafts, vocab_size), or draft
@@ -350,7 +350,7 @@ def _decode(
     model_kwargs: dict,
 ) -> SpeculativeDecoderOnlyOutput | torch.LongTensor:
     """The drafting loop of `speculative_generate`."""
-    cache = model_kwargs.pop("past_key_values", None)
+    cache = pop_cache(model_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config)
     if not isinstance(cache, DynamicCache):
@@ -460,7 +460,7 @@ def _decode(
             sequences=input_ids,
             scores=all_scores,
             logits=all_logits,
-            past_key_values=cache,
             accepted_tokens_per_step=accepted_tokens_per_step,
+            **{cache_field(SpeculativeDecoderOnlyOutput): cache},
         )
     return input_ids

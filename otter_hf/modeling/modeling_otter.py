@@ -15,6 +15,7 @@ they ship next to a checkpoint for `trust_remote_code`.
 
 import contextlib
 import functools
+import inspect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from .inserted_heads import INSERTED_HEADS, FinalStreams
 from .inserted_stream import (
+    CACHE_ARGUMENT_NAMES,
     CapturePointMissed,
     InsertedStream,
     OtterInsertedAttention,
@@ -336,6 +338,13 @@ class OtterForCausalLMMixin:
         self.post_init()
         self.freeze_base_parameters()
 
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The base causal LM's name for its cache argument."""
+        base_forward = next(cls.forward for cls in type(self).__mro__ if cls.__module__.startswith("transformers."))
+        parameters = inspect.signature(base_forward).parameters
+        return next(name for name in CACHE_ARGUMENT_NAMES if name in parameters)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if pretrained_model_name_or_path is not None:
@@ -454,8 +463,11 @@ class OtterForCausalLMMixin:
         output_token_reward_logits (`bool`, *optional*, defaults to `False`):
             Also compute the token-level reward head's `token_reward_logits`.
 
-        The other arguments are the base causal LM's, the cache under whichever name this transformers uses.
+        The other arguments are the base causal LM's. The cache goes under this transformers' name for it (`cache`
+        from 5.25 on) or under `past_key_values` on every version.
         """
+        if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
+            kwargs[self._cache_argument] = kwargs.pop("past_key_values")
         if inputs_embeds is not None and self.otter_enabled:
             raise ValueError(
                 "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "

@@ -15,9 +15,9 @@ import copy
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from .inserted_stream import CACHE_ARGUMENT_NAMES
 from .modeling_otter import OtterForCausalLMMixin
 
 # `PreTrainedConfig` gives every config two placeholder labels unless told otherwise.
@@ -92,8 +92,6 @@ class OtterForSequenceClassificationMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -102,8 +100,6 @@ class OtterForSequenceClassificationMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
             # Scoring needs no cache, and of the LM head only the last position, which nothing reads.
             use_cache=bool(use_cache),
             logits_to_keep=1,
@@ -116,12 +112,10 @@ class OtterForSequenceClassificationMixin:
         loss = None
         if labels is not None:  # one label per sequence: regression, as transformers does for num_labels == 1
             loss = nn.functional.mse_loss(pooled.squeeze(-1), labels.to(pooled.dtype).reshape(-1))
+        # The causal LM's cache under this transformers' name for it, which the classifier output shares.
+        cache = {name: outputs[name] for name in CACHE_ARGUMENT_NAMES if name in outputs}
         return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            loss=loss, logits=pooled, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **cache
         )
 
 
