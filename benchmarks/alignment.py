@@ -74,7 +74,7 @@ from trl import RewardConfig, RewardTrainer
 import otter_hf
 from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
 from otter_hf.embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
-from otter_hf.generation.loop_inputs import padding_position_ids
+from otter_hf.modeling.loop_inputs import padding_position_ids
 from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 
 # Sibling benchmark scripts (their folder is on sys.path when this script runs).

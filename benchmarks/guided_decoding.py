@@ -45,8 +45,8 @@ from transformers import (
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.generation import OtterRewardLogitsProcessor
-from otter_hf.generation.candidates import candidate_attention_mask
-from otter_hf.generation.loop_inputs import padding_position_ids
+from otter_hf.modeling.candidates import candidate_attention_mask
+from otter_hf.modeling.loop_inputs import padding_position_ids
 
 VARIANTS = ("greedy", "args", "otter_processor", "otter_fast", "otter_token_head")
 OTTER_VARIANTS = ("otter_processor", "otter_fast", "otter_token_head")

@@ -27,6 +27,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .model_cards import otter_model_card
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from .modeling.modeling_otter import OtterForCausalLMMixin
 from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, recover_before_loading
 
 OTTER_MODEL_TYPES = frozenset(model_class.config_class.model_type for model_class in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values())
@@ -239,5 +240,8 @@ def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as file:
         return json.load(file)
 
+
+# `model.push_to_hub(...)` of an Otter model uploads through here, with its model card, where otter_hf is installed.
+OtterForCausalLMMixin.push_with_model_card = push_to_hub
 
 __all__ = ["otter_files", "push_folder", "push_to_hub"]

@@ -6,7 +6,7 @@ from transformers import LogitsProcessorList
 
 from conftest import EOS, PAD, make_base, make_otter, random_batch
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
-from otter_hf.generation.loop_inputs import padding_position_ids
+from otter_hf.modeling.loop_inputs import padding_position_ids
 
 # Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {

@@ -2,6 +2,7 @@
 a trainable inserted module in its dtype, an output field, and part of every save."""
 
 import dataclasses
+import inspect
 import re
 
 import pytest
@@ -100,3 +101,15 @@ def test_every_head_is_saved_by_save_otter_and_save_pretrained(head, tmp_path):
 def test_the_sequence_classification_view_shares_every_head(otter_bf16, head):
     view = sequence_classification_view(otter_bf16)
     assert getattr(view, head.attribute) is getattr(otter_bf16, head.attribute)
+
+
+def test_output_fields_and_forward_arguments_are_written_out_for_every_head():
+    output_fields = {field.name for field in dataclasses.fields(OtterCausalLMOutputWithValue)}
+    forward_parameters = inspect.signature(otter_hf.OtterLlamaForCausalLMWithValueHead.forward).parameters
+    for head in INSERTED_HEADS:
+        assert head.output_field in output_fields, head.attribute
+        assert f"{head.output_field} (" in OtterCausalLMOutputWithValue.__doc__, head.attribute
+        if not head.computed_by_default:
+            assert forward_parameters[head.request_argument].default is False, head.attribute
+    requests = {name for name in forward_parameters if name.startswith("output_")}
+    assert requests == {head.request_argument for head in INSERTED_HEADS if not head.computed_by_default}

@@ -1,15 +1,18 @@
 """Saved Otter checkpoints load with trust_remote_code in a process where otter_hf cannot be imported."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
 
+import otter_hf
 from otter_hf.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
 from conftest import make_base, make_otter, random_batch
@@ -56,6 +59,10 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
             tensors["input_ids"], attention_mask=tensors["attention_mask"], token_reward_weight=2.0, **GUIDED_DECODING
         )
         result["guided_equal"] = torch.equal(guided, tensors["guided_ids"])
+        args_guided = model.generate(
+            tensors["input_ids"], attention_mask=tensors["attention_mask"], reward_weight=2.0, reward_top_k=3, **GUIDED_DECODING
+        )
+        result["args_guided_equal"] = torch.equal(args_guided, tensors["args_guided_ids"])
     result["causal_lm_class"] = f"{type(model).__module__}.{type(model).__name__}"
     result["logits_equal"] = torch.equal(output.logits, tensors["logits"])
     result["value_close"] = torch.allclose(output.value[real], tensors["value"][real], atol=1e-5, rtol=1e-5)
@@ -87,6 +94,10 @@ def _expected_outputs(model, path) -> None:
         expected["guided_ids"] = model.generate(
             input_ids, attention_mask=attention_mask, token_reward_weight=2.0, max_new_tokens=4, min_new_tokens=4, do_sample=False
         )
+        # ARGS guidance too: its decoding loop ships with the checkpoint's code.
+        expected["args_guided_ids"] = model.generate(
+            input_ids, attention_mask=attention_mask, reward_weight=2.0, reward_top_k=3, max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
     save_file(expected, str(path))
 
 
@@ -114,10 +125,13 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
     assert shipped == {
         os.path.basename(architecture_file),
         "configuration_otter.py",
+        "candidates.py",
         "inserted_heads.py",
         "inserted_stream.py",
+        "loop_inputs.py",
         "modeling_otter.py",
         "persistence.py",
+        "reward_guided.py",
         "sequence_classification.py",
         "token_reward_guidance.py",
     }
@@ -176,6 +190,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["causal_lm_class"].endswith("ForCausalLMWithValueHead")
         assert result["logits_equal"] and result["value_close"], repo
         assert result.get("guided_equal", "llama" not in repo), repo
+        assert result.get("args_guided_equal", "llama" not in repo), repo
         assert result["only_inserted_trainable"]
         assert result["config_class"].startswith("Otter") and result["config_class"].endswith("Config")
         assert result["backbone_class"].startswith("Otter") and result["backbone_class"].endswith("Model")
@@ -215,3 +230,16 @@ def test_a_checkpoint_loads_under_another_transformers_version_through_its_remot
     for repo, result in report.items():
         assert result["logits_equal"] and result["value_close"], repo
         assert result.get("guided_equal", "llama" not in repo), repo
+        assert result.get("args_guided_equal", "llama" not in repo), repo
+
+
+def test_the_modeling_files_import_nothing_of_otter_hf_outside_them():
+    # They ship as a checkpoint's remote code, flat beside it: only sibling imports resolve there.
+    modeling = Path(otter_hf.modeling.__file__).parent
+    for path in modeling.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level in (0, 1), f"{path.name} imports from outside otter_hf/modeling"
+                assert node.level == 1 or not (node.module or "").startswith("otter_hf"), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("otter_hf") for alias in node.names), path.name

@@ -6,7 +6,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import make_base, make_otter, random_batch
 from otter_hf.generation import reward_guided_generate
-from otter_hf.generation.loop_inputs import padding_position_ids
+from otter_hf.modeling.loop_inputs import padding_position_ids
 
 WEIGHT = 2.0
 NEW_TOKENS = 6

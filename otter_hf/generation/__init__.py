@@ -2,7 +2,7 @@
 (speculative decoding)."""
 
 from .logits_process import OtterRewardLogitsProcessor
-from .reward_guided import reward_guided_generate
+from ..modeling.reward_guided import reward_guided_generate
 
 __all__ = ["OtterRewardLogitsProcessor", "reward_guided_generate"]
 

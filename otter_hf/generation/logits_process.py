@@ -3,13 +3,13 @@
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .candidates import (
+from ..modeling.candidates import (
     candidate_attention_mask,
     check_guidance_model,
     check_within_sliding_window,
     score_candidates,
 )
-from .loop_inputs import padding_position_ids
+from ..modeling.loop_inputs import padding_position_ids
 
 
 class OtterRewardLogitsProcessor(LogitsProcessor):

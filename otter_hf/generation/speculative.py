@@ -73,7 +73,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from ..modeling.inserted_heads import is_probability
-from .loop_inputs import cache_field, pop_cache, pop_prepared_inputs
+from ..modeling.loop_inputs import cache_field, pop_cache, pop_prepared_inputs
 
 # (sequences ending with the token the LM head fixed, final hidden states of the original stream at the position
 # before it, the same for the inserted stream or None) -> draft logits (batch, num_drafts, vocab_size), or draft

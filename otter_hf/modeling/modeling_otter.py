@@ -17,7 +17,7 @@ import contextlib
 import functools
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,7 @@ from .persistence import (
     save_remote_code,
     weight_files_of,
 )
+from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 
 # A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
@@ -326,6 +327,8 @@ class OtterForCausalLMMixin:
     # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
     # trust_remote_code where otter_hf is not installed.
     auto_map_classes: dict[str, type] = {}
+    # `otter_hf.hub.push_to_hub`, registered by `otter_hf.hub` where otter_hf is installed.
+    push_with_model_card: Callable | None = None
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
@@ -545,7 +548,7 @@ class OtterForCausalLMMixin:
             reward_weight (`float`, *optional*):
                 ARGS guidance by the value head: the `reward_top_k` best tokens of each step are rescored as
                 `score + reward_weight * value`, in one forward of the candidates over the shared cache
-                (`otter_hf.generation.reward_guided_generate`, which needs otter_hf installed).
+                (`reward_guided_generate`, which ships with the checkpoint's code like this file).
             reward_top_k (`int`, *optional*, defaults to 10): candidates rescored per step with `reward_weight`.
 
         The other arguments are `GenerationMixin.generate`'s.
@@ -559,12 +562,6 @@ class OtterForCausalLMMixin:
             if reward_weight is None:
                 raise ValueError("`reward_top_k` sets ARGS guidance; pass `reward_weight=...` with it.")
             if kwargs.get("custom_generate") is None:
-                try:
-                    from otter_hf.generation import reward_guided_generate
-                except ImportError as error:
-                    raise ImportError(
-                        "ARGS guidance (`reward_weight=...`) runs the decoding loop of otter_hf: `pip install otter-hf`."
-                    ) from error
                 kwargs["custom_generate"] = reward_guided_generate
             # Passed on as the decoding loop's own arguments (also to a `custom_generate` the caller names).
             kwargs["reward_weight"] = reward_weight
@@ -613,11 +610,9 @@ class OtterForCausalLMMixin:
         `overhead`, ...). This file also runs as remote code where otter_hf is not installed; there the upload
         is transformers' own, with its generic model card.
         """
-        try:
-            from otter_hf.hub import push_to_hub
-        except ImportError:
+        if OtterForCausalLMMixin.push_with_model_card is None:
             return super().push_to_hub(repo_id, **kwargs)
-        return push_to_hub(self, repo_id, **kwargs)
+        return OtterForCausalLMMixin.push_with_model_card(self, repo_id, **kwargs)
 
     def save_otter(self, save_directory) -> None:
         """Write only the inserted parameters (safetensors) and a config naming the base model and the
