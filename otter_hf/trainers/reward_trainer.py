@@ -34,9 +34,10 @@ class OtterRewardConfig(RewardConfig):
         sequence to the longest dialogue in a random batch; on HH-RLHF that halves the tokens a step computes.
         `"random"` gives TRL's default order.
     activation_checkpointing (`bool`, *optional*, defaults to `False`):
-        TRL turns it on by default (as `gradient_checkpointing`, the deprecated name, which still works). For Otter it recomputes the whole frozen forward of every layer during
-        backward, although only the narrow inserted stream takes gradients; off, a step costs about one base
-        forward plus the inserted parameters' own work.
+        TRL turns it on by default (as `gradient_checkpointing`, the deprecated name, which still works). An Otter
+        model's frozen base runs without autograd and keeps no activations; only the narrow inserted stream builds
+        a graph, so there is nothing worth recomputing: off, a step costs about one base forward plus the inserted
+        parameters' own work.
     """
 
     bf16: bool | None = field(
