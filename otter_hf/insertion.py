@@ -1,5 +1,6 @@
 """Turning a base causal LM into an Otter model, and attaching saved inserted weights to a base model."""
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -225,25 +226,40 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     check_base_modules(otter_class, base)
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
-    with init_empty_weights(include_buffers=False):
-        model = otter_class._from_config(
-            config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
-        )
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
-    device = base.device
-    for module_name, module in model.named_modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter.is_meta:
-                in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
-                dtype = torch.float32 if in_fp32 else base.dtype
-                setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
+    with _naming_allocation_failures(config, base.device):
+        with init_empty_weights(include_buffers=False):
+            model = otter_class._from_config(
+                config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
+            )
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+        if unexpected:
+            raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
+        for module_name, module in model.named_modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if parameter.is_meta:
+                    in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
+                    dtype = torch.float32 if in_fp32 else base.dtype
+                    setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=base.device, dtype=dtype)))
     model.tie_weights()
     model.freeze_base_parameters()
     model.train(base.training)
     model.generation_config = copy.deepcopy(base.generation_config)
     return model
+
+
+@contextlib.contextmanager
+def _naming_allocation_failures(config, device):
+    # torch's allocators raise a RuntimeError (OutOfMemoryError on GPUs) that names no size the user chose.
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        if "alloc" not in str(error).lower() and not isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        raise ValueError(
+            f"The inserted parameters cannot be allocated on {device} ({error}). Choose smaller insertion sizes "
+            f"(inserted_hidden_size is {config.inserted_hidden_size}, inserted_intermediate_size "
+            f"{config.inserted_intermediate_size})."
+        ) from None
 
 
 def _load_inserted_weights(model, state_dict: dict[str, torch.Tensor], source: str) -> None:
