@@ -169,23 +169,23 @@ def reading_checkpoint(path, subfolder: str | None = None) -> Iterator[None]:
         return
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        settled = False
+        visited = set()  # scratch folders settled, or left to a save still running
         while True:
             fcntl.flock(descriptor, fcntl.LOCK_SH)
             scratch_folders = _scratch_folders(path)
             # Under the shared lock no save is committing, so a journal is one a killed save left mid-commit.
             left_mid_commit = [scratch for scratch in scratch_folders if os.path.lexists(os.path.join(scratch, _JOURNAL))]
-            if not left_mid_commit and (settled or not scratch_folders):
-                break
-            if left_mid_commit and settled:
+            if any(scratch in visited for scratch in left_mid_commit):
                 raise ValueError(
                     f"{path} holds an interrupted save ({os.path.basename(left_mid_commit[0])}) that could not be "
                     "settled; load it again, or restore the folder from a copy."
                 )
-            settled = True
+            if not left_mid_commit and visited.issuperset(scratch_folders):
+                break
+            visited.update(scratch_folders)
             try:
-                # Not atomic: a save may commit in between, which is fine. Without a journal the scratch folders
-                # changed nothing in the folder, so they are left for later while other readers hold the lock.
+                # Not atomic: a save may commit in between, which the next round sees. Without a journal the
+                # scratch folders changed nothing in the folder, so they are left for later while others read.
                 fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if left_mid_commit else fcntl.LOCK_NB))
             except BlockingIOError:
                 continue
