@@ -156,7 +156,7 @@ def test_training_that_diverges_ends_with_one_error_line_and_saves_nothing(capsy
     dataset = pairs_file(tmp_path, [{"completion": "w5 w6", "label": 1.0}, {"completion": "w7", "label": math.inf}])
     status, out, err = run_cli(capsys, "train", tmp_path / "otter", "--dataset", dataset, "--output-dir", tmp_path / "out", "--max-steps", 2)
     assert status == 2
-    errors = [line for line in err.splitlines() if line.startswith("otter-hf: error: ")]  # a progress bar may follow
+    errors = re.findall(r"otter-hf: error: [^\r\n]*", err)  # after the training progress bar
     assert len(errors) == 1 and errors[0].startswith("otter-hf: error: Training diverged at step 1"), err
     assert "Trained" not in out and not (tmp_path / "out").exists()
 
