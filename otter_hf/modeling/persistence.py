@@ -104,10 +104,14 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     _remove_scratch_of_earlier_versions(os.path.dirname(os.path.abspath(save_directory)))
-    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
-    # Opened through open(), the lock file also shows the permissions a new file gets here (see below).
-    with open(os.path.join(scratch, _LOCK), "w") as lock:
+    # Created with its locked lock file under the folder's lock, which settling takes too, so that a scratch folder
+    # without a lock file is always one of a killed save. Opened through open(), the lock file also shows the
+    # permissions a new file gets here (see below).
+    with folder_lock(save_directory, exclusive=True):
+        scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
+        lock = open(os.path.join(scratch, _LOCK), "w")
         _lock(lock)
+    with lock:
         try:
             staging = os.path.join(scratch, _NEW)
             os.mkdir(staging)
@@ -336,6 +340,13 @@ def _remove_scratch_of_earlier_versions(parent: str) -> None:
         names = os.listdir(parent)
     except OSError:
         return
+    if not any(name.startswith(SCRATCH_PREFIX) for name in names):
+        return
+    with folder_lock(parent, exclusive=True):  # the parent may be a checkpoint folder being saved into too
+        _remove_lockless_scratch(parent, names)
+
+
+def _remove_lockless_scratch(parent: str, names: list[str]) -> None:
     for name in names:
         path = os.path.join(parent, name)
         is_folder = os.path.isdir(path) and not os.path.islink(path)
