@@ -286,7 +286,8 @@ def _set_threads(threads: int | None) -> None:
 def _check_positive(value: float | None, option: str) -> None:
     """Refuse, before any work, a count or size that is not a positive finite number (None: not given)."""
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{option} must be a positive number, got {value}.")
+        requirement = "at least 1" if isinstance(value, int) else "a positive number"
+        raise ValueError(f"{option} must be {requirement}, got {value}.")
 
 
 # -- commands --------------------------------------------------------------------------------------------------
