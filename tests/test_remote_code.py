@@ -115,6 +115,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         "persistence.py",
         "sequence_classification.py",
         "token_reward_guidance.py",
+        "verification.py",
     }
 
 
