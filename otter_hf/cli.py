@@ -20,6 +20,7 @@ a traceback.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import textwrap
@@ -56,9 +57,11 @@ def _user_error_message(error: Exception) -> str | None:
     """The one-line message of an error the user can fix (paths, ids, sizes, files, network), else None."""
     from huggingface_hub.errors import HTTPError
 
+    from .trainers.safeguards import TrainingDivergedError
+
     if isinstance(error, HTTPError) and not isinstance(error, OSError):  # a connection error, not an HTTP status
         message = f"cannot reach the Hugging Face Hub ({error}): check the network connection, or use local paths."
-    elif isinstance(error, (ValueError, TypeError, OSError)):
+    elif isinstance(error, (ValueError, TypeError, OSError, TrainingDivergedError)):
         message = str(error)
     else:
         return None
@@ -276,9 +279,15 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}.")
+        _check_positive(threads, "--threads")
         torch.set_num_threads(threads)
+
+
+def _check_positive(value: float | None, option: str) -> None:
+    """Refuse, before any work, a count or size that is not a positive finite number (None: not given)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        requirement = "at least 1" if isinstance(value, int) else "a positive number"
+        raise ValueError(f"{option} must be {requirement}, got {value}.")
 
 
 # -- commands --------------------------------------------------------------------------------------------------
@@ -328,6 +337,15 @@ def run_train(args) -> None:
     from .trainers.reward_trainer import PREFERENCE_COLUMNS_HELP
     from .trainers.value_trainer import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
+    for value, option in (
+        (args.epochs, "--epochs"),
+        (args.learning_rate, "--learning-rate"),
+        (args.batch_size, "--batch-size"),
+        (args.max_length, "--max-length"),
+        (args.beta, "--beta"),
+        (None if args.max_steps == -1 else args.max_steps, "--max-steps (-1: train for --epochs)"),
+    ):
+        _check_positive(value, option)
     _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
     _set_threads(args.threads)
     train_dataset = _load_dataset(args.dataset, args.split, "--dataset")
@@ -402,6 +420,8 @@ def run_train(args) -> None:
 def run_generate(args) -> None:
     import torch
 
+    for value, option in ((args.max_new_tokens, "--max-new-tokens"), (args.top_k, "--top-k"), (args.temperature, "--temperature")):
+        _check_positive(value, option)
     _set_threads(args.threads)
     model = _load_model(args.model, otter_only=args.otter_only).eval()
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
@@ -467,6 +487,13 @@ def run_bench(args) -> None:
     from .insertion import check_model_path
     from .overhead import NOISY_SPREAD, format_report, measure_overhead
 
+    for value, option in (
+        (args.repeats, "--repeats"),
+        (args.threads, "--threads"),
+        (args.prefill_tokens, "--prefill-tokens"),
+        (args.decode_steps, "--decode-steps"),
+    ):
+        _check_positive(value, option)
     base = _base_path(args)
     check_model_path(base)
     with _reading_weights_of(base):
@@ -601,6 +628,8 @@ def _load_dataset(path_or_id: str, split: str, option: str):
         raise FileNotFoundError(f"{option}: no dataset file at {path_or_id}.")
     try:
         dataset = load_dataset(builders[extension], data_files=path_or_id, split="train")
+    except StopIteration:  # what the json builder raises on a file without a row
+        raise ValueError(f"{option}: {path_or_id} holds no rows; it needs at least one.") from None
     except DatasetGenerationError as error:
         raise ValueError(
             f"{option}: {path_or_id} cannot be read as a {extension} file ({error.__cause__ or error}). "

@@ -35,7 +35,7 @@ def _find_embedded_gguf() -> Path:
     package_dirs = spec.submodule_search_locations if spec is not None else None
     gguf_files = sorted(path for package_dir in package_dirs or [] for path in Path(package_dir).glob("*.gguf"))
     if not gguf_files or importlib.util.find_spec("gguf") is None:
-        raise RuntimeError(_MISSING_WHEEL_MESSAGE)
+        raise FileNotFoundError(_MISSING_WHEEL_MESSAGE)
     return gguf_files[0]
 
 

@@ -28,7 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .model_cards import otter_model_card
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from .modeling.modeling_otter import OtterForCausalLMMixin
-from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, recover_before_loading
+from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, reading_checkpoint
 
 OTTER_MODEL_TYPES = frozenset(model_class.config_class.model_type for model_class in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values())
 OTTER_ONLY_FILES = (OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME)
@@ -99,11 +99,12 @@ def push_folder(
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No folder at {folder}: save the model with `save_pretrained` or `save_otter` first.")
-    recover_before_loading(folder)
-    saved_otter_only = _is_otter_only_save(folder)
-    if otter_only is False and saved_otter_only:
-        raise ValueError(f"{folder} holds only inserted parameters (`save_otter`); it cannot be uploaded as a full checkpoint.")
     with contextlib.ExitStack() as stack:
+        # Read and uploaded under the folder's shared lock, so that no save replaces files midway.
+        stack.enter_context(reading_checkpoint(folder))
+        saved_otter_only = _is_otter_only_save(folder)
+        if otter_only is False and saved_otter_only:
+            raise ValueError(f"{folder} holds only inserted parameters (`save_otter`); it cannot be uploaded as a full checkpoint.")
         if otter_only and not saved_otter_only:
             model = AutoModelForCausalLM.from_pretrained(folder)
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="otter-push-"))

@@ -1,5 +1,6 @@
 """Turning a base causal LM into an Otter model, and attaching saved inserted weights to a base model."""
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -18,12 +19,8 @@ from .hub import otter_files
 from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from .modeling.configuration_otter import OtterConfigMixin
 from .modeling.initialization import initialize_inserted_parameters
-from .modeling.persistence import (
-    OTTER_CONFIG_NAME,
-    OTTER_WEIGHTS_NAME,
-    base_weights_fingerprint,
-    recover_before_loading,
-)
+from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
+from .modeling.verification import check_inserted_state_dict
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -129,28 +126,40 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     return model
 
 
-def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
+def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = False, **load_options) -> PreTrainedModel:
     """Attach inserted weights written by `model.save_otter(otter_directory)` to a base model.
 
     `otter_directory` is a local folder or a Hub repository id (e.g. one uploaded with
     `otter_hf.hub.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
     path; None loads the base model the inserted weights name.
 
-    The base must be the model the weights were trained on: its architecture, sizes and weights (by
-    fingerprint) are checked, and any mismatch raises a ValueError naming it.
+    The base must be the model the weights were trained on: its architecture, sizes and weights (by the
+    fingerprint the save records) are checked, and any mismatch raises a ValueError naming it. A save without a
+    fingerprint is refused unless `skip_base_fingerprint_check=True`, which attaches the weights to any base of
+    the same sizes, unchecked. The inserted weights themselves must be exactly the ones the model needs, of the
+    right shapes, and finite; see `otter_hf.modeling.verification.check_inserted_state_dict`.
     """
     hub_options = {key: load_options[key] for key in ("token", "cache_dir", "local_files_only") if key in load_options}
     otter_directory = otter_files(otter_directory, **hub_options)
-    recover_before_loading(otter_directory)
     config_path = os.path.join(otter_directory, OTTER_CONFIG_NAME)
     weights_path = os.path.join(otter_directory, OTTER_WEIGHTS_NAME)
-    if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+    # Both files read at once, under the folder's shared lock, so that they come from the same save.
+    with reading_checkpoint(otter_directory):
+        if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+            raise ValueError(
+                f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and {OTTER_WEIGHTS_NAME} "
+                "as written by `model.save_otter(directory)`."
+            )
+        with open(config_path, encoding="utf-8") as file:
+            saved = json.load(file)
+        inserted_weights = load_file(weights_path)
+    expected_fingerprint = saved.get("base_model_fingerprint")
+    if not expected_fingerprint and not skip_base_fingerprint_check:
         raise ValueError(
-            f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and {OTTER_WEIGHTS_NAME} "
-            "as written by `model.save_otter(directory)`."
+            f"{os.path.join(otter_directory, OTTER_CONFIG_NAME)} records no `base_model_fingerprint`, so nothing "
+            "shows which base weights these inserted weights were trained on. Save them again with `save_otter`, "
+            "or pass `skip_base_fingerprint_check=True` to attach them to any base of the same sizes, unchecked."
         )
-    with open(config_path, encoding="utf-8") as file:
-        saved = json.load(file)
     if base is None:
         base = saved.get("base_model_name_or_path")
         if not base:
@@ -173,7 +182,6 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
     if mismatched:
         details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())
         raise ValueError(f"The base model's sizes differ from the ones these inserted weights were made for ({details}).")
-    expected_fingerprint = saved.get("base_model_fingerprint")
     if expected_fingerprint and base_weights_fingerprint(base.named_parameters()) != expected_fingerprint:
         raise ValueError(
             "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
@@ -189,7 +197,7 @@ def load_otter(base, otter_directory, **load_options) -> PreTrainedModel:
         **insertion_options,
     )
     model = _build_from_base(otter_class, config, base)
-    _load_inserted_weights(model, load_file(weights_path))
+    _load_inserted_weights(model, inserted_weights, source=weights_path)
     return model
 
 
@@ -197,27 +205,26 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
-    with init_empty_weights(include_buffers=False):
-        model = otter_class._from_config(
-            config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
-        )
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
-    if unexpected:
-        raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
-    # The base's non-persistent buffers too (rotary frequencies), as they are: a base cast with `.to(dtype)` keeps
-    # them in that dtype, where a model built in that dtype keeps them in float32, and rounds its positions so.
-    for name, buffer in base.named_buffers():
-        module_name, _, buffer_name = name.rpartition(".")
-        model.get_submodule(module_name).register_buffer(
-            buffer_name, buffer, persistent=buffer_name not in base.get_submodule(module_name)._non_persistent_buffers_set
-        )
-    device = base.device
-    for module_name, module in model.named_modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter.is_meta:
-                in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
-                dtype = torch.float32 if in_fp32 else base.dtype
-                setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
+    with _naming_allocation_failures(config, base.device):
+        with init_empty_weights(include_buffers=False):
+            model = otter_class._from_config(
+                config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
+            )
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+        if unexpected:
+            raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
+        # The base's non-persistent buffers too (rotary frequencies), as they are: a base cast with `.to(dtype)`
+        # keeps them in that dtype, where a model built in that dtype keeps them in float32, and rounds positions so.
+        for name, buffer in base.named_buffers():
+            module_name, _, buffer_name = name.rpartition(".")
+            non_persistent = base.get_submodule(module_name)._non_persistent_buffers_set
+            model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=buffer_name not in non_persistent)
+        for module_name, module in model.named_modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if parameter.is_meta:
+                    in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
+                    dtype = torch.float32 if in_fp32 else base.dtype
+                    setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=base.device, dtype=dtype)))
     model.tie_weights()
     model.freeze_base_parameters()
     model.train(base.training)
@@ -225,16 +232,24 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     return model
 
 
-def _load_inserted_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
-    expected = model.otter_state_dict()
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
+@contextlib.contextmanager
+def _naming_allocation_failures(config, device):
+    # torch's allocators raise a RuntimeError (OutOfMemoryError on GPUs) that names no size the user chose.
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        if "alloc" not in str(error).lower() and not isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            raise
         raise ValueError(
-            f"The saved inserted weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
-    wrong_shapes = [name for name, tensor in state_dict.items() if tensor.shape != expected[name].shape]
-    if wrong_shapes:
-        raise ValueError(f"The saved inserted weights have other shapes than this model for {wrong_shapes[:5]}.")
+            f"The inserted parameters cannot be allocated on {device} ({error}). Choose smaller insertion sizes "
+            f"(inserted_hidden_size is {config.inserted_hidden_size}, inserted_intermediate_size "
+            f"{config.inserted_intermediate_size})."
+        ) from None
+
+
+def _load_inserted_weights(model, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.otter_state_dict()
+    check_inserted_state_dict(expected, state_dict, source)
     with torch.no_grad():
         for name, tensor in state_dict.items():
             expected[name].copy_(tensor)

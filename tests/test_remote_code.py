@@ -134,6 +134,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         "reward_guided.py",
         "sequence_classification.py",
         "token_reward_guidance.py",
+        "verification.py",
     }
 
 

@@ -153,7 +153,7 @@ def test_clear_errors():
     otter = make_token_otter("llama-gqa-tied")
     with pytest.raises(ValueError, match="not both"):
         otter.generate(input_ids, token_reward_weight=1.0, reward_weight=1.0)
-    with pytest.raises(ValueError, match="must be a number"):
+    with pytest.raises(ValueError, match="must be a finite number"):
         otter.generate(input_ids, token_reward_weight="1")
     with pytest.raises(ValueError, match="pass `reward_weight"):
         otter.generate(input_ids, reward_top_k=3)

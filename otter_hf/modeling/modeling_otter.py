@@ -40,7 +40,6 @@ from .inserted_stream import (
 )
 from .persistence import (
     base_weights_fingerprint,
-    recover_before_loading,
     replace_files,
     save_inserted_parameters,
     save_remote_code,
@@ -48,6 +47,7 @@ from .persistence import (
 )
 from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
+from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
 
 # A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
 INSERTED_PARAMETER_PATTERN = re.compile(
@@ -350,10 +350,8 @@ class OtterForCausalLMMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if pretrained_model_name_or_path is not None:
-            recover_before_loading(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        loaded = load_verified(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         # Loading swaps in fresh parameters, which come back trainable.
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
         return loaded
 
@@ -553,6 +551,7 @@ class OtterForCausalLMMixin:
 
         The other arguments are `GenerationMixin.generate`'s.
         """
+        check_generation_arguments(self, inputs, kwargs, reward_weight, token_reward_weight, reward_top_k)
         if reward_weight is not None or reward_top_k is not None:
             if token_reward_weight is not None:
                 raise ValueError(
@@ -576,8 +575,6 @@ class OtterForCausalLMMixin:
                 "`token_reward_weight` needs a token-level reward head: insert with "
                 "`otter_hf.insert(base, token_reward_head=True)` and train it with `OtterTokenRewardTrainer`."
             )
-        if isinstance(token_reward_weight, bool) or not isinstance(token_reward_weight, (int, float)):
-            raise ValueError(f"`token_reward_weight` must be a number, got {token_reward_weight!r}.")
         if token_reward_weight == 0:
             with self.otter_disabled():
                 return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
@@ -596,6 +593,7 @@ class OtterForCausalLMMixin:
         checkpoint), its stale weight files go, and other files in the folder, such as a tokenizer, stay; see
         `otter_hf.modeling.persistence`.
         """
+        check_finite_inserted_weights(self.otter_state_dict().items(), f"save {save_directory}")
         if kwargs.get("push_to_hub"):
             save_remote_code(self, save_directory)
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -617,5 +615,6 @@ class OtterForCausalLMMixin:
     def save_otter(self, save_directory) -> None:
         """Write only the inserted parameters (safetensors) and a config naming the base model and the
         fingerprint of its weights; `otter_hf.load_otter(base, save_directory)` attaches them again."""
+        check_finite_inserted_weights(self.otter_state_dict().items(), f"save {save_directory}")
         self.config.base_model_fingerprint = self.base_weights_fingerprint()
         save_inserted_parameters(save_directory, self.otter_state_dict().items(), self.config)

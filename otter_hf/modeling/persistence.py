@@ -15,9 +15,17 @@ journal, then commits:
 
 A failure or interrupt before the commit point moves the previous files back. A process killed mid-save leaves
 its scratch folder behind; the next save into that folder, or the next load from it, settles it: it rolls back a
-save that had not reached its commit point, and only deletes the scratch of one that had. Loaders read the
-completion marker first (AutoConfig does, before any Otter code runs), and it is the previous checkpoint's until
-the commit point, so the folder then loads as the previous checkpoint or as the new one, never a mix.
+save that had not reached its commit point, and only deletes the scratch of one that had.
+
+Readers and writers take a lock on the checkpoint folder itself (`flock` on the folder's descriptor, so nothing
+is added to the folder and read-only folders lock too): steps 1-4 run under the exclusive lock, and a load reads
+under the shared lock (`reading_checkpoint`), so it sees the previous save or the new one, never a mix, and
+concurrent saves commit one after the other. Writing the new files into the scratch folder takes no folder lock,
+so loads are only held back while files are renamed. On Windows, without `fcntl`, there is no locking.
+
+Settling stays inside the folder, as a downloaded or cloned checkpoint may carry a crafted scratch folder: it
+refuses a scratch folder, or any entry of one, that is a symbolic link, and a journal naming anything but plain
+file names; a load that finds such a scratch folder refuses to load and says what to do.
 
 Like the modeling files, this file imports only torch, transformers, safetensors and the standard library, as it
 ships next to checkpoints for `trust_remote_code`.
@@ -41,7 +49,7 @@ from transformers.utils import logging
 
 try:
     import fcntl
-except ImportError:  # Windows: a scratch folder's owner cannot be told apart, every one found counts as abandoned
+except ImportError:  # Windows: no locks; a scratch folder's owner cannot be told apart, every one counts as abandoned
     fcntl = None
 
 logger = logging.get_logger(__name__)
@@ -95,12 +103,15 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    recover_interrupted_saves(save_directory)
     _remove_scratch_of_earlier_versions(os.path.dirname(os.path.abspath(save_directory)))
-    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
-    # Opened through open(), the lock file also shows the permissions a new file gets here (see below).
-    with open(os.path.join(scratch, _LOCK), "w") as lock:
+    # Created with its locked lock file under the folder's lock, which settling takes too, so that a scratch folder
+    # without a lock file is always one of a killed save. Opened through open(), the lock file also shows the
+    # permissions a new file gets here (see below).
+    with folder_lock(save_directory, exclusive=True):
+        scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
+        lock = open(os.path.join(scratch, _LOCK), "w")
         _lock(lock)
+    with lock:
         try:
             staging = os.path.join(scratch, _NEW)
             os.mkdir(staging)
@@ -108,25 +119,101 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
             yield staging
             # safetensors creates its files owner-only (0600); give every file the mode any new file gets.
             _set_file_modes(staging, stat.S_IMODE(os.fstat(lock.fileno()).st_mode))
-            _commit(save_directory, scratch, stale or (lambda name: False))
+            with folder_lock(save_directory, exclusive=True):
+                recover_interrupted_saves(save_directory)  # our own scratch is locked, so left alone
+                try:
+                    _commit(save_directory, scratch, stale or (lambda name: False))
+                finally:
+                    _settle(save_directory, scratch)
         except BaseException:
-            _settle(save_directory, scratch)
+            if os.path.isdir(scratch):
+                with folder_lock(save_directory, exclusive=True):
+                    _settle(save_directory, scratch)
             if created and not os.listdir(save_directory):
                 os.rmdir(save_directory)
             raise
-        _settle(save_directory, scratch)
+
+
+@contextlib.contextmanager
+def folder_lock(directory, *, exclusive: bool) -> Iterator[None]:
+    """Hold the shared (readers) or exclusive (a save's commit, settling) lock of a checkpoint folder.
+
+    The lock is an `flock` on the folder's own descriptor: it needs no file in the folder, no write permission,
+    and goes with the process that holds it, however that ends.
+    """
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path, subfolder: str | None = None) -> Iterator[None]:
+    """Settle what interrupted saves left in the local folder `path`, then hold its shared lock while the block
+    reads it, so that the block reads one whole save. A Hub id (not a local folder) is read as it is.
+
+    Raises a ValueError when the folder holds an interrupted save that cannot be settled safely (see the module
+    docstring); the folder would then hold a mix of two saves, or files that did not come from a save.
+    """
+    if path is None:
+        yield  # a model built from its config alone
+        return
+    path = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(path):
+        yield  # a Hub id: its snapshots are written by huggingface_hub
+        return
+    if fcntl is None:
+        _settle_before_loading(path)
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        visited = set()  # scratch folders settled, or left to a save still running
+        while True:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+            scratch_folders = _scratch_folders(path)
+            # Under the shared lock no save is committing, so a journal is one a killed save left mid-commit.
+            left_mid_commit = [scratch for scratch in scratch_folders if os.path.lexists(os.path.join(scratch, _JOURNAL))]
+            if any(scratch in visited for scratch in left_mid_commit):
+                raise ValueError(
+                    f"{path} holds an interrupted save ({os.path.basename(left_mid_commit[0])}) that could not be "
+                    "settled; load it again, or restore the folder from a copy."
+                )
+            if not left_mid_commit and visited.issuperset(scratch_folders):
+                break
+            visited.update(scratch_folders)
+            try:
+                # Not atomic: a save may commit in between, which the next round sees. Without a journal the
+                # scratch folders changed nothing in the folder, so they are left for later while others read.
+                fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if left_mid_commit else fcntl.LOCK_NB))
+            except BlockingIOError:
+                continue
+            _settle_before_loading(path)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def recover_before_loading(path, subfolder: str | None = None) -> None:
+    """Settle what interrupted saves left in the folder `path` (see `reading_checkpoint`), before reading it."""
+    with reading_checkpoint(path, subfolder):
+        pass
 
 
 def recover_interrupted_saves(directory) -> None:
     """Settle what killed saves left in `directory`: roll back an uncommitted save, finish a committed one.
 
-    A save still running in another process holds its scratch folder's lock and is left alone.
+    A save still running in another process holds its scratch folder's lock and is left alone. A scratch folder
+    that a save could not have left (see `UnsafeScratchFolderError`) is refused and left as it is.
     """
     directory = os.fspath(directory)
-    for name in os.listdir(directory):
-        scratch = os.path.join(directory, name)
-        if not name.startswith(SCRATCH_PREFIX) or not os.path.isdir(scratch):
-            continue
+    for scratch in _scratch_folders(directory):
+        _check_scratch_folder(directory, scratch)
         try:
             lock = open(os.path.join(scratch, _LOCK), "r+")
         except FileNotFoundError:
@@ -139,19 +226,84 @@ def recover_interrupted_saves(directory) -> None:
                 _lock(lock, blocking=False)
             except BlockingIOError:
                 continue
-            logger.warning(f"Settling a save into {directory} that was interrupted ({name}).")
+            logger.warning(f"Settling a save into {directory} that was interrupted ({os.path.basename(scratch)}).")
             _settle(directory, scratch)
 
 
-def recover_before_loading(path, subfolder: str | None = None) -> None:
-    """`recover_interrupted_saves` for a folder about to be loaded; one it cannot write to is only warned about."""
-    path = os.path.join(path, subfolder) if subfolder else os.fspath(path)
-    if not os.path.isdir(path):
-        return  # a Hub id: its snapshots are written by huggingface_hub
+class UnsafeScratchFolderError(ValueError):
+    """A `.otter-save-*` folder that no save of otter_hf could have left: settling it could reach outside the
+    checkpoint folder, so it is refused."""
+
+    def __init__(self, directory: str, scratch: str, reason: str):
+        super().__init__(
+            f"{directory} holds {os.path.basename(scratch)}, which looks like the scratch folder of an interrupted "
+            f"save but {reason}; otter_hf will not follow it, as that could move files outside the checkpoint. The "
+            "checkpoint may have been tampered with: check where it comes from, then delete that folder "
+            f"(`rm -r {scratch}`) to load the files beside it, or download the checkpoint again."
+        )
+
+
+def _scratch_folders(directory: str) -> list[str]:
+    return [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if name.startswith(SCRATCH_PREFIX)]
+
+
+def _check_scratch_folder(directory: str, scratch: str) -> None:
+    """Refuse a scratch folder that is a link or holds links, or whose journal names anything but plain names."""
+    if os.path.islink(scratch) or not os.path.isdir(scratch):
+        raise UnsafeScratchFolderError(directory, scratch, "it is a symbolic link or not a folder")
+    for part in (_NEW, _PREVIOUS, _JOURNAL, _LOCK):
+        if os.path.islink(os.path.join(scratch, part)):
+            raise UnsafeScratchFolderError(directory, scratch, f"its `{part}` is a symbolic link")
+    for part in (_NEW, _PREVIOUS):
+        folder = os.path.join(scratch, part)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise UnsafeScratchFolderError(directory, scratch, f"its `{part}` is not a folder")
+        links = [name for name in (os.listdir(folder) if os.path.isdir(folder) else ()) if os.path.islink(os.path.join(folder, name))]
+        if links:
+            raise UnsafeScratchFolderError(directory, scratch, f"`{part}/{links[0]}` is a symbolic link")
+    if os.path.lexists(os.path.join(scratch, _JOURNAL)):
+        _read_journal(directory, scratch)
+
+
+def _read_journal(directory: str, scratch: str) -> list[str]:
+    """The entries a save was moving in, each a plain name in the folder (refused otherwise)."""
+    try:
+        with open(os.path.join(scratch, _JOURNAL), encoding="utf-8") as file:
+            entries = json.load(file)["move_in"]
+    except (ValueError, KeyError, TypeError):
+        raise UnsafeScratchFolderError(directory, scratch, "its journal is not one a save writes") from None
+    if not isinstance(entries, list) or not entries:
+        raise UnsafeScratchFolderError(directory, scratch, "its journal lists no entries")
+    for name in entries:
+        if not _is_plain_name(name):
+            raise UnsafeScratchFolderError(directory, scratch, f"its journal names {name!r}, which is not a plain file name")
+    return entries
+
+
+def _is_plain_name(name) -> bool:
+    """Whether `name` names an entry of the folder itself: no separator, no `..`, not absolute, not our scratch."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        # Both separators whatever the system, so that a checkpoint made elsewhere is judged the same.
+        and not any(character in name for character in ("/", "\\", "\0"))
+        and not name.startswith(SCRATCH_PREFIX)
+    )
+
+
+def _settle_before_loading(path: str) -> None:
     try:
         recover_interrupted_saves(path)
+    except UnsafeScratchFolderError:
+        raise
     except OSError as error:
-        logger.warning(f"Could not settle an interrupted save in {path} ({error}); it may mix two checkpoints.")
+        if any(os.path.lexists(os.path.join(scratch, _JOURNAL)) for scratch in _scratch_folders(path)):
+            raise ValueError(
+                f"{path} holds a save that was interrupted mid-way, and it cannot be settled ({error}): the folder "
+                "would load as a mix of two saves. Make the folder writable and load it again, or restore it from a copy."
+            ) from error
+        # Only scratch folders of saves that changed nothing yet: the folder loads as its last whole save.
+        logger.warning(f"Could not remove the scratch of an interrupted save in {path} ({error}).")
 
 
 def save_remote_code(model, save_directory) -> None:
@@ -188,9 +340,17 @@ def _remove_scratch_of_earlier_versions(parent: str) -> None:
         names = os.listdir(parent)
     except OSError:
         return
+    if not any(name.startswith(SCRATCH_PREFIX) for name in names):
+        return
+    with folder_lock(parent, exclusive=True):  # the parent may be a checkpoint folder being saved into too
+        _remove_lockless_scratch(parent, names)
+
+
+def _remove_lockless_scratch(parent: str, names: list[str]) -> None:
     for name in names:
         path = os.path.join(parent, name)
-        if name.startswith(SCRATCH_PREFIX) and os.path.isdir(path) and not os.path.exists(os.path.join(path, _LOCK)):
+        is_folder = os.path.isdir(path) and not os.path.islink(path)
+        if name.startswith(SCRATCH_PREFIX) and is_folder and not os.path.lexists(os.path.join(path, _LOCK)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -230,8 +390,7 @@ def _settle(directory: str, scratch: str) -> None:
     """Roll back the save `scratch` belongs to if it had not reached its commit point, then delete `scratch`."""
     journal_path = os.path.join(scratch, _JOURNAL)
     if os.path.isfile(journal_path):
-        with open(journal_path, encoding="utf-8") as file:
-            entries = json.load(file)["move_in"]
+        entries = _read_journal(directory, scratch)
         staging = os.path.join(scratch, _NEW)
         if os.path.lexists(os.path.join(staging, entries[-1])):
             _roll_back(directory, scratch, entries)

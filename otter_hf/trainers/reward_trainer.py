@@ -10,6 +10,7 @@ from trl.data_utils import get_dataset_column_names
 
 from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.sequence_classification import sequence_classification_view
+from .safeguards import StopOnNonFiniteGradientCallback, check_dataset_not_empty, check_rows_kept, num_rows
 
 PREFERENCE_COLUMNS_HELP = (
     "`chosen` and `rejected` (text, or lists of chat messages), optionally `prompt` (explicit prompt, same kind "
@@ -146,6 +147,7 @@ class OtterRewardTrainer(RewardTrainer):
         # its parameters with (and not its config, which the Trainer sets to use_cache=False).
         self.otter_model = model
         super().__init__(model=sequence_classification_view(model), args=args, **kwargs)
+        self.add_callback(StopOnNonFiniteGradientCallback)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Saved as the causal LM, the checkpoint names that class in `architectures` and keeps use_cache=True, so
@@ -157,8 +159,13 @@ class OtterRewardTrainer(RewardTrainer):
             self.model = trained
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        check_dataset_not_empty(dataset, dataset_name)
         check_preference_columns(dataset, dataset_name)
+        num_rows_before = num_rows(dataset)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        check_rows_kept(
+            num_rows_before, dataset, dataset_name, args.max_length, "chosen or rejected longer than max_length tokens"
+        )
         if isinstance(dataset, Dataset) and args.length_column_name not in dataset.column_names:
             dataset = dataset.map(
                 lambda row: {args.length_column_name: max(len(row["chosen_ids"]), len(row["rejected_ids"]))}

@@ -18,6 +18,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .reward_trainer import check_otter_model, check_preference_columns
+from .safeguards import check_rows_kept, num_rows
 from .token_trainer import OtterTokenConfig, OtterTokenTrainer
 
 TOKENIZED_COLUMNS = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -169,7 +170,9 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
             )
         if args.max_length is not None:
             # A prompt that fills max_length leaves no answer token to learn from.
+            num_rows_before = num_rows(dataset)
             dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            check_rows_kept(num_rows_before, dataset, dataset_name, args.max_length, "prompt of max_length tokens or more")
         if isinstance(dataset, Dataset) and args.length_column_name not in dataset.column_names:
             dataset = dataset.map(
                 lambda row: {

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 from trl.trainer.utils import disable_dropout_in_model
 
+from .safeguards import StopOnNonFiniteGradientCallback, check_dataset_not_empty
+
 
 @dataclass
 class OtterTokenConfig(TrainingArguments):
@@ -47,13 +49,14 @@ class OtterTokenTrainer(Trainer):
         if data_collator is None:
             data_collator = self.build_data_collator(processing_class.pad_token_id, args)
 
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        train_dataset = self._check_and_prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
-                name: self._prepare_dataset(dataset, processing_class, args, name) for name, dataset in eval_dataset.items()
+                name: self._check_and_prepare_dataset(dataset, processing_class, args, name)
+                for name, dataset in eval_dataset.items()
             }
         elif eval_dataset is not None:
-            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+            eval_dataset = self._check_and_prepare_dataset(eval_dataset, processing_class, args, "eval")
 
         use_cache = model.config.use_cache
         super().__init__(
@@ -73,6 +76,11 @@ class OtterTokenTrainer(Trainer):
         self.label_names = []
         # Batch metrics appended by compute_loss, averaged into the next log line (as TRL's trainers do).
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(StopOnNonFiniteGradientCallback)
+
+    def _check_and_prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
+        check_dataset_not_empty(dataset, dataset_name)
+        return self._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def build_data_collator(self, pad_token_id: int, args):
         return self.data_collator_class(pad_token_id=pad_token_id)

@@ -25,6 +25,7 @@ from trl.trainer.utils import pad
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .reward_trainer import check_otter_model
+from .safeguards import check_rows_kept, num_rows
 from .token_trainer import OtterTokenConfig, OtterTokenTrainer
 
 SEQUENCE_COLUMNS_HELP = "`completion` and `label` (one number per row), optionally `prompt`"
@@ -191,13 +192,18 @@ class OtterValueTrainer(OtterTokenTrainer):
                 f"OtterValueTrainer takes sequence labels ({SEQUENCE_COLUMNS_HELP}) or step labels "
                 f"({STEP_COLUMNS_HELP}); for the columns it has, {sorted(columns)}, it expected {expected}."
             )
-        return dataset.map(
+        dataset = dataset.map(
             tokenize,
             fn_kwargs={"processing_class": processing_class, **fn_kwargs},
             remove_columns=sorted(columns),
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing {dataset_name} dataset",
         )
+        # A row whose labelled tokens were all cut off by max_length has nothing left to learn from.
+        num_rows_before = num_rows(dataset)
+        dataset = dataset.filter(lambda row: any(row["value_weights"]), num_proc=args.dataset_num_proc)
+        check_rows_kept(num_rows_before, dataset, dataset_name, args.max_length, "no labelled token within max_length")
+        return dataset
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

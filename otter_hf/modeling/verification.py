@@ -1,0 +1,194 @@
+"""Checks that keep an Otter model whole: what a load attaches, what a save writes, what `generate()` is given.
+
+A load or save that would leave inserted weights missing, unexpected, of another shape or dtype, or non-finite
+fails with an error naming them, rather than running on uninitialised memory or NaN. The generation checks run
+before any forward, so a bad argument fails with one clear ValueError instead of deep inside a kernel, or not at
+all (a NaN weight silently decodes pad tokens).
+
+Like the modeling files, this file imports only torch, transformers and its siblings, as it ships next to
+checkpoints for `trust_remote_code`.
+"""
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from transformers.utils import CONFIG_NAME, logging
+
+from .configuration_otter import OtterConfigMixin
+from .persistence import reading_checkpoint
+
+logger = logging.get_logger(__name__)
+
+# Config fields that decide which inserted tensors a checkpoint holds, and of which shapes, or which base they fit.
+WEIGHT_DEFINING_CONFIG_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    *(field.name for field in dataclasses.fields(OtterConfigMixin) if field.name != "base_model_name_or_path"),
+)
+
+
+def _names(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite_inserted_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
+    """Raise a ValueError naming the inserted tensors holding NaN or infinity; `action` says what is refused."""
+    non_finite = [
+        name for name, tensor in named_tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if non_finite:
+        raise ValueError(
+            f"Refusing to {action}: the inserted weights {_names(non_finite)} hold NaN or infinite values. Training "
+            "diverged; train again with a lower learning rate (and check the labels for NaN or infinity)."
+        )
+
+
+def check_inserted_state_dict(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming the inserted tensors of `loaded` that are missing, unexpected, of another shape or
+    dtype than the model's (`expected`), or non-finite."""
+    missing, unexpected = expected.keys() - loaded.keys(), loaded.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    shared = sorted(expected.keys() & loaded.keys())
+    wrong_shapes = [f"{name} {tuple(loaded[name].shape)} vs {tuple(expected[name].shape)}" for name in shared if loaded[name].shape != expected[name].shape]
+    if wrong_shapes:
+        problems.append(f"saved shapes differ from the model's for {_names(wrong_shapes)}")
+    wrong_dtypes = [
+        f"{name} {loaded[name].dtype} vs {expected[name].dtype}"
+        for name in shared
+        # Floating point tensors are cast on load, as transformers does; integer ones (token ids) must match.
+        if loaded[name].is_floating_point() != expected[name].is_floating_point()
+    ]
+    if wrong_dtypes:
+        problems.append(f"saved dtypes cannot be cast to the model's for {_names(wrong_dtypes)}")
+    if problems:
+        raise ValueError(
+            f"The inserted weights in {source} do not fit this model: {'; '.join(problems)}. They were saved from "
+            "another Otter configuration, or the file is incomplete; save them again from the trained model."
+        )
+    check_finite_inserted_weights(loaded.items(), f"load {source}")
+
+
+def load_verified(load: Callable, path, *args, **kwargs):
+    """`PreTrainedModel.from_pretrained` for an Otter checkpoint (`load`), reading one whole save and verifying
+    the inserted weights it attaches.
+
+    The folder is read under its shared lock (`persistence.reading_checkpoint`). transformers reads the config
+    before this runs (AutoConfig); when a save committed in between, the config is read again, under the lock, so
+    that config and weights come from the same save. Inserted tensors the checkpoint lacks, which transformers
+    would fill by `_init_weights` or leave uninitialised, unexpected inserted tensors and non-finite inserted
+    weights raise a ValueError naming them.
+    """
+    from .modeling_otter import is_inserted_parameter  # imports this file
+
+    if path is None:
+        return load(path, *args, **kwargs)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    with reading_checkpoint(path, kwargs.get("subfolder")):
+        _reread_config_of_an_earlier_save(path, kwargs)
+        model, loading_info = load(path, *args, output_loading_info=True, **kwargs)
+    is_inserted = model.otter_state_dict().keys()
+    missing = [name for name in loading_info["missing_keys"] if name in is_inserted]
+    unexpected = [name for name in loading_info["unexpected_keys"] if is_inserted_parameter(name)]
+    if missing or unexpected:
+        details = "; ".join(
+            f"{what} {_names(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names
+        )
+        raise ValueError(
+            f"The checkpoint {path} does not hold the inserted weights this model needs ({details}); without them "
+            "the model would run on freshly initialised or uninitialised values. Save it again from the trained "
+            "model, or check that its config.json belongs to its weights."
+        )
+    check_finite_inserted_weights(model.otter_state_dict().items(), f"load {path}")
+    return (model, loading_info) if output_loading_info else model
+
+
+def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
+    config = kwargs.get("config")
+    config_path = os.path.join(path, kwargs.get("subfolder") or "", CONFIG_NAME)
+    if not isinstance(config, OtterConfigMixin) or not os.path.isfile(config_path):
+        return
+    with open(config_path, encoding="utf-8") as file:
+        saved = json.load(file)
+    if saved.get("model_type") != config.model_type:
+        return  # another architecture altogether: the weights' shapes will not fit, and transformers says so
+    on_disk = type(config).from_dict(saved)
+    changed = [key for key in WEIGHT_DEFINING_CONFIG_FIELDS if getattr(on_disk, key, None) != getattr(config, key, None)]
+    if changed:
+        logger.warning(
+            f"{path} was saved again after its config was read ({', '.join(changed)} changed); loading the config of "
+            "the new save with its weights."
+        )
+        kwargs["config"] = on_disk
+
+
+# -- generate() arguments --------------------------------------------------------------------------------------
+
+
+def check_guidance_weight(name: str, value) -> None:
+    """A guidance weight is a finite real number; a bool or NaN would otherwise pass through arithmetic silently."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def check_generation_arguments(model, inputs, kwargs: dict, reward_weight, token_reward_weight, reward_top_k) -> None:
+    """Validate `generate()`'s guidance arguments and inputs against each other and the model, before any forward.
+
+    `inputs` and `kwargs` are the other arguments of `generate()`: the token ids (`inputs`, or `input_ids`) and
+    `attention_mask` are checked.
+    """
+    check_guidance_weight("reward_weight", reward_weight)
+    check_guidance_weight("token_reward_weight", token_reward_weight)
+    vocab_size = model.config.vocab_size
+    if reward_top_k is not None and (
+        isinstance(reward_top_k, bool) or not isinstance(reward_top_k, int) or not 1 <= reward_top_k <= vocab_size
+    ):
+        raise ValueError(f"`reward_top_k` must be an integer from 1 to the vocabulary size {vocab_size}, got {reward_top_k!r}.")
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    attention_mask = kwargs.get("attention_mask")
+    if not isinstance(input_ids, torch.Tensor):
+        return  # inputs_embeds, or nothing: generate() checks these itself
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"`input_ids` is empty (shape {tuple(input_ids.shape)}): give at least one prompt token per row, e.g. "
+            "the BOS token."
+        )
+    if input_ids.is_floating_point():
+        raise ValueError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}.")
+    out_of_vocabulary = (input_ids < 0) | (input_ids >= vocab_size)
+    if out_of_vocabulary.any():
+        first = input_ids[out_of_vocabulary][0].item()
+        raise ValueError(
+            f"`input_ids` holds token id {first}, outside this model's vocabulary (0 to {vocab_size - 1}): the "
+            "tokenizer belongs to another model."
+        )
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"`attention_mask` must have the shape of `input_ids`, {tuple(input_ids.shape)}, got {shape}; it is not "
+            "broadcast over the batch."
+        )
+    empty_rows = (~attention_mask.bool().any(dim=-1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(
+            f"Rows {empty_rows} of `attention_mask` are all padding: every prompt needs at least one real token."
+        )
