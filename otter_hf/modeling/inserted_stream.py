@@ -21,6 +21,7 @@ Per decoder layer, with `g` the inserted stream (see `otter-design.md`):
 This file imports only torch and transformers, so it ships with a checkpoint as remote code.
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,6 @@ import torch
 import transformers
 from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_otter import attention_head_size
 
@@ -212,6 +212,7 @@ class OtterInsertedAttention(nn.Module):
         base_attention: nn.Module,
         attention_kwargs: dict,
         layout: OtterLayout,
+        attention_fn: Callable,
     ) -> torch.Tensor:
         input_shape = normed.shape[:-1]
         qkv = self.qkv_proj(torch.cat([normed, inserted_normed], dim=-1)).view(*input_shape, -1, self.head_dim)
@@ -229,7 +230,6 @@ class OtterInsertedAttention(nn.Module):
         if cache is not None:
             ensure_inserted_cache_layers(cache, self.config)
             key, value = cache.update(key, value, self.layer_idx)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, layout.eager_attention_fn)
         heads, _ = attention_fn(
             self,
             query,
@@ -296,9 +296,12 @@ class CapturePointMissed(RuntimeError):
 class InsertedStream:
     """The inserted stream `g` through one forward of the base model, and what the running layer has captured."""
 
-    def __init__(self, compute_grad: bool, record_hidden_states: bool):
+    def __init__(self, compute_grad: bool, record_hidden_states: bool, norm_eps: float, attention_fn: Callable):
         # Whether the inserted computation builds a graph (the base runs without one while training).
         self.compute_grad = compute_grad
+        # Read once per forward rather than at every capture: the norms' eps, the attention implementation.
+        self.norm_eps = norm_eps
+        self.attention_fn = attention_fn
         self.hidden: torch.Tensor | None = None
         # Capture point path -> what its hook recorded, for the decoder layer running now.
         self.captured: dict[str, tuple] = {}
@@ -309,6 +312,10 @@ class InsertedStream:
         # After the final norm: both streams, every position.
         self.final_original: torch.Tensor | None = None
         self.final_inserted: torch.Tensor | None = None
+
+    def grad_mode(self):
+        """Where the inserted stream is computed inside the base's forward: with autograd when it trains."""
+        return torch.enable_grad() if self.compute_grad else contextlib.nullcontext()
 
     def add_embedding(self, embedding: torch.Tensor) -> None:
         self.hidden = embedding if self.hidden is None else self.hidden + embedding

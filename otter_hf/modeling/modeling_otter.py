@@ -26,6 +26,7 @@ from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .inserted_heads import INSERTED_HEADS, FinalStreams
@@ -165,7 +166,14 @@ class OtterModelMixin:
             return
         if self._inserted_stream is not None:
             raise RuntimeError("An Otter model computes one inserted stream at a time; this forward ran inside another.")
-        stream = InsertedStream(torch.is_grad_enabled(), record_hidden_states)
+        stream = InsertedStream(
+            torch.is_grad_enabled(),
+            record_hidden_states,
+            norm_eps=getattr(self.config, self.otter_layout.norm_eps),
+            attention_fn=ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, self.otter_layout.eager_attention_fn
+            ),
+        )
         base_needs_grad = stream.compute_grad and any(
             parameter.requires_grad for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
         )
@@ -185,7 +193,7 @@ class OtterModelMixin:
         stream = self._inserted_stream
         if stream is None:
             return
-        with torch.set_grad_enabled(stream.compute_grad):
+        with stream.grad_mode():
             inserted = nn.functional.embedding(args[0], embedding.inserted_weight)
             scale = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings; the inserted ones alike
             if scale is not None:
@@ -194,7 +202,7 @@ class OtterModelMixin:
 
     def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._inserted_stream is not None:
-            statistics = self.otter_layout.norm.statistics(args[0], getattr(self.config, self.otter_layout.norm_eps))
+            statistics = self.otter_layout.norm.statistics(args[0], self._inserted_stream.norm_eps)
             self._inserted_stream.captured[path] = (norm, statistics, output)
 
     def _capture_attention_call(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -213,7 +221,7 @@ class OtterModelMixin:
             raise CapturePointMissed(self.otter_layout.token_embedding)
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.hidden)
-        with torch.set_grad_enabled(stream.compute_grad):
+        with stream.grad_mode():
             stream.hidden = self.inserted_layer(layer, layer_path, stream)
         stream.captured.clear()
         stream.layers_run += 1
@@ -227,7 +235,9 @@ class OtterModelMixin:
         inserted_normed = layout.norm.normalize(norm, statistics, inserted)
         attention, attention_kwargs = stream.take(layout.attention, layer_path)
         (original_heads,) = stream.take(layout.attention_output, layer_path)
-        output = layer.inserted_attn(normed, inserted_normed, original_heads, attention, attention_kwargs, layout)
+        output = layer.inserted_attn(
+            normed, inserted_normed, original_heads, attention, attention_kwargs, layout, stream.attention_fn
+        )
         inserted = inserted + self._normalize_output(output, layout.attention_output_norm, layer_path, stream)
 
         norm, statistics, normed = stream.take(layout.mlp_norm, layer_path)
@@ -248,8 +258,8 @@ class OtterModelMixin:
         stream = self._inserted_stream
         if stream is None:
             return
-        statistics = self.otter_layout.norm.statistics(args[0], getattr(self.config, self.otter_layout.norm_eps))
-        with torch.set_grad_enabled(stream.compute_grad):
+        statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps)
+        with stream.grad_mode():
             stream.final_inserted = self.otter_layout.norm.normalize(norm, statistics, stream.hidden)
         stream.final_original = output
         if stream.hidden_states is not None:
