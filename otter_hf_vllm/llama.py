@@ -4,7 +4,7 @@ beside them (see `modeling.py`)."""
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
 
-from .modeling import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .modeling import OtterDecoderLayerMixin, OtterForCausalLM, OtterModelMixin
 
 
 class OtterLlamaDecoderLayer(OtterDecoderLayerMixin, LlamaDecoderLayer):
@@ -19,5 +19,5 @@ class OtterLlamaModel(OtterModelMixin, LlamaModel):
         self.add_inserted_modules(vllm_config.model_config.hf_config)
 
 
-class OtterLlamaForCausalLM(OtterForCausalLMMixin):
+class OtterLlamaForCausalLM(OtterForCausalLM):
     model_class = OtterLlamaModel

@@ -287,9 +287,12 @@ class OtterTokenRewardHead(nn.Module):
         return logits + reward.to(logits.dtype)
 
 
-class OtterForCausalLMMixin(nn.Module):
+class OtterForCausalLM(nn.Module):
     """An Otter causal LM served by vLLM: the original logits, the token reward logits for guided requests, and,
-    under `runner="pooling"`, the value (`classify`: the last token's, `token_classify`: every token's)."""
+    under `runner="pooling"`, the value (`classify`: the last token's, `token_classify`: every token's).
+
+    Each architecture's class names its decoder stack in `model_class`.
+    """
 
     model_class: type[nn.Module]
     hf_to_vllm_mapper = INSERTED_WEIGHTS_MAPPER

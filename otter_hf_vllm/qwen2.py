@@ -4,7 +4,7 @@ beside them (see `modeling.py`)."""
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
 
-from .modeling import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .modeling import OtterDecoderLayerMixin, OtterForCausalLM, OtterModelMixin
 
 
 class OtterQwen2DecoderLayer(OtterDecoderLayerMixin, Qwen2DecoderLayer):
@@ -21,5 +21,5 @@ class OtterQwen2Model(OtterModelMixin, Qwen2Model):
         self.add_inserted_modules(vllm_config.model_config.hf_config)
 
 
-class OtterQwen2ForCausalLM(OtterForCausalLMMixin):
+class OtterQwen2ForCausalLM(OtterForCausalLM):
     model_class = OtterQwen2Model

@@ -9,7 +9,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
 
-from .modeling import OtterDecoderLayerMixin, OtterForCausalLMMixin, OtterModelMixin
+from .modeling import OtterDecoderLayerMixin, OtterForCausalLM, OtterModelMixin
 
 
 def _normalize_heads(norm, states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -18,8 +18,8 @@ def _normalize_heads(norm, states: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class OtterQwen3DecoderLayer(OtterDecoderLayerMixin, Qwen3DecoderLayer):
-    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "", **kwargs):
-        super().__init__(config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix, **kwargs)
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = ""):
+        super().__init__(config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
         self.add_inserted_modules(config, cache_config, prefix)
 
     def normalize_query_key(self, query, key):
@@ -39,5 +39,5 @@ class OtterQwen3Model(OtterModelMixin, Qwen3Model):
         self.add_inserted_modules(vllm_config.model_config.hf_config)
 
 
-class OtterQwen3ForCausalLM(OtterForCausalLMMixin):
+class OtterQwen3ForCausalLM(OtterForCausalLM):
     model_class = OtterQwen3Model
