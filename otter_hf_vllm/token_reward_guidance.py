@@ -1,0 +1,110 @@
+"""Token-level guidance per request: `logits + weight * log_softmax(token_reward_logits)`, from the same forward.
+
+A request asks for it with `SamplingParams(extra_args={"token_reward_weight": weight})` (in the OpenAI server,
+`"vllm_xargs": {"token_reward_weight": weight}`); the other requests of the batch keep the base logits.
+
+vLLM hands a logits processor the logits only, so the model and the processor meet in `TOKEN_REWARD_HANDOFF`, in
+the process that runs both: before each forward the processor says whether any request of the batch is guided,
+the model's `compute_logits` then leaves the token reward logits of the same rows, and the processor takes them.
+Unguided batches never compute the (tokens x vocabulary) reward logits.
+"""
+
+import math
+
+import torch
+from vllm import SamplingParams
+from vllm.logger import init_logger
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+logger = init_logger(__name__)
+
+TOKEN_REWARD_WEIGHT = "token_reward_weight"
+
+
+class TokenRewardLogitsHandoff:
+    """The token reward logits of the latest `compute_logits`, held for the logits processor of the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._reward_logits: torch.Tensor | None = None
+
+    def put(self, reward_logits: torch.Tensor) -> None:
+        self._reward_logits = reward_logits
+
+    def take(self) -> torch.Tensor | None:
+        reward_logits, self._reward_logits = self._reward_logits, None
+        return reward_logits
+
+
+TOKEN_REWARD_HANDOFF = TokenRewardLogitsHandoff()
+
+
+def token_reward_weight(params: SamplingParams) -> float | None:
+    """The request's guidance weight; None when it asks for none (no weight, or 0: the base output)."""
+    weight = (params.extra_args or {}).get(TOKEN_REWARD_WEIGHT)
+    return None if weight is None or weight == 0 else float(weight)
+
+
+class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
+    """Adds `weight * log_softmax(token_reward_logits)` to the logits of each request that carries a weight.
+
+    Installed for every model by the `vllm.logits_processors` entry point; with no guided request in the batch it
+    returns the logits untouched. It runs before temperature, top-k and top-p, which then act on the guided scores,
+    as in otter_hf's `generate(token_reward_weight=...)`.
+    """
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        hf_config = vllm_config.model_config.hf_config
+        # Only an Otter model built with a token reward head hands over reward logits.
+        self.model_has_token_reward_head = bool(getattr(hf_config, "token_reward_head", False)) and any(
+            architecture.startswith("Otter") for architecture in (hf_config.architectures or ())
+        )
+        self.weights: dict[int, float] = {}  # batch row -> weight
+        self.device = device
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        weight = (sampling_params.extra_args or {}).get(TOKEN_REWARD_WEIGHT)
+        if weight is None:
+            return
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {weight!r}.")
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def _weight_of_new_request(self, params: SamplingParams, prompt_token_ids, output_token_ids) -> float | None:
+        weight = token_reward_weight(params)
+        if weight is not None and not self.model_has_token_reward_head:
+            # Raising here would stop the engine for every request; the request decodes from the base logits.
+            logger.warning(
+                "`%s` is ignored: this model has no token-level reward head (an Otter checkpoint saved with "
+                "`token_reward_head=True` has one).",
+                TOKEN_REWARD_WEIGHT,
+            )
+            return None
+        return weight
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.weights, batch_update, self._weight_of_new_request)
+        TOKEN_REWARD_HANDOFF.requested = bool(self.weights)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.weights:
+            return logits
+        reward_logits = TOKEN_REWARD_HANDOFF.take()
+        if reward_logits is None or reward_logits.shape != logits.shape:
+            raise RuntimeError(
+                "Token-reward guidance found no reward logits of this step's rows: it needs one logits row per "
+                f"request (no speculative decoding); logits {tuple(logits.shape)}, reward logits "
+                f"{None if reward_logits is None else tuple(reward_logits.shape)}."
+            )
+        rows = torch.tensor(list(self.weights), device=logits.device)
+        weights = torch.tensor(list(self.weights.values()), device=logits.device, dtype=torch.float32)
+        reward_log_probs = torch.log_softmax(reward_logits[rows].to(torch.float32), dim=-1)
+        logits[rows] += (weights[:, None] * reward_log_probs).to(logits.dtype)
+        return logits
+
+
+__all__ = ["TOKEN_REWARD_HANDOFF", "TOKEN_REWARD_WEIGHT", "TokenRewardGuidanceLogitsProcessor", "token_reward_weight"]
