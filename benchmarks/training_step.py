@@ -39,7 +39,7 @@ def _training_worker(base_path: str, pairs: int, tokens: int, steps: int, thread
 
     def step() -> float:
         start = time.perf_counter()
-        values = model(input_ids).value[:, -1]
+        values = model(input_ids, logits_to_keep=1).value[:, -1]  # as the trainers: no LM head beyond one position
         chosen, rejected = values[:pairs], values[pairs:]
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
         loss.backward()
