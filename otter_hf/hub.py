@@ -102,6 +102,7 @@ def push_folder(
     with contextlib.ExitStack() as stack:
         # Read and uploaded under the folder's shared lock, so that no save replaces files midway.
         stack.enter_context(reading_checkpoint(folder))
+        _refuse_symbolic_links(folder)
         saved_otter_only = _is_otter_only_save(folder)
         if otter_only is False and saved_otter_only:
             raise ValueError(f"{folder} holds only inserted parameters (`save_otter`); it cannot be uploaded as a full checkpoint.")
@@ -223,6 +224,19 @@ def _parameter_counts(config) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model.num_inserted_parameters(), model.num_base_parameters()
+
+
+def _refuse_symbolic_links(folder: str) -> None:
+    """A checkpoint folder is untrusted: a link in it could upload a file from anywhere (a key beside `~/.ssh`)."""
+    for root, directories, names in os.walk(folder):
+        for name in directories + names:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                raise ValueError(
+                    f"Refusing to upload {folder}: {os.path.relpath(path, folder)} is a symbolic link, and an upload "
+                    "sends only the files a checkpoint folder holds itself. Replace links by the files they name "
+                    "(`cp -rL folder copy`) if those files belong in the repository."
+                )
 
 
 def _checkpoint_files(folder: str) -> list[str]:

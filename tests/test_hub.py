@@ -281,3 +281,15 @@ def test_load_otter_explains_a_missing_repo(fake_hub):
         otter_hf.load_otter(None, "user/never-pushed")
     with pytest.raises(ValueError, match="neither a folder nor a Hub repository id"):
         otter_hf.load_otter(None, "/no/such/folder")
+
+
+def test_a_folder_with_a_symbolic_link_is_not_uploaded(fake_hub, tmp_path):
+    otter = make_otter(make_base("llama-mha-untied"))
+    otter.save_pretrained(tmp_path / "saved")
+    secret = tmp_path / "outside" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private key")
+    (tmp_path / "saved" / "notes.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match="notes.txt is a symbolic link"):
+        push_folder(tmp_path / "saved", "user/otter", base_model="org/base")
+    assert not os.path.exists(fake_hub.repo_folder("user/otter"))
