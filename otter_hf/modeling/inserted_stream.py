@@ -148,10 +148,6 @@ class OtterLayout:
             if path is not None
         )
 
-    def layer_capture_points(self) -> tuple[str, ...]:
-        """Every module in a decoder layer whose call the inserted layer needs."""
-        return (*self.norm_paths(), self.attention, self.attention_output, self.mlp_output)
-
 
 def ensure_inserted_cache_layers(cache: Cache, config) -> None:
     """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`.

@@ -4,20 +4,20 @@ import dataclasses
 
 import torch
 
-# generate() keeps the cache in its model kwargs as `cache` from transformers 5.25 on, `past_key_values` before.
-CACHE_NAMES = ("cache", "past_key_values")
+from .inserted_stream import CACHE_ARGUMENT_NAMES
 
 
 def pop_cache(model_kwargs: dict):
-    """Take the cache generate() prepared out of its model kwargs, under either name (None where there is none)."""
-    caches = [model_kwargs.pop(name) for name in CACHE_NAMES if name in model_kwargs]
+    """Take the cache generate() prepared out of its model kwargs, under either name (`cache` from transformers 5.25
+    on, `past_key_values` before; None where there is none)."""
+    caches = [model_kwargs.pop(name) for name in CACHE_ARGUMENT_NAMES if name in model_kwargs]
     return next((cache for cache in caches if cache is not None), None)
 
 
 def cache_field(output_class) -> str:
     """The name an output dataclass of this transformers gives its cache field."""
     names = {field.name for field in dataclasses.fields(output_class)}
-    return next(name for name in CACHE_NAMES if name in names)
+    return next(name for name in CACHE_ARGUMENT_NAMES if name in names)
 
 
 def padding_position_ids(padding_mask: torch.Tensor) -> torch.LongTensor:
