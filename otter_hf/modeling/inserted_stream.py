@@ -47,10 +47,15 @@ class InsertedRMSNorm:
 
     @staticmethod
     def statistics(original: torch.Tensor, eps: float) -> torch.Tensor:
-        return torch.rsqrt(original.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
+        # `rsqrt(mean(x²) + eps)` from one float32 reduction, then in place on its fresh result: at a decode step
+        # these are a handful of tiny tensors per layer, where each operation's dispatch is what costs.
+        sum_of_squares = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32).square()
+        return sum_of_squares.div_(original.shape[-1]).add_(eps).rsqrt_()
 
     @staticmethod
     def normalize(norm: nn.Module, inverse_rms: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        if inserted.dtype == torch.float32:  # the casts below are identities; skip their dispatch
+            return norm.inserted_weight * (inserted * inverse_rms)
         return norm.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(inserted.dtype)
 
 
