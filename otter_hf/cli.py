@@ -334,8 +334,7 @@ def run_train(args) -> None:
         OtterValueConfig,
         OtterValueTrainer,
     )
-    from .trainers.reward_trainer import PREFERENCE_COLUMNS_HELP
-    from .trainers.value_trainer import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
+    from .trainers.utils import PREFERENCE_COLUMNS_HELP, SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
     for value, option in (
         (args.epochs, "--epochs"),
