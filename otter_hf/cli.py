@@ -26,6 +26,7 @@ import sys
 import textwrap
 
 from .data import PREFERENCES_PATH
+from .modeling import SUPPORTED_BASE_MODEL_TYPES
 from .modeling.configuration_otter import INIT_METHODS
 from .modeling.inserted_heads import head_options
 from .modeling.persistence import recover_interrupted_saves, replace_files
@@ -100,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "insert",
         formatter_class=HelpFormatter,
         help="insert Otter parameters into a base model and save it",
-        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2, "
-        "Qwen3, Mistral, Gemma 3 text or GPT-2 architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
+        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (model types: "
+        f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and save the result: a full checkpoint (`save_pretrained`, with the "
+        "base tokenizer), "
         "or with --otter-only the inserted parameters alone (`save_otter`, a few MB naming their base).",
     )
     _add_base_argument(insert)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .hub import otter_files
-from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TYPES
 from .modeling.configuration_otter import OtterConfigMixin
 from .modeling.initialization import initialize_inserted_parameters
 from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
@@ -46,9 +46,9 @@ def otter_class_for(base_config) -> type[PreTrainedModel]:
             "or use it as it is, or insert into its base model."
         )
     if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
-        supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
         raise ValueError(
-            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: {supported}."
+            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: "
+            f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
         )
     return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
 
@@ -97,9 +97,9 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     """Insert trainable Otter parameters into every layer of a frozen base causal LM.
 
     Args:
-        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`,
-            `Gemma3ForCausalLM`, `GPT2LMHeadModel`) or a model id
-            or path to load with `AutoModelForCausalLM.from_pretrained`.
+        base: a loaded causal LM of a supported architecture (its `config.model_type` in
+            `otter_hf.modeling.SUPPORTED_BASE_MODEL_TYPES`), or a model id or path to load with
+            `AutoModelForCausalLM.from_pretrained`.
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.
         **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,

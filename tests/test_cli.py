@@ -19,7 +19,7 @@ from otter_hf.cli import _load_dataset, main
 from otter_hf.data import PREFERENCES_PATH
 from otter_hf.overhead import is_noisy, summarize_timings
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-from conftest import COMMON, make_base, random_batch
+from conftest import ARCHITECTURE_BASES, COMMON, make_base, random_batch
 from test_hub import fake_hub  # noqa: F401  (fixture)
 
 COMMANDS = ("insert", "train", "generate", "push", "bench")
@@ -85,7 +85,7 @@ def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tm
         assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
 
 
-@pytest.mark.parametrize("base_name", ["qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+@pytest.mark.parametrize("base_name", ARCHITECTURE_BASES)
 def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
     make_base(base_name).save_pretrained(tmp_path / "base")
     status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)

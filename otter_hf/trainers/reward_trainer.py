@@ -4,7 +4,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
-from ..modeling.sequence_classification import sequence_classification_view
+from ..modeling import sequence_classification_view
 from .reward_config import OtterRewardConfig
 from .safeguards import StopOnNonFiniteGradientCallback
 from .utils import check_dataset_not_empty, check_otter_model, check_preference_columns, check_rows_kept, num_rows
