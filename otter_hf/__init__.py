@@ -8,8 +8,7 @@ one list, `otter_hf.modeling.ARCHITECTURE_MODULES`.
 from . import modeling
 from .data import fit_preference_pairs, load_hh_rlhf, load_preference_dataset, split_hh_rlhf
 from .generation import OtterRewardLogitsProcessor, reward_guided_generate
-from .hub import push_to_hub
-from .insertion import insert, load_otter
+from .lifecycle import insert, load_otter, push_to_hub
 from .modeling import OtterCausalLMOutputWithValue, sequence_classification_view
 from .trainers import (
     OtterRewardConfig,

@@ -50,7 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from .data import fit_preference_pairs, load_hh_rlhf, split_hh_rlhf
 from .embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
 from .generation import reward_guided_generate
-from .insertion import insert
+from .lifecycle import insert
 from .modeling import SUPPORTED_BASE_MODEL_TYPES
 from .trainers import OtterRewardConfig, OtterRewardTrainer
 

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import save_file
 
 import otter_hf
-from otter_hf.hub import push_to_hub
+from otter_hf.lifecycle.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
 from conftest import ARCHITECTURE_BASES, make_base, make_otter, random_batch
 from test_hub import FakeHub
@@ -157,7 +157,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         _expected_outputs(otter, tmp_path / f"{name}.safetensors")
         repos[str(folder)] = str(tmp_path / f"{name}.safetensors")
     otter = make_otter(make_base("qwen2-bias"))
-    monkeypatch.setattr("otter_hf.hub.HfApi", hub)
+    monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", hub)
     push_to_hub(otter, "user/otter-qwen2")
     _expected_outputs(otter, tmp_path / "qwen2.safetensors")
     repos["user/otter-qwen2"] = str(tmp_path / "qwen2.safetensors")

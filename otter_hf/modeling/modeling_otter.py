@@ -326,7 +326,7 @@ class OtterForCausalLMMixin:
     # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
     # trust_remote_code where otter_hf is not installed.
     auto_map_classes: dict[str, type] = {}
-    # `otter_hf.hub.push_to_hub`, registered by `otter_hf.hub` where otter_hf is installed.
+    # `otter_hf.lifecycle.hub.push_to_hub`, registered by that module where otter_hf is installed.
     push_with_model_card: Callable | None = None
 
     def __init__(self, config):
@@ -603,7 +603,7 @@ class OtterForCausalLMMixin:
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload weights, config, modeling code and an Otter model card to `repo_id` in one commit.
 
-        See `otter_hf.hub.push_to_hub` for the options (`otter_only`, the card's `trained_on`, `metrics`,
+        See `otter_hf.push_to_hub` for the options (`otter_only`, the card's `trained_on`, `metrics`,
         `overhead`, ...). This file also runs as remote code where otter_hf is not installed; there the upload
         is transformers' own, with its generic model card.
         """

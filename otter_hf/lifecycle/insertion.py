@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TYPES
+from ..modeling.configuration_otter import OtterConfigMixin
+from ..modeling.initialization import initialize_inserted_parameters
+from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
+from ..modeling.verification import check_inserted_state_dict
 from .hub import otter_files
-from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TYPES
-from .modeling.configuration_otter import OtterConfigMixin
-from .modeling.initialization import initialize_inserted_parameters
-from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
-from .modeling.verification import check_inserted_state_dict
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -130,7 +130,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     """Attach inserted weights written by `model.save_otter(otter_directory)` to a base model.
 
     `otter_directory` is a local folder or a Hub repository id (e.g. one uploaded with
-    `otter_hf.hub.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
+    `otter_hf.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
     path; None loads the base model the inserted weights name.
 
     The base must be the model the weights were trained on: its architecture, sizes and weights (by the
