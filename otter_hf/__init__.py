@@ -1,41 +1,15 @@
 """otter_hf: Otter parameter insertion as native Hugging Face transformers model classes.
 
 Importing the package registers the Otter configs and models with AutoConfig, AutoModel and
-AutoModelForCausalLM.
+AutoModelForCausalLM. Every supported architecture's classes are exported here as in `otter_hf.modeling`, from its
+one list, `otter_hf.modeling.ARCHITECTURE_MODULES`.
 """
 
+from . import modeling
 from .data import fit_preference_pairs, load_hh_rlhf, load_preference_dataset, split_hh_rlhf
 from .generation import OtterRewardLogitsProcessor, reward_guided_generate
-from .hub import push_to_hub
-from .insertion import insert, load_otter
-from .modeling import (
-    OtterCausalLMOutputWithValue,
-    OtterGemma3ForCausalLMWithValueHead,
-    OtterGemma3ForSequenceClassification,
-    OtterGemma3TextConfig,
-    OtterGemma3TextModel,
-    OtterGPT2Config,
-    OtterGPT2ForCausalLMWithValueHead,
-    OtterGPT2ForSequenceClassification,
-    OtterGPT2Model,
-    OtterLlamaConfig,
-    OtterLlamaForCausalLMWithValueHead,
-    OtterLlamaForSequenceClassification,
-    OtterLlamaModel,
-    OtterMistralConfig,
-    OtterMistralForCausalLMWithValueHead,
-    OtterMistralForSequenceClassification,
-    OtterMistralModel,
-    OtterQwen2Config,
-    OtterQwen2ForCausalLMWithValueHead,
-    OtterQwen2ForSequenceClassification,
-    OtterQwen2Model,
-    OtterQwen3Config,
-    OtterQwen3ForCausalLMWithValueHead,
-    OtterQwen3ForSequenceClassification,
-    OtterQwen3Model,
-    sequence_classification_view,
-)
+from .lifecycle import insert, load_otter, push_to_hub
+from .modeling import OtterCausalLMOutputWithValue, sequence_classification_view
 from .trainers import (
     OtterRewardConfig,
     OtterRewardTrainer,
@@ -47,32 +21,10 @@ from .trainers import (
 
 __version__ = "0.1.0"
 
+globals().update({name: getattr(modeling, name) for name in modeling.ARCHITECTURE_CLASS_NAMES})
+
 __all__ = [
     "OtterCausalLMOutputWithValue",
-    "OtterGemma3ForCausalLMWithValueHead",
-    "OtterGemma3ForSequenceClassification",
-    "OtterGemma3TextConfig",
-    "OtterGemma3TextModel",
-    "OtterGPT2Config",
-    "OtterGPT2ForCausalLMWithValueHead",
-    "OtterGPT2ForSequenceClassification",
-    "OtterGPT2Model",
-    "OtterLlamaConfig",
-    "OtterLlamaForCausalLMWithValueHead",
-    "OtterLlamaForSequenceClassification",
-    "OtterLlamaModel",
-    "OtterMistralConfig",
-    "OtterMistralForCausalLMWithValueHead",
-    "OtterMistralForSequenceClassification",
-    "OtterMistralModel",
-    "OtterQwen2Config",
-    "OtterQwen2ForCausalLMWithValueHead",
-    "OtterQwen2ForSequenceClassification",
-    "OtterQwen2Model",
-    "OtterQwen3Config",
-    "OtterQwen3ForCausalLMWithValueHead",
-    "OtterQwen3ForSequenceClassification",
-    "OtterQwen3Model",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",
@@ -89,4 +41,5 @@ __all__ = [
     "split_hh_rlhf",
     "reward_guided_generate",
     "sequence_classification_view",
+    *modeling.ARCHITECTURE_CLASS_NAMES,
 ]

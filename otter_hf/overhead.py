@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from .insertion import insert
+from .lifecycle import insert
 
 # Bases for architectures without a small checkpoint on this machine: the layer shapes of the smallest released
 # model of the architecture (hidden size, heads, head size, FFN width, layer pattern), with fewer layers and a

@@ -9,6 +9,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -69,7 +71,24 @@ BASE_MODELS = {
         GPT2LMHeadModel,
         dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=112),
     ),
+    # fused query/key/value and gate/up projections, rotary embeddings on half of each head
+    "phi3-fused-partial-rotary": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False),
+    ),
 }
+
+
+def _first_config_of_each_architecture() -> list[str]:
+    names = {}
+    for name, (config_class, _, _) in BASE_MODELS.items():
+        names.setdefault(config_class.model_type, name)
+    return list(names.values())
+
+
+# One tiny config per supported architecture, for the tests that run once per architecture.
+ARCHITECTURE_BASES = _first_config_of_each_architecture()
 
 
 def make_base(name: str, seed: int = 0, **overrides):

@@ -12,7 +12,7 @@ from transformers.testing_utils import CaptureLogger
 
 import otter_hf
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
-from otter_hf.trainers import safeguards
+from otter_hf.trainers import utils as trainer_utils
 from otter_hf.trainers.safeguards import TrainingDivergedError
 from conftest import COMMON, make_base, make_otter, random_batch
 from test_cli import base_folder, run_cli  # noqa: F401  (fixture)
@@ -104,7 +104,7 @@ def test_trainers_count_rows_dropped_for_length_and_refuse_when_none_fits(tmp_pa
         config_class, dropped_rows = OtterValueConfig, [{"prompt": long_text, "completion": "bad", "label": 0.0}] * 2
     args = config_class(tmp_path, max_length=8, report_to="none")
     model = make_otter(make_base("llama-gqa-tied"))
-    with CaptureLogger(safeguards.logger) as captured:
+    with CaptureLogger(trainer_utils.logger) as captured:
         trainer = trainer_class(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
     assert len(trainer.train_dataset) == 3
     assert "Dropped 1 of the 4 rows of the train dataset" in captured.out

@@ -15,11 +15,12 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 import otter_hf
-from otter_hf.cli import _load_dataset, main
+from otter_hf.cli import main
 from otter_hf.data import PREFERENCES_PATH
+from otter_hf.data.files import load_dataset_file
 from otter_hf.overhead import is_noisy, summarize_timings
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-from conftest import COMMON, make_base, random_batch
+from conftest import ARCHITECTURE_BASES, COMMON, make_base, random_batch
 from test_hub import fake_hub  # noqa: F401  (fixture)
 
 COMMANDS = ("insert", "train", "generate", "push", "bench")
@@ -85,7 +86,7 @@ def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tm
         assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
 
 
-@pytest.mark.parametrize("base_name", ["qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+@pytest.mark.parametrize("base_name", ARCHITECTURE_BASES)
 def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
     make_base(base_name).save_pretrained(tmp_path / "base")
     status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)
@@ -335,7 +336,7 @@ def test_failures_are_one_line_naming_the_file_or_option(capsys, monkeypatch, ba
             # What huggingface_hub raises without a network: its HTTP library's ConnectError, no OSError.
             raise type("ConnectError", (HTTPError,), {})("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr("otter_hf.hub.HfApi", OfflineHfApi)
+    monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", OfflineHfApi)
     cases = [
         (["generate", tmp_path / "truncated", "--prompt", "w5"],
          f"{tmp_path / 'truncated' / 'model.safetensors'} cannot be read"),
@@ -377,15 +378,15 @@ def test_help_shows_defaults_and_the_bundled_dataset(capsys):
 
 def test_a_split_column_picks_the_rows_of_the_split(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": f"w{index}"}) + "\n" for index in range(3)))
-    assert len(_load_dataset(str(tmp_path / "rows.jsonl"), "test", "--dataset")) == 3  # no `split` column: all rows
+    assert len(load_dataset_file(str(tmp_path / "rows.jsonl"), "test", "--dataset")) == 3  # no `split` column: all rows
 
-    train, test = _load_dataset(str(PREFERENCES_PATH), "train", "--dataset"), _load_dataset(str(PREFERENCES_PATH), "test", "--eval-dataset")
+    train, test = load_dataset_file(str(PREFERENCES_PATH), "train", "--dataset"), load_dataset_file(str(PREFERENCES_PATH), "test", "--eval-dataset")
     assert (len(train), len(test)) == (276, 69)
     assert "split" not in train.column_names
     held_out_prompts = {row["prompt"][0]["content"] for row in test}
     assert not held_out_prompts & {row["prompt"][0]["content"] for row in train}
     with pytest.raises(ValueError, match=r"--dataset: .* has no rows of split 'validation'; its `split` column holds \['test', 'train'\]"):
-        _load_dataset(str(PREFERENCES_PATH), "validation", "--dataset")
+        load_dataset_file(str(PREFERENCES_PATH), "validation", "--dataset")
 
 
 def test_insert_takes_threads_and_counts_in_words(capsys, base_folder, tmp_path):

@@ -6,7 +6,7 @@ import otter_hf
 from otter_hf.trainers import DataCollatorForDraftHeads, OtterDraftConfig, OtterDraftTrainer, build_self_distillation_dataset
 from otter_hf.trainers.draft_trainer import draft_head_loss
 
-from conftest import EOS, PAD, make_base
+from conftest import ARCHITECTURE_BASES, EOS, PAD, make_base
 
 
 def make_config(tmp_path, **overrides):
@@ -73,7 +73,7 @@ def test_self_distillation_dataset_holds_the_base_models_greedy_continuations(ti
         assert row["completion_mask"] == [0] * prompt_length + [1] * (len(reference) - prompt_length)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+@pytest.mark.parametrize("name", ARCHITECTURE_BASES)
 def test_training_improves_draft_heads_and_touches_only_inserted_parameters(name, tmp_path, tiny_tokenizer):
     base = make_base(name)
     model = otter_hf.insert(base, num_draft_heads=3)

@@ -4,19 +4,13 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from conftest import EOS, PAD, make_base, make_otter, random_batch
+from conftest import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
 
 # Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {
-    "llama-gqa-tied": {},
-    "llama-mha-untied": {},
-    "qwen2-bias": {},
-    "mistral-sliding": {"sliding_window": 16},
-    "qwen3-qk-norm": {},
-    "gemma3-sliding-softcap": {"sliding_window": 16},
-    "gpt2-layernorm": {},
+    name: {"sliding_window": 16} if name in ("mistral-sliding", "gemma3-sliding-softcap") else {} for name in BASE_MODELS
 }
 WEIGHT, TOP_K = 3.0, 4
 

@@ -11,7 +11,7 @@ from huggingface_hub import CommitInfo, ModelCard, RepoUrl, constants
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
-from otter_hf.hub import push_folder, push_to_hub
+from otter_hf.lifecycle.hub import push_folder, push_to_hub
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from conftest import make_base, make_otter, random_batch
 
@@ -86,7 +86,7 @@ def fake_hub(tmp_path, monkeypatch):
     # Offline: any request that reaches the network fails, so everything below runs against the folder.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", hub.cache_dir)
-    monkeypatch.setattr("otter_hf.hub.HfApi", hub)
+    monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", hub)
     return hub
 
 

@@ -8,8 +8,9 @@ import transformers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import otter_hf
+from otter_hf.modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from otter_hf.modeling.initialization import copied_head_sources
-from conftest import make_base, make_otter, random_batch
+from conftest import BASE_MODELS, make_base, make_otter, random_batch
 
 
 def test_only_inserted_parameters_are_trainable(base_name):
@@ -96,8 +97,14 @@ def test_insert_loads_a_model_id_or_path(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones():
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50))
-    with pytest.raises(ValueError, match="'gpt_neox'.*gemma3_text, gpt2, llama, mistral, qwen2, qwen3"):
+    supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
+    with pytest.raises(ValueError, match=f"'gpt_neox'.*{supported}"):
         otter_hf.insert(neox)
+
+
+def test_every_supported_architecture_has_a_test_config():
+    # The per-architecture tests run on BASE_MODELS; an architecture without an entry there would go untested.
+    assert {config_class.model_type for config_class, _, _ in BASE_MODELS.values()} == set(OTTER_CLASSES_BY_BASE_MODEL_TYPE)
 
 
 def test_a_capture_point_that_never_fires_is_an_error_naming_it(monkeypatch):

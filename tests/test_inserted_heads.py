@@ -10,7 +10,7 @@ import torch
 
 import otter_hf
 from otter_hf.cli import _insertion_options, build_parser
-from otter_hf.insertion import INSERTION_OPTIONS
+from otter_hf.lifecycle.insertion import INSERTION_OPTIONS
 from otter_hf.modeling import OtterCausalLMOutputWithValue, is_inserted_parameter, sequence_classification_view
 from otter_hf.modeling.inserted_heads import INSERTED_HEADS
 from conftest import make_base, make_otter, random_batch

@@ -13,9 +13,9 @@ import transformers
 from safetensors.torch import save_file
 
 import otter_hf
-from otter_hf.hub import push_to_hub
+from otter_hf.lifecycle.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
-from conftest import make_base, make_otter, random_batch
+from conftest import ARCHITECTURE_BASES, make_base, make_otter, random_batch
 from test_hub import FakeHub
 
 # Runs in a fresh interpreter with otter_hf made unimportable, offline.
@@ -150,14 +150,14 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
     hub = FakeHub(str(tmp_path / "hub"))
     repos = {}
     # A local folder per architecture, and one repository pulled from the (fake) Hub.
-    for name in ("llama-gqa-tied", "mistral-sliding", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
+    for name in (name for name in ARCHITECTURE_BASES if name != "qwen2-bias"):
         otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)
         _expected_outputs(otter, tmp_path / f"{name}.safetensors")
         repos[str(folder)] = str(tmp_path / f"{name}.safetensors")
     otter = make_otter(make_base("qwen2-bias"))
-    monkeypatch.setattr("otter_hf.hub.HfApi", hub)
+    monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", hub)
     push_to_hub(otter, "user/otter-qwen2")
     _expected_outputs(otter, tmp_path / "qwen2.safetensors")
     repos["user/otter-qwen2"] = str(tmp_path / "qwen2.safetensors")
@@ -209,7 +209,7 @@ OTTER_OTHER_TRANSFORMERS_PYTHON = os.environ.get("OTTER_OTHER_TRANSFORMERS_PYTHO
 )
 def test_a_checkpoint_loads_under_another_transformers_version_through_its_remote_code(tmp_path):
     repos = {}
-    for name in ("llama-gqa-tied", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"):
+    for name in ARCHITECTURE_BASES:
         otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
         otter.save_pretrained(tmp_path / f"saved-{name}")
         _expected_outputs(otter, tmp_path / f"{name}.safetensors")

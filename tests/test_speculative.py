@@ -15,7 +15,7 @@ import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_draft_heads
 
-from conftest import PAD, make_base, make_otter, random_batch
+from conftest import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
 MAX_NEW_TOKENS = 24
 
@@ -33,14 +33,12 @@ def speculative(model, input_ids, attention_mask, **kwargs):
     )
 
 
-# Bases whose caches can be cropped (sliding-window caches cannot): Gemma 3's sliding layer made global here.
+# Bases whose caches can be cropped (sliding-window caches cannot): Mistral's window applies to every layer, Gemma
+# 3's sliding layer is made global here.
 DRAFTING_BASES = {
-    "llama-gqa-tied": {},
-    "llama-mha-untied": {},
-    "qwen2-bias": {},
-    "qwen3-qk-norm": {},
-    "gemma3-sliding-softcap": {"layer_types": ["full_attention", "full_attention"]},
-    "gpt2-layernorm": {},
+    name: {"layer_types": ["full_attention", "full_attention"]} if name == "gemma3-sliding-softcap" else {}
+    for name in BASE_MODELS
+    if name != "mistral-sliding"
 }
 
 
@@ -87,12 +85,15 @@ def test_random_draft_heads_are_sometimes_accepted_and_sometimes_not():
     assert min(accepted) == 1 and max(accepted) > 1
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+@pytest.mark.parametrize("name", [name for name in ARCHITECTURE_BASES if name in DRAFTING_BASES])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_right_drafts_are_all_accepted_and_keep_the_cache_consistent(name, batch_size):
     base, model = make_drafting_otter(name)
     input_ids, attention_mask = random_batch(batch_size, 6, padding="left" if batch_size > 1 else None)
     reference = greedy(base, input_ids, attention_mask)
+    # A row that ends early is padded, and the oracle's drafts after its end are padding: pick a test config whose
+    # greedy continuations run to MAX_NEW_TOKENS.
+    assert not (reference[:, input_ids.shape[1] :] == EOS).any(), f"{name}'s greedy continuation ends early"
     output = speculative(model, input_ids, attention_mask, draft_fn=OracleDrafts(reference, 4))
     assert torch.equal(output.sequences, reference)
     assert output.accepted_tokens_per_step == [5] * (MAX_NEW_TOKENS // 5) + [MAX_NEW_TOKENS % 5]

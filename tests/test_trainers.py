@@ -12,7 +12,7 @@ import otter_hf
 from otter_hf import load_preference_dataset, sequence_classification_view
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 from otter_hf.trainers.value_trainer import prefix_weights
-from conftest import make_base, random_batch
+from conftest import ARCHITECTURE_BASES, make_base, random_batch
 
 GOOD = ["it was great !", "so kind and helpful .", "i really enjoyed it !", "what a lovely day .", "thanks , that is wonderful ."]
 BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
@@ -78,7 +78,7 @@ def base_logits(model):
 REWARD_TRAINING_OVERRIDES = {"gpt2-layernorm": {"max_steps": 24}}
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "qwen3-qk-norm", "gemma3-sliding-softcap", "gpt2-layernorm"])
+@pytest.mark.parametrize("name", ARCHITECTURE_BASES)
 def test_reward_trainer_trains_only_inserted_parameters(name, tmp_path, tiny_tokenizer):
     base = make_base(name)
     input_ids, attention_mask = random_batch(2, 10, "right")

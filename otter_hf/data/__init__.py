@@ -1,10 +1,12 @@
-"""Preference data for Otter rewards: the small bundled set, real HH-RLHF pairs, and fitting pairs to a length.
+"""Training data for Otter models: preference pairs for rewards (the small bundled set, real HH-RLHF pairs, fitting
+pairs to a length) and self-distilled text for draft heads.
 
 `preferences.jsonl` holds 345 conversational preference pairs (`prompt`, `chosen`, `rejected`, each a list of
 chat messages) made from templates: a user asks for a review, about someone's day, how to answer a friend, or
 for help, and the chosen answer is warm, positive and helpful while the rejected one is negative, rude or
 dismissive. The 69 `test` pairs are about subjects (places, films, events, tasks) no `train` pair mentions.
 Real human preferences come from `hh_rlhf` (Anthropic's HH-RLHF harmless pairs, shipped beside this file).
+Draft heads train on the model's own continuations: `build_self_distillation_dataset`.
 """
 
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from .hh_rlhf import HH_RLHF_PATH, load_hh_rlhf, split_hh_rlhf
+from .self_distillation import build_self_distillation_dataset
 from .truncation import fit_preference_pairs
 
 PREFERENCES_PATH = Path(__file__).with_name("preferences.jsonl")
@@ -29,6 +32,7 @@ def load_preference_dataset(split: str = "train") -> Dataset:
 __all__ = [
     "HH_RLHF_PATH",
     "PREFERENCES_PATH",
+    "build_self_distillation_dataset",
     "fit_preference_pairs",
     "load_hh_rlhf",
     "load_preference_dataset",

@@ -1,61 +1,40 @@
-"""Otter configs and model classes, one module per architecture, registered with the Auto classes."""
+"""Otter configs and model classes, one module per architecture, registered with the Auto classes.
+
+`ARCHITECTURE_MODULES` is the one list of supported architectures: the Auto classes, `otter_hf.insert`, the
+exports of this package and of `otter_hf`, the CLI's help and the tests' parametrisation all read it.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from . import otter_gemma3, otter_gpt2, otter_llama, otter_mistral, otter_phi3, otter_qwen2, otter_qwen3
 from .inserted_heads import INSERTED_HEADS
-from .modeling_otter import OtterCausalLMOutputWithValue, is_inserted_parameter
-from .otter_gemma3 import (
-    OtterGemma3ForCausalLMWithValueHead,
-    OtterGemma3ForSequenceClassification,
-    OtterGemma3TextConfig,
-    OtterGemma3TextModel,
-)
-from .otter_gpt2 import (
-    OtterGPT2Config,
-    OtterGPT2ForCausalLMWithValueHead,
-    OtterGPT2ForSequenceClassification,
-    OtterGPT2Model,
-)
-from .otter_llama import (
-    OtterLlamaConfig,
-    OtterLlamaForCausalLMWithValueHead,
-    OtterLlamaForSequenceClassification,
-    OtterLlamaModel,
-)
-from .otter_mistral import (
-    OtterMistralConfig,
-    OtterMistralForCausalLMWithValueHead,
-    OtterMistralForSequenceClassification,
-    OtterMistralModel,
-)
-from .otter_qwen2 import (
-    OtterQwen2Config,
-    OtterQwen2ForCausalLMWithValueHead,
-    OtterQwen2ForSequenceClassification,
-    OtterQwen2Model,
-)
-from .otter_qwen3 import (
-    OtterQwen3Config,
-    OtterQwen3ForCausalLMWithValueHead,
-    OtterQwen3ForSequenceClassification,
-    OtterQwen3Model,
-)
-from .sequence_classification import sequence_classification_view
+from .modeling_otter import OtterCausalLMOutputWithValue, OtterForCausalLMMixin, is_inserted_parameter
+from .sequence_classification import OtterForSequenceClassificationMixin
 
-# Each supported architecture: its Otter causal LM and sequence-classification view, defined in one module.
-OTTER_ARCHITECTURES = (
-    (OtterLlamaForCausalLMWithValueHead, OtterLlamaForSequenceClassification),
-    (OtterQwen2ForCausalLMWithValueHead, OtterQwen2ForSequenceClassification),
-    (OtterMistralForCausalLMWithValueHead, OtterMistralForSequenceClassification),
-    (OtterQwen3ForCausalLMWithValueHead, OtterQwen3ForSequenceClassification),
-    (OtterGemma3ForCausalLMWithValueHead, OtterGemma3ForSequenceClassification),
-    (OtterGPT2ForCausalLMWithValueHead, OtterGPT2ForSequenceClassification),
-)
+# Each supported architecture: a module defining its config, backbone, Otter causal LM and sequence-classification
+# view (see README.md beside this file). Adding an architecture adds its module here.
+ARCHITECTURE_MODULES = (otter_llama, otter_qwen2, otter_mistral, otter_qwen3, otter_gemma3, otter_gpt2, otter_phi3)
+
+
+def _causal_lm_and_view(module) -> tuple[type, type]:
+    classes = [getattr(module, name) for name in module.__all__]
+    view = next(cls for cls in classes if issubclass(cls, OtterForSequenceClassificationMixin))
+    causal_lm = next(
+        cls for cls in classes if issubclass(cls, OtterForCausalLMMixin) and not issubclass(cls, OtterForSequenceClassificationMixin)
+    )
+    return causal_lm, view
+
+
+# Each supported architecture's Otter causal LM and sequence-classification view.
+OTTER_ARCHITECTURES = tuple(_causal_lm_and_view(module) for module in ARCHITECTURE_MODULES)
 
 # Base model_type -> the Otter causal LM built from it.
 OTTER_CLASSES_BY_BASE_MODEL_TYPE = {
     causal_lm.config_class.base_model_type: causal_lm for causal_lm, _ in OTTER_ARCHITECTURES
 }
+# What help texts and error messages list: the `model_type` of every base Otter inserts into.
+SUPPORTED_BASE_MODEL_TYPES = tuple(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
+_VIEWS_BY_CAUSAL_LM = dict(OTTER_ARCHITECTURES)
 
 for _causal_lm, _view in OTTER_ARCHITECTURES:
     _config_class = _causal_lm.config_class
@@ -73,35 +52,33 @@ for _causal_lm, _view in OTTER_ARCHITECTURES:
     for _auto_class, _model_class in _causal_lm.auto_map_classes.items():
         _model_class.register_for_auto_class(_auto_class)
 
+
+def sequence_classification_view(model: OtterForCausalLMMixin):
+    """The sequence-classification view of a loaded Otter causal LM, sharing its parameters.
+
+    Use it to hand an Otter model object to code that expects a reward model, such as `trl.RewardTrainer`
+    or the `reward_funcs` of `trl.GRPOTrainer`.
+    """
+    if isinstance(model, OtterForSequenceClassificationMixin):
+        return model
+    if type(model) not in _VIEWS_BY_CAUSAL_LM:
+        supported = ", ".join(sorted(causal_lm.__name__ for causal_lm in _VIEWS_BY_CAUSAL_LM))
+        raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
+    return _VIEWS_BY_CAUSAL_LM[type(model)].from_causal_lm(model)
+
+
+# Every architecture's classes, exported by name: `from otter_hf.modeling import OtterLlamaConfig`.
+ARCHITECTURE_CLASS_NAMES = tuple(name for module in ARCHITECTURE_MODULES for name in module.__all__)
+globals().update({name: getattr(module, name) for module in ARCHITECTURE_MODULES for name in module.__all__})
+
 __all__ = [
+    "ARCHITECTURE_MODULES",
     "INSERTED_HEADS",
     "OTTER_ARCHITECTURES",
     "OTTER_CLASSES_BY_BASE_MODEL_TYPE",
+    "SUPPORTED_BASE_MODEL_TYPES",
     "OtterCausalLMOutputWithValue",
-    "OtterGemma3ForCausalLMWithValueHead",
-    "OtterGemma3ForSequenceClassification",
-    "OtterGemma3TextConfig",
-    "OtterGemma3TextModel",
-    "OtterGPT2Config",
-    "OtterGPT2ForCausalLMWithValueHead",
-    "OtterGPT2ForSequenceClassification",
-    "OtterGPT2Model",
-    "OtterLlamaConfig",
-    "OtterLlamaForCausalLMWithValueHead",
-    "OtterLlamaForSequenceClassification",
-    "OtterLlamaModel",
-    "OtterMistralConfig",
-    "OtterMistralForCausalLMWithValueHead",
-    "OtterMistralForSequenceClassification",
-    "OtterMistralModel",
-    "OtterQwen2Config",
-    "OtterQwen2ForCausalLMWithValueHead",
-    "OtterQwen2ForSequenceClassification",
-    "OtterQwen2Model",
-    "OtterQwen3Config",
-    "OtterQwen3ForCausalLMWithValueHead",
-    "OtterQwen3ForSequenceClassification",
-    "OtterQwen3Model",
     "is_inserted_parameter",
     "sequence_classification_view",
+    *ARCHITECTURE_CLASS_NAMES,
 ]

@@ -12,6 +12,7 @@ one `InsertedHead` entry.
 This file imports only torch and transformers, so it ships with a checkpoint as remote code.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -377,6 +378,16 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
 )
 
 
+# A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
+INSERTED_PARAMETER_PATTERN = re.compile(
+    rf"(^|\.)({'|'.join(head.attribute for head in INSERTED_HEADS)}|inserted_\w+)(\.|$)"
+)
+
+
+def is_inserted_parameter(name: str) -> bool:
+    return INSERTED_PARAMETER_PATTERN.search(name) is not None
+
+
 def head_options() -> list[HeadOption]:
     return [option for head in INSERTED_HEADS for option in head.options]
 
@@ -392,4 +403,5 @@ __all__ = [
     "OtterValueHead",
     "head_options",
     "initialize_linear",
+    "is_inserted_parameter",
 ]

@@ -16,7 +16,6 @@ they ship next to a checkpoint for `trust_remote_code`.
 import contextlib
 import functools
 import inspect
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .inserted_heads import INSERTED_HEADS, FinalStreams
+from .inserted_heads import INSERTED_HEADS, FinalStreams, is_inserted_parameter
 from .inserted_stream import (
     CACHE_ARGUMENT_NAMES,
     CapturePointMissed,
@@ -49,16 +48,6 @@ from .persistence import (
 from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
-
-# A parameter is inserted when one of its name components is a head's attribute or starts with `inserted_`.
-INSERTED_PARAMETER_PATTERN = re.compile(
-    rf"(^|\.)({'|'.join(head.attribute for head in INSERTED_HEADS)}|inserted_\w+)(\.|$)"
-)
-
-
-def is_inserted_parameter(name: str) -> bool:
-    return INSERTED_PARAMETER_PATTERN.search(name) is not None
-
 
 class OtterModelMixin:
     """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
@@ -337,7 +326,7 @@ class OtterForCausalLMMixin:
     # their code and maps them in `auto_map`, so it loads through each of these Auto classes with
     # trust_remote_code where otter_hf is not installed.
     auto_map_classes: dict[str, type] = {}
-    # `otter_hf.hub.push_to_hub`, registered by `otter_hf.hub` where otter_hf is installed.
+    # `otter_hf.lifecycle.hub.push_to_hub`, registered by that module where otter_hf is installed.
     push_with_model_card: Callable | None = None
 
     def __init__(self, config):
@@ -614,7 +603,7 @@ class OtterForCausalLMMixin:
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload weights, config, modeling code and an Otter model card to `repo_id` in one commit.
 
-        See `otter_hf.hub.push_to_hub` for the options (`otter_only`, the card's `trained_on`, `metrics`,
+        See `otter_hf.push_to_hub` for the options (`otter_only`, the card's `trained_on`, `metrics`,
         `overhead`, ...). This file also runs as remote code where otter_hf is not installed; there the upload
         is transformers' own, with its generic model card.
         """

@@ -8,7 +8,8 @@ Otter checkpoint unchanged once `AutoModelForSequenceClassification` resolves it
 from the view loads back as the causal LM, and the reverse.
 
 Each architecture's file defines its view, `OtterXForSequenceClassification(OtterForSequenceClassificationMixin,
-OtterXForCausalLMWithValueHead)`, as transformers keeps `LlamaForSequenceClassification` in `modeling_llama.py`.
+OtterXForCausalLMWithValueHead)`, as transformers keeps `LlamaForSequenceClassification` in `modeling_llama.py`;
+`otter_hf.modeling.sequence_classification_view` finds the view of a loaded causal LM.
 """
 
 import copy
@@ -119,25 +120,8 @@ class OtterForSequenceClassificationMixin:
         )
 
 
-def sequence_classification_view(model: OtterForCausalLMMixin):
-    """The sequence-classification view of a loaded Otter causal LM, sharing its parameters.
-
-    Use it to hand an Otter model object to code that expects a reward model, such as `trl.RewardTrainer`
-    or the `reward_funcs` of `trl.GRPOTrainer`.
-    """
-    if isinstance(model, OtterForSequenceClassificationMixin):
-        return model
-    # Each architecture's view subclasses the mixin and that architecture's causal LM.
-    views = {view_class.__bases__[1]: view_class for view_class in OtterForSequenceClassificationMixin.__subclasses__()}
-    if type(model) not in views:
-        supported = ", ".join(sorted(causal_lm.__name__ for causal_lm in views))
-        raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
-    return views[type(model)].from_causal_lm(model)
-
-
 __all__ = [
     "OtterForSequenceClassificationMixin",
     "last_token_indices",
     "pool_last_token",
-    "sequence_classification_view",
 ]

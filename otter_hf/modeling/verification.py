@@ -20,6 +20,7 @@ import torch
 from transformers.utils import CONFIG_NAME, logging
 
 from .configuration_otter import OtterConfigMixin
+from .inserted_heads import is_inserted_parameter
 from .persistence import reading_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -92,8 +93,6 @@ def load_verified(load: Callable, path, *args, **kwargs):
     would fill by `_init_weights` or leave uninitialised, unexpected inserted tensors and non-finite inserted
     weights raise a ValueError naming them.
     """
-    from .modeling_otter import is_inserted_parameter  # imports this file
-
     if path is None:
         return load(path, *args, **kwargs)
     output_loading_info = kwargs.pop("output_loading_info", False)

@@ -1,33 +1,33 @@
-"""Trainers for Otter models: reward modelling (TRL's RewardTrainer), the token-level reward head (GenARM),
-prefix/step value regression and draft heads."""
+"""Trainers for Otter models, one `*_config.py` / `*_trainer.py` pair each as in TRL: reward modelling (TRL's
+RewardTrainer), the token-level reward head (GenARM), prefix/step value regression and draft heads.
 
-from .reward_trainer import OtterRewardConfig, OtterRewardTrainer
-from .token_reward_trainer import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
-from .value_trainer import DataCollatorForValueRegression, OtterValueConfig, OtterValueTrainer
+`base_config.py` / `base_trainer.py` hold what the per-token trainers (value, token reward, draft) share, `utils.py`
+the model and dataset checks every trainer runs, `safeguards.py` the stop on a non-finite gradient.
+"""
+
+from ..data.self_distillation import build_self_distillation_dataset
+from .draft_config import OtterDraftConfig
+from .draft_trainer import DataCollatorForDraftHeads, OtterDraftTrainer, fit_draft_vocabulary
+from .reward_config import OtterRewardConfig
+from .reward_trainer import OtterRewardTrainer
+from .token_reward_config import OtterTokenRewardConfig
+from .token_reward_trainer import OtterTokenRewardTrainer, token_reward_log_probs
+from .value_config import OtterValueConfig
+from .value_trainer import DataCollatorForValueRegression, OtterValueTrainer
 
 __all__ = [
+    "DataCollatorForDraftHeads",
     "DataCollatorForValueRegression",
+    "OtterDraftConfig",
+    "OtterDraftTrainer",
     "OtterRewardConfig",
     "OtterRewardTrainer",
     "OtterTokenRewardConfig",
     "OtterTokenRewardTrainer",
     "OtterValueConfig",
     "OtterValueTrainer",
-    "token_reward_log_probs",
-]
-
-from .draft_trainer import (
-    DataCollatorForDraftHeads,
-    OtterDraftConfig,
-    OtterDraftTrainer,
-    build_self_distillation_dataset,
-    fit_draft_vocabulary,
-)
-
-__all__ += [
-    "DataCollatorForDraftHeads",
-    "OtterDraftConfig",
-    "OtterDraftTrainer",
+    # The data builder lives in otter_hf.data; importable from here too, where draft training starts.
     "build_self_distillation_dataset",
     "fit_draft_vocabulary",
+    "token_reward_log_probs",
 ]

@@ -19,7 +19,8 @@ Dataset format, one of:
 
 - `text`: plain text, tokenised with the processing class; every token is a target.
 - `input_ids`: token ids, used as they are, with an optional `completion_mask` (1 where the token is a target,
-  0 where it is only context, e.g. a prompt). `build_self_distillation_dataset` writes this format.
+  0 where it is only context, e.g. a prompt). `otter_hf.data.build_self_distillation_dataset` writes
+  this format.
 
 Drafts pay off when they match what the model itself generates, so the best training text is the model's own
 greedy output (self-distillation, as in Medusa): `build_self_distillation_dataset(model, tokenizer, prompts)`.
@@ -27,37 +28,18 @@ greedy output (self-distillation, as in Medusa): `build_self_distillation_datase
 
 import collections
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset
 from torch import nn
 from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import pad
 
-from .reward_trainer import check_otter_model
-from .token_trainer import OtterTokenConfig, OtterTokenTrainer
-
-DRAFT_COLUMNS_HELP = "`text` (plain text), or `input_ids` (token ids) with an optional `completion_mask`"
-
-
-@dataclass
-class OtterDraftConfig(OtterTokenConfig):
-    r"""
-    Configuration for [`OtterDraftTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
-
-    max_length (`int` or `None`, *optional*, defaults to `1024`):
-        Tokens kept per row; the rest is cut off.
-    disable_dropout (`bool`, *optional*, defaults to `True`):
-        Whether to disable dropout in the model.
-    dataset_num_proc (`int`, *optional*):
-        Processes used to tokenise the dataset.
-    """
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
-
+from .base_trainer import OtterTokenTrainer
+from .draft_config import OtterDraftConfig
+from .utils import DRAFT_COLUMNS_HELP, check_otter_model
 
 def draft_head_loss(
     draft_hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.LongTensor, target_mask: torch.Tensor
@@ -310,51 +292,3 @@ class OtterDraftTrainer(OtterTokenTrainer):
                 self._metrics[mode][f"{prefix}_{index}"].append(accuracy)
 
 
-@torch.no_grad()
-def build_self_distillation_dataset(
-    model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8, chat_template: bool | None = None
-) -> Dataset:
-    """The base model's own greedy continuations of `prompts`, as an `input_ids` + `completion_mask` dataset.
-
-    Generation runs the base computation only (`otter_disabled()`), which gives exactly the tokens the base model
-    (and speculative decoding) would produce. Prompts are strings or chat conversations (lists of messages); strings
-    go through the chat template when `chat_template` is true (the default when the tokenizer has one). The prompt
-    tokens are context only (`completion_mask` 0); a continuation keeps its end-of-sequence token and stops there.
-    """
-    if chat_template is None:
-        chat_template = tokenizer.chat_template is not None
-    texts = []
-    for prompt in prompts:
-        if isinstance(prompt, str) and not chat_template:
-            texts.append(prompt)
-            continue
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_token_ids = model.generation_config.eos_token_id
-    eos_token_ids = set(eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] if eos_token_ids is not None else [])
-    eos_token_ids.add(tokenizer.eos_token_id)
-
-    rows = {"input_ids": [], "completion_mask": []}
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for start in range(0, len(texts), batch_size):
-            # A chat template writes its own special tokens.
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat_template
-            ).to(model.device)
-            with model.otter_disabled() if hasattr(model, "otter_disabled") else contextlib.nullcontext():
-                generated = model.generate(
-                    **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id
-                )
-            prompt_length = batch["input_ids"].shape[1]
-            for mask, sequence in zip(batch["attention_mask"].tolist(), generated.tolist()):
-                prompt = [token for token, real in zip(sequence[:prompt_length], mask) if real]
-                completion = sequence[prompt_length:]
-                end = next((index + 1 for index, token in enumerate(completion) if token in eos_token_ids), len(completion))
-                completion = completion[:end]
-                rows["input_ids"].append(prompt + completion)
-                rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
-    finally:
-        tokenizer.padding_side = padding_side
-    return Dataset.from_dict(rows)

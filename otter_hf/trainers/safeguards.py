@@ -1,11 +1,7 @@
-"""What every Otter trainer checks: training stops at the first non-finite gradient, and datasets that lose rows
-to `max_length` say so."""
+"""Every Otter trainer stops at the first non-finite gradient, before it corrupts the inserted weights."""
 
 import torch
 from transformers import TrainerCallback
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -32,31 +28,3 @@ class StopOnNonFiniteGradientCallback(TrainerCallback):
             f"is NaN or infinite (learning rate {args.learning_rate:g}); that step was not applied. Train again with a "
             "lower learning rate, and check the labels for NaN or infinite values."
         )
-
-
-def check_dataset_not_empty(dataset, dataset_name: str) -> None:
-    if num_rows(dataset) == 0:
-        raise ValueError(f"The {dataset_name} dataset is empty: give it at least one row.")
-
-
-def check_rows_kept(num_rows_before: int | None, dataset, dataset_name: str, max_length: int | None, what_is_dropped: str) -> None:
-    """Fail when no row of a dataset fits `max_length`, and warn with the count when some were dropped."""
-    num_rows_after = num_rows(dataset)
-    if num_rows_before is None or num_rows_after is None or num_rows_after == num_rows_before:
-        return
-    if num_rows_after == 0:
-        raise ValueError(
-            f"No row of the {dataset_name} dataset fits max_length={max_length}: all {num_rows_before} were dropped "
-            f"({what_is_dropped}). Raise max_length or shorten the rows."
-        )
-    logger.warning(
-        f"Dropped {num_rows_before - num_rows_after} of the {num_rows_before} rows of the {dataset_name} dataset "
-        f"({what_is_dropped}); {num_rows_after} are kept. Raise max_length to keep them."
-    )
-
-
-def num_rows(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:  # an IterableDataset: its rows are not counted ahead
-        return None

@@ -8,8 +8,6 @@ probabilities), so this trainer takes TRL's preference datasets, tokenisation co
 (`DataCollatorForPreference`) and metric names, and computes the loss itself. The base model stays frozen.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 from datasets import Dataset
 from trl.data_utils import get_dataset_column_names, is_conversational, maybe_extract_prompt
@@ -17,52 +15,11 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference, common_prefix_len
 from trl.trainer.utils import selective_log_softmax
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
-from .reward_trainer import check_otter_model, check_preference_columns
-from .safeguards import check_rows_kept, num_rows
-from .token_trainer import OtterTokenConfig, OtterTokenTrainer
+from .base_trainer import OtterTokenTrainer
+from .token_reward_config import OtterTokenRewardConfig
+from .utils import TOKEN_REWARD_COLUMNS_HELP, check_otter_model, check_preference_columns, check_rows_kept, num_rows
 
 TOKENIZED_COLUMNS = {"prompt_ids", "chosen_ids", "rejected_ids"}
-TOKEN_REWARD_COLUMNS_HELP = (
-    "`chosen` and `rejected` (text, or lists of chat messages), optionally `prompt` (explicit prompt, same kind as "
-    "`chosen`; without it the shared start of chosen and rejected is the prompt); or already tokenized "
-    "`prompt_ids`, `chosen_ids` and `rejected_ids`"
-)
-
-
-@dataclass
-class OtterTokenRewardConfig(OtterTokenConfig):
-    r"""
-    Configuration for [`OtterTokenRewardTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
-
-    beta (`float`, *optional*, defaults to `0.1`):
-        GenARM's `beta`: the reward of an answer is `beta` times the sum of its tokens' log-probabilities under
-        the reward policy. Guided decoding with `token_reward_weight = 1 / beta` samples from GenARM's
-        KL-regularised optimum.
-    max_length (`int` or `None`, *optional*, defaults to `1024`):
-        Tokens kept per sequence (prompt and answer); the end of a longer answer is cut off, and a pair whose
-        prompt alone fills `max_length` is dropped, as TRL's `DPOTrainer` does.
-    train_sampling_strategy (`str`, *optional*, defaults to `"group_by_length"`):
-        Batches pairs of similar length, so a step does not pad every sequence to the longest dialogue of a
-        random batch.
-    disable_dropout (`bool`, *optional*, defaults to `True`):
-        Whether to disable dropout in the model.
-    dataset_num_proc (`int`, *optional*):
-        Processes used to tokenise the dataset.
-    """
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
-    beta: float = field(default=0.1, metadata={"help": "Reward scale: beta * sum of log pi_r over the answer."})
-    train_sampling_strategy: str = field(
-        default="group_by_length",
-        metadata={"help": "Sampler for training; 'group_by_length' batches pairs of similar length."},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"`beta` must be positive, got {self.beta!r}.")
-
-
 def tokenize_preference_row(example: dict, processing_class) -> dict:
     """`prompt_ids`, `chosen_ids` and `rejected_ids` of one pair, as TRL's `DPOTrainer` tokenizes it.
 

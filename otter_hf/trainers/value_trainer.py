@@ -15,7 +15,7 @@ Every row's weights sum to one, and the loss of a batch is the mean over its row
 `sum_t w_t (value_t - label)^2`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,35 +24,9 @@ from trl.data_utils import get_dataset_column_names, is_conversational, maybe_ap
 from trl.trainer.utils import pad
 
 from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
-from .reward_trainer import check_otter_model
-from .safeguards import check_rows_kept, num_rows
-from .token_trainer import OtterTokenConfig, OtterTokenTrainer
-
-SEQUENCE_COLUMNS_HELP = "`completion` and `label` (one number per row), optionally `prompt`"
-STEP_COLUMNS_HELP = "`prompt`, `completions` (a list of steps) and `labels` (one number per step)"
-
-
-@dataclass
-class OtterValueConfig(OtterTokenConfig):
-    r"""
-    Configuration for [`OtterValueTrainer`]: every [`~transformers.TrainingArguments`] option, plus:
-
-    max_length (`int` or `None`, *optional*, defaults to `1024`):
-        Tokens kept per row (prompt and completion); the rest, and any label it held, is cut off.
-    step_separator (`str`, *optional*, defaults to `"\n"`):
-        Appended to every step of a step-labelled row; the value at its last token predicts the step's label.
-    train_on_last_step_only (`bool`, *optional*, defaults to `False`):
-        Regress only the last step of a step-labelled row.
-    disable_dropout (`bool`, *optional*, defaults to `True`):
-        Whether to disable dropout in the model.
-    dataset_num_proc (`int`, *optional*):
-        Processes used to tokenise the dataset.
-    """
-
-    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
-    step_separator: str = field(default="\n", metadata={"help": "Appended to every step of a step-labelled row."})
-    train_on_last_step_only: bool = field(default=False, metadata={"help": "Regress only the last step of a row."})
-
+from .base_trainer import OtterTokenTrainer
+from .utils import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP, check_otter_model, check_rows_kept, num_rows
+from .value_config import OtterValueConfig
 
 def prefix_weights(length: int) -> list[float]:
     """Reward-Augmented Decoding's weights for the prefixes 1..length: linear in the prefix length, summing to one."""

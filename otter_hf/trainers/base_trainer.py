@@ -1,22 +1,12 @@
 """The set-up shared by the trainers whose loss reads an Otter model's outputs at every token (value, draft)."""
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from .safeguards import StopOnNonFiniteGradientCallback, check_dataset_not_empty
-
-
-@dataclass
-class OtterTokenConfig(TrainingArguments):
-    """The `TrainingArguments` options shared by the per-token Otter trainers (see their configs' docstrings)."""
-
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    max_length: int | None = field(default=1024, metadata={"help": "Tokens kept per row."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
+from .safeguards import StopOnNonFiniteGradientCallback
+from .utils import check_dataset_not_empty
 
 
 class OtterTokenTrainer(Trainer):

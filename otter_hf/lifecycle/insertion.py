@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TYPES
+from ..modeling.configuration_otter import OtterConfigMixin
+from ..modeling.initialization import initialize_inserted_parameters
+from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
+from ..modeling.verification import check_inserted_state_dict
 from .hub import otter_files
-from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
-from .modeling.configuration_otter import OtterConfigMixin
-from .modeling.initialization import initialize_inserted_parameters
-from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
-from .modeling.verification import check_inserted_state_dict
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -46,9 +46,9 @@ def otter_class_for(base_config) -> type[PreTrainedModel]:
             "or use it as it is, or insert into its base model."
         )
     if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
-        supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
         raise ValueError(
-            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: {supported}."
+            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: "
+            f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
         )
     return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
 
@@ -97,9 +97,9 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     """Insert trainable Otter parameters into every layer of a frozen base causal LM.
 
     Args:
-        base: a loaded causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`,
-            `Gemma3ForCausalLM`, `GPT2LMHeadModel`) or a model id
-            or path to load with `AutoModelForCausalLM.from_pretrained`.
+        base: a loaded causal LM of a supported architecture (its `config.model_type` in
+            `otter_hf.modeling.SUPPORTED_BASE_MODEL_TYPES`), or a model id or path to load with
+            `AutoModelForCausalLM.from_pretrained`.
         init (`str`, *optional*): how the inserted parameters start, `"copy"` (default), `"normal"` or
             `"random"`; stored as the config's `inserted_init`.
         **options: insertion options (`inserted_hidden_size`, `inserted_num_attention_heads`,
@@ -130,7 +130,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     """Attach inserted weights written by `model.save_otter(otter_directory)` to a base model.
 
     `otter_directory` is a local folder or a Hub repository id (e.g. one uploaded with
-    `otter_hf.hub.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
+    `otter_hf.push_to_hub(model, repo_id, otter_only=True)`). `base` is a loaded base model or a model id or
     path; None loads the base model the inserted weights name.
 
     The base must be the model the weights were trained on: its architecture, sizes and weights (by the

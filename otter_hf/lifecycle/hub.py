@@ -25,10 +25,10 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from ..modeling.modeling_otter import OtterForCausalLMMixin
+from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, reading_checkpoint
 from .model_cards import otter_model_card
-from .modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
-from .modeling.modeling_otter import OtterForCausalLMMixin
-from .modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, reading_checkpoint
 
 OTTER_MODEL_TYPES = frozenset(model_class.config_class.model_type for model_class in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values())
 OTTER_ONLY_FILES = (OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME)
@@ -92,7 +92,7 @@ def push_folder(
             loading it fetches that base. Defaults to the base the save names. Needed when that is a local path:
             an inserted-only repository must name a base that can be fetched from the Hub.
         trained_on, datasets, metrics, overhead, license, tags: card content, see
-            `otter_hf.model_cards.otter_model_card`.
+            `otter_hf.lifecycle.model_cards.otter_model_card`.
         commit_message, commit_description, private, token, revision, create_pr: as for `HfApi.create_commit`
             and `HfApi.create_repo`.
     """
