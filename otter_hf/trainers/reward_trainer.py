@@ -10,6 +10,7 @@ from trl.data_utils import get_dataset_column_names
 
 from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.sequence_classification import sequence_classification_view
+from .distributed import OtterTrainerMixin
 from .safeguards import StopOnNonFiniteGradientCallback, check_dataset_not_empty, check_rows_kept, num_rows
 
 PREFERENCE_COLUMNS_HELP = (
@@ -104,7 +105,7 @@ def check_preference_columns(
         )
 
 
-class OtterRewardTrainer(RewardTrainer):
+class OtterRewardTrainer(OtterTrainerMixin, RewardTrainer):
     """TRL's [`~trl.RewardTrainer`] for an Otter model: same datasets, loss and metrics, Otter parameters only.
 
     The reward of a sequence is the model's `value` at its last non-padding token. The trainer works on the
@@ -139,10 +140,10 @@ class OtterRewardTrainer(RewardTrainer):
             if args is not None:
                 args.model_init_kwargs = None  # used here; RewardTrainer would warn that a loaded model ignores them
         check_otter_model(model, type(self).__name__)
-        # The contract of this trainer, whatever was switched on before: the base never receives updates.
-        model.freeze_base_parameters()
         if args is None:
             args = OtterRewardConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Reward")
+        # The contract of this trainer, whatever was switched on before: the base never receives updates.
+        self.prepare_trainable_parameters(model, args)
         # What `save_model` writes: the model passed in, normally the causal LM, which the view trained below shares
         # its parameters with (and not its config, which the Trainer sets to use_cache=False).
         self.otter_model = model

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 from trl.trainer.utils import disable_dropout_in_model
 
+from .distributed import OtterTrainerMixin
 from .safeguards import StopOnNonFiniteGradientCallback, check_dataset_not_empty
 
 
@@ -19,7 +20,7 @@ class OtterTokenConfig(TrainingArguments):
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenise the dataset."})
 
 
-class OtterTokenTrainer(Trainer):
+class OtterTokenTrainer(OtterTrainerMixin, Trainer):
     """A `Trainer` for an Otter causal LM: base frozen, datasets prepared by `_prepare_dataset`, loss from
     `compute_loss` with no `labels` input.
 
@@ -37,9 +38,9 @@ class OtterTokenTrainer(Trainer):
     ):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        model.freeze_base_parameters()
         run_name = (model.name_or_path or "otter").rstrip("/").split("/")[-1]
         args = args or self.config_class(f"{run_name}-{self.run_name_suffix}")
+        self.prepare_trainable_parameters(model, args)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         if processing_class is None:

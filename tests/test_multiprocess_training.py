@@ -1,0 +1,168 @@
+"""The Otter trainers across processes: DDP over gloo on CPU, launched by `accelerate launch` and `torchrun`.
+
+Each run is tests/multiprocess_script.py on a tiny model; see its docstring for what every process reports. The
+runs that are compared train with plain SGD, so the weights show the gradients themselves: Adam divides each
+gradient by its own running magnitude, which turns float rounding in a gradient near zero into a whole step.
+Opt in with `-m multiprocess`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.multiprocess
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPOSITORY, "tests", "multiprocess_script.py")
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    # The machine may run other launches: the default rendezvous port 29500 could be taken.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(launcher: str) -> list[str]:
+    if launcher == "python":
+        return [sys.executable]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    # accelerate's `--cpu` launcher starts one process (more need mpirun); `--multi_gpu` starts them through
+    # torch.distributed.run, and the Trainer's `use_cpu=True` makes them a gloo group on a machine without GPUs.
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+    ]
+
+
+class Run:
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.reports = []
+        self.weights = []
+        for rank in range(json.load(open(os.path.join(folder, "rank0.json")))["world_size"]):
+            with open(os.path.join(folder, f"rank{rank}.json")) as file:
+                self.reports.append(json.load(file))
+            self.weights.append(load_file(os.path.join(folder, f"rank{rank}.safetensors")))
+        self.initial = load_file(os.path.join(folder, "initial.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`run(launcher, kind, *options)`: the results of one launch, each launch made once per module."""
+    done = {}
+
+    def run(launcher: str, kind: str, *options: str) -> Run:
+        key = (launcher, kind, *options)
+        if key not in done:
+            folder = str(tmp_path_factory.mktemp(f"{launcher}-{kind}"))
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")])),
+                "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+            command = [*launch_command(launcher), SCRIPT, kind, folder, *options]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+            done[key] = Run(folder)
+        return done[key]
+
+    return run
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[name] - second[name]).abs().max().item() for name in first)
+
+
+def check_communication(run: Run, unread_heads: tuple[str, ...]) -> None:
+    """Every process trained the same weights, and DDP all-reduced exactly the trainable inserted parameters."""
+    for report, weights in zip(run.reports, run.weights):
+        assert report["world_size"] == 2
+        trainable = set(report["trainable"])
+        assert trainable <= set(report["inserted"])
+        assert not any(name.split(".")[0] in unread_heads for name in trainable)
+        assert set(report["with_gradient"]) == trainable
+        assert set(report["all_reduced"]) == trainable
+        assert report["reducer"]["num_parameter_tensors"] == len(trainable)
+        assert report["reducer"]["find_unused_parameters"] == 0
+        assert report["reducer"]["total_parameter_size_bytes"] == report["trainable_bytes"]
+        assert max_difference(weights, run.weights[0]) == 0.0
+    assert max_difference(run.weights[0], run.initial) > 1e-3  # it trained
+
+
+GLOBAL_BATCH = ["--global-batch", "8", "--optim", "sgd", "--learning-rate", "0.02"]
+
+
+@pytest.mark.parametrize("kind", ["reward", "token-reward"])
+def test_two_processes_train_the_weights_of_one_process_at_twice_the_batch(run, kind):
+    one = run("python", kind, "--batch-size", "8", *GLOBAL_BATCH)
+    two = run("accelerate", kind, "--batch-size", "4", *GLOBAL_BATCH)
+    unread = ("draft_heads",) if kind == "reward" else ("draft_heads", "v_head")
+    check_communication(two, unread_heads=unread)
+    assert max_difference(two.weights[0], one.weights[0]) < TOLERANCE
+    assert max_difference(one.weights[0], one.initial) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["reward", "token-reward"])
+def test_gradient_accumulation_trains_the_weights_of_the_whole_batch(run, kind):
+    whole = run("python", kind, "--batch-size", "8", *GLOBAL_BATCH)
+    accumulated = run("python", kind, "--batch-size", "2", "--accumulation", "4", *GLOBAL_BATCH)
+    assert max_difference(accumulated.weights[0], whole.weights[0]) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "kind, unread_heads",
+    [("value", ("token_reward_head",)), ("draft-heads", ("v_head",)), ("draft-recurrent", ("v_head",))],
+)
+def test_every_trainer_runs_under_torchrun(run, kind, unread_heads):
+    two = run("torchrun", kind, "--batch-size", "2", "--global-batch", "4")
+    check_communication(two, unread_heads)
+    if kind == "draft-recurrent":  # it reads the original stream alone, so only the head itself trains
+        assert all(name.startswith("recurrent_draft_head.") for name in two.reports[0]["trainable"])
+    for report in two.reports:
+        assert report["original_logits_equal"]
+
+
+def test_bf16_keeps_the_original_logits_and_a_float32_value_head(run):
+    two = run("torchrun", "value", "--batch-size", "2", "--global-batch", "4", "--bf16", "--model-dtype", "bfloat16")
+    check_communication(two, unread_heads=("token_reward_head",))
+    for report in two.reports:
+        assert report["original_logits_equal"]
+        assert report["v_head_dtype"] == "torch.float32"
+        assert report["value_dtype"] == "torch.float32"
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run):
+    options = ["--steps", "4", "--batch-size", "2", "--global-batch", "4"]
+    uninterrupted = run("accelerate", "reward", *options, "--save-steps", "2")
+    checkpoint = os.path.join(uninterrupted.folder, "trainer", "checkpoint-2")
+    resumed = run("accelerate", "reward", *options, "--resume-from", checkpoint)
+    assert max_difference(resumed.weights[0], uninterrupted.weights[0]) < TOLERANCE
+    # Only the main process writes the inserted weights.
+    assert uninterrupted.reports[0]["saves"] == ["save_otter", "save_otter"]
+    assert uninterrupted.reports[1]["saves"] == []
+
+    files = set(os.listdir(checkpoint))
+    assert {"otter_model.safetensors", "otter_config.json", "optimizer.pt", "trainer_state.json"} <= files
+    assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
+    saved = load_file(os.path.join(checkpoint, "otter_model.safetensors"))
+    assert set(saved) == set(uninterrupted.reports[0]["inserted"])
+    optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
+    trainable = uninterrupted.reports[0]["trainable"]
+    # Adam's two moments (and its step count) for each trainable parameter, and nothing for the frozen base.
+    assert len(optimizer["state"]) == len(trainable)
+    assert sum(state["exp_avg"].numel() for state in optimizer["state"].values()) == sum(
+        saved[name].numel() for name in trainable
+    )
