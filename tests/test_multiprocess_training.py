@@ -166,3 +166,64 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run):
     assert sum(state["exp_avg"].numel() for state in optimizer["state"].values()) == sum(
         saved[name].numel() for name in trainable
     )
+
+
+def test_the_train_command_on_two_processes_writes_once(tmp_path):
+    from conftest import make_base, make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    import otter_hf
+
+    otter_hf.insert(make_base("llama-gqa-tied")).save_pretrained(tmp_path / "otter")
+    make_tokenizer().save_pretrained(tmp_path / "otter")
+    rows = [{"chosen": "it was great !", "rejected": "it was awful ."}, {"chosen": "so kind .", "rejected": "so rude ."}] * 4
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))}
+    command = [
+        *launch_command("torchrun"), "-m", "otter_hf", "train", str(tmp_path / "otter"), "--dataset", str(tmp_path / "pairs.jsonl"),
+        "--output-dir", str(tmp_path / "trained"), "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert result.stdout.count("Trained the value head") == 1
+    # Two processes of two pairs each: one epoch of the eight pairs in two steps.
+    assert json.loads((tmp_path / "trained" / "train_results.json").read_text())["epoch"] == 1.0
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    assert max_difference(dict(after.otter_named_parameters()), dict(before.otter_named_parameters())) > 1e-3
+
+
+def test_processes_that_would_train_alone_are_refused(monkeypatch, tmp_path):
+    from datasets import Dataset
+    from multiprocess_script import INSERTION, preference_rows
+    from conftest import make_base, make_tokenizer
+
+    import otter_hf
+    from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
+    config = OtterRewardConfig(output_dir=str(tmp_path), report_to=[], bf16=False)
+    with pytest.raises(ValueError, match="use_cpu=True"):
+        OtterRewardTrainer(model, args=config, train_dataset=Dataset.from_list(preference_rows(4)), processing_class=make_tokenizer())
+
+
+def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_the_forward():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from conftest import make_base
+
+    import otter_hf
+    from otter_hf.trainers.distributed import prepare_fsdp2_plugin
+
+    model = otter_hf.insert(make_base("llama-gqa-tied").to(torch.bfloat16))
+    assert model.v_head.summary.weight.dtype == torch.float32
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=False)
+    prepare_fsdp2_plugin(plugin, model)
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert wraps(model.v_head) and all(wraps(layer) for layer in model.model.layers)
+    assert not wraps(model.lm_head)
+
+    resharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True)
+    with pytest.raises(ValueError, match="reshard_after_forward"):
+        prepare_fsdp2_plugin(resharding, model)

@@ -58,6 +58,18 @@ class OtterTrainerMixin:
                 "fail when their gradients arrive. Leave it unset: the trainer freezes what its loss does not read."
             )
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"{launched} processes were launched, but each would train alone, unsynchronised, and write the same "
+                "files: without a GPU, the processes join over gloo only with `use_cpu=True` in the training "
+                "arguments."
+            )
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            prepare_fsdp2_plugin(self.accelerator.state.fsdp_plugin, self.model)
+
     def _otter_model(self):
         # The reward trainer trains a sequence-classification view and saves the causal LM it shares parameters with.
         return getattr(self, "otter_model", None) or self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -97,3 +109,31 @@ class OtterTrainerMixin:
         _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
         return True
 
+
+
+def prepare_fsdp2_plugin(plugin, model) -> None:
+    """Fit accelerate's FSDP2 plugin to an Otter model, before the Trainer wraps it: refuse resharding after the
+    forward, and give each float32 head its own unit (see the error and the comment below)."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.reshard_after_forward:
+        raise ValueError(
+            "FSDP2 with `reshard_after_forward=True` frees a decoder layer's gathered parameters after its forward "
+            "and gathers them again when the backward reaches the layer's output; an Otter layer's output is the "
+            "frozen base stream, which the backward never reaches, so its inserted parameters would be freed "
+            "while their gradients still need them. Set `reshard_after_forward: false` (`fsdp_reshard_after_forward` "
+            "in the accelerate config): parameters stay sharded between steps and gathered within one."
+        )
+    # FSDP2 gathers a unit's parameters as one flat tensor of one dtype: in a bf16 model the value head, kept in
+    # float32, cannot share the root's unit.
+    float32_heads = [
+        type(module).__name__
+        for module in (getattr(model, head.attribute, None) for head in INSERTED_HEADS if head.keep_in_fp32)
+        if module is not None
+    ]
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
+        layers = plugin.transformer_cls_names_to_wrap or [
+            name for name in model._no_split_modules or [] if get_module_class_from_name(model, name) is not None
+        ]
+        plugin.transformer_cls_names_to_wrap = [*layers, *(name for name in float32_heads if name not in layers)]
