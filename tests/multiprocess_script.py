@@ -121,6 +121,7 @@ def main():
     parser.add_argument("--optim", default="adamw_torch")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--model-dtype", default="float32", help="the dtype the model is loaded in")
+    parser.add_argument("--deepspeed-stage", type=int, help="train under DeepSpeed ZeRO at this stage")
     options = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -156,6 +157,15 @@ def main():
         report_to=[],
         disable_tqdm=True,
         max_length=64,
+        deepspeed=None if options.deepspeed_stage is None else {
+            "zero_optimization": {"stage": options.deepspeed_stage},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+            # The Trainer's own optimizer (SGD here), which ZeRO has no tests of.
+            "zero_allow_untested_optimizer": True,
+        },
     )
     recorder = RecordCommunication()
     trainer = trainer_class(

@@ -44,6 +44,16 @@ def launch_command(launcher: str) -> list[str]:
     ]
 
 
+def launch(command: list[str]) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 class Run:
     def __init__(self, folder: str):
         self.folder = folder
@@ -65,14 +75,8 @@ def run(tmp_path_factory):
         key = (launcher, kind, *options)
         if key not in done:
             folder = str(tmp_path_factory.mktemp(f"{launcher}-{kind}"))
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")])),
-                "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-            }
             command = [*launch_command(launcher), SCRIPT, kind, folder, *options]
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            result = launch(command)
             if result.returncode != 0:
                 raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
             done[key] = Run(folder)
@@ -120,6 +124,22 @@ def test_gradient_accumulation_trains_the_weights_of_the_whole_batch(run, kind):
     whole = run("python", kind, "--batch-size", "8", *GLOBAL_BATCH)
     accumulated = run("python", kind, "--batch-size", "2", "--accumulation", "4", *GLOBAL_BATCH)
     assert max_difference(accumulated.weights[0], whole.weights[0]) < TOLERANCE
+
+
+def test_deepspeed_zero2_trains_the_weights_of_one_process(run):
+    pytest.importorskip("deepspeed")
+    one = run("python", "reward", "--batch-size", "8", *GLOBAL_BATCH)
+    zero2 = run("torchrun", "reward", "--batch-size", "4", *GLOBAL_BATCH, "--deepspeed-stage", "2")
+    assert max_difference(zero2.weights[0], zero2.weights[1]) == 0.0
+    assert max_difference(zero2.weights[0], one.weights[0]) < TOLERANCE
+    assert max_difference(zero2.weights[0], zero2.initial) > 1e-3
+
+
+def test_deepspeed_zero3_is_refused_with_the_reason(tmp_path):
+    pytest.importorskip("deepspeed")
+    result = launch([*launch_command("torchrun"), SCRIPT, "reward", str(tmp_path), "--global-batch", "4", "--deepspeed-stage", "3"])
+    assert result.returncode != 0
+    assert "Use ZeRO-2 (or ZeRO-1), or FSDP2" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -178,12 +198,11 @@ def test_the_train_command_on_two_processes_writes_once(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "otter")
     rows = [{"chosen": "it was great !", "rejected": "it was awful ."}, {"chosen": "so kind .", "rejected": "so rude ."}] * 4
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))}
     command = [
         *launch_command("torchrun"), "-m", "otter_hf", "train", str(tmp_path / "otter"), "--dataset", str(tmp_path / "pairs.jsonl"),
         "--output-dir", str(tmp_path / "trained"), "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch(command)
     assert result.returncode == 0, result.stderr[-6000:]
     assert result.stdout.count("Trained the value head") == 1
     # Two processes of two pairs each: one epoch of the eight pairs in two steps.

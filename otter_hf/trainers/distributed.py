@@ -69,6 +69,15 @@ class OtterTrainerMixin:
             )
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
             prepare_fsdp2_plugin(self.accelerator.state.fsdp_plugin, self.model)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            # Measured on 2 CPU processes: the backward fails with "The size of tensor a (16) must match the size of
+            # tensor b (0)", a parameter released after the forward, for the reason FSDP2 gives below.
+            raise ValueError(
+                "DeepSpeed ZeRO-3 releases a layer's gathered parameters after its forward and gathers them again "
+                "when the backward reaches the layer's output, which in an Otter layer is the frozen base stream: "
+                "the backward of the inserted parameters then finds them released. Use ZeRO-2 (or ZeRO-1), or FSDP2 "
+                "with `reshard_after_forward: false`."
+            )
 
     def _otter_model(self):
         # The reward trainer trains a sequence-classification view and saves the causal LM it shares parameters with.
