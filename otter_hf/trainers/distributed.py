@@ -71,7 +71,7 @@ class OtterTrainerMixin:
             prepare_fsdp2_plugin(self.accelerator.state.fsdp_plugin, self.model)
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             # Measured on 2 CPU processes: the backward fails with "The size of tensor a (16) must match the size of
-            # tensor b (0)", a parameter released after the forward, for the reason FSDP2 gives below.
+            # tensor b (0)", a parameter released after the forward, as with FSDP2's resharding (prepare_fsdp2_plugin).
             raise ValueError(
                 "DeepSpeed ZeRO-3 releases a layer's gathered parameters after its forward and gathers them again "
                 "when the backward reaches the layer's output, which in an Otter layer is the frozen base stream: "
@@ -117,7 +117,6 @@ class OtterTrainerMixin:
             return False
         _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
         return True
-
 
 
 def prepare_fsdp2_plugin(plugin, model) -> None:
