@@ -246,3 +246,26 @@ def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_th
     resharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True)
     with pytest.raises(ValueError, match="reshard_after_forward"):
         prepare_fsdp2_plugin(resharding, model)
+
+
+def test_the_best_checkpoint_is_loaded_back_from_its_inserted_parameters(tmp_path):
+    from multiprocess_script import INSERTION, training_setup
+    from conftest import make_base, make_tokenizer
+
+    import otter_hf
+
+    model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
+    config_class, trainer_class, dataset = training_setup("reward", 8)
+    config = config_class(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
+        # The eval loss falls step by step here: the "best", the highest, is an earlier checkpoint than the last.
+        eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,
+        report_to=[], disable_tqdm=True, max_length=64,
+    )
+    trainer = trainer_class(model, args=config, train_dataset=dataset, eval_dataset=dataset, processing_class=make_tokenizer())
+    trainer.train()
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, "otter_model.safetensors"))
+    last = load_file(os.path.join(tmp_path, "checkpoint-3", "otter_model.safetensors"))
+    assert max_difference(best, last) > 0  # the best is not simply the last
+    assert max_difference(dict(model.otter_state_dict()), best) == 0.0
