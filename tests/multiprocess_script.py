@@ -152,7 +152,8 @@ def main():
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
         bf16=options.bf16,
-        use_cpu=True,
+        # Without a GPU, the processes join over gloo only when told to use the CPU.
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         report_to=[],
         disable_tqdm=True,
@@ -179,11 +180,16 @@ def main():
     rank = trainer.args.process_index
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     model = getattr(trainer, "otter_model", model)
-    input_ids, attention_mask = random_batch(2, 10, "right")
+    input_ids, attention_mask = (tensor.to(trainer.args.device) for tensor in random_batch(2, 10, "right"))
     with torch.no_grad():
         outputs = model(input_ids, attention_mask=attention_mask)
-        base_logits = make_base(BASE_NAME).to(dtype)(input_ids, attention_mask=attention_mask).logits
-    state = {name: tensor.detach().float().contiguous() for name, tensor in model.otter_state_dict().items()}
+        base = make_base(BASE_NAME).to(dtype=dtype, device=trainer.args.device)
+        base_logits = base(input_ids, attention_mask=attention_mask).logits
+    # Under FSDP each process holds a shard of every parameter (a DTensor): the whole tensor is gathered.
+    state = {
+        name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().float().cpu().contiguous()
+        for name, tensor in model.otter_state_dict().items()
+    }
     save_file(state, os.path.join(options.output, f"rank{rank}.safetensors"))
     if rank == 0:
         save_file(initial, os.path.join(options.output, "initial.safetensors"))

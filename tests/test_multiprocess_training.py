@@ -30,11 +30,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_command(launcher: str) -> list[str]:
+def launch_command(launcher: str, config_file: str | None = None) -> list[str]:
     if launcher == "python":
         return [sys.executable]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    if config_file is not None:  # `--multi_gpu` would override the config's distributed type
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes", "2",
+            "--main_process_port", str(free_port()),
+        ]
     # accelerate's `--cpu` launcher starts one process (more need mpirun); `--multi_gpu` starts them through
     # torch.distributed.run, and the Trainer's `use_cpu=True` makes them a gloo group on a machine without GPUs.
     return [
@@ -68,14 +73,14 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """`run(launcher, kind, *options)`: the results of one launch, each launch made once per module."""
+    """`run(launcher, kind, *options, config_file=None)`: the results of one launch, each made once per module."""
     done = {}
 
-    def run(launcher: str, kind: str, *options: str) -> Run:
-        key = (launcher, kind, *options)
+    def run(launcher: str, kind: str, *options: str, config_file: str | None = None) -> Run:
+        key = (launcher, kind, *options, config_file)
         if key not in done:
             folder = str(tmp_path_factory.mktemp(f"{launcher}-{kind}"))
-            command = [*launch_command(launcher), SCRIPT, kind, folder, *options]
+            command = [*launch_command(launcher, config_file), SCRIPT, kind, folder, *options]
             result = launch(command)
             if result.returncode != 0:
                 raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -124,6 +129,17 @@ def test_gradient_accumulation_trains_the_weights_of_the_whole_batch(run, kind):
     whole = run("python", kind, "--batch-size", "8", *GLOBAL_BATCH)
     accumulated = run("python", kind, "--batch-size", "2", "--accumulation", "4", *GLOBAL_BATCH)
     assert max_difference(accumulated.weights[0], whole.weights[0]) < TOLERANCE
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate runs FSDP only on GPUs (on CPU it gives DDP)")
+def test_fsdp2_trains_the_weights_of_one_process(run):
+    config = os.path.join(REPOSITORY, "examples", "accelerate_configs", "fsdp2.yaml")
+    one = run("python", "reward", "--batch-size", "8", *GLOBAL_BATCH)
+    fsdp = run("accelerate", "reward", "--batch-size", "4", *GLOBAL_BATCH, config_file=config)
+    assert fsdp.reports[0]["reducer"] is None  # not DDP
+    assert max_difference(fsdp.weights[0], fsdp.weights[1]) == 0.0
+    assert max_difference(fsdp.weights[0], one.weights[0]) < TOLERANCE
+    assert all(report["original_logits_equal"] for report in fsdp.reports)
 
 
 def test_deepspeed_zero2_trains_the_weights_of_one_process(run):
