@@ -18,6 +18,7 @@ a traceback.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -348,7 +349,10 @@ def run_train(args) -> None:
         (None if args.max_steps == -1 else args.max_steps, "--max-steps (-1: train for --epochs)"),
     ):
         _check_positive(value, option)
-    _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
+    # Under torchrun or `accelerate launch` every process runs the command; the main one alone writes the folder.
+    is_main_process = int(os.environ.get("RANK", "0")) == 0
+    if is_main_process:
+        _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
     _set_threads(args.threads)
     train_dataset = load_dataset_file(args.dataset, args.split, "--dataset")
     eval_dataset = load_dataset_file(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
@@ -384,7 +388,7 @@ def run_train(args) -> None:
         "value": (OtterValueConfig, OtterValueTrainer),
     }[objective]
     # Training runs in the scratch folder that replaces --output-dir's contents only once all is written.
-    with replacing_folder(args.output_dir) as output_dir:
+    with replacing_folder(args.output_dir) if is_main_process else contextlib.nullcontext(args.output_dir) as output_dir:
         options = dict(
             output_dir=output_dir,
             num_train_epochs=args.epochs,
@@ -395,6 +399,8 @@ def run_train(args) -> None:
             seed=args.seed,
             report_to="none",
             save_strategy="no",
+            # Launched on several processes without a GPU, they join over gloo only when told to use the CPU.
+            use_cpu=not _accelerator_available(),
         )
         if args.learning_rate is not None:
             options["learning_rate"] = args.learning_rate
@@ -412,6 +418,8 @@ def run_train(args) -> None:
         if eval_dataset is not None:
             trainer.save_metrics("eval", trainer.evaluate())
         trainer.save_model(output_dir)
+    if not is_main_process:
+        return
     trained = "the token-level reward head" if objective == "token-reward" else "the value head"
     print(
         f"Trained {trained} ({objective} objective); saved the model to {args.output_dir} and its metrics to "
@@ -538,6 +546,12 @@ def _check_output_folder(path: str, overwrite: bool, option: str) -> None:
             raise ValueError(
                 f"{option}: {path} is not empty; pass --overwrite to replace its contents, or choose a new folder."
             )
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
 def _load_tokenizer(tokenizer_path: str | None, model_path: str, model):

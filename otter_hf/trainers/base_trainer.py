@@ -5,11 +5,12 @@ from collections import defaultdict
 from transformers import AutoTokenizer, Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
+from .distributed import OtterTrainerMixin
 from .safeguards import StopOnNonFiniteGradientCallback
 from .utils import check_dataset_not_empty
 
 
-class OtterTokenTrainer(Trainer):
+class OtterTokenTrainer(OtterTrainerMixin, Trainer):
     """A `Trainer` for an Otter causal LM: base frozen, datasets prepared by `_prepare_dataset`, loss from
     `compute_loss` with no `labels` input.
 
@@ -27,9 +28,9 @@ class OtterTokenTrainer(Trainer):
     ):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        model.freeze_base_parameters()
         run_name = (model.name_or_path or "otter").rstrip("/").split("/")[-1]
         args = args or self.config_class(f"{run_name}-{self.run_name_suffix}")
+        self.prepare_trainable_parameters(model, args)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         if processing_class is None:

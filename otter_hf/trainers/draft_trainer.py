@@ -187,6 +187,12 @@ class OtterDraftTrainer(OtterTokenTrainer):
     config_class = OtterDraftConfig
     data_collator_class = DataCollatorForDraftHeads
     run_name_suffix = "Draft"
+    heads_in_loss = ("draft_heads", "recurrent_draft_head")
+    runs_heads_outside_forward = True
+
+    def loss_reads_inserted_layers(self, model) -> bool:
+        # The recurrent head reads the original stream alone; only Medusa-style heads read the inserted one.
+        return model.draft_heads is not None
 
     def __init__(self, model, args: OtterDraftConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
         check_otter_model(model, type(self).__name__)
@@ -250,12 +256,10 @@ class OtterDraftTrainer(OtterTokenTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         otter = self.accelerator.unwrap_model(model)
-        # Only Medusa-style heads read the inserted stream; the recurrent head needs no gradient through the model.
-        reads_inserted_stream = otter.draft_heads is not None
-        with (
-            contextlib.nullcontext() if reads_inserted_stream else otter.otter_disabled(),
-            torch.set_grad_enabled(reads_inserted_stream and torch.is_grad_enabled()),
-        ):
+        # Only Medusa-style heads read the inserted stream. Without it, no parameter of the forward is trainable, so
+        # it builds no graph even with gradients on; and it must run with them on: DDP all-reduces a backward's
+        # gradients only after a forward of the wrapped model that ran with gradients enabled.
+        with contextlib.nullcontext() if otter.draft_heads is not None else otter.otter_disabled():
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],

@@ -5,11 +5,13 @@ from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
 from ..modeling import sequence_classification_view
+from .distributed import OtterTrainerMixin
 from .reward_config import OtterRewardConfig
 from .safeguards import StopOnNonFiniteGradientCallback
 from .utils import check_dataset_not_empty, check_otter_model, check_preference_columns, check_rows_kept, num_rows
 
-class OtterRewardTrainer(RewardTrainer):
+
+class OtterRewardTrainer(OtterTrainerMixin, RewardTrainer):
     """TRL's [`~trl.RewardTrainer`] for an Otter model: same datasets, loss and metrics, Otter parameters only.
 
     The reward of a sequence is the model's `value` at its last non-padding token. The trainer works on the
@@ -44,10 +46,10 @@ class OtterRewardTrainer(RewardTrainer):
             if args is not None:
                 args.model_init_kwargs = None  # used here; RewardTrainer would warn that a loaded model ignores them
         check_otter_model(model, type(self).__name__)
-        # The contract of this trainer, whatever was switched on before: the base never receives updates.
-        model.freeze_base_parameters()
         if args is None:
             args = OtterRewardConfig(f"{(model.name_or_path or 'otter').rstrip('/').split('/')[-1]}-Reward")
+        # The contract of this trainer, whatever was switched on before: the base never receives updates.
+        self.prepare_trainable_parameters(model, args)
         # What `save_model` writes: the model passed in, normally the causal LM, which the view trained below shares
         # its parameters with (and not its config, which the Trainer sets to use_cache=False).
         self.otter_model = model

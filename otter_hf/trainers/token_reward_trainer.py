@@ -98,6 +98,7 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
 
     config_class = OtterTokenRewardConfig
     run_name_suffix = "TokenReward"
+    heads_in_loss = ("token_reward_head",)
 
     def __init__(self, model, args: OtterTokenRewardConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
         check_otter_model(model, type(self).__name__)

@@ -1,0 +1,147 @@
+"""What every Otter trainer changes in transformers' `Trainer` so that it trains across processes (`accelerate
+launch`, `torchrun`: DDP, FSDP) and writes small checkpoints.
+
+- Only the parameters the trainer's loss reads are trainable. The base is frozen, and so are the inserted heads
+  the loss never reads (the draft heads, when training a reward), for the run: every trainable parameter then gets
+  a gradient at every step, so DDP buckets and all-reduces exactly those, and needs no search for unused
+  parameters. That search (`find_unused_parameters=True`, transformers' default for a model without activation
+  checkpointing) walks the autograd graph from the wrapped forward's outputs; a draft head runs on those outputs
+  outside the wrapped forward, so the search would call it unused and DDP would then fail when its gradient
+  arrives. The next Otter trainer makes every inserted parameter trainable again (`freeze_base_parameters`).
+- A checkpoint (`checkpoint-<step>`) holds the inserted parameters as `model.save_otter` writes them (attach them
+  to the base with `otter_hf.load_otter(base, checkpoint)`), the optimizer state of the trainable ones, and the
+  Trainer's own state, not a copy of the frozen base. Resuming loads them back; the final `save_model` still
+  writes the whole model. Under FSDP or DeepSpeed, which shard the parameters and save them their own way, the
+  Trainer's checkpoints are left as they are.
+"""
+
+import os
+
+from safetensors.torch import load_file
+
+from ..insertion import _load_inserted_weights
+from ..modeling.inserted_heads import INSERTED_HEADS
+from ..modeling.persistence import OTTER_WEIGHTS_NAME
+
+HEAD_ATTRIBUTES = frozenset(head.attribute for head in INSERTED_HEADS)
+
+
+class OtterTrainerMixin:
+    """Mixed into every Otter trainer before transformers' `Trainer` (see the module docstring).
+
+    Subclasses set `heads_in_loss`, the `INSERTED_HEADS` attributes their loss reads, and override
+    `loss_reads_inserted_layers` when the loss may not read the inserted stream.
+    """
+
+    heads_in_loss: tuple[str, ...] = ("v_head",)
+    # Whether the loss runs inserted heads on the wrapped forward's outputs, outside that forward.
+    runs_heads_outside_forward: bool = False
+
+    def loss_reads_inserted_layers(self, model) -> bool:
+        return True
+
+    def prepare_trainable_parameters(self, model, args) -> None:
+        """Freeze the base and the inserted parameters the loss never reads; no search for unused ones in DDP."""
+        model.freeze_base_parameters()
+        reads_layers = self.loss_reads_inserted_layers(model)
+        for name, parameter in model.otter_named_parameters():
+            owner = name.split(".", 1)[0]
+            parameter.requires_grad_(owner in self.heads_in_loss if owner in HEAD_ATTRIBUTES else reads_layers)
+        if args is None:
+            return
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False
+        elif args.ddp_find_unused_parameters and self.runs_heads_outside_forward:
+            raise ValueError(
+                f"{type(self).__name__} does not take `ddp_find_unused_parameters=True`: its loss runs heads on the "
+                "model's outputs outside the DDP-wrapped forward, which that search would mark unused, and DDP would "
+                "fail when their gradients arrive. Leave it unset: the trainer freezes what its loss does not read."
+            )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"{launched} processes were launched, but each would train alone, unsynchronised, and write the same "
+                "files: without a GPU, the processes join over gloo only with `use_cpu=True` in the training "
+                "arguments."
+            )
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            prepare_fsdp2_plugin(self.accelerator.state.fsdp_plugin, self.model)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            # Measured on 2 CPU processes: the backward fails with "The size of tensor a (16) must match the size of
+            # tensor b (0)", a parameter released after the forward, as with FSDP2's resharding (prepare_fsdp2_plugin).
+            raise ValueError(
+                "DeepSpeed ZeRO-3 releases a layer's gathered parameters after its forward and gathers them again "
+                "when the backward reaches the layer's output, which in an Otter layer is the frozen base stream: "
+                "the backward of the inserted parameters then finds them released. Use ZeRO-2 (or ZeRO-1), or FSDP2 "
+                "with `reshard_after_forward: false`."
+            )
+
+    def _otter_model(self):
+        # The reward trainer trains a sequence-classification view and saves the causal LM it shares parameters with.
+        return getattr(self, "otter_model", None) or self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _writes_inserted_checkpoints(self) -> bool:
+        return not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def _save_checkpoint(self, model, trial):
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (getattr(self, "_saving_checkpoint", False) and self._writes_inserted_checkpoints()):
+            return super().save_model(output_dir, _internal_call)
+        if not self.args.should_save:
+            return
+        self._otter_model().save_otter(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._load_inserted_checkpoint(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_inserted_checkpoint(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_inserted_checkpoint(self, checkpoint: str) -> bool:
+        """Load the inserted parameters of a checkpoint this mixin wrote; False for any other checkpoint."""
+        weights = os.path.join(checkpoint, OTTER_WEIGHTS_NAME)
+        if not (self._writes_inserted_checkpoints() and os.path.isfile(weights)):
+            return False
+        _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
+        return True
+
+
+def prepare_fsdp2_plugin(plugin, model) -> None:
+    """Fit accelerate's FSDP2 plugin to an Otter model, before the Trainer wraps it: refuse resharding after the
+    forward, and give each float32 head its own unit (see the error and the comment below)."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.reshard_after_forward:
+        raise ValueError(
+            "FSDP2 with `reshard_after_forward=True` frees a decoder layer's gathered parameters after its forward "
+            "and gathers them again when the backward reaches the layer's output; an Otter layer's output is the "
+            "frozen base stream, which the backward never reaches, so its inserted parameters would be freed "
+            "while their gradients still need them. Set `reshard_after_forward: false` (`fsdp_reshard_after_forward` "
+            "in the accelerate config): parameters stay sharded between steps and gathered within one."
+        )
+    # FSDP2 gathers a unit's parameters as one flat tensor of one dtype: in a bf16 model the value head, kept in
+    # float32, cannot share the root's unit.
+    float32_heads = [
+        type(module).__name__
+        for module in (getattr(model, head.attribute, None) for head in INSERTED_HEADS if head.keep_in_fp32)
+        if module is not None
+    ]
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
+        layers = plugin.transformer_cls_names_to_wrap or [
+            name for name in model._no_split_modules or [] if get_module_class_from_name(model, name) is not None
+        ]
+        plugin.transformer_cls_names_to_wrap = [*layers, *(name for name in float32_heads if name not in layers)]
