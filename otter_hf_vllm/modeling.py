@@ -284,7 +284,7 @@ class OtterTokenRewardHead(nn.Module):
 
     def forward(self, logits: torch.Tensor, inserted_hidden: torch.Tensor) -> torch.Tensor:
         reward, _ = self.proj(inserted_hidden.to(self.proj.weight.dtype))
-        return logits + reward.to(logits.dtype)
+        return reward.to(logits.dtype).add_(logits)
 
 
 class OtterForCausalLM(nn.Module):
@@ -341,8 +341,9 @@ class OtterForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         hidden, inserted_hidden = self.split_streams(hidden_states)
         logits = self.logits_processor(self.lm_head, hidden)
-        if TOKEN_REWARD_HANDOFF.requested and self.token_reward_head is not None:
-            TOKEN_REWARD_HANDOFF.put(self.token_reward_head(logits, inserted_hidden))
+        guided_rows = TOKEN_REWARD_HANDOFF.guided_rows
+        if guided_rows is not None and self.token_reward_head is not None:
+            TOKEN_REWARD_HANDOFF.put(self.token_reward_head(logits[guided_rows], inserted_hidden[guided_rows]))
         return logits
 
     def value(self, hidden_states: torch.Tensor) -> torch.Tensor:

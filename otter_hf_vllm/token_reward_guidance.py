@@ -4,9 +4,10 @@ A request asks for it with `SamplingParams(extra_args={"token_reward_weight": we
 `"vllm_xargs": {"token_reward_weight": weight}`); the other requests of the batch keep the base logits.
 
 vLLM hands a logits processor the logits only, so the model and the processor meet in `TOKEN_REWARD_HANDOFF`, in
-the process that runs both: before each forward the processor says whether any request of the batch is guided,
-the model's `compute_logits` then leaves the token reward logits of the same rows, and the processor takes them.
-Unguided batches never compute the (tokens x vocabulary) reward logits.
+the process that runs both: before each forward the processor names the batch rows of the guided requests, the
+model's `compute_logits` then leaves the token reward logits of those rows, and the processor takes them. The
+(rows x vocabulary) reward logits and their log-softmax are computed for the guided rows only, none in an
+unguided batch.
 """
 
 import math
@@ -23,10 +24,11 @@ TOKEN_REWARD_WEIGHT = "token_reward_weight"
 
 
 class TokenRewardLogitsHandoff:
-    """The token reward logits of the latest `compute_logits`, held for the logits processor of the same step."""
+    """The guided rows of the next forward, and the token reward logits that its `compute_logits` left for them."""
 
     def __init__(self):
-        self.requested = False
+        # Batch rows of the guided requests (ascending), set by the processor before each forward; None: none.
+        self.guided_rows: torch.Tensor | None = None
         self._reward_logits: torch.Tensor | None = None
 
     def put(self, reward_logits: torch.Tensor) -> None:
@@ -62,6 +64,10 @@ class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
         )
         self.weights: dict[int, float] = {}  # batch row -> weight
         self.device = device
+        self.batch_size = 0
+        # The guided rows ascending and their weights in that order, rebuilt when the batch changes.
+        self.guided_rows: torch.Tensor | None = None
+        self.guided_weights: torch.Tensor | None = None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
@@ -87,24 +93,30 @@ class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
         return weight
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.weights, batch_update, self._weight_of_new_request)
-        TOKEN_REWARD_HANDOFF.requested = bool(self.weights)
+        if batch_update is not None:
+            self.batch_size = batch_update.batch_size
+        if process_dict_updates(self.weights, batch_update, self._weight_of_new_request):
+            rows = sorted(self.weights)
+            self.guided_rows = torch.tensor(rows, device=self.device) if rows else None
+            self.guided_weights = torch.tensor(
+                [self.weights[row] for row in rows], device=self.device, dtype=torch.float32
+            )[:, None]
+        TOKEN_REWARD_HANDOFF.guided_rows = self.guided_rows
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.weights:
+        if self.guided_rows is None:
             return logits
         reward_logits = TOKEN_REWARD_HANDOFF.take()
-        if reward_logits is None or reward_logits.shape != logits.shape:
+        expected_shape = (len(self.guided_rows), logits.shape[-1])
+        # The guided rows are batch rows, which index the logits only when each request has one logits row.
+        if logits.shape[0] != self.batch_size or reward_logits is None or reward_logits.shape != expected_shape:
             raise RuntimeError(
-                "Token-reward guidance found no reward logits of this step's rows: it needs one logits row per "
-                f"request (no speculative decoding); logits {tuple(logits.shape)}, reward logits "
-                f"{None if reward_logits is None else tuple(reward_logits.shape)}."
+                "Token-reward guidance found no reward logits of this step's guided rows: it needs one logits row per "
+                f"request (no speculative decoding); {self.batch_size} requests, logits {tuple(logits.shape)}, "
+                f"reward logits {None if reward_logits is None else tuple(reward_logits.shape)}."
             )
-        rows = torch.tensor(list(self.weights), device=logits.device)
-        weights = torch.tensor(list(self.weights.values()), device=logits.device, dtype=torch.float32)
-        reward_log_probs = torch.log_softmax(reward_logits[rows].to(torch.float32), dim=-1)
-        logits[rows] += (weights[:, None] * reward_log_probs).to(logits.dtype)
-        return logits
+        guidance = torch.log_softmax(reward_logits.to(torch.float32), dim=-1).mul_(self.guided_weights)
+        return logits.index_add_(0, self.guided_rows, guidance.to(logits.dtype))
 
 
 __all__ = ["TOKEN_REWARD_HANDOFF", "TOKEN_REWARD_WEIGHT", "TokenRewardGuidanceLogitsProcessor", "token_reward_weight"]
