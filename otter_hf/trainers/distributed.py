@@ -19,7 +19,7 @@ import os
 
 from safetensors.torch import load_file
 
-from ..insertion import _load_inserted_weights
+from ..lifecycle.insertion import _load_inserted_weights
 from ..modeling.inserted_heads import INSERTED_HEADS
 from ..modeling.persistence import OTTER_WEIGHTS_NAME
 
