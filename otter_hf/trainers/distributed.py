@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..lifecycle.insertion import _load_inserted_weights
 from ..modeling.inserted_heads import INSERTED_HEADS
-from ..modeling.persistence import OTTER_WEIGHTS_NAME
+from ..modeling.persistence import OTTER_WEIGHTS_NAME, reading_checkpoint
 
 HEAD_ATTRIBUTES = frozenset(head.attribute for head in INSERTED_HEADS)
 
@@ -115,7 +115,9 @@ class OtterTrainerMixin:
         weights = os.path.join(checkpoint, OTTER_WEIGHTS_NAME)
         if not (self._writes_inserted_checkpoints() and os.path.isfile(weights)):
             return False
-        _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
+        # As `load_otter` reads a save: whole, never half of one the main process is still writing.
+        with reading_checkpoint(checkpoint):
+            _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
         return True
 
 
