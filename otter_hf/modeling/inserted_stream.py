@@ -46,11 +46,11 @@ class InsertedRMSNorm:
     has_bias = False
 
     @staticmethod
-    def statistics(original: torch.Tensor, eps: float) -> torch.Tensor:
-        # `rsqrt(mean(x²) + eps)` from one float32 reduction, then in place on its fresh result: at a decode step
-        # these are a handful of tiny tensors per layer, where each operation's dispatch is what costs.
-        sum_of_squares = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32).square()
-        return sum_of_squares.div_(original.shape[-1]).add_(eps).rsqrt_()
+    def statistics(original: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # `rsqrt(mean(x²) + eps)` in three operations: one float32 reduction, then `eps + norm² / n` at once. At a
+        # decode step these are tiny tensors, where each operation's dispatch is what costs.
+        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32)
+        return torch.addcmul(eps, norm, norm, value=1.0 / original.shape[-1]).rsqrt_()
 
     @staticmethod
     def normalize(norm: nn.Module, inverse_rms: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,33 @@ LINEAR_COPY_SOURCES = {
 }
 
 
+class HalfRotation:
+    """Rotary embeddings as Llama applies them, `x * cos + rotate_half(x) * sin`, on the first `cos.shape[-1]`
+    channels of each head (all of them, or Phi-3's partial rotary), with the tables the base attention received.
+
+    The inserted heads rotate their queries and keys as one tensor, and `rotate_half(x) * sin` is taken as
+    `roll(x) * signed_sin`, the same products: four operations per layer where the base function spends fourteen.
+    """
+
+    @staticmethod
+    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, signed_sin)` broadcast over heads, once per forward for every layer that shares the embeddings."""
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos.unsqueeze(1), signed_sin.unsqueeze(1)
+
+    @staticmethod
+    def rotate(states: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`states` (batch, heads, positions, head_dim), rotated."""
+        cos, signed_sin = tables
+        rotary_dim = cos.shape[-1]
+        if rotary_dim == states.shape[-1]:
+            return states * cos + states.roll(rotary_dim // 2, dims=-1) * signed_sin
+        rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
+        rotated = rotated * cos + rotated.roll(rotary_dim // 2, dims=-1) * signed_sin
+        return torch.cat([rotated, passed], dim=-1)
+
+
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
@@ -117,9 +144,10 @@ class OtterLayout:
     decoder layer for the rest. Llama's are the defaults.
     """
 
-    # The architecture's own functions: rotary embeddings (None: positions are embedded) and eager attention.
+    # The architecture's own eager attention, and how the inserted heads take the rotary embeddings the base
+    # attention receives (None: positions are embedded).
     eager_attention_fn: Callable
-    rotary_fn: Callable | None = None
+    rotary: type | None = HalfRotation
     # How the inserted stream is normalised with the original stream's statistics, and the config field of eps.
     norm: type = InsertedRMSNorm
     norm_eps: str = "rms_norm_eps"
@@ -213,25 +241,25 @@ class OtterInsertedAttention(nn.Module):
         base_attention: nn.Module,
         attention_kwargs: dict,
         layout: OtterLayout,
-        attention_fn: Callable,
+        stream: "InsertedStream",
     ) -> torch.Tensor:
         input_shape = normed.shape[:-1]
         qkv = self.qkv_proj(torch.cat([normed, inserted_normed], dim=-1)).view(*input_shape, -1, self.head_dim)
-        query, key, value = qkv.transpose(1, 2).split(
-            [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
-        )
+        query_key, value = qkv.transpose(1, 2).split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=1)
         if layout.query_key_norms is not None:
+            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
             query_norm, key_norm = (base_attention.get_submodule(path) for path in layout.query_key_norms)
-            query, key = query_norm(query), key_norm(key)
-        if layout.rotary_fn is not None:
-            query, key = layout.rotary_fn(query, key, *attention_kwargs["position_embeddings"])
+            query_key = torch.cat([query_norm(query), key_norm(key)], dim=1)
+        if layout.rotary is not None:
+            query_key = layout.rotary.rotate(query_key, stream.rotary_tables(layout.rotary, attention_kwargs))
+        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
         cache = next(
             (attention_kwargs[name] for name in CACHE_ARGUMENT_NAMES if attention_kwargs.get(name) is not None), None
         )
         if cache is not None:
             ensure_inserted_cache_layers(cache, self.config)
             key, value = cache.update(key, value, self.layer_idx)
-        heads, _ = attention_fn(
+        heads, _ = stream.attention_fn(
             self,
             query,
             key,
@@ -301,8 +329,11 @@ class InsertedStream:
         # Whether the inserted computation builds a graph (the base runs without one while training).
         self.compute_grad = compute_grad
         # Read once per forward rather than at every capture: the norms' eps, the attention implementation.
-        self.norm_eps = norm_eps
+        self._norm_eps = norm_eps
+        self._norm_eps_tensors: dict[torch.device, torch.Tensor] = {}
         self.attention_fn = attention_fn
+        # id(cos) -> (cos, the rotation's tables): computed once for all layers that receive the same embeddings.
+        self._rotary_tables: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.hidden: torch.Tensor | None = None
         # Capture point path -> what its hook recorded, for the decoder layer running now.
         self.captured: dict[str, tuple] = {}
@@ -313,6 +344,21 @@ class InsertedStream:
         # After the final norm: both streams, every position.
         self.final_original: torch.Tensor | None = None
         self.final_inserted: torch.Tensor | None = None
+
+    def norm_eps(self, device: torch.device) -> torch.Tensor:
+        """The norms' eps as a float32 scalar tensor on `device`, which the statistics add in one operation."""
+        eps = self._norm_eps_tensors.get(device)
+        if eps is None:
+            eps = self._norm_eps_tensors[device] = torch.tensor(self._norm_eps, dtype=torch.float32, device=device)
+        return eps
+
+    def rotary_tables(self, rotary: type, attention_kwargs: dict) -> tuple:
+        """The rotation's tables for the rotary embeddings a base attention module received."""
+        cos, sin = attention_kwargs["position_embeddings"]
+        cached = self._rotary_tables.get(id(cos))
+        if cached is None or cached[0] is not cos:
+            cached = self._rotary_tables[id(cos)] = (cos, rotary.tables(cos, sin))
+        return cached[1]
 
     def grad_mode(self):
         """Where the inserted stream is computed inside the base's forward: with autograd when it trains."""

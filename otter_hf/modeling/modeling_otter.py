@@ -190,9 +190,10 @@ class OtterModelMixin:
             stream.add_embedding(inserted)
 
     def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self._inserted_stream is not None:
-            statistics = self.otter_layout.norm.statistics(args[0], self._inserted_stream.norm_eps)
-            self._inserted_stream.captured[path] = (norm, statistics, output)
+        stream = self._inserted_stream
+        if stream is not None:
+            statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps(args[0].device))
+            stream.captured[path] = (norm, statistics, output)
 
     def _capture_attention_call(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inserted_stream is not None:
@@ -225,7 +226,7 @@ class OtterModelMixin:
         attention, attention_kwargs = stream.take(layout.attention, layer_path)
         (original_heads,) = stream.take(layout.attention_output, layer_path)
         output = layer.inserted_attn(
-            normed, inserted_normed, original_heads, attention, attention_kwargs, layout, stream.attention_fn
+            normed, inserted_normed, original_heads, attention, attention_kwargs, layout, stream
         )
         inserted = inserted + self._normalize_output(output, layout.attention_output_norm, layer_path, stream)
 
@@ -247,7 +248,7 @@ class OtterModelMixin:
         stream = self._inserted_stream
         if stream is None:
             return
-        statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps)
+        statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps(args[0].device))
         with stream.grad_mode():
             stream.final_inserted = self.otter_layout.norm.normalize(norm, statistics, stream.hidden)
         stream.final_original = output

@@ -14,7 +14,6 @@ from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3ForCausalLM,
     Gemma3TextModel,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -34,7 +33,6 @@ class OtterGemma3TextModel(OtterModelMixin, Gemma3TextModel):
     config_class = OtterGemma3TextConfig
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
-        rotary_fn=apply_rotary_pos_emb,
         norm=InsertedGemmaRMSNorm,
         attention_output_norm="post_attention_layernorm",
         mlp_norm="pre_feedforward_layernorm",

@@ -52,6 +52,7 @@ class OtterGPT2Model(OtterModelMixin, GPT2Model):
     config_class = OtterGPT2Config
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
+        rotary=None,
         norm=InsertedLayerNorm,
         norm_eps="layer_norm_epsilon",
         layers="h",

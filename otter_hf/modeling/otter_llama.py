@@ -6,7 +6,6 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -24,7 +23,7 @@ class OtterLlamaConfig(OtterConfigMixin, LlamaConfig):
 
 class OtterLlamaModel(OtterModelMixin, LlamaModel):
     config_class = OtterLlamaConfig
-    otter_layout = OtterLayout(eager_attention_fn=eager_attention_forward, rotary_fn=apply_rotary_pos_emb)
+    otter_layout = OtterLayout(eager_attention_fn=eager_attention_forward)
 
 
 class OtterLlamaForCausalLMWithValueHead(OtterForCausalLMMixin, LlamaForCausalLM):

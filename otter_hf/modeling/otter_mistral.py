@@ -10,7 +10,6 @@ from transformers.models.mistral.configuration_mistral import MistralConfig
 from transformers.models.mistral.modeling_mistral import (
     MistralForCausalLM,
     MistralModel,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -30,7 +29,6 @@ class OtterMistralModel(OtterModelMixin, MistralModel):
     config_class = OtterMistralConfig
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
-        rotary_fn=apply_rotary_pos_emb,
         sliding_window=lambda attention: getattr(attention.config, "sliding_window", None),
     )
 

@@ -4,7 +4,7 @@ sequence-classification view.
 What differs from Llama, each declared in the layout below: query, key and value come from one fused `qkv_proj`,
 gate and up from one fused `gate_up_proj` (copy-initialisation reads their row blocks); the activation is
 `mlp.activation_fn`; the sliding window comes from the config; the rotary embedding may cover only part of each
-head (`partial_rotary_factor`), which Phi-3's own rotary function, shared by the inserted heads, handles. The
+head (`partial_rotary_factor`), which the inserted heads' `HalfRotation` follows from the tables' width. The
 capture points are Llama's: the original heads enter `o_proj`, the original units `down_proj`.
 """
 
@@ -14,7 +14,6 @@ from transformers.models.phi3.configuration_phi3 import Phi3Config
 from transformers.models.phi3.modeling_phi3 import (
     Phi3ForCausalLM,
     Phi3Model,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -54,7 +53,6 @@ class OtterPhi3Model(OtterModelMixin, Phi3Model):
     config_class = OtterPhi3Config
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
-        rotary_fn=apply_rotary_pos_emb,
         mlp_activation="mlp.activation_fn",
         sliding_window=lambda attention: getattr(attention.config, "sliding_window", None),
         copy_source=phi3_copy_source,

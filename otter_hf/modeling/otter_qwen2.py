@@ -6,7 +6,6 @@ from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2ForCausalLM,
     Qwen2Model,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -24,7 +23,7 @@ class OtterQwen2Config(OtterConfigMixin, Qwen2Config):
 
 class OtterQwen2Model(OtterModelMixin, Qwen2Model):
     config_class = OtterQwen2Config
-    otter_layout = OtterLayout(eager_attention_fn=eager_attention_forward, rotary_fn=apply_rotary_pos_emb)
+    otter_layout = OtterLayout(eager_attention_fn=eager_attention_forward)
 
 
 class OtterQwen2ForCausalLMWithValueHead(OtterForCausalLMMixin, Qwen2ForCausalLM):

@@ -10,7 +10,6 @@ from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3ForCausalLM,
     Qwen3Model,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -30,7 +29,6 @@ class OtterQwen3Model(OtterModelMixin, Qwen3Model):
     config_class = OtterQwen3Config
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
-        rotary_fn=apply_rotary_pos_emb,
         query_key_norms=("q_norm", "k_norm"),
     )
 
