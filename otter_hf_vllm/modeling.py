@@ -6,7 +6,8 @@ the inserted stream `g`, which reads `h` at module boundaries and is never read 
 (otter_hf's `modeling_otter.py` holds the same maths for transformers):
 
 - norms: `h_n = w * h / rms(h)` (the base norm), `g_n = w' * g / rms(h)`;
-- attention: the inserted heads' queries, keys and values read `[h_n, g_n]`, are treated as the original heads'
+- attention: the inserted heads' queries, keys and values read `[h_n, g_n]` (each projection over both streams is
+  held as its two column blocks, `JoinedInputLinear`), are treated as the original heads'
   (q/k norms, rotary embedding, scale, window) and keep their own paged KV cache (their own vLLM `Attention`);
   their output projection reads the original heads' outputs (the input of the base `o_proj`) and their own;
 - MLP: the inserted units read `[h_n, g_n]`; their down projection reads the original units (the input of the
@@ -60,18 +61,53 @@ def check_supported(vllm_config: VllmConfig) -> None:
 class OtterInsertedRMSNorm(nn.Module):
     """The inserted stream's side of an RMSNorm: `w' * g / rms(h)`, with `rms(h)` from the original stream.
 
-    Computed as transformers' Llama RMSNorm: in float32, cast back before the weight.
+    Computed as otter_hf computes it (`InsertedRMSNorm`): `rms(h)` from one float32 reduction, the stream scaled in
+    float32 and cast back before the weight.
     """
 
     def __init__(self, inserted_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(inserted_size))
-        self.eps = eps
+        # A tensor, so that `eps + |h|² / n` is one operation.
+        self.register_buffer("eps", torch.tensor(eps, dtype=torch.float32), persistent=False)
 
     def forward(self, inserted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        variance = original.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        inverse_rms = torch.rsqrt(variance + self.eps)
+        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32)
+        inverse_rms = torch.addcmul(self.eps, norm, norm, value=1.0 / original.shape[-1]).rsqrt_()
+        if inserted.dtype == torch.float32:
+            return self.weight * (inserted * inverse_rms)
         return self.weight * (inserted.to(torch.float32) * inverse_rms).to(inserted.dtype)
+
+
+class JoinedInputLinear(nn.Module):
+    """A linear layer over the original and the inserted stream joined, `W [x, y] + b`, computed as
+    `W_x x + b + W_y y` from the weight's two column blocks, so the joined input is never built: at prefill
+    that copy would cost about as much as the product itself. It loads the checkpoint's one weight."""
+
+    def __init__(self, original_size: int, inserted_size: int, output_size: int, bias: bool, prefix: str):
+        super().__init__()
+        self.original_size = original_size
+        self.original = ReplicatedLinear(original_size, output_size, bias=bias, prefix=f"{prefix}.original")
+        self.inserted = ReplicatedLinear(inserted_size, output_size, bias=False, prefix=f"{prefix}.inserted")
+
+    def forward(self, original: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        output, _ = self.original(original)
+        inserted_output, _ = self.inserted(inserted)
+        return output.add_(inserted_output)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = set()
+        for name, tensor in weights:
+            if name == "weight":
+                self.original.weight_loader(self.original.weight, tensor[:, : self.original_size])
+                self.inserted.weight_loader(self.inserted.weight, tensor[:, self.original_size :])
+                loaded |= {"original.weight", "inserted.weight"}
+            elif name == "bias" and self.original.bias is not None:
+                self.original.weight_loader(self.original.bias, tensor)
+                loaded.add("original.bias")
+            else:
+                raise ValueError(f"Unexpected inserted weight `{name}` for a linear layer over both streams.")
+        return loaded
 
 
 class OtterInsertedAttention(nn.Module):
@@ -93,17 +129,11 @@ class OtterInsertedAttention(nn.Module):
         super().__init__()
         self.q_size = sizes.num_attention_heads * head_dim
         self.kv_size = sizes.num_key_value_heads * head_dim
-        self.qkv_proj = ReplicatedLinear(
-            hidden_size + sizes.hidden_size,
-            self.q_size + 2 * self.kv_size,
-            bias=qkv_bias,
-            prefix=f"{prefix}.qkv_proj",
+        self.qkv_proj = JoinedInputLinear(
+            hidden_size, sizes.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, prefix=f"{prefix}.qkv_proj"
         )
-        self.o_proj = ReplicatedLinear(
-            (num_original_heads + sizes.num_attention_heads) * head_dim,
-            sizes.hidden_size,
-            bias=output_bias,
-            prefix=f"{prefix}.o_proj",
+        self.o_proj = JoinedInputLinear(
+            num_original_heads * head_dim, self.q_size, sizes.hidden_size, bias=output_bias, prefix=f"{prefix}.o_proj"
         )
         self.attn = Attention(
             sizes.num_attention_heads,
@@ -123,12 +153,11 @@ class OtterInsertedAttention(nn.Module):
         original_heads: torch.Tensor,
         prepare_query_key: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(torch.cat([normed, inserted_normed], dim=-1))
+        qkv = self.qkv_proj(normed, inserted_normed)
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         query, key = prepare_query_key(positions, query, key)
         heads = self.attn(query, key, value)
-        output, _ = self.o_proj(torch.cat([original_heads, heads], dim=-1))
-        return output
+        return self.o_proj(original_heads, heads)
 
 
 class OtterInsertedMLP(nn.Module):
@@ -136,18 +165,17 @@ class OtterInsertedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, sizes: InsertionSizes, bias: bool, prefix: str):
         super().__init__()
-        self.gate_up_proj = ReplicatedLinear(
-            hidden_size + sizes.hidden_size, 2 * sizes.intermediate_size, bias=bias, prefix=f"{prefix}.gate_up_proj"
+        self.gate_up_proj = JoinedInputLinear(
+            hidden_size, sizes.hidden_size, 2 * sizes.intermediate_size, bias=bias, prefix=f"{prefix}.gate_up_proj"
         )
-        self.down_proj = ReplicatedLinear(
-            intermediate_size + sizes.intermediate_size, sizes.hidden_size, bias=bias, prefix=f"{prefix}.down_proj"
+        self.down_proj = JoinedInputLinear(
+            intermediate_size, sizes.intermediate_size, sizes.hidden_size, bias=bias, prefix=f"{prefix}.down_proj"
         )
         self.act_fn = SiluAndMul()
 
     def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        gate_up, _ = self.gate_up_proj(torch.cat([normed, inserted_normed], dim=-1))
-        output, _ = self.down_proj(torch.cat([original_units, self.act_fn(gate_up)], dim=-1))
-        return output
+        gate_up = self.gate_up_proj(normed, inserted_normed)
+        return self.down_proj(original_units, self.act_fn(gate_up))
 
 
 class OtterDecoderLayerMixin:
