@@ -81,27 +81,28 @@ class OtterInsertedRMSNorm(nn.Module):
 
 class JoinedInputLinear(nn.Module):
     """A linear layer over the original and the inserted stream joined, `W [x, y] + b`, computed as
-    `W_x x + b + W_y y` from the weight's two column blocks, so the joined input is never built: at prefill
-    that copy would cost about as much as the product itself. It loads the checkpoint's one weight."""
+    `(W_x x + b) + W_y y` from the weight's two column blocks, so the joined input is never built: at prefill that
+    copy costs about as much as the product itself. `W_x x + b` is a vLLM linear layer; the narrow `W_y y` is added
+    in place by one `addmm_`, so a decode step pays no second linear layer's dispatch. It loads the checkpoint's one
+    weight."""
 
     def __init__(self, original_size: int, inserted_size: int, output_size: int, bias: bool, prefix: str):
         super().__init__()
         self.original_size = original_size
         self.original = ReplicatedLinear(original_size, output_size, bias=bias, prefix=f"{prefix}.original")
-        self.inserted = ReplicatedLinear(inserted_size, output_size, bias=False, prefix=f"{prefix}.inserted")
+        self.inserted_weight = nn.Parameter(torch.empty(output_size, inserted_size), requires_grad=False)
 
     def forward(self, original: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
         output, _ = self.original(original)
-        inserted_output, _ = self.inserted(inserted)
-        return output.add_(inserted_output)
+        return output.addmm_(inserted, self.inserted_weight.t())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = set()
         for name, tensor in weights:
             if name == "weight":
                 self.original.weight_loader(self.original.weight, tensor[:, : self.original_size])
-                self.inserted.weight_loader(self.inserted.weight, tensor[:, self.original_size :])
-                loaded |= {"original.weight", "inserted.weight"}
+                self.inserted_weight.data.copy_(tensor[:, self.original_size :])
+                loaded |= {"original.weight", "inserted_weight"}
             elif name == "bias" and self.original.bias is not None:
                 self.original.weight_loader(self.original.bias, tensor)
                 loaded.add("original.bias")
