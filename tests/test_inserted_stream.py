@@ -1,0 +1,31 @@
+"""The inserted stream's own arithmetic: what it computes from the tensors the base hands its capture points."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rotary
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rotary
+
+from otter_hf.modeling.inserted_stream import HalfRotation, InsertedRMSNorm
+
+
+@pytest.mark.parametrize(
+    "rotary_fn, rotary_dim", [(llama_rotary, 16), (phi3_rotary, 16), (phi3_rotary, 8)], ids=["llama", "phi3", "phi3-partial"]
+)
+def test_half_rotation_is_the_architectures_rotary_embedding_bit_for_bit(rotary_fn, rotary_dim):
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 5, 16, generator=generator), torch.randn(2, 1, 5, 16, generator=generator)
+    # Tables whose two halves differ, unlike rotary frequencies, so that a swapped half cannot pass.
+    cos, sin = torch.randn(2, 5, rotary_dim, generator=generator), torch.randn(2, 5, rotary_dim, generator=generator)
+    expected_query, expected_key = rotary_fn(query, key, cos, sin)
+    rotated = HalfRotation.rotate(torch.cat([query, key], dim=1), HalfRotation.tables(cos, sin))
+    assert torch.equal(rotated, torch.cat([expected_query, expected_key], dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_statistic_is_the_inverse_root_mean_square_in_float32(dtype):
+    original = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    eps = torch.tensor(1e-6)
+    statistic = InsertedRMSNorm.statistics(original, eps)
+    expected = torch.rsqrt(original.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert statistic.dtype == torch.float32
+    torch.testing.assert_close(statistic, expected, rtol=1e-6, atol=0)
