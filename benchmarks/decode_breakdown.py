@@ -16,29 +16,18 @@ and, inside the Otter model's step:
 """
 
 import argparse
-import collections
 import json
 import statistics
 import time
 
 import torch
 from torch.profiler import profile
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from otter_hf import insert
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.modeling.inserted_stream import CACHE_ARGUMENT_NAMES
-
-
-@torch.no_grad()
-def decode_step_times(model, input_ids, steps: int) -> list[float]:
-    output = model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    cache, next_tokens, times = output.past_key_values, output.logits[:, -1:].argmax(-1), []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model(next_tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        times.append(time.perf_counter() - start)
-    return times
+from otter_hf.overhead import decode_step_times, prefill
 
 
 def hooks_only(layer, layer_path, stream):
@@ -74,14 +63,11 @@ def cold_and_hot_layer_times(otter, input_ids, steps: int) -> dict:
 
 
 def top_level_operations(model, input_ids) -> int:
-    with torch.no_grad():
-        output = model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-        with profile() as profiler:
-            model(output.logits[:, -1:].argmax(-1), past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
-    names = collections.Counter(
-        event.name for event in profiler.events() if event.cpu_parent is None and event.name.startswith("aten::")
-    )
-    return sum(names.values())
+    output = prefill(model, input_ids)
+    next_tokens = output.logits[:, -1:].argmax(-1)
+    with torch.no_grad(), profile() as profiler:
+        model(next_tokens, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1)
+    return sum(1 for event in profiler.events() if event.cpu_parent is None and event.name.startswith("aten::"))
 
 
 def main() -> None:

@@ -68,14 +68,15 @@ def _timed(function) -> float:
 
 
 @torch.no_grad()
-def _prefill(model, input_ids):
-    # As generate() does: fill the cache, keep the logits of the last position only.
+def prefill(model, input_ids):
+    """The prompt's forward as generate() runs it: a fresh cache filled, the logits of the last position only."""
     return model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
-def _decode_step_times(model, input_ids, steps: int) -> list[float]:
-    output = _prefill(model, input_ids)
+def decode_step_times(model, input_ids, steps: int) -> list[float]:
+    """Seconds of each of `steps` greedy one-token forwards after the prompt's."""
+    output = prefill(model, input_ids)
     cache, times = output.past_key_values, []
     for _ in range(steps):
         next_tokens = output.logits[:, -1].argmax(-1, keepdim=True)
@@ -107,7 +108,7 @@ def _peak_memory_worker(base_path, dtype, with_otter, insertion_options, prefill
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
         clear_refs.write("5")
-    _decode_step_times(model, input_ids, decode_steps)
+    decode_step_times(model, input_ids, decode_steps)
     queue.put(_peak_resident_bytes())
 
 
@@ -150,13 +151,13 @@ def measure_overhead(
 
     prefill = {"base": [], "otter": []}
     decode = {batch: {"base": [], "otter": []} for batch in decode_batch_sizes}
-    _prefill(base, prefill_ids), _prefill(otter, prefill_ids)  # warm-up
+    prefill(base, prefill_ids), prefill(otter, prefill_ids)  # warm-up
     for _ in tqdm(range(repeats), desc="Timing base and Otter"):
         # Alternating the two models spreads any drift of the machine over both.
         for name, model in (("base", base), ("otter", otter)):
-            prefill[name].append(_timed(lambda: _prefill(model, prefill_ids)))
+            prefill[name].append(_timed(lambda: prefill(model, prefill_ids)))
             for batch, input_ids in decode_ids.items():
-                decode[batch][name].extend(_decode_step_times(model, input_ids, decode_steps))
+                decode[batch][name].extend(decode_step_times(model, input_ids, decode_steps))
 
     timings = {
         f"prefill_{prefill_tokens}_tokens": summarize_timings(prefill),

@@ -9,7 +9,9 @@ from otter_hf.modeling.inserted_stream import HalfRotation, InsertedRMSNorm
 
 
 @pytest.mark.parametrize(
-    "rotary_fn, rotary_dim", [(llama_rotary, 16), (phi3_rotary, 16), (phi3_rotary, 8)], ids=["llama", "phi3", "phi3-partial"]
+    "rotary_fn, rotary_dim",
+    [(llama_rotary, 16), (phi3_rotary, 16), (phi3_rotary, 8)],
+    ids=["llama", "phi3", "phi3-partial"],
 )
 def test_half_rotation_is_the_architectures_rotary_embedding_bit_for_bit(rotary_fn, rotary_dim):
     generator = torch.Generator().manual_seed(0)

@@ -245,7 +245,9 @@ class OtterInsertedAttention(nn.Module):
     ) -> torch.Tensor:
         input_shape = normed.shape[:-1]
         qkv = self.qkv_proj(torch.cat([normed, inserted_normed], dim=-1)).view(*input_shape, -1, self.head_dim)
-        query_key, value = qkv.transpose(1, 2).split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=1)
+        query_key, value = qkv.transpose(1, 2).split(
+            [self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=1
+        )
         if layout.query_key_norms is not None:
             query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
             query_norm, key_norm = (base_attention.get_submodule(path) for path in layout.query_key_norms)
