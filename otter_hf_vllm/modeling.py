@@ -100,6 +100,13 @@ class JoinedInputLinear(nn.Module):
         loaded = set()
         for name, tensor in weights:
             if name == "weight":
+                expected = (self.inserted_weight.shape[0], self.original_size + self.inserted_weight.shape[1])
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"An inserted projection over both streams has a weight of shape {tuple(tensor.shape)} in "
+                        f"this checkpoint, where its config gives {expected}: the weights and config.json do not "
+                        "belong together; save the model again with `save_pretrained`."
+                    )
                 self.original.weight_loader(self.original.weight, tensor[:, : self.original_size])
                 self.inserted_weight.data.copy_(tensor[:, self.original_size :])
                 loaded |= {"original.weight", "inserted_weight"}

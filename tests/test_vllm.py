@@ -130,6 +130,23 @@ def test_zero_weight_and_invalid_weight(reference):
         stop_engine(otter)
 
 
+def test_a_projection_whose_weight_does_not_fit_the_config_is_refused(reference, tmp_path):
+    """A weight narrower than the config says would fill the inserted block by broadcasting; it must stop the load."""
+    from safetensors.torch import load_file, save_file
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(reference["dir"] / "llama" / "otter", crafted)
+    (weights_file,) = crafted.glob("*.safetensors")
+    weights = load_file(weights_file)
+    name = "model.layers.0.inserted_attn.qkv_proj.weight"
+    hidden_size = json.loads((crafted / "config.json").read_text())["hidden_size"]
+    # One inserted column where the config has several: copied as it is, it would broadcast over the block.
+    weights[name] = weights[name][:, : hidden_size + 1].contiguous()
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="inserted projection over both streams has a weight of shape"):
+        start_engine(crafted)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_pooled_values_equal_transformers(reference, architecture):
     """`classify` gives the last token's value, `token_classify` every token's, as otter_hf's `out.value`."""
