@@ -80,6 +80,52 @@ def test_symbolic_links_in_a_scratch_folder_are_refused(small_and_wide, tmp_path
     assert_refused_and_untouched(checkpoint, outside, scratch)
 
 
+def move_out_and_link(checkpoint, name, destination):
+    """Replace `checkpoint/name` by a link to the same file moved to `destination`."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(checkpoint / name, destination)
+    os.symlink(destination, checkpoint / name)
+
+
+@pytest.mark.parametrize("entry", ["model.safetensors", "config.json", OTTER_WEIGHTS_NAME, "subfolder"])
+def test_links_leading_out_of_a_checkpoint_are_refused(small_and_wide, tmp_path, outside, entry):
+    """Each linked file holds what the save wrote, so only the link itself can make the load fail."""
+    checkpoint = tmp_path / "checkpoint"
+    if entry == OTTER_WEIGHTS_NAME:
+        small_and_wide[0].save_otter(checkpoint)
+        load = lambda: otter_hf.load_otter(make_base("llama-gqa-tied"), checkpoint)  # noqa: E731
+    elif entry == "subfolder":
+        small_and_wide[0].save_pretrained(outside / "model")
+        checkpoint.mkdir()
+        os.symlink(outside / "model", checkpoint / "model")
+        load = lambda: AutoModelForCausalLM.from_pretrained(checkpoint, subfolder="model")  # noqa: E731
+    else:
+        small_and_wide[0].save_pretrained(checkpoint)
+        load = lambda: AutoModelForCausalLM.from_pretrained(checkpoint)  # noqa: E731
+    if entry != "subfolder":
+        move_out_and_link(checkpoint, entry, outside / entry)
+    with pytest.raises(ValueError, match=f"leads out of the checkpoint folder.*{outside}.*cp --remove-destination"):
+        load()
+
+
+def test_links_within_a_checkpoint_and_into_a_hub_cache_are_followed(small_and_wide, tmp_path):
+    model = small_and_wide[0]
+    inside = tmp_path / "inside"
+    model.save_pretrained(inside)
+    move_out_and_link(inside, "model.safetensors", inside / "weights" / "model.safetensors")
+    # huggingface_hub's cache: snapshots/<revision>/<file> -> ../../blobs/<hash>
+    snapshot = tmp_path / "hub" / "models--user--otter" / "snapshots" / "abc123"
+    model.save_pretrained(snapshot)
+    for name in os.listdir(snapshot):
+        blob = snapshot.parents[1] / "blobs" / f"hash-of-{name}"
+        blob.parent.mkdir(exist_ok=True)
+        os.replace(snapshot / name, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    for folder in (inside, snapshot):
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
+
+
 def test_a_save_into_a_folder_with_a_crafted_scratch_folder_refuses_too(small_and_wide, tmp_path, outside):
     checkpoint = tmp_path / "checkpoint"
     small_and_wide[0].save_pretrained(checkpoint)

@@ -283,13 +283,17 @@ def test_load_otter_explains_a_missing_repo(fake_hub):
         otter_hf.load_otter(None, "/no/such/folder")
 
 
-def test_a_folder_with_a_symbolic_link_is_not_uploaded(fake_hub, tmp_path):
+@pytest.mark.parametrize(
+    "leading, message",
+    [("out", "notes.txt leads out of the checkpoint folder"), ("within", "notes.txt is a symbolic link")],
+)
+def test_a_folder_with_a_symbolic_link_is_not_uploaded(fake_hub, tmp_path, leading, message):
     otter = make_otter(make_base("llama-mha-untied"))
     otter.save_pretrained(tmp_path / "saved")
     secret = tmp_path / "outside" / "id_rsa"
     secret.parent.mkdir()
     secret.write_text("private key")
-    (tmp_path / "saved" / "notes.txt").symlink_to(secret)
-    with pytest.raises(ValueError, match="notes.txt is a symbolic link"):
+    (tmp_path / "saved" / "notes.txt").symlink_to(secret if leading == "out" else tmp_path / "saved" / "config.json")
+    with pytest.raises(ValueError, match=message):
         push_folder(tmp_path / "saved", "user/otter", base_model="org/base")
     assert not os.path.exists(fake_hub.repo_folder("user/otter"))

@@ -25,7 +25,8 @@ so loads are only held back while files are renamed. On Windows, without `fcntl`
 
 Settling stays inside the folder, as a downloaded or cloned checkpoint may carry a crafted scratch folder: it
 refuses a scratch folder, or any entry of one, that is a symbolic link, and a journal naming anything but plain
-file names; a load that finds such a scratch folder refuses to load and says what to do.
+file names; a load that finds such a scratch folder refuses to load and says what to do. A load also refuses a
+folder whose entries are links leading out of it (a Hub cache snapshot's links into its `blobs` are followed).
 
 Like the modeling files, this file imports only torch, transformers, safetensors and the standard library, as it
 ships next to checkpoints for `trust_remote_code`.
@@ -158,15 +159,18 @@ def reading_checkpoint(path, subfolder: str | None = None) -> Iterator[None]:
     reads it, so that the block reads one whole save. A Hub id (not a local folder) is read as it is.
 
     Raises a ValueError when the folder holds an interrupted save that cannot be settled safely (see the module
-    docstring); the folder would then hold a mix of two saves, or files that did not come from a save.
+    docstring); the folder would then hold a mix of two saves, or files that did not come from a save. Raises one
+    too when an entry of the folder is a symbolic link leading out of it (`_refuse_links_out_of`).
     """
     if path is None:
         yield  # a model built from its config alone
         return
-    path = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+    folder = os.fspath(path)
+    path = os.path.join(folder, subfolder) if subfolder else folder
     if not os.path.isdir(path):
         yield  # a Hub id: its snapshots are written by huggingface_hub
         return
+    _refuse_links_out_of(folder, path)
     if fcntl is None:
         _settle_before_loading(path)
         yield
@@ -241,6 +245,28 @@ class UnsafeScratchFolderError(ValueError):
             "checkpoint may have been tampered with: check where it comes from, then delete that folder "
             f"(`rm -r {scratch}`) to load the files beside it, or download the checkpoint again."
         )
+
+
+def _refuse_links_out_of(folder: str, path: str) -> None:
+    """Refuse a local checkpoint whose entries (or `subfolder`) are symbolic links leading out of it: a crafted
+    folder could otherwise have any file of this machine read as its weights, config or tokenizer, and a later
+    save or push carry it on. Links within the folder are followed, and so are a Hub cache snapshot's links into
+    the cache's `blobs` folder."""
+    root = os.path.realpath(folder)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    entries = [path] if path != folder else []
+    # Scratch folders get their own checks and message (`_check_scratch_folder`).
+    entries += [os.path.join(path, name) for name in sorted(os.listdir(path)) if not name.startswith(SCRATCH_PREFIX)]
+    for entry in entries:
+        target = os.path.realpath(entry)
+        if not any(os.path.commonpath([target, inside]) == inside for inside in allowed):
+            raise ValueError(
+                f"{entry} leads out of the checkpoint folder {folder}, to {target}: otter_hf does not follow a "
+                "checkpoint's links out of it, as a crafted folder could have any file of this machine read. If you "
+                "trust that file, copy it into the folder in place of the link (`cp --remove-destination`)."
+            )
 
 
 def _scratch_folders(directory: str) -> list[str]:
