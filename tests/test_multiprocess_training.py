@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from otter_hf.trainers.trainer_state import load_state
+
 pytestmark = pytest.mark.multiprocess
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,11 +193,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run):
     assert uninterrupted.reports[1]["saves"] == []
 
     files = set(os.listdir(checkpoint))
-    assert {"otter_model.safetensors", "otter_config.json", "optimizer.pt", "trainer_state.json"} <= files
+    assert {"otter_model.safetensors", "otter_config.json", "optimizer.safetensors", "trainer_state.json"} <= files
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= files  # one per process
     assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
+    assert not [name for name in files if name.endswith((".pt", ".pth", ".bin"))]
     saved = load_file(os.path.join(checkpoint, "otter_model.safetensors"))
     assert set(saved) == set(uninterrupted.reports[0]["inserted"])
-    optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
+    optimizer = load_state(os.path.join(checkpoint, "optimizer.safetensors"))
     trainable = uninterrupted.reports[0]["trainable"]
     # Adam's two moments (and its step count) for each trainable parameter, and nothing for the frozen base.
     assert len(optimizer["state"]) == len(trainable)

@@ -1,6 +1,8 @@
 """OtterRewardTrainer and OtterValueTrainer on tiny models: what trains, what stays frozen, datasets, saving."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -185,6 +187,61 @@ def test_trained_reward_model_saves_and_reloads_with_the_same_values(tmp_path, t
     with torch.no_grad():
         value = reattached(input_ids, attention_mask=attention_mask).value
     torch.testing.assert_close(value[real], expected.value[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_without_pickles(tmp_path, tiny_tokenizer):
+    """Checkpoints hold the optimizer, scheduler and random generators as safetensors, and resuming restores them:
+    the last two steps then repeat the uninterrupted run's exactly (a fresh optimizer would not)."""
+    pairs = conversational_pairs(16)
+
+    def run(output_dir, resume_from=None, **overrides):
+        otter = make_otter(make_base("llama-gqa-tied"))
+        args = reward_config(tmp_path, output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = OtterRewardTrainer(otter, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
+        trainer.train(resume_from_checkpoint=resume_from)
+        return dict(otter.otter_named_parameters())
+
+    uninterrupted = run(tmp_path / "uninterrupted")
+    checkpoint = tmp_path / "uninterrupted" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {"optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors", "otter_model.safetensors"} <= files
+    assert not [name for name in files if name.endswith((".pt", ".pth", ".bin"))]
+    resumed = run(tmp_path / "resumed", resume_from=str(checkpoint))
+    assert all(torch.equal(resumed[name], parameter) for name, parameter in uninterrupted.items())
+
+    # A checkpoint whose optimizer state is a pickle is refused, not unpickled.
+    crafted = tmp_path / "crafted"
+    shutil.copytree(checkpoint, crafted)
+    (crafted / "optimizer.safetensors").unlink()
+    (crafted / "optimizer.pt").write_bytes(b"a pickle would run code here")
+    with pytest.raises(ValueError, match=r"pickles \(optimizer.pt\).*does not unpickle.*load_otter"):
+        run(tmp_path / "refused", resume_from=str(crafted))
+
+
+def test_random_generators_and_optimizer_state_come_back_from_safetensors_as_they_were(tmp_path):
+    import random
+
+    import numpy as np
+
+    from otter_hf.trainers.trainer_state import capture_rng_states, load_state, restore_rng_states, save_state
+
+    save_state(capture_rng_states(distributed=False), tmp_path / "rng.safetensors")
+    drawn = random.random(), np.random.rand(3).tolist(), torch.rand(3)
+    restore_rng_states(load_state(tmp_path / "rng.safetensors"), distributed=False)
+    assert (random.random(), np.random.rand(3).tolist()) == drawn[:2] and torch.equal(torch.rand(3), drawn[2])
+
+    parameter = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([parameter], betas=(0.8, 0.99))
+    parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    save_state(optimizer.state_dict(), tmp_path / "optimizer.safetensors")
+    loaded = load_state(tmp_path / "optimizer.safetensors")
+    assert loaded["param_groups"] == optimizer.state_dict()["param_groups"]  # betas a tuple again, params ints
+    assert loaded["state"].keys() == {0} and all(
+        torch.equal(tensor, optimizer.state_dict()["state"][0][name]) for name, tensor in loaded["state"][0].items()
+    )
+    with pytest.raises(TypeError, match="object at `state.step`.*without pickling"):
+        save_state({"step": object()}, tmp_path / "other.safetensors")
 
 
 def test_bundled_preference_set_feeds_the_reward_trainer(tmp_path, tiny_tokenizer):

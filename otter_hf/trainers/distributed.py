@@ -10,9 +10,10 @@ launch`, `torchrun`: DDP, FSDP) and writes small checkpoints.
   arrives. The next Otter trainer makes every inserted parameter trainable again (`freeze_base_parameters`).
 - A checkpoint (`checkpoint-<step>`) holds the inserted parameters as `model.save_otter` writes them (attach them
   to the base with `otter_hf.load_otter(base, checkpoint)`), the optimizer state of the trainable ones, and the
-  Trainer's own state, not a copy of the frozen base. Resuming loads them back; the final `save_model` still
-  writes the whole model. Under FSDP or DeepSpeed, which shard the parameters and save them their own way, the
-  Trainer's checkpoints are left as they are.
+  Trainer's own state, not a copy of the frozen base. The optimizer, scheduler, scaler and random generator states
+  are safetensors (`trainer_state.py`), never pickles, and resuming reads them back without unpickling. The final
+  `save_model` still writes the whole model. Under FSDP or DeepSpeed, which shard the parameters and save them
+  their own way, the Trainer's checkpoints are left as they are.
 """
 
 import os
@@ -22,6 +23,17 @@ from safetensors.torch import load_file
 from ..lifecycle.insertion import _load_inserted_weights
 from ..modeling.inserted_heads import INSERTED_HEADS
 from ..modeling.persistence import OTTER_WEIGHTS_NAME, reading_checkpoint
+from .trainer_state import (
+    OPTIMIZER_STATE_NAME,
+    SCALER_STATE_NAME,
+    SCHEDULER_STATE_NAME,
+    capture_rng_states,
+    load_state,
+    refuse_pickled_state,
+    restore_rng_states,
+    rng_state_name,
+    save_state,
+)
 
 HEAD_ATTRIBUTES = frozenset(head.attribute for head in INSERTED_HEADS)
 
@@ -109,6 +121,64 @@ class OtterTrainerMixin:
     def _load_best_model(self) -> None:
         if not self._load_inserted_checkpoint(self.state.best_model_checkpoint):
             super()._load_best_model()
+
+    # -- the Trainer's own state, as safetensors (see trainer_state.py) --------------------------------------------
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._writes_inserted_checkpoints():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_state(self.optimizer.state_dict(), os.path.join(output_dir, OPTIMIZER_STATE_NAME))
+            save_state(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._writes_inserted_checkpoints():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        optimizer_file = os.path.join(checkpoint, OPTIMIZER_STATE_NAME)
+        scheduler_file = os.path.join(checkpoint, SCHEDULER_STATE_NAME)
+        if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
+            refuse_pickled_state(checkpoint)
+            return  # as the Trainer does: a checkpoint without optimizer state resumes with a fresh optimizer
+        # In a multi-process run on GPUs, each process loads its copy onto its own device.
+        device = self.args.device if self.args.world_size > 1 and self.args.device.type != "cpu" else "cpu"
+        self.optimizer.load_state_dict(load_state(optimizer_file, device))
+        self.lr_scheduler.load_state_dict(load_state(scheduler_file))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if not self._writes_inserted_checkpoints() or scaler is None:
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
+            save_state(scaler.state_dict(), os.path.join(output_dir, SCALER_STATE_NAME))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is None or not self._writes_inserted_checkpoints() or scaler is None:
+            return super()._load_scaler(checkpoint)
+        scaler_file = os.path.join(checkpoint, SCALER_STATE_NAME)
+        if os.path.isfile(scaler_file):
+            scaler.load_state_dict(load_state(scaler_file))
+        else:
+            refuse_pickled_state(checkpoint)
+
+    def _rng_state_file(self, folder: str) -> str:
+        return os.path.join(folder, rng_state_name(self.args.process_index if self.args.world_size > 1 else None))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if not self._writes_inserted_checkpoints():
+            return super()._save_rng_state(output_dir)
+        # Every process writes its own; one may arrive before the main process has created the folder.
+        os.makedirs(output_dir, exist_ok=True)
+        save_state(capture_rng_states(self.args.world_size > 1), self._rng_state_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._writes_inserted_checkpoints():
+            return super()._load_rng_state(checkpoint)
+        rng_file = self._rng_state_file(checkpoint)
+        if os.path.isfile(rng_file):
+            restore_rng_states(load_state(rng_file), self.args.world_size > 1)
+        # Without it (a checkpoint written with another number of processes), the Trainer too resumes with the
+        # current generators; a pickled `rng_state*.pth` is not read.
 
     def _load_inserted_checkpoint(self, checkpoint: str) -> bool:
         """Load the inserted parameters of a checkpoint this mixin wrote; False for any other checkpoint."""
