@@ -10,15 +10,20 @@ untrained but not zero, so guidance changes tokens) and the prompts; `hf` times 
 
 Generation, greedy, the same `--max-new-tokens` for every prompt (EOS blocked on both sides), output tokens/s:
   vllm_base          vLLM serving the base checkpoint;
+  vllm_same_size_base  vLLM serving the base model grown, inside its own layers, by as many parameters and
+                     key-value heads per layer as Otter inserts (random values in the new rows): what the
+                     inserted parameters cost when vLLM computes them natively, with no second stream. It is the
+                     floor any Otter implementation is measured against, in the same run;
   vllm_otter         vLLM serving the Otter checkpoint (the inserted stream runs, no guidance);
   vllm_otter_guided  the same engine, every request with `extra_args={"token_reward_weight": w}`;
   hf_base, hf_otter, hf_otter_guided: transformers' generate() of the base model, the Otter model, and
                      `generate(token_reward_weight=w)`, one thread (vLLM's CPU worker computes on one core too).
-A batch of b submits b prompts at once. The vLLM variants run round-robin in one process, both engines alive,
+A batch of b submits b prompts at once. The vLLM variants run round-robin in one process, every engine alive,
 so a change of machine load hits them alike; a first untimed pass warms every shape up, and the median over
-repeats is reported, and `time_ratio_to_vllm_base`
-is the vLLM base's tokens/s over the variant's (1.10: 10% slower). `tokens_equal_*` compare the tokens of the
-warm-up pass: the Otter engine against the base engine and against transformers, guided against guided.
+repeats is reported. `time_ratio_to_vllm_base` is the vLLM base's tokens/s over the variant's (1.10: 10%
+slower); `vllm_time_ratio_by_repeat` gives each repeat's ratio, as the spread between repeats on a shared machine
+is often wider than the differences between variants. `tokens_equal_*` compare the tokens of the warm-up pass:
+the Otter engine against the base engine and against transformers, guided against guided.
 
 Scoring: the sequence value (`classify`, last token) of `--score-sequences` prompts, vLLM's pooling runner
 against the Otter model's forward in transformers (batches of 32), sequences/s.
@@ -61,6 +66,8 @@ def prepare(work_dir: Path, prompt_tokens: int, num_prompts: int) -> None:
         otter.token_reward_head.proj.weight.normal_(std=0.02)
     otter.save_pretrained(work_dir / "otter")
     tokenizer.save_pretrained(work_dir / "otter")
+    save_same_size_base(base, otter, work_dir / "same_size_base")
+    tokenizer.save_pretrained(work_dir / "same_size_base")
 
     prompts = []
     data = Path(otter_hf.__file__).parent / "data" / "hh-harmless-dev.jsonl.gz"
@@ -72,6 +79,42 @@ def prepare(work_dir: Path, prompt_tokens: int, num_prompts: int) -> None:
             if len(prompts) == num_prompts:
                 break
     (work_dir / "prompts.json").write_text(json.dumps(prompts))
+
+
+def save_same_size_base(base, otter, directory: Path) -> None:
+    """Saves the base model with each layer grown by Otter's inserted key-value heads (query heads rounded up to a
+    multiple of the key-value heads, as grouped attention needs) and by MLP units making up the rest of the
+    inserted parameter count. The base weights fill the leading rows and columns."""
+    import copy
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from otter_hf.modeling import is_inserted_parameter
+
+    config = copy.deepcopy(base.config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = config.num_key_value_heads + otter.config.inserted_num_key_value_heads
+    query_heads = math.ceil((config.num_attention_heads + otter.config.inserted_num_attention_heads) / kv_heads)
+    query_heads *= kv_heads
+    attention_growth = 2 * config.hidden_size * head_dim * (
+        query_heads - config.num_attention_heads + kv_heads - config.num_key_value_heads
+    )
+    inserted_per_layer = sum(
+        parameter.numel()
+        for name, parameter in otter.model.layers[0].named_parameters()
+        if is_inserted_parameter(name)
+    )
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = query_heads, kv_heads, head_dim
+    config.intermediate_size += round((inserted_per_layer - attention_growth) / (3 * config.hidden_size))
+    torch.manual_seed(0)
+    grown = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    grown_state = grown.state_dict()
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            grown_state[name][tuple(slice(0, size) for size in tensor.shape)].copy_(tensor)
+    grown.save_pretrained(directory)
 
 
 def time_hf(work_dir: Path, batch_sizes: list[int], new_tokens: int, repeats: int, score_sequences: int) -> dict:
@@ -129,7 +172,7 @@ def time_vllm(work_dir: Path, batch_sizes: list[int], new_tokens: int, repeats: 
 
     prompts = [{"prompt_token_ids": ids} for ids in json.loads((work_dir / "prompts.json").read_text())]
     options = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
-    engines = {"base": LLM(model=str(work_dir / "base"), **options), "otter": LLM(model=str(work_dir / "otter"), **options)}
+    engines = {name: LLM(model=str(work_dir / name), **options) for name in ("base", "same_size_base", "otter")}
     plain = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
     guided = SamplingParams(
         max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0,
@@ -137,6 +180,7 @@ def time_vllm(work_dir: Path, batch_sizes: list[int], new_tokens: int, repeats: 
     )
     variants = {
         "vllm_base": (engines["base"], plain),
+        "vllm_same_size_base": (engines["same_size_base"], plain),
         "vllm_otter": (engines["otter"], plain),
         "vllm_otter_guided": (engines["otter"], guided),
     }
@@ -212,12 +256,23 @@ def main() -> None:
     for batch in args.batch_sizes:
         throughput = {
             name: batch * args.max_new_tokens / statistics.median(seconds[f"{name}/{batch}"])
-            for name in ("vllm_base", "vllm_otter", "vllm_otter_guided", "hf_base", "hf_otter", "hf_otter_guided")
+            for name in (
+                "vllm_base", "vllm_same_size_base", "vllm_otter", "vllm_otter_guided", "hf_base", "hf_otter",
+                "hf_otter_guided",
+            )
         }
         generation[str(batch)] = {
             "output_tokens_per_s": {name: round(value, 2) for name, value in throughput.items()},
             "time_ratio_to_vllm_base": {
                 name: round(throughput["vllm_base"] / value, 3) for name, value in throughput.items()
+            },
+            # The vLLM variants run round-robin: each repeat's time over the base's in the same repeat.
+            "vllm_time_ratio_by_repeat": {
+                name: [
+                    round(time / base_time, 3)
+                    for time, base_time in zip(seconds[f"{name}/{batch}"], seconds[f"vllm_base/{batch}"])
+                ]
+                for name in ("vllm_same_size_base", "vllm_otter", "vllm_otter_guided")
             },
             "tokens_equal_vllm_otter_vs_vllm_base": tokens[f"vllm_otter/{batch}"] == tokens[f"vllm_base/{batch}"],
             "tokens_equal_vllm_otter_vs_hf_otter": tokens[f"vllm_otter/{batch}"] == tokens[f"hf_otter/{batch}"],

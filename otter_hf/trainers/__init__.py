@@ -2,7 +2,9 @@
 RewardTrainer), the token-level reward head (GenARM), prefix/step value regression and draft heads.
 
 `base_config.py` / `base_trainer.py` hold what the per-token trainers (value, token reward, draft) share, `utils.py`
-the model and dataset checks every trainer runs, `safeguards.py` the stop on a non-finite gradient.
+the model and dataset checks every trainer runs, `safeguards.py` the stop on a non-finite gradient,
+`distributed.py` what every trainer changes for multi-process runs and small checkpoints, `trainer_state.py` the
+optimizer, scheduler and generator states those checkpoints hold as safetensors.
 """
 
 from ..data.self_distillation import build_self_distillation_dataset
