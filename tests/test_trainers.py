@@ -170,6 +170,9 @@ def test_trained_reward_model_saves_and_reloads_with_the_same_values(tmp_path, t
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     otter.save_otter(tmp_path / "inserted")
+    # The training arguments are kept as JSON, not as transformers' pickle.
+    assert not [name for name in os.listdir(tmp_path / "saved") if name.endswith((".bin", ".pt", ".pth"))]
+    assert json.loads((tmp_path / "saved" / "training_args.json").read_text())["max_steps"] == 4
     # Saved as the causal LM that trained, not as the view TRL trained on: it generates with a cache by default.
     saved_config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved_config["architectures"] == [type(otter).__name__]

@@ -36,6 +36,8 @@ from .trainer_state import (
 )
 
 HEAD_ATTRIBUTES = frozenset(head.attribute for head in INSERTED_HEADS)
+TRAINING_ARGS_NAME = "training_args.json"
+TRAINING_ARGS_PICKLE_NAME = "training_args.bin"  # what transformers' Trainer writes
 
 
 class OtterTrainerMixin:
@@ -113,6 +115,16 @@ class OtterTrainerMixin:
         self._otter_model().save_otter(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        # transformers pickles the training arguments beside the model (`training_args.bin`, never read back); an
+        # Otter save holds no pickle, so they are kept as JSON instead.
+        pickled = os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_PICKLE_NAME)
+        if self.args.should_save and os.path.isfile(pickled):
+            with open(os.path.join(os.path.dirname(pickled), TRAINING_ARGS_NAME), "w", encoding="utf-8") as file:
+                file.write(self.args.to_json_string())
+            os.remove(pickled)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._load_inserted_checkpoint(resume_from_checkpoint):
