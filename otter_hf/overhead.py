@@ -149,23 +149,23 @@ def measure_overhead(
         for batch in decode_batch_sizes
     }
 
-    prefill = {"base": [], "otter": []}
-    decode = {batch: {"base": [], "otter": []} for batch in decode_batch_sizes}
+    prefill_times = {"base": [], "otter": []}
+    decode_times = {batch: {"base": [], "otter": []} for batch in decode_batch_sizes}
     prefill(base, prefill_ids), prefill(otter, prefill_ids)  # warm-up
     for _ in tqdm(range(repeats), desc="Timing base and Otter"):
         # Alternating the two models spreads any drift of the machine over both.
         for name, model in (("base", base), ("otter", otter)):
-            prefill[name].append(_timed(lambda: prefill(model, prefill_ids)))
+            prefill_times[name].append(_timed(lambda: prefill(model, prefill_ids)))
             for batch, input_ids in decode_ids.items():
-                decode[batch][name].extend(decode_step_times(model, input_ids, decode_steps))
+                decode_times[batch][name].extend(decode_step_times(model, input_ids, decode_steps))
 
     timings = {
-        f"prefill_{prefill_tokens}_tokens": summarize_timings(prefill),
+        f"prefill_{prefill_tokens}_tokens": summarize_timings(prefill_times),
         **{
             f"decode_per_token_batch_{batch}": {
                 **summarize_timings(times), "prompt_tokens": decode_prompt_tokens, "steps": decode_steps
             }
-            for batch, times in decode.items()
+            for batch, times in decode_times.items()
         },
     }
     memory_workload = dict(prefill_tokens=prefill_tokens, decode_steps=decode_steps)
