@@ -19,6 +19,7 @@ launch`, `torchrun`: DDP, FSDP) and writes small checkpoints.
 import os
 
 from safetensors.torch import load_file
+from transformers.trainer import TRAINING_ARGS_NAME as PICKLED_TRAINING_ARGUMENTS_NAME
 
 from ..lifecycle.insertion import _load_inserted_weights
 from ..modeling.inserted_heads import INSERTED_HEADS
@@ -27,6 +28,7 @@ from .trainer_state import (
     OPTIMIZER_STATE_NAME,
     SCALER_STATE_NAME,
     SCHEDULER_STATE_NAME,
+    TRAINING_ARGUMENTS_JSON_NAME,
     capture_rng_states,
     load_state,
     refuse_pickled_state,
@@ -36,8 +38,6 @@ from .trainer_state import (
 )
 
 HEAD_ATTRIBUTES = frozenset(head.attribute for head in INSERTED_HEADS)
-TRAINING_ARGS_NAME = "training_args.json"
-TRAINING_ARGS_PICKLE_NAME = "training_args.bin"  # what transformers' Trainer writes
 
 
 class OtterTrainerMixin:
@@ -120,9 +120,10 @@ class OtterTrainerMixin:
         super()._save(output_dir, state_dict=state_dict)
         # transformers pickles the training arguments beside the model (`training_args.bin`, never read back); an
         # Otter save holds no pickle, so they are kept as JSON instead.
-        pickled = os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_PICKLE_NAME)
+        pickled = os.path.join(output_dir or self.args.output_dir, PICKLED_TRAINING_ARGUMENTS_NAME)
         if self.args.should_save and os.path.isfile(pickled):
-            with open(os.path.join(os.path.dirname(pickled), TRAINING_ARGS_NAME), "w", encoding="utf-8") as file:
+            json_path = os.path.join(os.path.dirname(pickled), TRAINING_ARGUMENTS_JSON_NAME)
+            with open(json_path, "w", encoding="utf-8") as file:
                 file.write(self.args.to_json_string())
             os.remove(pickled)
 

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCALER_NAME, SCHEDULER_NAME
 
 OPTIMIZER_STATE_NAME = "optimizer.safetensors"
 SCHEDULER_STATE_NAME = "scheduler.safetensors"
 SCALER_STATE_NAME = "scaler.safetensors"
+TRAINING_ARGUMENTS_JSON_NAME = "training_args.json"
 # What transformers' Trainer would have written: an Otter trainer neither writes nor reads them.
-PICKLED_STATE_NAMES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt")
+PICKLED_STATE_NAMES = (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, SCALER_NAME)
 
 _STRUCTURE_KEY = "otter_trainer_state"
 
