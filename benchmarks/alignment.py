@@ -67,19 +67,11 @@ import time
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LogitsProcessorList
-from trl import RewardConfig, RewardTrainer
-
-import otter_hf
-from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
-from otter_hf.embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
-from otter_hf.modeling.loop_inputs import padding_position_ids
-from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 
 # Sibling benchmark scripts (their folder is on sys.path when this script runs).
 from alignment_metrics import distinct_n, mean_and_standard_error, win_outcomes
 from guided_decoding import SeparateRewardModelProcessor
+from matplotlib.figure import Figure
 from reward_quality import (
     LEARNING_RATES,
     SCORING_BATCH_SIZE,
@@ -89,12 +81,24 @@ from reward_quality import (
     reward_config,
     tokenize_pairs,
 )
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LogitsProcessorList
+from trl import RewardConfig, RewardTrainer
+
+import otter_hf
+from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
+from otter_hf.embedded_model import DEFAULT_BASE_MODEL, embedded_base_model_path
+from otter_hf.modeling.loop_inputs import padding_position_ids
+from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 
 ROWS = ("greedy", "sampling", "best_of_4", "args_separate_rm", "otter_args", "otter_token_head")
 BEST_OF = 4
 GREEDY = ("greedy", None)  # the variant every row is compared with
 # The option holding each guided row's weights.
-WEIGHT_OPTIONS = {"args_separate_rm": "args_weights", "otter_args": "otter_weights", "otter_token_head": "token_weights"}
+WEIGHT_OPTIONS = {
+    "args_separate_rm": "args_weights",
+    "otter_args": "otter_weights",
+    "otter_token_head": "token_weights",
+}
 # The reward model each row needs besides the base model (the gold model judges every row).
 ROW_REWARD_MODEL = {
     "best_of_4": "otter_value",

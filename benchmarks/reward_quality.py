@@ -37,10 +37,17 @@ from trl import RewardConfig, RewardTrainer
 
 import otter_hf
 from otter_hf.data.hh_rlhf import HH_RLHF_PATH, HH_SPLIT_SEED
-from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
 from otter_hf.embedded_model import embedded_base_model_path
+from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
 
-LEARNING_RATES = {"linear_head": 1e-3, "otter": 1e-3, "otter_wide": 1e-3, "token_head": 1e-3, "base_likelihood": 0.0, "full_reward_model": 2e-5}
+LEARNING_RATES = {
+    "linear_head": 1e-3,
+    "otter": 1e-3,
+    "otter_wide": 1e-3,
+    "token_head": 1e-3,
+    "base_likelihood": 0.0,
+    "full_reward_model": 2e-5,
+}
 INSERTION_SIZES = {
     "otter": {},
     "otter_wide": dict(
@@ -137,7 +144,11 @@ def train_with_trainer(method: str, path: str, tokenizer, train, seed: int, opti
         trainer.train()
         train_seconds = time.perf_counter() - start
     scorer = trainer.model.eval()
-    return (lambda input_ids, attention_mask: scorer(input_ids=input_ids, attention_mask=attention_mask).logits), trainable, train_seconds
+    return (
+        (lambda input_ids, attention_mask: scorer(input_ids=input_ids, attention_mask=attention_mask).logits),
+        trainable,
+        train_seconds,
+    )
 
 
 def train_token_head(path: str, tokenizer, train_rows, seed: int, options):
@@ -148,7 +159,9 @@ def train_token_head(path: str, tokenizer, train_rows, seed: int, options):
         settings = reward_config(output_dir, "token_head", seed, options)
         settings.pop("bf16")
         args = otter_hf.OtterTokenRewardConfig(**settings)
-        trainer = otter_hf.OtterTokenRewardTrainer(model, args=args, train_dataset=train_rows, processing_class=tokenizer)
+        trainer = otter_hf.OtterTokenRewardTrainer(
+            model, args=args, train_dataset=train_rows, processing_class=tokenizer
+        )
         trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         start = time.perf_counter()
         trainer.train()
@@ -256,7 +269,9 @@ def main():
     for override in options.learning_rates:
         method, _, rate = override.partition("=")
         if method not in LEARNING_RATES or not rate:
-            parser.error(f"--learning-rates takes METHOD=LR with METHOD one of {list(LEARNING_RATES)}, got {override!r}")
+            parser.error(
+                f"--learning-rates takes METHOD=LR with METHOD one of {list(LEARNING_RATES)}, got {override!r}"
+            )
         LEARNING_RATES[method] = float(rate)
     torch.set_num_threads(options.threads)
 
@@ -304,9 +319,14 @@ def main():
                 model, trainable, train_seconds = train_token_head(path, tokenizer, train_rows, seed, options)
                 metrics = pairwise_metrics(*score_with_token_head(model, tokenizer, test_rows))
             else:
-                score_batch, trainable, train_seconds = train_with_trainer(method, path, tokenizer, train, seed, options)
+                score_batch, trainable, train_seconds = train_with_trainer(
+                    method, path, tokenizer, train, seed, options
+                )
                 metrics = pairwise_metrics(
-                    *(score_sequences(score_batch, test[column], pad_token_id) for column in ("chosen_ids", "rejected_ids"))
+                    *(
+                        score_sequences(score_batch, test[column], pad_token_id)
+                        for column in ("chosen_ids", "rejected_ids")
+                    )
                 )
             run = {
                 "seed": seed,

@@ -243,7 +243,9 @@ def main():
     parser.add_argument("--num-recurrent-drafts", type=int, default=5, help="longest chain of the recurrent head")
     parser.add_argument("--draft-vocab-size", type=int, default=4096, help="the recurrent head's draft vocabulary")
     parser.add_argument("--train-prompts", type=int, default=1024, help="HH-RLHF training prompts self-distilled")
-    parser.add_argument("--calibration-prompts", type=int, default=24, help="held-out prompts the thresholds are calibrated on")
+    parser.add_argument(
+        "--calibration-prompts", type=int, default=24, help="held-out prompts the thresholds are calibrated on"
+    )
     parser.add_argument("--held-out", type=int, default=24, help="held-out prompts decoding is evaluated on")
     parser.add_argument(
         "--draft-confidence-threshold",
@@ -260,7 +262,9 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="of the Medusa-style heads (otter, medusa)")
     parser.add_argument("--recurrent-learning-rate", type=float, default=3e-3, help="of the recurrent head")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", default="benchmarks/results/speculative", help="self-distilled answers, trained heads")
+    parser.add_argument(
+        "--cache-dir", default="benchmarks/results/speculative", help="self-distilled answers, trained heads"
+    )
     parser.add_argument("--output", default="benchmarks/results/speculative.json")
     args = parser.parse_args()
     if args.draft_confidence_threshold is None and args.calibration_prompts < 1:
@@ -286,7 +290,11 @@ def main():
     distill_start = time.perf_counter()
     train_dataset, calibration_dataset, held_out_dataset = (
         self_distilled(base, tokenizer, part, args.distill_new_tokens, cache_dir / f"distilled-{name}.jsonl")
-        for name, part in (("train", train_prompts), ("calibration", calibration_prompts), ("held-out", held_out_prompts))
+        for name, part in (
+            ("train", train_prompts),
+            ("calibration", calibration_prompts),
+            ("held-out", held_out_prompts),
+        )
     )
     distill_seconds = time.perf_counter() - distill_start
     train_tokens = sum(sum(mask) for mask in train_dataset["completion_mask"])
@@ -305,7 +313,11 @@ def main():
         disable_tqdm=True,
     )
     epochs = {"recurrent": args.recurrent_epochs, "otter": args.epochs, "medusa": args.epochs}
-    learning_rates = {"recurrent": args.recurrent_learning_rate, "otter": args.learning_rate, "medusa": args.learning_rate}
+    learning_rates = {
+        "recurrent": args.recurrent_learning_rate,
+        "otter": args.learning_rate,
+        "medusa": args.learning_rate,
+    }
     models, train_seconds, trainable_parameters = {}, {}, {}
     with tempfile.TemporaryDirectory() as output_dir:
         for name in args.drafters:
@@ -335,7 +347,9 @@ def main():
                 otter = otter_hf.insert(base, **insert_options)
                 OtterDraftTrainer(
                     otter,
-                    OtterDraftConfig(output_dir, num_train_epochs=epochs[name], learning_rate=learning_rates[name], **training),
+                    OtterDraftConfig(
+                        output_dir, num_train_epochs=epochs[name], learning_rate=learning_rates[name], **training
+                    ),
                     train_dataset=train_dataset,
                     processing_class=tokenizer,
                 ).train()
@@ -430,7 +444,11 @@ def main():
         if name == "medusa":
             methods[name] = (
                 base.generate,
-                dict(draft_fn=draft_function(name, thresholds[name]), draft_confidence_threshold=thresholds[name], **speculative),
+                dict(
+                    draft_fn=draft_function(name, thresholds[name]),
+                    draft_confidence_threshold=thresholds[name],
+                    **speculative,
+                ),
             )
         else:
             methods[name] = (models[name].generate, dict(draft_confidence_threshold=thresholds[name], **speculative))
@@ -466,18 +484,25 @@ def main():
             median_seconds = {name: statistics.median(values) for name, values in seconds_per_token.items()}
             decoding[f"batch_{batch_size}"] = {
                 "batches": len(batches),
-                "mean_accepted_tokens_per_step": {name: round(statistics.mean(values), 3) for name, values in accepted.items()},
+                "mean_accepted_tokens_per_step": {
+                    name: round(statistics.mean(values), 3) for name, values in accepted.items()
+                },
                 "median_ms_per_token": {name: round(1000 * value, 2) for name, value in median_seconds.items()},
                 "speed_up_over_greedy": {
                     name: {
                         "ratio_of_medians": round(median_seconds["greedy"] / median_seconds[name], 3),
                         "median_per_batch": round(
-                            statistics.median(g / s for g, s in zip(seconds_per_token["greedy"], seconds_per_token[name])), 3
+                            statistics.median(
+                                g / s for g, s in zip(seconds_per_token["greedy"], seconds_per_token[name])
+                            ),
+                            3,
                         ),
                     }
                     for name in identical
                 },
-                "token_identical_to_greedy": {name: {"batches": count, "of": len(batches)} for name, count in identical.items()},
+                "token_identical_to_greedy": {
+                    name: {"batches": count, "of": len(batches)} for name, count in identical.items()
+                },
             }
 
     result = {
@@ -516,12 +541,17 @@ def main():
                 name: round(calibration.expected_speed_up, 3) for name, calibration in calibrations.items()
             },
             "calibration_tokens_per_step": {
-                name: round(calibration.accepted_tokens_per_step[calibration.thresholds.index(calibration.threshold)], 3)
+                name: round(
+                    calibration.accepted_tokens_per_step[calibration.thresholds.index(calibration.threshold)], 3
+                )
                 for name, calibration in calibrations.items()
                 if calibration.threshold < 1.0
             },
             "calibration_acceptance_by_confidence": {
-                name: [[edge, round(rate, 3) if rate == rate else None, count] for edge, rate, count in calibration.acceptance_by_confidence]
+                name: [
+                    [edge, round(rate, 3) if rate == rate else None, count]
+                    for edge, rate, count in calibration.acceptance_by_confidence
+                ]
                 for name, calibration in calibrations.items()
             },
             "calibration_seconds": round(calibration_seconds, 1),

@@ -21,19 +21,23 @@ import time
 from pathlib import Path
 
 import torch
+from speculative import chat_texts, hh_first_turns, measured_step_costs, self_distilled
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import has_recurrent_draft_head, otter_drafts
-from speculative import chat_texts, hh_first_turns, measured_step_costs, self_distilled
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", default="benchmarks/results/speculative/recurrent-draft-heads", help="save_otter folder")
-    parser.add_argument("--recalibrate", action="store_true", help="measure the step costs and calibrate the threshold again")
+    parser.add_argument(
+        "--heads", default="benchmarks/results/speculative/recurrent-draft-heads", help="save_otter folder"
+    )
+    parser.add_argument(
+        "--recalibrate", action="store_true", help="measure the step costs and calibrate the threshold again"
+    )
     parser.add_argument("--cache-dir", default="benchmarks/results/speculative", help="as given to speculative.py")
     parser.add_argument("--calibration-prompts", type=int, default=24, help="as given to speculative.py")
     parser.add_argument("--held-out", type=int, default=24, help="as given to speculative.py")
@@ -55,10 +59,16 @@ def main():
     result = {"heads": args.heads, "saved_draft_confidence_threshold": otter.config.draft_confidence_threshold}
     if args.recalibrate:
         calibration_dataset = self_distilled(
-            base, tokenizer, test_prompts[: args.calibration_prompts], args.distill_new_tokens, Path(args.cache_dir) / "distilled-calibration.jsonl"
+            base,
+            tokenizer,
+            test_prompts[: args.calibration_prompts],
+            args.distill_new_tokens,
+            Path(args.cache_dir) / "distilled-calibration.jsonl",
         )
         context_ids = torch.tensor([calibration_dataset[0]["input_ids"]])
-        num_drafts = otter.config.num_recurrent_drafts if has_recurrent_draft_head(otter) else otter.config.num_draft_heads
+        num_drafts = (
+            otter.config.num_recurrent_drafts if has_recurrent_draft_head(otter) else otter.config.num_draft_heads
+        )
         with otter.otter_disabled() if has_recurrent_draft_head(otter) else contextlib.nullcontext():
             costs = measured_step_costs(otter, otter_drafts(otter, 1.0), base, context_ids, num_drafts)
         calibration = calibrate_draft_confidence(

@@ -98,13 +98,14 @@ def save_same_size_base(base, otter, directory: Path) -> None:
     kv_heads = config.num_key_value_heads + otter.config.inserted_num_key_value_heads
     query_heads = math.ceil((config.num_attention_heads + otter.config.inserted_num_attention_heads) / kv_heads)
     query_heads *= kv_heads
-    attention_growth = 2 * config.hidden_size * head_dim * (
-        query_heads - config.num_attention_heads + kv_heads - config.num_key_value_heads
+    attention_growth = (
+        2
+        * config.hidden_size
+        * head_dim
+        * (query_heads - config.num_attention_heads + kv_heads - config.num_key_value_heads)
     )
     inserted_per_layer = sum(
-        parameter.numel()
-        for name, parameter in otter.model.layers[0].named_parameters()
-        if is_inserted_parameter(name)
+        parameter.numel() for name, parameter in otter.model.layers[0].named_parameters() if is_inserted_parameter(name)
     )
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = query_heads, kv_heads, head_dim
     config.intermediate_size += round((inserted_per_layer - attention_growth) / (3 * config.hidden_size))
@@ -175,7 +176,9 @@ def time_vllm(work_dir: Path, batch_sizes: list[int], new_tokens: int, repeats: 
     engines = {name: LLM(model=str(work_dir / name), **options) for name in ("base", "same_size_base", "otter")}
     plain = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
     guided = SamplingParams(
-        max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0,
+        max_tokens=new_tokens,
+        min_tokens=new_tokens,
+        temperature=0.0,
         extra_args={"token_reward_weight": TOKEN_REWARD_WEIGHT},
     )
     variants = {
@@ -243,8 +246,13 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         hf = json.loads(
             run_hf_side(
-                args.hf_python, "hf", work_dir, ",".join(map(str, args.batch_sizes)), args.max_new_tokens,
-                args.repeats, args.score_sequences,
+                args.hf_python,
+                "hf",
+                work_dir,
+                ",".join(map(str, args.batch_sizes)),
+                args.max_new_tokens,
+                args.repeats,
+                args.score_sequences,
             )
         )
         vllm = time_vllm(work_dir, args.batch_sizes, args.max_new_tokens, args.repeats, args.score_sequences)
@@ -257,7 +265,12 @@ def main() -> None:
         throughput = {
             name: batch * args.max_new_tokens / statistics.median(seconds[f"{name}/{batch}"])
             for name in (
-                "vllm_base", "vllm_same_size_base", "vllm_otter", "vllm_otter_guided", "hf_base", "hf_otter",
+                "vllm_base",
+                "vllm_same_size_base",
+                "vllm_otter",
+                "vllm_otter_guided",
+                "hf_base",
+                "hf_otter",
                 "hf_otter_guided",
             )
         }
@@ -307,7 +320,13 @@ if __name__ == "__main__":
         prepare(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1:2] == ["hf"]:
         work_dir, batch_sizes, new_tokens, repeats, score_sequences = sys.argv[2:7]
-        result = time_hf(Path(work_dir), [int(b) for b in batch_sizes.split(",")], int(new_tokens), int(repeats), int(score_sequences))
+        result = time_hf(
+            Path(work_dir),
+            [int(b) for b in batch_sizes.split(",")],
+            int(new_tokens),
+            int(repeats),
+            int(score_sequences),
+        )
         print(json.dumps(result))
     else:
         main()

@@ -133,17 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
         f"{PREFERENCES_PATH}, holds `train` and `test` rows.",
     )
     train.add_argument("model", help="saved Otter checkpoint (folder or Hub id), e.g. from `otter-hf insert`")
-    train.add_argument("--dataset", required=True, help="training data: a .json/.jsonl/.csv/.parquet file or a Hub dataset id")
-    train.add_argument("--split", default="train",
-                       help="split to train on: of a Hub dataset, or the rows of a file whose `split` column names it")
+    train.add_argument(
+        "--dataset", required=True, help="training data: a .json/.jsonl/.csv/.parquet file or a Hub dataset id"
+    )
+    train.add_argument(
+        "--split",
+        default="train",
+        help="split to train on: of a Hub dataset, or the rows of a file whose `split` column names it",
+    )
     train.add_argument("--eval-dataset", help="evaluation data, in the same forms as --dataset")
     train.add_argument("--eval-split", default="test", help="split of --eval-dataset to evaluate on, as --split")
-    train.add_argument("--objective", choices=("auto", "reward", "token-reward", "value"), default="auto",
-                       help="'auto' picks 'token-reward' for chosen/rejected columns when the model has a token-level "
-                       "reward head, 'reward' when it has not, and 'value' for completion/label columns")
+    train.add_argument(
+        "--objective",
+        choices=("auto", "reward", "token-reward", "value"),
+        default="auto",
+        help="'auto' picks 'token-reward' for chosen/rejected columns when the model has a token-level "
+        "reward head, 'reward' when it has not, and 'value' for completion/label columns",
+    )
     train.add_argument("--beta", type=float, help="token-reward objective: GenARM's beta (default: the trainer's, 0.1)")
-    train.add_argument("--output-dir", required=True,
-                       help="folder for the trained model and its metrics (new or empty, or see --overwrite)")
+    train.add_argument(
+        "--output-dir",
+        required=True,
+        help="folder for the trained model and its metrics (new or empty, or see --overwrite)",
+    )
     _add_overwrite_argument(train, "--output-dir")
     train.add_argument("--tokenizer", help="tokenizer id or path (default: the model's, else its base model's)")
     train.add_argument("--epochs", type=float, default=1.0, help="training epochs")
@@ -165,17 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
         "logits + weight * log_softmax(token reward logits), from the same forward. A weight of 0 gives the base "
         "model's own decoding.",
     )
-    generate.add_argument("model", help="saved Otter checkpoint (folder or Hub id), or an inserted-only save with --otter-only")
+    generate.add_argument(
+        "model", help="saved Otter checkpoint (folder or Hub id), or an inserted-only save with --otter-only"
+    )
     generate.add_argument("--prompt", required=True, help="the prompt")
-    generate.add_argument("--otter-only", action="store_true",
-                          help="MODEL holds only inserted parameters; its base model is fetched and they are attached")
+    generate.add_argument(
+        "--otter-only",
+        action="store_true",
+        help="MODEL holds only inserted parameters; its base model is fetched and they are attached",
+    )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     generate.add_argument("--reward-weight", type=float, default=1.5, help="weight of the reward")
     generate.add_argument("--top-k", type=int, default=10, help="candidates rescored per step")
-    generate.add_argument("--token-reward-weight", type=float,
-                          help="guide with the token-level reward head at this weight instead of ARGS")
+    generate.add_argument(
+        "--token-reward-weight",
+        type=float,
+        help="guide with the token-level reward head at this weight instead of ARGS",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    generate.add_argument("--do-sample", action="store_true", help="sample among the rescored candidates instead of greedy")
+    generate.add_argument(
+        "--do-sample", action="store_true", help="sample among the rescored candidates instead of greedy"
+    )
     generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
     generate.add_argument("--tokenizer", help="tokenizer id or path (default: the model's, else its base model's)")
     generate.add_argument("--seed", type=int, default=0, help="seed for sampling")
@@ -193,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("folder", help="the saved folder")
     push.add_argument("repo_id", help="Hub repository, e.g. user/otter-smollm2 (created if needed)")
-    push.add_argument("--otter-only", action="store_true", help="upload only the inserted parameters of a full checkpoint")
+    push.add_argument(
+        "--otter-only", action="store_true", help="upload only the inserted parameters of a full checkpoint"
+    )
     push.add_argument("--base-model", help="Hub id of the base model (needed when the save names a local base)")
     push.add_argument("--trained-on", help="what the value head was trained on, in words, for the card")
     push.add_argument("--dataset", dest="datasets", action="append", help="Hub id of a training dataset (repeatable)")
@@ -219,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_base_argument(bench)
     _add_insertion_arguments(bench)
-    bench.add_argument("--repeats", type=int, default=5, help="timed prefills per model, and decode runs per batch size")
+    bench.add_argument(
+        "--repeats", type=int, default=5, help="timed prefills per model, and decode runs per batch size"
+    )
     bench.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     bench.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the timed prefill")
     bench.add_argument("--decode-steps", type=int, default=32, help="decoded tokens timed per run")
@@ -235,9 +261,7 @@ def _add_base_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_overwrite_argument(parser: argparse.ArgumentParser, option: str) -> None:
-    parser.add_argument(
-        "--overwrite", action="store_true", help=f"replace everything in a non-empty {option} folder"
-    )
+    parser.add_argument("--overwrite", action="store_true", help=f"replace everything in a non-empty {option} folder")
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -248,8 +272,14 @@ def _add_insertion_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("insertion sizes (defaults: one head of the base's head size)")
     group.add_argument("--inserted-hidden-size", type=int, help="width of the inserted stream (default: head_dim)")
     group.add_argument("--inserted-num-attention-heads", type=int, help="inserted query heads per layer (default: 1)")
-    group.add_argument("--inserted-num-key-value-heads", type=int, help="inserted key/value heads per layer (default: 1)")
-    group.add_argument("--inserted-intermediate-size", type=int, help="inserted FFN units per layer (default: the inserted hidden size)")
+    group.add_argument(
+        "--inserted-num-key-value-heads", type=int, help="inserted key/value heads per layer (default: 1)"
+    )
+    group.add_argument(
+        "--inserted-intermediate-size",
+        type=int,
+        help="inserted FFN units per layer (default: the inserted hidden size)",
+    )
     group.add_argument("--init", dest="inserted_init", choices=INIT_METHODS, help="initialisation (default: copy)")
     heads = parser.add_argument_group("inserted heads")
     for option in head_options():
@@ -355,7 +385,9 @@ def run_train(args) -> None:
         _check_output_folder(args.output_dir, args.overwrite, "--output-dir")
     _set_threads(args.threads)
     train_dataset = load_dataset_file(args.dataset, args.split, "--dataset")
-    eval_dataset = load_dataset_file(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
+    eval_dataset = (
+        load_dataset_file(args.eval_dataset, args.eval_split, "--eval-dataset") if args.eval_dataset else None
+    )
     objective = args.objective
     if objective == "auto":
         columns = set(get_dataset_column_names(train_dataset))
@@ -388,7 +420,9 @@ def run_train(args) -> None:
         "value": (OtterValueConfig, OtterValueTrainer),
     }[objective]
     # Training runs in the scratch folder that replaces --output-dir's contents only once all is written.
-    with replacing_folder(args.output_dir) if is_main_process else contextlib.nullcontext(args.output_dir) as output_dir:
+    with (
+        replacing_folder(args.output_dir) if is_main_process else contextlib.nullcontext(args.output_dir) as output_dir
+    ):
         options = dict(
             output_dir=output_dir,
             num_train_epochs=args.epochs,
@@ -430,20 +464,29 @@ def run_train(args) -> None:
 def run_generate(args) -> None:
     import torch
 
-    for value, option in ((args.max_new_tokens, "--max-new-tokens"), (args.top_k, "--top-k"), (args.temperature, "--temperature")):
+    for value, option in (
+        (args.max_new_tokens, "--max-new-tokens"),
+        (args.top_k, "--top-k"),
+        (args.temperature, "--temperature"),
+    ):
         _check_positive(value, option)
     _set_threads(args.threads)
     model = load_model(args.model, otter_only=args.otter_only).eval()
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
     if args.chat:
         inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     input_ids = inputs["input_ids"]
     if input_ids.shape[-1] == 0:
-        raise ValueError("--prompt: the prompt is empty; give text to continue, or use --chat to answer it as a message.")
+        raise ValueError(
+            "--prompt: the prompt is empty; give text to continue, or use --chat to answer it as a message."
+        )
     if input_ids.max() >= model.config.vocab_size:
         raise ValueError(
             f"The tokenizer gives token ids up to {input_ids.max().item()}, beyond the model's vocabulary of "
@@ -577,4 +620,8 @@ def _read_json_file(path: str, option: str):
 def _numeric_entries(metrics) -> dict:
     if not isinstance(metrics, dict):
         raise ValueError("--metrics must hold a JSON object of metric name -> value.")
-    return {name: value for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        name: value
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }

@@ -80,17 +80,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"(default: {DEFAULT_BASE_MODEL})",
     )
     parser.add_argument(
-        "--train-steps", type=int, default=16,
+        "--train-steps",
+        type=int,
+        default=16,
         help=f"guide training steps of {PAIRS_PER_STEP} reward_train pairs, one epoch (default: 16)",
     )
-    parser.add_argument("--judge-pairs", type=int, default=128, help="gold_train pairs the judge is fitted on (default: 128)")
-    parser.add_argument("--test-pairs", type=int, default=128, help="held-out test pairs for the accuracies (default: 128)")
+    parser.add_argument(
+        "--judge-pairs", type=int, default=128, help="gold_train pairs the judge is fitted on (default: 128)"
+    )
+    parser.add_argument(
+        "--test-pairs", type=int, default=128, help="held-out test pairs for the accuracies (default: 128)"
+    )
     parser.add_argument("--reward-weight", type=float, default=4.0, help="ARGS weight w (default: 4.0)")
     parser.add_argument("--reward-top-k", type=int, default=10, help="candidates rescored per token (default: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to answer (default: 4)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="CPU threads for torch (default: the cores the load average leaves idle, at least 1)",
     )
     return parser.parse_args(argv)
@@ -134,7 +142,9 @@ def rewards_and_features(model, tokenizer, conversations) -> tuple[torch.Tensor 
     order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     for start in range(0, len(order), SCORING_BATCH_SIZE):
         indices = order[start : start + SCORING_BATCH_SIZE]
-        batch = tokenizer.pad({"input_ids": [sequences[index] for index in indices]}, padding_side="right", return_tensors="pt")
+        batch = tokenizer.pad(
+            {"input_ids": [sequences[index] for index in indices]}, padding_side="right", return_tensors="pt"
+        )
         outputs = model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         mask = batch["attention_mask"].unsqueeze(-1)
         features[indices] = (outputs.hidden_states[-1] * mask).sum(1) / mask.sum(1)
@@ -190,7 +200,9 @@ def describe_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
 @torch.no_grad()
 def answer(model, tokenizer, prompt_messages, reward_weight: float, reward_top_k: int, max_new_tokens: int) -> str:
     """Greedy decoding, guided by the in-model reward unless `reward_weight` is 0 (then exactly the base model's)."""
-    inputs = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        prompt_messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output_ids = model.generate(
         **inputs,
         custom_generate=reward_guided_generate,
@@ -235,7 +247,9 @@ def main(argv=None) -> None:
 
     print(f"\nFitting the judge (linear head on the frozen base) on {len(judge_pairs)} gold_train pairs...")
     with model.otter_disabled():
-        judge = LinearJudge(*(rewards_and_features(model, tokenizer, side)[1] for side in pair_conversations(judge_pairs)))
+        judge = LinearJudge(
+            *(rewards_and_features(model, tokenizer, side)[1] for side in pair_conversations(judge_pairs))
+        )
 
     print(f"Training the guide (inserted parameters and value head) on {len(guide_pairs)} reward_train pairs...")
     train_guide(model, tokenizer, guide_pairs)
@@ -258,7 +272,9 @@ def main(argv=None) -> None:
             answer_start = time.perf_counter()
             text = answer(model, tokenizer, prompt, weight, args.reward_top_k, args.max_new_tokens)
             seconds[name].append(time.perf_counter() - answer_start)
-            rewards, features = rewards_and_features(model, tokenizer, [prompt + [{"role": "assistant", "content": text}]])
+            rewards, features = rewards_and_features(
+                model, tokenizer, [prompt + [{"role": "assistant", "content": text}]]
+            )
             judge_scores[name].append(judge(features).item())
             guide_rewards[name].append(rewards.item())
             label = "Original (greedy)" if name == "original" else f"Guided (w={weight:g}, k={args.reward_top_k})"

@@ -26,15 +26,29 @@ REAL_SHAPED_VOCAB_SIZE = 32_768
 REAL_SHAPED_BASES = {
     "qwen3": (
         "Qwen3-0.6B",
-        dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-             tie_word_embeddings=True),
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+        ),
     ),
     "gemma3_text": (
         "Gemma-3-270M",
-        dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-             query_pre_attn_scalar=256, sliding_window=512, tie_word_embeddings=True,
-             # five sliding-window layers to one global layer, as in Gemma 3
-             layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+        dict(
+            hidden_size=640,
+            intermediate_size=2048,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            tie_word_embeddings=True,
+            # five sliding-window layers to one global layer, as in Gemma 3
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        ),
     ),
     "gpt2": (
         "GPT-2 (124M)",
@@ -163,7 +177,9 @@ def measure_overhead(
         f"prefill_{prefill_tokens}_tokens": summarize_timings(prefill_times),
         **{
             f"decode_per_token_batch_{batch}": {
-                **summarize_timings(times), "prompt_tokens": decode_prompt_tokens, "steps": decode_steps
+                **summarize_timings(times),
+                "prompt_tokens": decode_prompt_tokens,
+                "steps": decode_steps,
             }
             for batch, times in decode_times.items()
         },
@@ -218,7 +234,9 @@ def _relative_spread(times: list[float]) -> float | None:
 
 
 def is_noisy(summary: dict) -> bool:
-    return any(spread is not None and spread > NOISY_SPREAD for spread in (summary["base_spread"], summary["otter_spread"]))
+    return any(
+        spread is not None and spread > NOISY_SPREAD for spread in (summary["base_spread"], summary["otter_spread"])
+    )
 
 
 def format_report(report: dict) -> str:

@@ -28,31 +28,68 @@ BASE_MODELS = {
     "llama-gqa-tied": (
         LlamaConfig,
         LlamaForCausalLM,
-        dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
     ),
     # multi-head attention, untied embeddings, odd head size
     "llama-mha-untied": (
         LlamaConfig,
         LlamaForCausalLM,
-        dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+        dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
     ),
     # q/k/v biases
     "qwen2-bias": (
         Qwen2Config,
         Qwen2ForCausalLM,
-        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
     ),
     # sliding-window attention shorter than the test sequences, one key/value head
     "mistral-sliding": (
         MistralConfig,
         MistralForCausalLM,
-        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, sliding_window=4, tie_word_embeddings=False),
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=4,
+            tie_word_embeddings=False,
+        ),
     ),
     # q/k norms on every head, a head size other than hidden_size / num_attention_heads
     "qwen3-qk-norm": (
         Qwen3Config,
         Qwen3ForCausalLM,
-        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            tie_word_embeddings=False,
+        ),
     ),
     # scaled embeddings, (1 + w) norms before and after each module, q/k norms, a sliding layer (window shorter
     # than the test sequences) then a global one, GELU-tanh gated MLP, final-logit softcapping that bites
@@ -60,9 +97,17 @@ BASE_MODELS = {
         Gemma3TextConfig,
         Gemma3ForCausalLM,
         dict(
-            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-            final_logit_softcapping=0.5, tie_word_embeddings=True,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=0.5,
+            tie_word_embeddings=True,
         ),
     ),
     # LayerNorm with bias, learned position embeddings, fused Conv1D query/key/value, GELU MLP without a gate
@@ -75,7 +120,15 @@ BASE_MODELS = {
     "phi3-fused-partial-rotary": (
         Phi3Config,
         Phi3ForCausalLM,
-        dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False),
+        dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            tie_word_embeddings=False,
+        ),
     ),
 }
 
@@ -131,12 +184,7 @@ def random_batch(batch_size: int, length: int, padding: str | None = None, seed:
 
 
 # A word-level tokenizer built offline whose ids fit the tiny models' vocabulary, with a small chat template.
-TINY_WORDS = (
-    "i you it this that the a an is was are be my your me how what do please tell about write review answer "
-    "movie film book food service day friend team work idea plan song trip . , ! ? and so very really not "
-    "great good kind lovely wonderful helpful thanks happy glad nice love enjoyed bad awful terrible rude boring "
-    "useless hate sad angry waste worst dull"
-).split()
+TINY_WORDS = ["i", "you", "it", "this", "that", "the", "a", "an", "is", "was", "are", "be", "my", "your", "me", "how", "what", "do", "please", "tell", "about", "write", "review", "answer", "movie", "film", "book", "food", "service", "day", "friend", "team", "work", "idea", "plan", "song", "trip", ".", ",", "!", "?", "and", "so", "very", "really", "not", "great", "good", "kind", "lovely", "wonderful", "helpful", "thanks", "happy", "glad", "nice", "love", "enjoyed", "bad", "awful", "terrible", "rude", "boring", "useless", "hate", "sad", "angry", "waste", "worst", "dull"]
 
 
 def make_tokenizer():

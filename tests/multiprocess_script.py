@@ -33,7 +33,13 @@ from otter_hf.trainers import (
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_base, make_tokenizer, random_batch  # noqa: E402
 
-GOOD = ["it was great !", "so kind and helpful .", "i really enjoyed it !", "what a lovely day .", "thanks , that is wonderful ."]
+GOOD = [
+    "it was great !",
+    "so kind and helpful .",
+    "i really enjoyed it !",
+    "what a lovely day .",
+    "thanks , that is wonderful .",
+]
 BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
 QUESTIONS = ["how was the movie ?", "what do you think of my idea ?", "tell me about your day .", "how was the food ?"]
 BASE_NAME = "llama-gqa-tied"
@@ -67,7 +73,11 @@ def training_setup(kind: str, num_rows: int):
         return config_class, trainer_class, Dataset.from_list(preference_rows(num_rows))
     if kind == "value":
         rows = [
-            {"prompt": QUESTIONS[i % len(QUESTIONS)], "completion": (GOOD if i % 2 else BAD)[i % 5], "label": float(i % 2)}
+            {
+                "prompt": QUESTIONS[i % len(QUESTIONS)],
+                "completion": (GOOD if i % 2 else BAD)[i % 5],
+                "label": float(i % 2),
+            }
             for i in range(num_rows)
         ]
         return OtterValueConfig, OtterValueTrainer, Dataset.from_list(rows)
@@ -99,11 +109,16 @@ class RecordCommunication(TrainerCallback):
 
         wrapped.register_comm_hook(None, record_and_all_reduce)
         logging_data = wrapped._get_ddp_logging_data()
-        self.reducer = {key: logging_data.get(key) for key in ("num_parameter_tensors", "total_parameter_size_bytes", "bucket_sizes", "find_unused_parameters")}
+        self.reducer = {
+            key: logging_data.get(key)
+            for key in ("num_parameter_tensors", "total_parameter_size_bytes", "bucket_sizes", "find_unused_parameters")
+        }
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.with_gradient is None:
-            self.with_gradient = sorted(name for name, parameter in model.named_parameters() if parameter.grad is not None)
+            self.with_gradient = sorted(
+                name for name, parameter in model.named_parameters() if parameter.grad is not None
+            )
             self.all_reduced_first_step = sorted(set(self.all_reduced))
 
 
@@ -135,6 +150,7 @@ def main():
     initial = {name: tensor.detach().float().clone() for name, tensor in model.otter_state_dict().items()}
     saves = []
     for method in ("save_otter", "save_pretrained"):
+
         def counted(*args, _save=getattr(model, method), _method=method, **kwargs):
             saves.append(_method)
             return _save(*args, **kwargs)
@@ -158,7 +174,9 @@ def main():
         report_to=[],
         disable_tqdm=True,
         max_length=64,
-        deepspeed=None if options.deepspeed_stage is None else {
+        deepspeed=None
+        if options.deepspeed_stage is None
+        else {
             "zero_optimization": {"stage": options.deepspeed_stage},
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",

@@ -7,15 +7,14 @@ import re
 
 import pytest
 import torch
+from conftest import COMMON, make_base, make_otter, random_batch
 from datasets import Dataset
+from test_cli import base_folder, run_cli  # noqa: F401  (fixture)
 from transformers.testing_utils import CaptureLogger
 
-import otter_hf
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 from otter_hf.trainers import utils as trainer_utils
 from otter_hf.trainers.safeguards import TrainingDivergedError
-from conftest import COMMON, make_base, make_otter, random_batch
-from test_cli import base_folder, run_cli  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +42,26 @@ def test_generate_refuses_guidance_that_is_not_a_finite_number(model, guidance, 
 @pytest.mark.parametrize(
     "inputs, message",
     [
-        (lambda ids, mask: dict(input_ids=ids, attention_mask=mask[:1]), r"shape of `input_ids`, \(2, 6\), got \(1, 6\)"),
+        (
+            lambda ids, mask: dict(input_ids=ids, attention_mask=mask[:1]),
+            r"shape of `input_ids`, \(2, 6\), got \(1, 6\)",
+        ),
         (lambda ids, mask: dict(input_ids=ids, attention_mask=mask[:, :5]), r"got \(2, 5\)"),
-        (lambda ids, mask: dict(input_ids=ids, attention_mask=torch.stack([mask[0], torch.zeros_like(mask[1])])), r"Rows \[1\].*all padding"),
+        (
+            lambda ids, mask: dict(input_ids=ids, attention_mask=torch.stack([mask[0], torch.zeros_like(mask[1])])),
+            r"Rows \[1\].*all padding",
+        ),
         (lambda ids, mask: dict(input_ids=ids[:, :0]), "`input_ids` is empty"),
-        (lambda ids, mask: dict(input_ids=ids + COMMON["vocab_size"], attention_mask=mask), "outside this model's vocabulary"),
+        (
+            lambda ids, mask: dict(input_ids=ids + COMMON["vocab_size"], attention_mask=mask),
+            "outside this model's vocabulary",
+        ),
     ],
     ids=["broadcast-mask", "short-mask", "all-padding-row", "empty", "out-of-vocabulary"],
 )
-@pytest.mark.parametrize("guidance", [{}, dict(reward_weight=1.0), dict(token_reward_weight=1.0)], ids=["plain", "args", "token-reward"])
+@pytest.mark.parametrize(
+    "guidance", [{}, dict(reward_weight=1.0), dict(token_reward_weight=1.0)], ids=["plain", "args", "token-reward"]
+)
 def test_generate_checks_its_inputs_before_any_forward(model, monkeypatch, inputs, message, guidance):
     input_ids, attention_mask = random_batch(2, 6)
     monkeypatch.setattr(type(model), "forward", lambda *args, **kwargs: pytest.fail("a forward ran"))
@@ -66,7 +76,9 @@ def test_training_stops_at_the_first_non_finite_gradient_and_leaves_the_weights_
     model = make_otter(make_base("llama-gqa-tied"))
     rows = [{"completion": "good movie", "label": 1.0}, {"completion": "bad day", "label": float("nan")}]
     args = OtterValueConfig(tmp_path, max_steps=3, per_device_train_batch_size=2, report_to="none", save_strategy="no")
-    trainer = OtterValueTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+    trainer = OtterValueTrainer(
+        model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+    )
     with pytest.raises(TrainingDivergedError, match=r"diverged at step 1:.*learning rate 0\.0001.*lower learning rate"):
         trainer.train()
     assert all(torch.isfinite(parameter).all() for parameter in model.otter_parameters())
@@ -75,8 +87,12 @@ def test_training_stops_at_the_first_non_finite_gradient_and_leaves_the_weights_
 def test_reward_training_at_a_huge_learning_rate_stops_instead_of_saving_nan(tmp_path, tiny_tokenizer):
     model = make_otter(make_base("llama-gqa-tied"))
     rows = [{"chosen": "good movie", "rejected": "bad day"}] * 4
-    args = OtterRewardConfig(tmp_path, max_steps=20, learning_rate=1e12, per_device_train_batch_size=2, report_to="none", save_strategy="no")
-    trainer = OtterRewardTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+    args = OtterRewardConfig(
+        tmp_path, max_steps=20, learning_rate=1e12, per_device_train_batch_size=2, report_to="none", save_strategy="no"
+    )
+    trainer = OtterRewardTrainer(
+        model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+    )
     with pytest.raises(TrainingDivergedError, match="diverged at step"):
         trainer.train()
     trainer.save_model(tmp_path / "saved")  # what was trained up to the diverging step is still whole
@@ -89,8 +105,12 @@ def test_trainers_name_an_empty_dataset(tmp_path, tiny_tokenizer, trainer_class)
     empty = Dataset.from_dict({column: [] for column in columns})
     config_class = OtterRewardConfig if trainer_class is OtterRewardTrainer else OtterValueConfig
     with pytest.raises(ValueError, match="The train dataset is empty"):
-        trainer_class(make_otter(make_base("llama-gqa-tied")), args=config_class(tmp_path, report_to="none"),
-                      train_dataset=empty, processing_class=tiny_tokenizer)
+        trainer_class(
+            make_otter(make_base("llama-gqa-tied")),
+            args=config_class(tmp_path, report_to="none"),
+            train_dataset=empty,
+            processing_class=tiny_tokenizer,
+        )
 
 
 @pytest.mark.parametrize("trainer_class", [OtterRewardTrainer, OtterValueTrainer])
@@ -100,12 +120,16 @@ def test_trainers_count_rows_dropped_for_length_and_refuse_when_none_fits(tmp_pa
         rows = [{"chosen": "good movie", "rejected": "bad"}] * 3 + [{"chosen": long_text, "rejected": "bad"}]
         config_class, dropped_rows = OtterRewardConfig, [{"chosen": long_text, "rejected": long_text}] * 2
     else:
-        rows = [{"prompt": "tell", "completion": "good", "label": 1.0}] * 3 + [{"prompt": long_text, "completion": "bad", "label": 0.0}]
+        rows = [{"prompt": "tell", "completion": "good", "label": 1.0}] * 3 + [
+            {"prompt": long_text, "completion": "bad", "label": 0.0}
+        ]
         config_class, dropped_rows = OtterValueConfig, [{"prompt": long_text, "completion": "bad", "label": 0.0}] * 2
     args = config_class(tmp_path, max_length=8, report_to="none")
     model = make_otter(make_base("llama-gqa-tied"))
     with CaptureLogger(trainer_utils.logger) as captured:
-        trainer = trainer_class(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+        trainer = trainer_class(
+            model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+        )
     assert len(trainer.train_dataset) == 3
     assert "Dropped 1 of the 4 rows of the train dataset" in captured.out
     with pytest.raises(ValueError, match="No row of the train dataset fits max_length=8: all 2 were dropped"):
@@ -124,23 +148,95 @@ def pairs_file(folder, rows):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-hidden-size", 1099511627776, "--init", "normal"],
-         "cannot be allocated.*Choose smaller insertion sizes"),
-        (lambda tmp: ["train", tmp / "otter", "--dataset", (tmp / "empty.jsonl", (tmp / "empty.jsonl").write_text(""))[0],
-                      "--output-dir", tmp / "out"], "empty.jsonl holds no rows"),
-        (lambda tmp: ["train", tmp / "otter", "--dataset", pairs_file(tmp, [{"chosen": "w5 " * 40, "rejected": "w6"}] * 2),
-                      "--output-dir", tmp / "out", "--max-length", 16], "No row of the train dataset fits max_length=16"),
-        (lambda tmp: ["train", tmp / "otter", "--dataset", pairs_file(tmp, [{"chosen": "w5", "rejected": "w6"}]),
-                      "--output-dir", tmp / "out", "--max-length", 0], "--max-length must be at least 1, got 0"),
-        (lambda tmp: ["train", tmp / "otter", "--dataset", pairs_file(tmp, [{"chosen": "w5", "rejected": "w6"}]),
-                      "--output-dir", tmp / "out", "--epochs", -1], "--epochs must be a positive number, got -1.0"),
+        (
+            lambda tmp: [
+                "insert",
+                "--base",
+                tmp / "base",
+                "-o",
+                tmp / "out",
+                "--inserted-hidden-size",
+                1099511627776,
+                "--init",
+                "normal",
+            ],
+            "cannot be allocated.*Choose smaller insertion sizes",
+        ),
+        (
+            lambda tmp: [
+                "train",
+                tmp / "otter",
+                "--dataset",
+                (tmp / "empty.jsonl", (tmp / "empty.jsonl").write_text(""))[0],
+                "--output-dir",
+                tmp / "out",
+            ],
+            "empty.jsonl holds no rows",
+        ),
+        (
+            lambda tmp: [
+                "train",
+                tmp / "otter",
+                "--dataset",
+                pairs_file(tmp, [{"chosen": "w5 " * 40, "rejected": "w6"}] * 2),
+                "--output-dir",
+                tmp / "out",
+                "--max-length",
+                16,
+            ],
+            "No row of the train dataset fits max_length=16",
+        ),
+        (
+            lambda tmp: [
+                "train",
+                tmp / "otter",
+                "--dataset",
+                pairs_file(tmp, [{"chosen": "w5", "rejected": "w6"}]),
+                "--output-dir",
+                tmp / "out",
+                "--max-length",
+                0,
+            ],
+            "--max-length must be at least 1, got 0",
+        ),
+        (
+            lambda tmp: [
+                "train",
+                tmp / "otter",
+                "--dataset",
+                pairs_file(tmp, [{"chosen": "w5", "rejected": "w6"}]),
+                "--output-dir",
+                tmp / "out",
+                "--epochs",
+                -1,
+            ],
+            "--epochs must be a positive number, got -1.0",
+        ),
         (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be at least 1, got 0"),
-        (lambda tmp: ["bench", "--base", tmp / "base", "--prefill-tokens", 0], "--prefill-tokens must be at least 1, got 0"),
-        (lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--reward-weight", "nan"], "`reward_weight` must be a finite number"),
-        (lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--token-reward-weight", "inf"], "`token_reward_weight` must be a finite number"),
+        (
+            lambda tmp: ["bench", "--base", tmp / "base", "--prefill-tokens", 0],
+            "--prefill-tokens must be at least 1, got 0",
+        ),
+        (
+            lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--reward-weight", "nan"],
+            "`reward_weight` must be a finite number",
+        ),
+        (
+            lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--token-reward-weight", "inf"],
+            "`token_reward_weight` must be a finite number",
+        ),
     ],
-    ids=["unallocatable-size", "empty-jsonl", "all-rows-too-long", "max-length-0", "negative-epochs", "bench-threads-0",
-         "bench-prefill-0", "nan-reward-weight", "inf-token-reward-weight"],
+    ids=[
+        "unallocatable-size",
+        "empty-jsonl",
+        "all-rows-too-long",
+        "max-length-0",
+        "negative-epochs",
+        "bench-threads-0",
+        "bench-prefill-0",
+        "nan-reward-weight",
+        "inf-token-reward-weight",
+    ],
 )
 def test_bad_inputs_end_with_one_error_line_and_status_2(capsys, base_folder, tmp_path, argv, message):
     run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
@@ -154,7 +250,9 @@ def test_bad_inputs_end_with_one_error_line_and_status_2(capsys, base_folder, tm
 def test_training_that_diverges_ends_with_one_error_line_and_saves_nothing(capsys, base_folder, tmp_path):
     run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
     dataset = pairs_file(tmp_path, [{"completion": "w5 w6", "label": 1.0}, {"completion": "w7", "label": math.inf}])
-    status, out, err = run_cli(capsys, "train", tmp_path / "otter", "--dataset", dataset, "--output-dir", tmp_path / "out", "--max-steps", 2)
+    status, out, err = run_cli(
+        capsys, "train", tmp_path / "otter", "--dataset", dataset, "--output-dir", tmp_path / "out", "--max-steps", 2
+    )
     assert status == 2
     errors = re.findall(r"otter-hf: error: [^\r\n]*", err)  # after the training progress bar
     assert len(errors) == 1 and errors[0].startswith("otter-hf: error: Training diverged at step 1"), err

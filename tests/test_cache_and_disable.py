@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import BASE_MODELS, make_base, make_otter, random_batch
+from transformers import DynamicCache
 
 
 def test_inserted_heads_have_their_own_cache_layers(base_name):
@@ -20,7 +19,9 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
 
 
 # Sliding-window caches cannot be cropped.
-@pytest.mark.parametrize("base_name", [name for name, (_, _, sizes) in BASE_MODELS.items() if "sliding_window" not in sizes])
+@pytest.mark.parametrize(
+    "base_name", [name for name, (_, _, sizes) in BASE_MODELS.items() if "sliding_window" not in sizes]
+)
 def test_cropping_the_cache_crops_the_inserted_heads(base_name):
     base = make_base(base_name)
     otter = make_otter(base)

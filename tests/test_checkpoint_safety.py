@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import make_base, make_otter
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, SCRATCH_PREFIX
-from conftest import make_base, make_otter
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,10 @@ def crafted_scratch(checkpoint, journal: list[str] | None = None):
 
 def assert_refused_and_untouched(checkpoint, outside, scratch):
     before = sorted(os.listdir(checkpoint)), sorted(os.listdir(outside))
-    for load in (AutoModelForCausalLM.from_pretrained, lambda folder: otter_hf.load_otter(make_base("llama-gqa-tied"), folder)):
+    for load in (
+        AutoModelForCausalLM.from_pretrained,
+        lambda folder: otter_hf.load_otter(make_base("llama-gqa-tied"), folder),
+    ):
         with pytest.raises(ValueError, match=f"{scratch.name}.*will not follow it.*rm -r"):
             load(checkpoint)
     assert (sorted(os.listdir(checkpoint)), sorted(os.listdir(outside))) == before
@@ -186,7 +189,8 @@ def run_children(folder, roles: list[tuple[str, int]]):
     children = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, role, str(folder), os.path.dirname(__file__), str(seed), str(repeats)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for seed, (role, repeats) in enumerate(roles)
     ]
@@ -231,17 +235,32 @@ def test_load_otter_requires_the_base_fingerprint_unless_told_to_skip_it(tmp_pat
     with pytest.raises(ValueError, match="no `base_model_fingerprint`.*skip_base_fingerprint_check=True"):
         otter_hf.load_otter(base, tmp_path)
     other_base = make_base("llama-gqa-tied", seed=5)
-    assert otter_hf.load_otter(other_base, tmp_path, skip_base_fingerprint_check=True).config.base_model_fingerprint is None
+    assert (
+        otter_hf.load_otter(other_base, tmp_path, skip_base_fingerprint_check=True).config.base_model_fingerprint
+        is None
+    )
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda tensors, name: tensors.pop(name), "missing model.embed_tokens.inserted_weight"),
-        (lambda tensors, name: tensors.update(extra_inserted_weight=torch.zeros(2)), "unexpected extra_inserted_weight"),
-        (lambda tensors, name: tensors.update({name: tensors[name][:, :3].contiguous()}), r"shapes differ.*embed_tokens.inserted_weight \(96, 3\) vs \(96, 16\)"),
-        (lambda tensors, name: tensors.update({name: tensors[name].to(torch.int32)}), "dtypes cannot be cast.*torch.int32"),
-        (lambda tensors, name: tensors[name].fill_(float("inf")), "Refusing to load.*model.embed_tokens.inserted_weight"),
+        (
+            lambda tensors, name: tensors.update(extra_inserted_weight=torch.zeros(2)),
+            "unexpected extra_inserted_weight",
+        ),
+        (
+            lambda tensors, name: tensors.update({name: tensors[name][:, :3].contiguous()}),
+            r"shapes differ.*embed_tokens.inserted_weight \(96, 3\) vs \(96, 16\)",
+        ),
+        (
+            lambda tensors, name: tensors.update({name: tensors[name].to(torch.int32)}),
+            "dtypes cannot be cast.*torch.int32",
+        ),
+        (
+            lambda tensors, name: tensors[name].fill_(float("inf")),
+            "Refusing to load.*model.embed_tokens.inserted_weight",
+        ),
     ],
     ids=["missing", "unexpected", "shape", "dtype", "non-finite"],
 )

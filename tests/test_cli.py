@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ARCHITECTURE_BASES, COMMON, make_base, random_batch
 from huggingface_hub import ModelCard
+from test_hub import fake_hub  # noqa: F401  (fixture)
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -18,10 +20,8 @@ import otter_hf
 from otter_hf.cli import main
 from otter_hf.data import PREFERENCES_PATH
 from otter_hf.data.files import load_dataset_file
-from otter_hf.overhead import is_noisy, summarize_timings
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-from conftest import ARCHITECTURE_BASES, COMMON, make_base, random_batch
-from test_hub import fake_hub  # noqa: F401  (fixture)
+from otter_hf.overhead import is_noisy, summarize_timings
 
 COMMANDS = ("insert", "train", "generate", "push", "bench")
 
@@ -69,27 +69,47 @@ def test_help_lists_the_commands(capsys):
 
 def test_insert_saves_a_checkpoint_with_the_chosen_sizes(capsys, base_folder, tmp_path):
     status, out, err = run_cli(
-        capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter",
-        "--inserted-hidden-size", 8, "--inserted-num-attention-heads", 2, "--inserted-intermediate-size", 24,
-        "--init", "normal",
+        capsys,
+        "insert",
+        "--base",
+        base_folder,
+        "-o",
+        tmp_path / "otter",
+        "--inserted-hidden-size",
+        8,
+        "--inserted-num-attention-heads",
+        2,
+        "--inserted-intermediate-size",
+        24,
+        "--init",
+        "normal",
     )
     assert status == 0, err
     assert "Saved the model to" in out
     otter = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
     config = otter.config
-    assert (config.inserted_hidden_size, config.inserted_num_attention_heads, config.inserted_intermediate_size) == (8, 2, 24)
+    assert (config.inserted_hidden_size, config.inserted_num_attention_heads, config.inserted_intermediate_size) == (
+        8,
+        2,
+        24,
+    )
     assert config.inserted_init == "normal"
     assert (tmp_path / "otter" / "tokenizer.json").is_file()
     input_ids, attention_mask = random_batch(2, 6, "left")
     base = AutoModelForCausalLM.from_pretrained(base_folder)
     with torch.no_grad():
-        assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
+        assert torch.equal(
+            otter(input_ids, attention_mask=attention_mask).logits,
+            base(input_ids, attention_mask=attention_mask).logits,
+        )
 
 
 @pytest.mark.parametrize("base_name", ARCHITECTURE_BASES)
 def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_path):
     make_base(base_name).save_pretrained(tmp_path / "base")
-    status, _, err = run_cli(capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2)
+    status, _, err = run_cli(
+        capsys, "insert", "--base", tmp_path / "base", "-o", tmp_path / "otter", "--num-draft-heads", 2
+    )
     assert status == 0, err
     otter = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
     assert otter.config.base_model_type == make_base(base_name).config.model_type
@@ -97,7 +117,10 @@ def test_insert_takes_a_saved_base_of_every_architecture(capsys, base_name, tmp_
     input_ids, attention_mask = random_batch(2, 6, "left")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     with torch.no_grad():
-        assert torch.equal(otter(input_ids, attention_mask=attention_mask).logits, base(input_ids, attention_mask=attention_mask).logits)
+        assert torch.equal(
+            otter(input_ids, attention_mask=attention_mask).logits,
+            base(input_ids, attention_mask=attention_mask).logits,
+        )
 
 
 def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, tmp_path):
@@ -112,21 +135,53 @@ def test_insert_otter_only_saves_what_load_otter_attaches(capsys, base_folder, t
     "argv, message",
     [
         (lambda tmp: ["insert", "--base", tmp / "missing", "-o", tmp / "out"], "No model at"),
-        (lambda tmp: ["insert", "--base", tmp / "neox", "-o", tmp / "out"], "does not support the 'gpt_neox' architecture"),
-        (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-num-attention-heads", 3,
-                      "--inserted-num-key-value-heads", 2], "must be a multiple of"),
-        (lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-hidden-size", 0], "positive integer"),
+        (
+            lambda tmp: ["insert", "--base", tmp / "neox", "-o", tmp / "out"],
+            "does not support the 'gpt_neox' architecture",
+        ),
+        (
+            lambda tmp: [
+                "insert",
+                "--base",
+                tmp / "base",
+                "-o",
+                tmp / "out",
+                "--inserted-num-attention-heads",
+                3,
+                "--inserted-num-key-value-heads",
+                2,
+            ],
+            "must be a multiple of",
+        ),
+        (
+            lambda tmp: ["insert", "--base", tmp / "base", "-o", tmp / "out", "--inserted-hidden-size", 0],
+            "positive integer",
+        ),
         (lambda tmp: ["push", tmp / "missing", "user/otter"], "No folder at"),
         (lambda tmp: ["push", tmp / "base", "user/otter"], "not an Otter model"),
         (lambda tmp: ["push", tmp / "base", "user/otter", "--metrics", tmp / "none.json"], "--metrics: no file"),
         (lambda tmp: ["generate", tmp / "missing", "--prompt", "w5"], "No model at"),
-        (lambda tmp: ["train", tmp / "base", "--dataset", tmp / "missing.jsonl", "--output-dir", tmp / "out"], "--dataset: no dataset file"),
+        (
+            lambda tmp: ["train", tmp / "base", "--dataset", tmp / "missing.jsonl", "--output-dir", tmp / "out"],
+            "--dataset: no dataset file",
+        ),
     ],
-    ids=["missing-base", "unsupported-architecture", "bad-head-groups", "zero-size", "push-missing-folder",
-         "push-plain-model", "push-missing-metrics", "generate-missing-model", "train-missing-dataset"],
+    ids=[
+        "missing-base",
+        "unsupported-architecture",
+        "bad-head-groups",
+        "zero-size",
+        "push-missing-folder",
+        "push-plain-model",
+        "push-missing-metrics",
+        "generate-missing-model",
+        "train-missing-dataset",
+    ],
 )
 def test_user_mistakes_end_with_a_message_and_status_2(capsys, fake_hub, base_folder, tmp_path, argv, message):
-    neox_config = GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=32)
+    neox_config = GPTNeoXConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=32
+    )
     GPTNeoXForCausalLM(neox_config).save_pretrained(tmp_path / "neox")
     status, _, err = run_cli(capsys, *argv(tmp_path))
     assert status == 2
@@ -139,20 +194,40 @@ def test_user_mistakes_end_with_a_message_and_status_2(capsys, fake_hub, base_fo
 def test_python_m_otter_hf_reports_a_user_mistake_without_traceback(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "otter_hf", "push", str(tmp_path / "missing"), "user/otter"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 2
-    assert completed.stderr == f"otter-hf: error: No folder at {tmp_path / 'missing'}: save the model with `save_pretrained` or `save_otter` first.\n"
+    assert (
+        completed.stderr
+        == f"otter-hf: error: No folder at {tmp_path / 'missing'}: save the model with `save_pretrained` or `save_otter` first.\n"
+    )
 
 
 def test_push_uploads_the_folder_with_its_card_in_one_commit(capsys, fake_hub, base_folder, tmp_path):
     run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
     (tmp_path / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75, "epoch": 1.0, "note": "text"}))
-    (tmp_path / "overhead.json").write_text(json.dumps({"threads": 2, "peak_memory": {"base_bytes": 10, "otter_bytes": 12, "ratio": 1.2}}))
+    (tmp_path / "overhead.json").write_text(
+        json.dumps({"threads": 2, "peak_memory": {"base_bytes": 10, "otter_bytes": 12, "ratio": 1.2}})
+    )
     status, out, err = run_cli(
-        capsys, "push", tmp_path / "otter", "user/otter", "--base-model", "org/tiny-llama", "--trained-on", "pairs",
-        "--metrics", tmp_path / "all_results.json", "--overhead", tmp_path / "overhead.json",
-        "--license", "apache-2.0", "--tag", "tiny",
+        capsys,
+        "push",
+        tmp_path / "otter",
+        "user/otter",
+        "--base-model",
+        "org/tiny-llama",
+        "--trained-on",
+        "pairs",
+        "--metrics",
+        tmp_path / "all_results.json",
+        "--overhead",
+        tmp_path / "overhead.json",
+        "--license",
+        "apache-2.0",
+        "--tag",
+        "tiny",
     )
     assert status == 0, err
     assert "Pushed" in out and "user/otter" in out
@@ -170,7 +245,9 @@ def test_push_otter_only_needs_a_hub_base_and_uploads_the_inserted_parameters(ca
     run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
     status, _, err = run_cli(capsys, "push", tmp_path / "otter", "user/otter-only", "--otter-only")
     assert status == 2 and "--base-model" in err
-    status, _, err = run_cli(capsys, "push", tmp_path / "otter", "user/otter-only", "--otter-only", "--base-model", "org/tiny-llama")
+    status, _, err = run_cli(
+        capsys, "push", tmp_path / "otter", "user/otter-only", "--otter-only", "--base-model", "org/tiny-llama"
+    )
     assert status == 0, err
     assert sorted(fake_hub.files("user/otter-only")) == sorted(["README.md", OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME])
 
@@ -182,8 +259,21 @@ def test_train_then_generate(capsys, base_folder, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
 
     status, out, err = run_cli(
-        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "pairs.jsonl", "--eval-dataset", tmp_path / "pairs.jsonl",
-        "--output-dir", tmp_path / "trained", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-2,
+        capsys,
+        "train",
+        tmp_path / "otter",
+        "--dataset",
+        tmp_path / "pairs.jsonl",
+        "--eval-dataset",
+        tmp_path / "pairs.jsonl",
+        "--output-dir",
+        tmp_path / "trained",
+        "--max-steps",
+        2,
+        "--batch-size",
+        4,
+        "--learning-rate",
+        1e-2,
     )
     assert status == 0, err
     assert "reward objective" in out
@@ -192,9 +282,15 @@ def test_train_then_generate(capsys, base_folder, tmp_path):
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
     original, trained = dict(before.named_parameters()), dict(after.named_parameters())
     assert any(not torch.equal(original[name], trained[name]) for name, _ in after.otter_named_parameters())
-    assert all(torch.equal(original[name], p) for name, p in trained.items() if not otter_hf.modeling.is_inserted_parameter(name))
+    assert all(
+        torch.equal(original[name], p)
+        for name, p in trained.items()
+        if not otter_hf.modeling.is_inserted_parameter(name)
+    )
 
-    status, out, err = run_cli(capsys, "generate", tmp_path / "trained", "--prompt", "w5 w6", "--max-new-tokens", 4, "--top-k", 3)
+    status, out, err = run_cli(
+        capsys, "generate", tmp_path / "trained", "--prompt", "w5 w6", "--max-new-tokens", 4, "--top-k", 3
+    )
     assert status == 0, err
     assert all(word.startswith("w") for word in out.split())
 
@@ -207,8 +303,23 @@ def test_token_reward_head_insert_train_and_generate(capsys, base_folder, tmp_pa
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in labels))
 
     status, out, err = run_cli(
-        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "pairs.jsonl", "--eval-dataset", tmp_path / "pairs.jsonl",
-        "--output-dir", tmp_path / "trained", "--max-steps", 2, "--batch-size", 4, "--learning-rate", 1e-2, "--beta", 0.5,
+        capsys,
+        "train",
+        tmp_path / "otter",
+        "--dataset",
+        tmp_path / "pairs.jsonl",
+        "--eval-dataset",
+        tmp_path / "pairs.jsonl",
+        "--output-dir",
+        tmp_path / "trained",
+        "--max-steps",
+        2,
+        "--batch-size",
+        4,
+        "--learning-rate",
+        1e-2,
+        "--beta",
+        0.5,
     )
     assert status == 0, err
     assert "token-level reward head (token-reward objective)" in out
@@ -218,14 +329,29 @@ def test_token_reward_head_insert_train_and_generate(capsys, base_folder, tmp_pa
     assert trained.token_reward_head.proj.weight.abs().sum() > 0
 
     status, out, err = run_cli(
-        capsys, "generate", tmp_path / "trained", "--prompt", "w5 w6", "--max-new-tokens", 4, "--token-reward-weight", 2.0
+        capsys,
+        "generate",
+        tmp_path / "trained",
+        "--prompt",
+        "w5 w6",
+        "--max-new-tokens",
+        4,
+        "--token-reward-weight",
+        2.0,
     )
     assert status == 0, err
     assert all(word.startswith("w") for word in out.split())
 
     status, _, err = run_cli(
-        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "labels.jsonl", "--output-dir", tmp_path / "value",
-        "--beta", 0.5,
+        capsys,
+        "train",
+        tmp_path / "otter",
+        "--dataset",
+        tmp_path / "labels.jsonl",
+        "--output-dir",
+        tmp_path / "value",
+        "--beta",
+        0.5,
     )
     assert status == 2 and "--beta sets the token-reward objective's beta" in err
 
@@ -233,8 +359,20 @@ def test_token_reward_head_insert_train_and_generate(capsys, base_folder, tmp_pa
 @pytest.mark.slow
 def test_bench_prints_and_writes_the_overhead_report(capsys, base_folder, tmp_path):
     status, out, err = run_cli(
-        capsys, "bench", "--base", base_folder, "--repeats", 1, "--prefill-tokens", 8, "--decode-steps", 2,
-        "--inserted-hidden-size", 8, "--output", tmp_path / "overhead.json",
+        capsys,
+        "bench",
+        "--base",
+        base_folder,
+        "--repeats",
+        1,
+        "--prefill-tokens",
+        8,
+        "--decode-steps",
+        2,
+        "--inserted-hidden-size",
+        8,
+        "--output",
+        tmp_path / "overhead.json",
     )
     assert status == 0, err
     report = json.loads(out)
@@ -262,7 +400,10 @@ def test_commands_refuse_a_non_empty_output_folder(capsys, base_folder, tmp_path
     status, _, err = run_cli(capsys, *argv)
     assert status == 2
     option = "--output" if command == "insert" else "--output-dir"
-    assert err == f"otter-hf: error: {option}: {output} is not empty; pass --overwrite to replace its contents, or choose a new folder.\n"
+    assert (
+        err
+        == f"otter-hf: error: {option}: {output} is not empty; pass --overwrite to replace its contents, or choose a new folder.\n"
+    )
     assert _names(output) == ["notes.txt"]
 
 
@@ -304,8 +445,15 @@ def test_a_failed_first_train_leaves_no_output_folder(capsys, base_folder, tmp_p
     run_cli(capsys, "insert", "--base", base_folder, "-o", tmp_path / "otter")
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "w5 w6"}) + "\n")
     status, _, err = run_cli(
-        capsys, "train", tmp_path / "otter", "--dataset", tmp_path / "rows.jsonl", "--objective", "value",
-        "--output-dir", tmp_path / "trained",
+        capsys,
+        "train",
+        tmp_path / "otter",
+        "--dataset",
+        tmp_path / "rows.jsonl",
+        "--objective",
+        "value",
+        "--output-dir",
+        tmp_path / "trained",
     )
     assert status == 2 and "has no `completion`, `label` column" in err
     assert not (tmp_path / "trained").exists()
@@ -338,16 +486,31 @@ def test_failures_are_one_line_naming_the_file_or_option(capsys, monkeypatch, ba
 
     monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", OfflineHfApi)
     cases = [
-        (["generate", tmp_path / "truncated", "--prompt", "w5"],
-         f"{tmp_path / 'truncated' / 'model.safetensors'} cannot be read"),
-        (["train", tmp_path / "otter", "--dataset", tmp_path / "broken.jsonl", "--output-dir", tmp_path / "out"],
-         f"--dataset: {tmp_path / 'broken.jsonl'} cannot be read as a .jsonl file"),
-        (["train", tmp_path / "otter", "--dataset", tmp_path / "other-columns.jsonl", "--output-dir", tmp_path / "out"],
-         "Reward training takes `chosen` and `rejected`"),
+        (
+            ["generate", tmp_path / "truncated", "--prompt", "w5"],
+            f"{tmp_path / 'truncated' / 'model.safetensors'} cannot be read",
+        ),
+        (
+            ["train", tmp_path / "otter", "--dataset", tmp_path / "broken.jsonl", "--output-dir", tmp_path / "out"],
+            f"--dataset: {tmp_path / 'broken.jsonl'} cannot be read as a .jsonl file",
+        ),
+        (
+            [
+                "train",
+                tmp_path / "otter",
+                "--dataset",
+                tmp_path / "other-columns.jsonl",
+                "--output-dir",
+                tmp_path / "out",
+            ],
+            "Reward training takes `chosen` and `rejected`",
+        ),
         (["push", tmp_path / "otter", "user/otter"], "cannot reach the Hugging Face Hub"),
         (["generate", tmp_path / "otter", "--prompt", ""], "--prompt: the prompt is empty"),
-        (["generate", tmp_path / "otter", "--prompt", "w5 w150", "--tokenizer", tmp_path / "big-tokenizer"],
-         "beyond the model's vocabulary of 96"),
+        (
+            ["generate", tmp_path / "otter", "--prompt", "w5 w150", "--tokenizer", tmp_path / "big-tokenizer"],
+            "beyond the model's vocabulary of 96",
+        ),
         (["generate", tmp_path / "otter", "--prompt", "w5", "--threads", 0], "--threads must be at least 1"),
     ]
     big_vocabulary = {f"w{index}": index for index in range(200)}
@@ -380,12 +543,18 @@ def test_a_split_column_picks_the_rows_of_the_split(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": f"w{index}"}) + "\n" for index in range(3)))
     assert len(load_dataset_file(str(tmp_path / "rows.jsonl"), "test", "--dataset")) == 3  # no `split` column: all rows
 
-    train, test = load_dataset_file(str(PREFERENCES_PATH), "train", "--dataset"), load_dataset_file(str(PREFERENCES_PATH), "test", "--eval-dataset")
+    train, test = (
+        load_dataset_file(str(PREFERENCES_PATH), "train", "--dataset"),
+        load_dataset_file(str(PREFERENCES_PATH), "test", "--eval-dataset"),
+    )
     assert (len(train), len(test)) == (276, 69)
     assert "split" not in train.column_names
     held_out_prompts = {row["prompt"][0]["content"] for row in test}
     assert not held_out_prompts & {row["prompt"][0]["content"] for row in train}
-    with pytest.raises(ValueError, match=r"--dataset: .* has no rows of split 'validation'; its `split` column holds \['test', 'train'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"--dataset: .* has no rows of split 'validation'; its `split` column holds \['test', 'train'\]",
+    ):
         load_dataset_file(str(PREFERENCES_PATH), "validation", "--dataset")
 
 
@@ -414,7 +583,11 @@ def test_bench_flags_timings_whose_repeats_disagree(capsys, monkeypatch, tmp_pat
     assert not is_noisy(steady) and is_noisy(noisy)
     assert noisy["base_spread"] > 1
 
-    report = {"prefill_512_tokens": steady, "decode_per_token_batch_1": noisy, "noisy_timings": ["decode_per_token_batch_1"]}
+    report = {
+        "prefill_512_tokens": steady,
+        "decode_per_token_batch_1": noisy,
+        "noisy_timings": ["decode_per_token_batch_1"],
+    }
     monkeypatch.setattr("otter_hf.overhead.measure_overhead", lambda *args, **kwargs: report)
     status, out, err = run_cli(capsys, "bench", "--base", tmp_path, "--output", tmp_path / "overhead.json")
     assert status == 0

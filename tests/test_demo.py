@@ -1,13 +1,16 @@
 """The demo's scoring pieces on a tiny model: the guide's rewards and the judge's features, and the judge's fit."""
 
 import torch
-
 from conftest import make_base, make_otter
+
 from otter_hf.demo import LinearJudge, rewards_and_features
 
 CONVERSATIONS = [
     [{"role": "user", "content": "tell me about the film"}, {"role": "assistant", "content": "it was great"}],
-    [{"role": "user", "content": "how was your day"}, {"role": "assistant", "content": "good , thanks ! i really enjoyed it"}],
+    [
+        {"role": "user", "content": "how was your day"},
+        {"role": "assistant", "content": "good , thanks ! i really enjoyed it"},
+    ],
     [{"role": "user", "content": "write a review"}, {"role": "assistant", "content": "awful"}],
 ]
 

@@ -1,12 +1,16 @@
 import pytest
 import torch
+from conftest import ARCHITECTURE_BASES, EOS, PAD, make_base
 from datasets import Dataset
 
 import otter_hf
-from otter_hf.trainers import DataCollatorForDraftHeads, OtterDraftConfig, OtterDraftTrainer, build_self_distillation_dataset
+from otter_hf.trainers import (
+    DataCollatorForDraftHeads,
+    OtterDraftConfig,
+    OtterDraftTrainer,
+    build_self_distillation_dataset,
+)
 from otter_hf.trainers.draft_trainer import draft_head_loss
-
-from conftest import ARCHITECTURE_BASES, EOS, PAD, make_base
 
 
 def make_config(tmp_path, **overrides):
@@ -66,7 +70,9 @@ def test_self_distillation_dataset_holds_the_base_models_greedy_continuations(ti
     for row in dataset:
         prompt_length = row["completion_mask"].index(1)
         prompt = torch.tensor([row["input_ids"][:prompt_length]])
-        reference = base.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10)[0].tolist()
+        reference = base.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10)[
+            0
+        ].tolist()
         if EOS in reference[prompt_length:]:
             reference = reference[: reference.index(EOS, prompt_length) + 1]
         assert row["input_ids"] == reference
@@ -79,7 +85,13 @@ def test_training_improves_draft_heads_and_touches_only_inserted_parameters(name
     model = otter_hf.insert(base, num_draft_heads=3)
     dataset = self_distilled(model, tiny_tokenizer)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = OtterDraftTrainer(model, make_config(tmp_path, max_steps=30), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer)
+    trainer = OtterDraftTrainer(
+        model,
+        make_config(tmp_path, max_steps=30),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -94,7 +106,9 @@ def test_training_improves_draft_heads_and_touches_only_inserted_parameters(name
 def test_text_column_is_tokenised(tmp_path, tiny_tokenizer):
     model = otter_hf.insert(make_base("llama-gqa-tied"), num_draft_heads=2)
     dataset = Dataset.from_dict({"text": ["i love this movie so much", "the food was great and the service kind"]})
-    trainer = OtterDraftTrainer(model, make_config(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer)
+    trainer = OtterDraftTrainer(
+        model, make_config(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer
+    )
     assert trainer.train_dataset[0]["input_ids"] == tiny_tokenizer("i love this movie so much")["input_ids"]
     trainer.train()
 
@@ -102,23 +116,39 @@ def test_text_column_is_tokenised(tmp_path, tiny_tokenizer):
 def test_refuses_wrong_models_and_columns(tmp_path, tiny_tokenizer):
     dataset = Dataset.from_dict({"text": ["i love this movie"]})
     with pytest.raises(TypeError, match="Otter model"):
-        OtterDraftTrainer(make_base("llama-gqa-tied"), make_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+        OtterDraftTrainer(
+            make_base("llama-gqa-tied"), make_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
+        )
     with pytest.raises(ValueError, match="no draft heads"):
-        OtterDraftTrainer(otter_hf.insert(make_base("llama-gqa-tied")), make_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+        OtterDraftTrainer(
+            otter_hf.insert(make_base("llama-gqa-tied")),
+            make_config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
     model = otter_hf.insert(make_base("llama-gqa-tied"), num_draft_heads=2)
     wrong = Dataset.from_dict({"prompt": ["hi"], "completion": ["hello"]})
     with pytest.raises(ValueError, match=r"neither a `text` nor an `input_ids` column.*\['completion', 'prompt'\]"):
         OtterDraftTrainer(model, make_config(tmp_path), train_dataset=wrong, processing_class=tiny_tokenizer)
     with pytest.raises(ValueError, match="eval dataset"):
-        OtterDraftTrainer(model, make_config(tmp_path), train_dataset=dataset, eval_dataset=wrong, processing_class=tiny_tokenizer)
+        OtterDraftTrainer(
+            model, make_config(tmp_path), train_dataset=dataset, eval_dataset=wrong, processing_class=tiny_tokenizer
+        )
 
 
 def test_trained_draft_heads_are_saved_and_loaded(tmp_path, tiny_tokenizer):
     base = make_base("llama-gqa-tied")
     model = otter_hf.insert(base, num_draft_heads=2)
-    OtterDraftTrainer(model, make_config(tmp_path / "run", max_steps=2), train_dataset=self_distilled(model, tiny_tokenizer), processing_class=tiny_tokenizer).train()
+    OtterDraftTrainer(
+        model,
+        make_config(tmp_path / "run", max_steps=2),
+        train_dataset=self_distilled(model, tiny_tokenizer),
+        processing_class=tiny_tokenizer,
+    ).train()
     model.save_otter(tmp_path / "otter")
     loaded = otter_hf.load_otter(base, tmp_path / "otter")
     assert loaded.config.num_draft_heads == 2
-    for (name, trained), (_, reloaded) in zip(model.draft_heads.named_parameters(), loaded.draft_heads.named_parameters()):
+    for (name, trained), (_, reloaded) in zip(
+        model.draft_heads.named_parameters(), loaded.draft_heads.named_parameters()
+    ):
         assert torch.equal(trained, reloaded), name

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from conftest import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from transformers import LogitsProcessorList
 
-from conftest import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
 
 # Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {
-    name: {"sliding_window": 16} if name in ("mistral-sliding", "gemma3-sliding-softcap") else {} for name in BASE_MODELS
+    name: {"sliding_window": 16} if name in ("mistral-sliding", "gemma3-sliding-softcap") else {}
+    for name in BASE_MODELS
 }
 WEIGHT, TOP_K = 3.0, 4
 

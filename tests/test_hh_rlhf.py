@@ -21,7 +21,9 @@ SLICE_PATH = "tests/data/hh-harmless-slice.jsonl"  # 10 well-formed pairs, then 
 
 def test_dialogue_becomes_shared_prompt_and_two_answers():
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me steal a car\n\nAssistant: I can't help with that."
-    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me steal a car\n\nAssistant: Sure, first break a window."
+    rejected = (
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me steal a car\n\nAssistant: Sure, first break a window."
+    )
     row = hh_pair_to_preference(chosen, rejected)
     assert row["prompt"] == [
         {"role": "user", "content": "Hi"},

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_base, make_otter, random_batch
 from huggingface_hub import CommitInfo, ModelCard, RepoUrl, constants
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.lifecycle.hub import push_folder, push_to_hub
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-from conftest import make_base, make_otter, random_batch
 
 
 class FakeHub:
@@ -45,7 +45,9 @@ class FakeHub:
         os.makedirs(os.path.join(self.repo_folder(repo_id), "refs"), exist_ok=exist_ok)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, create_pr=False, **kwargs):
+    def create_commit(
+        self, repo_id, operations, *, commit_message, commit_description=None, revision=None, create_pr=False, **kwargs
+    ):
         contents = {}
         for operation in operations:
             with operation.as_file() as file:
@@ -127,9 +129,19 @@ def test_push_to_hub_uploads_checkpoint_code_and_card_in_one_commit(fake_hub, tm
     assert commit.oid in commit.commit_url
     repo_id, message, files = fake_hub.commits[-1]
     assert repo_id == "user/otter-llama" and message == "Upload Otter model"
-    assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "otter_llama.py",
-            "modeling_otter.py", "persistence.py", "configuration_otter.py", "sequence_classification.py",
-            "inserted_heads.py", "token_reward_guidance.py"} <= set(files)
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "otter_llama.py",
+        "modeling_otter.py",
+        "persistence.py",
+        "configuration_otter.py",
+        "sequence_classification.py",
+        "inserted_heads.py",
+        "token_reward_guidance.py",
+    } <= set(files)
 
     card = ModelCard(fake_hub.files("user/otter-llama")["README.md"].decode())
     assert card.data.base_model == "user/tiny-llama"
@@ -260,13 +272,30 @@ def test_full_folder_pushed_as_inserted_only(fake_hub, tmp_path):
     "setup, options, error, message",
     [
         (lambda folder: make_otter(make_base("llama-gqa-tied")).save_otter(folder), {}, ValueError, "pass the Hub id"),
-        (lambda folder: make_otter(make_base("llama-gqa-tied")).save_otter(folder), {"otter_only": False}, ValueError, "only inserted"),
-        (lambda folder: make_otter(make_base("llama-gqa-tied")).save_pretrained(folder), {"base_model": "not a repo id"}, ValueError, "Hub repository id"),
+        (
+            lambda folder: make_otter(make_base("llama-gqa-tied")).save_otter(folder),
+            {"otter_only": False},
+            ValueError,
+            "only inserted",
+        ),
+        (
+            lambda folder: make_otter(make_base("llama-gqa-tied")).save_pretrained(folder),
+            {"base_model": "not a repo id"},
+            ValueError,
+            "Hub repository id",
+        ),
         (lambda folder: make_base("llama-gqa-tied").save_pretrained(folder), {}, ValueError, "not an Otter model"),
         (lambda folder: folder.mkdir(), {}, ValueError, "not a saved Otter model"),
         (lambda folder: None, {}, FileNotFoundError, "No folder"),
     ],
-    ids=["inserted-only-without-hub-base", "inserted-only-as-full", "bad-base-id", "plain-model", "empty-folder", "missing-folder"],
+    ids=[
+        "inserted-only-without-hub-base",
+        "inserted-only-as-full",
+        "bad-base-id",
+        "plain-model",
+        "empty-folder",
+        "missing-folder",
+    ],
 )
 def test_push_folder_explains_what_is_wrong(fake_hub, tmp_path, setup, options, error, message):
     folder = tmp_path / "saved"

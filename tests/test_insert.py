@@ -5,12 +5,12 @@ import re
 import pytest
 import torch
 import transformers
+from conftest import BASE_MODELS, make_base, make_otter, random_batch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import otter_hf
 from otter_hf.modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from otter_hf.modeling.initialization import copied_head_sources
-from conftest import BASE_MODELS, make_base, make_otter, random_batch
 
 
 def test_only_inserted_parameters_are_trainable(base_name):
@@ -47,14 +47,18 @@ def test_insert_shares_base_tensors_and_keeps_the_base_untouched():
 
 def test_copy_init_makes_the_inserted_stream_follow_the_copied_dimensions(base_name):
     base = make_base(base_name)
-    otter = otter_hf.insert(base, inserted_hidden_size=16, inserted_num_attention_heads=2, inserted_intermediate_size=24)
+    otter = otter_hf.insert(
+        base, inserted_hidden_size=16, inserted_num_attention_heads=2, inserted_intermediate_size=24
+    )
     input_ids, attention_mask = random_batch(2, 7)
     with torch.no_grad():
         output = otter(input_ids, attention_mask=attention_mask, output_hidden_states=True)
     # At insertion the inserted stream equals the first 16 original dimensions, layer after layer.
     for original, inserted in zip(output.hidden_states[:-1], output.inserted_hidden_states[:-1]):
         torch.testing.assert_close(inserted, original[..., :16], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(output.inserted_hidden_states[-1], output.hidden_states[-1][..., :16], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        output.inserted_hidden_states[-1], output.hidden_states[-1][..., :16], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_copied_heads_follow_grouped_query_attention():
@@ -96,7 +100,9 @@ def test_insert_loads_a_model_id_or_path(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    )
     supported = ", ".join(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
     with pytest.raises(ValueError, match=f"'gpt_neox'.*{supported}"):
         otter_hf.insert(neox)
@@ -104,7 +110,9 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 def test_every_supported_architecture_has_a_test_config():
     # The per-architecture tests run on BASE_MODELS; an architecture without an entry there would go untested.
-    assert {config_class.model_type for config_class, _, _ in BASE_MODELS.values()} == set(OTTER_CLASSES_BY_BASE_MODEL_TYPE)
+    assert {config_class.model_type for config_class, _, _ in BASE_MODELS.values()} == set(
+        OTTER_CLASSES_BY_BASE_MODEL_TYPE
+    )
 
 
 def test_a_capture_point_that_never_fires_is_an_error_naming_it(monkeypatch):
@@ -163,7 +171,10 @@ def test_a_misspelt_insertion_option_is_named_before_loading(tmp_path, monkeypat
         raise AssertionError("the base was loaded before the options were checked")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
-    with pytest.raises(TypeError, match=re.escape("Unknown insertion option 'inserted_hidden_sze'; did you mean 'inserted_hidden_size'?")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("Unknown insertion option 'inserted_hidden_sze'; did you mean 'inserted_hidden_size'?"),
+    ):
         otter_hf.insert(str(tmp_path / "base"), inserted_hidden_sze=8)
     with pytest.raises(TypeError, match="'inserted_hidden_size' cannot be passed here"):
         otter_hf.load_otter(str(tmp_path / "base"), tmp_path / "inserted", inserted_hidden_size=8)

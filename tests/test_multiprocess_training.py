@@ -36,18 +36,44 @@ def launch_command(launcher: str, config_file: str | None = None) -> list[str]:
     if launcher == "python":
         return [sys.executable]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
     if config_file is not None:  # `--multi_gpu` would override the config's distributed type
         return [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes", "2",
-            "--main_process_port", str(free_port()),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            config_file,
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
         ]
     # accelerate's `--cpu` launcher starts one process (more need mpirun); `--multi_gpu` starts them through
     # torch.distributed.run, and the Trainer's `use_cpu=True` makes them a gloo group on a machine without GPUs.
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
     ]
 
 
@@ -155,7 +181,9 @@ def test_deepspeed_zero2_trains_the_weights_of_one_process(run):
 
 def test_deepspeed_zero3_is_refused_with_the_reason(tmp_path):
     pytest.importorskip("deepspeed")
-    result = launch([*launch_command("torchrun"), SCRIPT, "reward", str(tmp_path), "--global-batch", "4", "--deepspeed-stage", "3"])
+    result = launch(
+        [*launch_command("torchrun"), SCRIPT, "reward", str(tmp_path), "--global-batch", "4", "--deepspeed-stage", "3"]
+    )
     assert result.returncode != 0
     assert "Use ZeRO-2 (or ZeRO-1), or FSDP2" in result.stderr
 
@@ -216,11 +244,27 @@ def test_the_train_command_on_two_processes_writes_once(tmp_path):
 
     otter_hf.insert(make_base("llama-gqa-tied")).save_pretrained(tmp_path / "otter")
     make_tokenizer().save_pretrained(tmp_path / "otter")
-    rows = [{"chosen": "it was great !", "rejected": "it was awful ."}, {"chosen": "so kind .", "rejected": "so rude ."}] * 4
+    rows = [
+        {"chosen": "it was great !", "rejected": "it was awful ."},
+        {"chosen": "so kind .", "rejected": "so rude ."},
+    ] * 4
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     command = [
-        *launch_command("torchrun"), "-m", "otter_hf", "train", str(tmp_path / "otter"), "--dataset", str(tmp_path / "pairs.jsonl"),
-        "--output-dir", str(tmp_path / "trained"), "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2",
+        *launch_command("torchrun"),
+        "-m",
+        "otter_hf",
+        "train",
+        str(tmp_path / "otter"),
+        "--dataset",
+        str(tmp_path / "pairs.jsonl"),
+        "--output-dir",
+        str(tmp_path / "trained"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "1e-2",
     ]
     result = launch(command)
     assert result.returncode == 0, result.stderr[-6000:]
@@ -233,9 +277,9 @@ def test_the_train_command_on_two_processes_writes_once(tmp_path):
 
 
 def test_processes_that_would_train_alone_are_refused(monkeypatch, tmp_path):
+    from conftest import make_base, make_tokenizer
     from datasets import Dataset
     from multiprocess_script import INSERTION, preference_rows
-    from conftest import make_base, make_tokenizer
 
     import otter_hf
     from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
@@ -244,7 +288,9 @@ def test_processes_that_would_train_alone_are_refused(monkeypatch, tmp_path):
     model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
     config = OtterRewardConfig(output_dir=str(tmp_path), report_to=[], bf16=False)
     with pytest.raises(ValueError, match="use_cpu=True"):
-        OtterRewardTrainer(model, args=config, train_dataset=Dataset.from_list(preference_rows(4)), processing_class=make_tokenizer())
+        OtterRewardTrainer(
+            model, args=config, train_dataset=Dataset.from_list(preference_rows(4)), processing_class=make_tokenizer()
+        )
 
 
 def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_the_forward():
@@ -257,33 +303,49 @@ def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_th
 
     model = otter_hf.insert(make_base("llama-gqa-tied").to(torch.bfloat16))
     assert model.v_head.summary.weight.dtype == torch.float32
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=False)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=False
+    )
     prepare_fsdp2_plugin(plugin, model)
     wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
     assert wraps(model.v_head) and all(wraps(layer) for layer in model.model.layers)
     assert not wraps(model.lm_head)
 
-    resharding = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True)
+    resharding = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
     with pytest.raises(ValueError, match="reshard_after_forward"):
         prepare_fsdp2_plugin(resharding, model)
 
 
 def test_the_best_checkpoint_is_loaded_back_from_its_inserted_parameters(tmp_path):
-    from multiprocess_script import INSERTION, training_setup
     from conftest import make_base, make_tokenizer
+    from multiprocess_script import INSERTION, training_setup
 
     import otter_hf
 
     model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
     config_class, trainer_class, dataset = training_setup("reward", 8)
     config = config_class(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
         # The eval loss falls step by step here: the "best", the highest, is an earlier checkpoint than the last.
-        eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+        eval_strategy="steps",
+        eval_steps=1,
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
         greater_is_better=True,
-        report_to=[], disable_tqdm=True, max_length=64,
+        report_to=[],
+        disable_tqdm=True,
+        max_length=64,
     )
-    trainer = trainer_class(model, args=config, train_dataset=dataset, eval_dataset=dataset, processing_class=make_tokenizer())
+    trainer = trainer_class(
+        model, args=config, train_dataset=dataset, eval_dataset=dataset, processing_class=make_tokenizer()
+    )
     trainer.train()
     best = load_file(os.path.join(trainer.state.best_model_checkpoint, "otter_model.safetensors"))
     last = load_file(os.path.join(tmp_path, "checkpoint-3", "otter_model.safetensors"))

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import make_base, make_otter, random_batch
+from transformers import DynamicCache
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
@@ -41,10 +40,22 @@ def test_hidden_states_are_the_base_hidden_states(base_name):
 def _decode_step_by_step(model, input_ids, attention_mask, prompt_length):
     """Prefill `prompt_length` tokens, then feed the rest one at a time through the cache."""
     cache = DynamicCache(config=model.config)
-    outputs = [model(input_ids[:, :prompt_length], attention_mask=attention_mask[:, :prompt_length], past_key_values=cache, use_cache=True)]
+    outputs = [
+        model(
+            input_ids[:, :prompt_length],
+            attention_mask=attention_mask[:, :prompt_length],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    ]
     for position in range(prompt_length, input_ids.shape[1]):
         outputs.append(
-            model(input_ids[:, position : position + 1], attention_mask=attention_mask[:, : position + 1], past_key_values=cache, use_cache=True)
+            model(
+                input_ids[:, position : position + 1],
+                attention_mask=attention_mask[:, : position + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
         )
     return outputs, cache
 

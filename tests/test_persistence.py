@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import make_base, make_otter, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling import persistence
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, SCRATCH_PREFIX
-from conftest import make_base, make_otter, make_tokenizer
 
 
 class Interrupted(BaseException):
@@ -45,7 +45,9 @@ def moves_into_or_out_of(folder, monkeypatch, on_move):
     replace, moves = os.replace, []
 
     def watched_replace(source, destination):
-        if os.path.dirname(os.fspath(destination)) == os.fspath(folder) or os.path.dirname(os.fspath(source)) == os.fspath(folder):
+        if os.path.dirname(os.fspath(destination)) == os.fspath(folder) or os.path.dirname(
+            os.fspath(source)
+        ) == os.fspath(folder):
             moves.append((source, destination))
             on_move(len(moves) - 1, source, destination, replace)
         else:
@@ -68,7 +70,9 @@ def interrupt_at(interrupted_at: int):
 
 def count_moves(save, folder, monkeypatch) -> int:
     with monkeypatch.context() as patch:
-        moves = moves_into_or_out_of(folder, patch, lambda index, source, destination, replace: replace(source, destination))
+        moves = moves_into_or_out_of(
+            folder, patch, lambda index, source, destination, replace: replace(source, destination)
+        )
         save()
     return len(moves)
 
@@ -89,7 +93,9 @@ def test_save_pretrained_replaces_its_files_and_leaves_the_others(previous_and_n
     assert scratch_folders(tmp_path) == []
 
 
-@pytest.mark.parametrize("first, second", [("20KB", "50GB"), ("50GB", "20KB")], ids=["shards-then-single", "single-then-shards"])
+@pytest.mark.parametrize(
+    "first, second", [("20KB", "50GB"), ("50GB", "20KB")], ids=["shards-then-single", "single-then-shards"]
+)
 def test_save_pretrained_removes_its_stale_weight_files(previous_and_new, tmp_path, first, second):
     previous, new = previous_and_new
     previous.save_pretrained(tmp_path, max_shard_size=first)
@@ -274,7 +280,9 @@ def test_load_otter_settles_a_killed_save_otter(previous_and_new, tmp_path, monk
             new.save_otter(folder)
     reattached = otter_hf.load_otter(make_base("llama-gqa-tied"), tmp_path / "killed")
     assert reattached.config.inserted_hidden_size == previous.config.inserted_hidden_size
-    assert all(torch.equal(p, dict(previous.otter_named_parameters())[name]) for name, p in reattached.otter_named_parameters())
+    assert all(
+        torch.equal(p, dict(previous.otter_named_parameters())[name]) for name, p in reattached.otter_named_parameters()
+    )
     assert scratch_folders(tmp_path / "killed") == []
 
 

@@ -3,9 +3,8 @@ implementation, on every architecture, with norm weights that are not the identi
 
 import pytest
 import torch
-from transformers import DynamicCache
-
 from conftest import BASE_MODELS, make_base, make_otter, random_batch
+from transformers import DynamicCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +49,9 @@ def test_original_output_is_bit_identical(matrix_name, dtype_name, attn_implemen
         for start, end in ((0, 6), (6, 7), (7, 8)):
             step = dict(attention_mask=attention_mask[:, :end], use_cache=True)
             expected = base(input_ids[:, start:end], past_key_values=base_cache, **step)
-            output = otter(input_ids[:, start:end], past_key_values=otter_cache, output_token_reward_logits=True, **step)
+            output = otter(
+                input_ids[:, start:end], past_key_values=otter_cache, output_token_reward_logits=True, **step
+            )
             assert torch.equal(output.logits, expected.logits)
             if inserted_outputs_are_finite:
                 assert torch.isfinite(output.token_reward_logits).all()

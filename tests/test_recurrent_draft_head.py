@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from conftest import make_base, make_otter, make_tokenizer, random_batch
 from datasets import Dataset
+from test_draft_trainer import make_config
 
 import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_recurrent_drafts
 from otter_hf.trainers import OtterDraftTrainer, fit_draft_vocabulary
 from otter_hf.trainers.draft_trainer import RECURRENT_STEP_WEIGHTS, recurrent_draft_loss
-
-from conftest import make_base, make_otter, make_tokenizer, random_batch
-from test_draft_trainer import make_config
 
 DRAFT_VOCAB_SIZE = 40
 PROMPT_LENGTH, COMPLETION_LENGTH = 6, 16
@@ -24,7 +23,9 @@ def recurrent_otter(base, **options):
 def self_distilled(base, num_prompts=4):
     """Random prompts and the base's greedy continuations (no end-of-sequence token: full length)."""
     input_ids, attention_mask = random_batch(num_prompts, PROMPT_LENGTH, seed=7)
-    sequences = base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=COMPLETION_LENGTH)
+    sequences = base.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=COMPLETION_LENGTH
+    )
     completion_mask = [[0] * PROMPT_LENGTH + [1] * COMPLETION_LENGTH] * num_prompts
     return Dataset.from_dict({"input_ids": sequences.tolist(), "completion_mask": completion_mask}), sequences
 
@@ -35,7 +36,9 @@ def test_teacher_forced_output_steps_from_each_hidden_state_with_the_next_token(
     otter = recurrent_otter(base)
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
-        output = otter(input_ids, attention_mask=attention_mask, output_hidden_states=True, output_recurrent_draft_logits=True)
+        output = otter(
+            input_ids, attention_mask=attention_mask, output_hidden_states=True, output_recurrent_draft_logits=True
+        )
         expected_logits = base(input_ids, attention_mask=attention_mask).logits
         head = otter.recurrent_draft_head
         hidden = output.hidden_states[-1]
@@ -83,7 +86,9 @@ def test_the_loss_scores_only_steps_that_read_and_predict_target_tokens():
     target_mask = torch.tensor([[0, 0, 0, 0, 1, 1]])
     loss, accuracies = recurrent_draft_loss(head, hidden, otter.token_embeddings, input_ids, target_mask, 96)
     features = head.step(hidden[:, 3], otter.token_embeddings(input_ids[:, 4]))
-    expected = RECURRENT_STEP_WEIGHTS[0] * torch.nn.functional.cross_entropy(head.draft_logits(features), input_ids[:, 5])
+    expected = RECURRENT_STEP_WEIGHTS[0] * torch.nn.functional.cross_entropy(
+        head.draft_logits(features), input_ids[:, 5]
+    )
     expected = expected + torch.nn.functional.smooth_l1_loss(features, hidden[:, 4])
     torch.testing.assert_close(loss, expected)
     assert accuracies[0] in (0.0, 1.0) and torch.isnan(accuracies[1])
@@ -119,7 +124,13 @@ def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, 
     otter = otter_hf.insert(base, num_recurrent_drafts=3, draft_vocab_size=DRAFT_VOCAB_SIZE)
     dataset, _ = self_distilled(base)
     original = {parameter_name: p.detach().clone() for parameter_name, p in otter.named_parameters()}
-    trainer = OtterDraftTrainer(otter, make_config(tmp_path, max_steps=30), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer)
+    trainer = OtterDraftTrainer(
+        otter,
+        make_config(tmp_path, max_steps=30),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
     assert otter.recurrent_draft_head.is_vocabulary_fitted()
     fitted = otter.recurrent_draft_head.draft_token_ids.clone()
     before = trainer.evaluate()
@@ -128,10 +139,14 @@ def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, 
     assert after["eval_loss"] < before["eval_loss"]
     # (The tiny GPT-2 repeats one token, which the fitted head drafts right from the start.)
     assert after["eval_recurrent_draft_accuracy_step_0"] >= before["eval_recurrent_draft_accuracy_step_0"]
-    changed = {parameter_name for parameter_name, p in otter.named_parameters() if not torch.equal(p, original[parameter_name])}
+    changed = {
+        parameter_name for parameter_name, p in otter.named_parameters() if not torch.equal(p, original[parameter_name])
+    }
     assert changed and all(parameter_name.startswith("recurrent_draft_head.") for parameter_name in changed)
     # A fitted vocabulary is kept when training goes on.
-    OtterDraftTrainer(otter, make_config(tmp_path, max_steps=1), train_dataset=dataset.select([0]), processing_class=tiny_tokenizer)
+    OtterDraftTrainer(
+        otter, make_config(tmp_path, max_steps=1), train_dataset=dataset.select([0]), processing_class=tiny_tokenizer
+    )
     assert torch.equal(otter.recurrent_draft_head.draft_token_ids, fitted)
 
 
@@ -147,7 +162,9 @@ def trained_recurrent_otter(tmp_path_factory):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_speculative_decoding_with_the_recurrent_head_is_greedy_on_the_base_computation(trained_recurrent_otter, batch_size):
+def test_speculative_decoding_with_the_recurrent_head_is_greedy_on_the_base_computation(
+    trained_recurrent_otter, batch_size
+):
     base, otter, _, sequences = trained_recurrent_otter
     options = dict(do_sample=False, max_new_tokens=COMPLETION_LENGTH)
     random_prompts = random_batch(batch_size, 5, "left", seed=3)
@@ -209,5 +226,8 @@ def test_a_model_without_draft_heads_is_refused_by_the_trainer_and_the_decoder(t
     input_ids, attention_mask = random_batch(1, 4)
     with pytest.raises(ValueError, match="num_recurrent_drafts"):
         otter.generate(
-            input_ids=input_ids, attention_mask=attention_mask, custom_generate=speculative_generate, draft_confidence_threshold=0.0
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            custom_generate=speculative_generate,
+            draft_confidence_threshold=0.0,
         )

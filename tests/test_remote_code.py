@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import ARCHITECTURE_BASES, make_base, make_otter, random_batch
 from safetensors.torch import save_file
+from test_hub import FakeHub
 
 import otter_hf
 from otter_hf.lifecycle.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
-from conftest import ARCHITECTURE_BASES, make_base, make_otter, random_batch
-from test_hub import FakeHub
 
 # Runs in a fresh interpreter with otter_hf made unimportable, offline.
 LOAD_WITHOUT_OTTER_HF = r"""
@@ -88,15 +88,31 @@ def _expected_outputs(model, path) -> None:
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
         output = model(input_ids, attention_mask=attention_mask)
-    expected = {"input_ids": input_ids, "attention_mask": attention_mask, "logits": output.logits, "value": output.value}
+    expected = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "logits": output.logits,
+        "value": output.value,
+    }
     if model.config.token_reward_head:
         # Token-reward guidance runs in the checkpoint's own code, without otter_hf.
         expected["guided_ids"] = model.generate(
-            input_ids, attention_mask=attention_mask, token_reward_weight=2.0, max_new_tokens=4, min_new_tokens=4, do_sample=False
+            input_ids,
+            attention_mask=attention_mask,
+            token_reward_weight=2.0,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
         )
         # ARGS guidance too: its decoding loop ships with the checkpoint's code.
         expected["args_guided_ids"] = model.generate(
-            input_ids, attention_mask=attention_mask, reward_weight=2.0, reward_top_k=3, max_new_tokens=4, min_new_tokens=4, do_sample=False
+            input_ids,
+            attention_mask=attention_mask,
+            reward_weight=2.0,
+            reward_top_k=3,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
         )
     save_file(expected, str(path))
 
@@ -199,7 +215,6 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["sequence_scores_shape"] == [2, 1]
 
 
-
 OTTER_OTHER_TRANSFORMERS_PYTHON = os.environ.get("OTTER_OTHER_TRANSFORMERS_PYTHON")
 
 
@@ -216,7 +231,13 @@ def test_a_checkpoint_loads_under_another_transformers_version_through_its_remot
         repos[str(tmp_path / f"saved-{name}")] = str(tmp_path / f"{name}.safetensors")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     completed = subprocess.run(
-        [OTTER_OTHER_TRANSFORMERS_PYTHON, "-c", LOAD_WITHOUT_OTTER_HF, json.dumps(repos), str(tmp_path / "report.json")],
+        [
+            OTTER_OTHER_TRANSFORMERS_PYTHON,
+            "-c",
+            LOAD_WITHOUT_OTTER_HF,
+            json.dumps(repos),
+            str(tmp_path / "report.json"),
+        ],
         env=environment,
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,

@@ -5,13 +5,13 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from conftest import make_base, make_otter, random_batch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import otter_hf
 from otter_hf import sequence_classification_view
 from otter_hf.modeling.sequence_classification import OtterForSequenceClassificationMixin
-from conftest import make_base, make_otter, random_batch
 
 PAIRS = [
     ("how was the movie ?", "it was great !", "it was awful ."),
@@ -73,7 +73,10 @@ def test_auto_model_for_sequence_classification_resolves_an_otter_checkpoint(bas
     assert type(reloaded) is type(otter)
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids, attention_mask=attention_mask).logits, otter(input_ids, attention_mask=attention_mask).logits)
+        assert torch.equal(
+            reloaded(input_ids, attention_mask=attention_mask).logits,
+            otter(input_ids, attention_mask=attention_mask).logits,
+        )
 
 
 def test_view_refuses_several_labels(tmp_path):
@@ -98,17 +101,28 @@ def test_trl_reward_script_trains_an_otter_checkpoint_unchanged(tmp_path, tiny_t
             file.write(json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}) + "\n")
 
     arguments = [
-        "--model_name_or_path", str(tmp_path / "model"),
-        "--dataset_name", str(data_dir),
-        "--output_dir", str(tmp_path / "trained"),
-        "--max_steps", "6",
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "3e-3",
-        "--bf16", "False",
-        "--use_cpu", "True",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--disable_tqdm", "True",
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--dataset_name",
+        str(data_dir),
+        "--output_dir",
+        str(tmp_path / "trained"),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "3e-3",
+        "--bf16",
+        "False",
+        "--use_cpu",
+        "True",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "True",
     ]
     main(*make_parser().parse_args_and_config(args=arguments, fail_with_unknown_args=False))
 

@@ -6,11 +6,11 @@ import os
 import pytest
 import safetensors.torch
 import torch
+from conftest import make_base, make_otter, random_batch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-from conftest import make_base, make_otter, random_batch
 
 
 def _outputs(model, input_ids, attention_mask):
@@ -37,7 +37,9 @@ def test_save_pretrained_round_trip_is_exact(base_name, tmp_path):
     # Same weights, but safetensors maps them at other memory alignments, which may change BLAS rounding.
     real = attention_mask.bool()
     torch.testing.assert_close(output.value[real], expected.value[real], atol=1e-5, rtol=1e-5)
-    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, _ in loaded.otter_named_parameters()}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, _ in loaded.otter_named_parameters()
+    }
     assert loaded.config.inserted_hidden_size == otter.config.inserted_hidden_size
 
 

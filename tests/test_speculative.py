@@ -2,6 +2,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from datasets import Dataset
 from transformers import (
     LogitsProcessorList,
@@ -15,8 +16,6 @@ import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_draft_heads
 
-from conftest import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
-
 MAX_NEW_TOKENS = 24
 
 
@@ -29,7 +28,10 @@ def greedy(base, input_ids, attention_mask, **kwargs):
 def speculative(model, input_ids, attention_mask, **kwargs):
     options = dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
     return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, custom_generate=speculative_generate, **{**options, **kwargs}
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        custom_generate=speculative_generate,
+        **{**options, **kwargs},
     )
 
 
@@ -149,7 +151,9 @@ def test_draft_heads_predict_from_both_final_streams():
     _, model = make_drafting_otter("llama-gqa-tied")
     input_ids, _ = random_batch(2, 5)
     outputs = model(input_ids=input_ids, output_hidden_states=True, output_draft_logits=True)
-    draft_logits = otter_draft_heads(model)(input_ids, outputs.hidden_states[-1][:, -1], outputs.inserted_hidden_states[-1][:, -1])
+    draft_logits = otter_draft_heads(model)(
+        input_ids, outputs.hidden_states[-1][:, -1], outputs.inserted_hidden_states[-1][:, -1]
+    )
     torch.testing.assert_close(draft_logits, outputs.draft_logits[:, -1])
 
 
@@ -330,7 +334,9 @@ def self_distilled(base, num_prompts=4):
     """Random prompts and the base's greedy continuations (the base has no end-of-sequence token, so every
     continuation is full length), as `build_self_distillation_dataset` writes them, and as one tensor."""
     input_ids, attention_mask = random_batch(num_prompts, PROMPT_LENGTH, seed=7)
-    sequences = base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=COMPLETION_LENGTH)
+    sequences = base.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=COMPLETION_LENGTH
+    )
     completion_mask = [[0] * PROMPT_LENGTH + [1] * COMPLETION_LENGTH] * num_prompts
     return Dataset.from_dict({"input_ids": sequences.tolist(), "completion_mask": completion_mask}), sequences
 
@@ -378,7 +384,12 @@ def test_calibration_keeps_the_drafts_that_pay():
     assert head_zero_bin[1] > 0.9 and later_heads_bin[1] == 0.0 and later_heads_bin[2] > 0
     # Without costs, every threshold that verifies head 0 gains as much: the highest wins.
     free = calibrate_draft_confidence(
-        base, dataset, draft_fn=LookUpDrafts(sequences), verification_cost=0, drafting_overhead=0, verification_fixed_cost=0
+        base,
+        dataset,
+        draft_fn=LookUpDrafts(sequences),
+        verification_cost=0,
+        drafting_overhead=0,
+        verification_fixed_cost=0,
     )
     assert free.threshold == 0.84 and free.speed_ups[0] == free.expected_speed_up
 
@@ -411,7 +422,11 @@ def test_calibration_replays_the_decoding_loop():
         for row in range(len(sequences)):
             prompt = sequences[row : row + 1, :PROMPT_LENGTH]
             output = speculative(
-                model, prompt, torch.ones_like(prompt), max_new_tokens=COMPLETION_LENGTH, draft_confidence_threshold=threshold
+                model,
+                prompt,
+                torch.ones_like(prompt),
+                max_new_tokens=COMPLETION_LENGTH,
+                draft_confidence_threshold=threshold,
             )
             assert torch.equal(output.sequences, sequences[row : row + 1])
             steps += output.accepted_tokens_per_step
@@ -441,7 +456,12 @@ SMALL_VOCABULARY = 16
 def sampling_processors():
     """What generate() applies with SAMPLING: its processors, then its warpers, in its order."""
     return LogitsProcessorList(
-        [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.8), TopKLogitsWarper(6), TopPLogitsWarper(0.9)]
+        [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            TemperatureLogitsWarper(0.8),
+            TopKLogitsWarper(6),
+            TopPLogitsWarper(0.9),
+        ]
     )
 
 
@@ -474,7 +494,9 @@ def exact_distribution(model, prompt, num_tokens):
     distribution = {(): 1.0}
     for _ in range(num_tokens):
         prefixes = list(distribution)
-        sequences = torch.cat([prompt.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1)], dim=-1)
+        sequences = torch.cat(
+            [prompt.expand(len(prefixes), -1), torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1)], dim=-1
+        )
         scores = sampling_processors()(sequences, model(input_ids=sequences).logits[:, -1].float())
         probabilities = scores.softmax(-1)
         distribution = {
@@ -512,7 +534,12 @@ def test_sampling_draws_from_the_distribution_of_plain_sampling(one_thread, batc
     samples, steps = Counter(), []
     for _ in range(calls):
         output = speculative(
-            base, inputs, torch.ones_like(inputs), draft_fn=GreedyChainDrafts(base, 2), max_new_tokens=new_tokens, **SAMPLING
+            base,
+            inputs,
+            torch.ones_like(inputs),
+            draft_fn=GreedyChainDrafts(base, 2),
+            max_new_tokens=new_tokens,
+            **SAMPLING,
         )
         samples.update(map(tuple, output.sequences[:, prompt.shape[1] :].tolist()))
         steps += output.accepted_tokens_per_step
@@ -522,7 +549,13 @@ def test_sampling_draws_from_the_distribution_of_plain_sampling(one_thread, batc
     generator = torch.Generator().manual_seed(0)
     outcomes, probabilities = list(exact), torch.tensor(list(exact.values()))
     null = sorted(
-        total_variation(Counter(outcomes[i] for i in torch.multinomial(probabilities, sum(samples.values()), True, generator=generator).tolist()), exact)
+        total_variation(
+            Counter(
+                outcomes[i]
+                for i in torch.multinomial(probabilities, sum(samples.values()), True, generator=generator).tolist()
+            ),
+            exact,
+        )
         for _ in range(200)
     )
     assert total_variation(samples, exact) <= null[197]
@@ -547,7 +580,9 @@ def test_sampling_is_reproducible_with_a_seed():
     outputs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        outputs.append(speculative(base, input_ids, torch.ones_like(input_ids), draft_fn=GreedyChainDrafts(base, 3), **SAMPLING))
+        outputs.append(
+            speculative(base, input_ids, torch.ones_like(input_ids), draft_fn=GreedyChainDrafts(base, 3), **SAMPLING)
+        )
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert outputs[0].accepted_tokens_per_step == outputs[1].accepted_tokens_per_step
     assert max(outputs[0].accepted_tokens_per_step) > 1

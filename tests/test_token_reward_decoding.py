@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_base, make_otter, random_batch
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import make_base, make_otter, random_batch
 from otter_hf.generation import reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
 
@@ -58,7 +58,9 @@ def test_weight_zero_generates_exactly_what_the_base_model_does(base_name):
     input_ids, attention_mask = random_batch(3, 5, "left")
     for settings in (GREEDY, dict(max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)):
         expected = base.generate(input_ids, attention_mask=attention_mask, **settings)
-        assert torch.equal(otter.generate(input_ids, attention_mask=attention_mask, token_reward_weight=0, **settings), expected)
+        assert torch.equal(
+            otter.generate(input_ids, attention_mask=attention_mask, token_reward_weight=0, **settings), expected
+        )
 
 
 def test_sampling_warpers_act_on_the_guided_scores():
@@ -84,10 +86,16 @@ def test_beam_search_scores_with_the_guided_policy():
     input_ids, attention_mask = random_batch(2, 5, "left")
     settings = dict(max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
     guided = otter.generate(
-        input_ids, attention_mask=attention_mask, token_reward_weight=WEIGHT, output_scores=True,
-        return_dict_in_generate=True, **settings
+        input_ids,
+        attention_mask=attention_mask,
+        token_reward_weight=WEIGHT,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **settings,
     )
-    unguided = otter.generate(input_ids, attention_mask=attention_mask, output_scores=True, return_dict_in_generate=True, **settings)
+    unguided = otter.generate(
+        input_ids, attention_mask=attention_mask, output_scores=True, return_dict_in_generate=True, **settings
+    )
     assert guided.sequences.shape == unguided.sequences.shape == (4, 5 + NEW_TOKENS)
     assert not torch.equal(guided.sequences_scores, unguided.sequences_scores)
     # One beam is one guided greedy path: beam search with a single beam repeats it.
@@ -157,6 +165,5 @@ def test_clear_errors():
         otter.generate(input_ids, token_reward_weight="1")
     with pytest.raises(ValueError, match="pass `reward_weight"):
         otter.generate(input_ids, reward_top_k=3)
-    with pytest.raises(ValueError, match="switched off"):
-        with otter.otter_disabled():
-            otter.generate(input_ids, token_reward_weight=1.0)
+    with pytest.raises(ValueError, match="switched off"), otter.otter_disabled():
+        otter.generate(input_ids, token_reward_weight=1.0)

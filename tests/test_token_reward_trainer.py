@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import make_base, random_batch
 from datasets import Dataset
+from test_trainers import BAD, GOOD, QUESTIONS, conversational_pairs, trainer_config
 
 import otter_hf
-from conftest import make_base, random_batch
 from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
-from test_trainers import BAD, GOOD, QUESTIONS, conversational_pairs, trainer_config
 
 
 def make_token_otter(name: str = "llama-gqa-tied"):
@@ -29,7 +29,11 @@ def test_training_separates_the_pairs_and_leaves_the_base_untouched(name, tmp_pa
     base_before = {n: p.detach().clone() for n, p in otter.named_parameters() if not p.requires_grad}
     dataset = conversational_pairs()
     trainer = OtterTokenRewardTrainer(
-        otter, args=token_reward_config(tmp_path), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer
+        otter,
+        args=token_reward_config(tmp_path),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
     )
     before = trainer.evaluate()
     trainer.train()
@@ -58,7 +62,9 @@ def test_log_probs_sum_the_reward_policy_over_completion_tokens_only():
         completion_mask[row, start:] = attention_mask[row, start:]
     with torch.no_grad():
         got = token_reward_log_probs(otter, input_ids, attention_mask, completion_mask)
-        reward_logits = otter(input_ids, attention_mask=attention_mask, output_token_reward_logits=True).token_reward_logits
+        reward_logits = otter(
+            input_ids, attention_mask=attention_mask, output_token_reward_logits=True
+        ).token_reward_logits
     log_probs = reward_logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     expected = (log_probs * completion_mask[:, 1:]).sum(-1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -78,7 +84,8 @@ def test_conversational_rows_split_where_the_answer_starts(tiny_tokenizer):
 
 def test_text_pairs_with_an_implicit_prompt_train(tmp_path, tiny_tokenizer):
     rows = [
-        {"chosen": f"{QUESTIONS[i % 4]} {GOOD[i % 5]}", "rejected": f"{QUESTIONS[i % 4]} {BAD[i % 5]}"} for i in range(8)
+        {"chosen": f"{QUESTIONS[i % 4]} {GOOD[i % 5]}", "rejected": f"{QUESTIONS[i % 4]} {BAD[i % 5]}"}
+        for i in range(8)
     ]
     trainer = OtterTokenRewardTrainer(
         make_token_otter(),
@@ -95,14 +102,29 @@ def test_text_pairs_with_an_implicit_prompt_train(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"prompt": "how", "response": "great", "rejected": "awful"}], r"no `chosen` column.*`prompt_ids`, `chosen_ids` and `rejected_ids`"),
-        ([{"prompt": "how was it ?", "chosen": [{"role": "assistant", "content": "great"}], "rejected": [{"role": "assistant", "content": "awful"}]}], "all be text or all be lists"),
+        (
+            [{"prompt": "how", "response": "great", "rejected": "awful"}],
+            r"no `chosen` column.*`prompt_ids`, `chosen_ids` and `rejected_ids`",
+        ),
+        (
+            [
+                {
+                    "prompt": "how was it ?",
+                    "chosen": [{"role": "assistant", "content": "great"}],
+                    "rejected": [{"role": "assistant", "content": "awful"}],
+                }
+            ],
+            "all be text or all be lists",
+        ),
     ],
 )
 def test_wrong_columns_fail_before_training(rows, message, tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match=message):
         OtterTokenRewardTrainer(
-            make_token_otter(), args=token_reward_config(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+            make_token_otter(),
+            args=token_reward_config(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer,
         )
 
 

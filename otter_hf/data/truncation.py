@@ -21,7 +21,7 @@ def drop_oldest_turns(row: dict, tokenizer, max_length: int) -> dict | None:
     """
     prompt = list(row["prompt"])
     system = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
-    turns = prompt[len(system):]
+    turns = prompt[len(system) :]
     while True:
         candidate = system + turns
         longest = max(_templated_length(tokenizer, candidate + row[answer]) for answer in ("chosen", "rejected"))

@@ -1,8 +1,8 @@
 """Decoding with the Otter signal (ARGS reward guidance from the in-model value head) and with the draft heads
 (speculative decoding)."""
 
-from .logits_process import OtterRewardLogitsProcessor
 from ..modeling.reward_guided import reward_guided_generate
+from .logits_process import OtterRewardLogitsProcessor
 
 __all__ = ["OtterRewardLogitsProcessor", "reward_guided_generate"]
 

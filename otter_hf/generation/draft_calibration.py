@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .speculative import DraftFunction, check_speculative_model, draft_confidence, has_recurrent_draft_head, otter_recurrent_drafts
+from .speculative import (
+    DraftFunction,
+    check_speculative_model,
+    draft_confidence,
+    has_recurrent_draft_head,
+    otter_recurrent_drafts,
+)
 
 # Candidate thresholds: 0.00, 0.01, ..., 0.99; 1.0 (never draft) is always the fallback.
 DEFAULT_THRESHOLDS = tuple(step / 100 for step in range(100))

@@ -148,7 +148,9 @@ def otter_recurrent_drafts(model, confidence_threshold: float = 0.0) -> DraftFun
                 break
             token = head.draft_token_ids[logits[-1].argmax(-1)]
         draft_vocab_logits = torch.stack(logits, dim=1)
-        full_logits = draft_vocab_logits.new_full((*draft_vocab_logits.shape[:2], model.config.vocab_size), float("-inf"))
+        full_logits = draft_vocab_logits.new_full(
+            (*draft_vocab_logits.shape[:2], model.config.vocab_size), float("-inf")
+        )
         return full_logits.index_copy_(-1, head.draft_token_ids, draft_vocab_logits)
 
     return draft
@@ -202,7 +204,9 @@ def _check_draft_confidence_threshold(threshold) -> None:
         )
 
 
-def _draft_confidence_threshold(model, draft_fn: DraftFunction | None, threshold: float | None, batch_size: int) -> float:
+def _draft_confidence_threshold(
+    model, draft_fn: DraftFunction | None, threshold: float | None, batch_size: int
+) -> float:
     if threshold is None:
         # The config's threshold belongs to the model's own heads, for which it was calibrated; a `draft_fn` has
         # all its drafts verified unless the call says otherwise.
@@ -250,7 +254,10 @@ def _draft_scores(logits_processor, input_ids, candidates, logits):
 
 
 def _next_tokens(
-    scores: torch.Tensor, do_sample: bool, kept_drafts: torch.LongTensor | None, rejected_drafts: torch.LongTensor | None
+    scores: torch.Tensor,
+    do_sample: bool,
+    kept_drafts: torch.LongTensor | None,
+    rejected_drafts: torch.LongTensor | None,
 ) -> torch.LongTensor:
     """The token the LM head gives each row: the argmax, or a sample as `generate()` draws it. Where the last
     verification settled a row's token, a sample uses that: the draft it accepted, or a draw without the draft it
@@ -327,7 +334,14 @@ def speculative_generate(
         draft_fn = draft_fn or otter_drafts(model, confidence_threshold)
         with model.otter_disabled() if base_computation_only else contextlib.nullcontext():
             return _decode(
-                model, input_ids, logits_processor, stopping_criteria, generation_config, draft_fn, confidence_threshold, model_kwargs
+                model,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                draft_fn,
+                confidence_threshold,
+                model_kwargs,
             )
     # Drafting is off: generate()'s own decoding loop, with nothing but the base computation to pay for (a loop of
     # our own measured 2-10 % slower than transformers' on SmolLM2 at batch 1-4).
@@ -354,7 +368,9 @@ def _decode(
     if cache is None:
         cache = DynamicCache(config=model.config)
     if not isinstance(cache, DynamicCache):
-        raise ValueError(f"Speculative decoding crops the cache, which needs a DynamicCache; got {type(cache).__name__}.")
+        raise ValueError(
+            f"Speculative decoding crops the cache, which needs a DynamicCache; got {type(cache).__name__}."
+        )
     attention_mask, _, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Speculative decoding")
 
     batch_size = input_ids.shape[0]

@@ -30,12 +30,16 @@ from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, reading_checkpoint
 from .model_cards import otter_model_card
 
-OTTER_MODEL_TYPES = frozenset(model_class.config_class.model_type for model_class in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values())
+OTTER_MODEL_TYPES = frozenset(
+    model_class.config_class.model_type for model_class in OTTER_CLASSES_BY_BASE_MODEL_TYPE.values()
+)
 OTTER_ONLY_FILES = (OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME)
 MODEL_CARD_NAME = "README.md"
 
 
-def push_to_hub(model, repo_id: str, *, otter_only: bool = False, tokenizer=None, max_shard_size="50GB", **push_options) -> CommitInfo:
+def push_to_hub(
+    model, repo_id: str, *, otter_only: bool = False, tokenizer=None, max_shard_size="50GB", **push_options
+) -> CommitInfo:
     """Upload an Otter model to `repo_id` in one commit, with an Otter model card.
 
     Args:
@@ -105,7 +109,9 @@ def push_folder(
         _refuse_symbolic_links(folder)
         saved_otter_only = _is_otter_only_save(folder)
         if otter_only is False and saved_otter_only:
-            raise ValueError(f"{folder} holds only inserted parameters (`save_otter`); it cannot be uploaded as a full checkpoint.")
+            raise ValueError(
+                f"{folder} holds only inserted parameters (`save_otter`); it cannot be uploaded as a full checkpoint."
+            )
         if otter_only and not saved_otter_only:
             model = AutoModelForCausalLM.from_pretrained(folder)
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="otter-push-"))
@@ -160,7 +166,9 @@ def push_folder(
         )
 
 
-def otter_files(path_or_repo_id, *, token: str | bool | None = None, cache_dir=None, local_files_only: bool = False) -> str:
+def otter_files(
+    path_or_repo_id, *, token: str | bool | None = None, cache_dir=None, local_files_only: bool = False
+) -> str:
     """The local folder holding an inserted-only save: `path_or_repo_id` itself when it is a folder, else the
     snapshot of the Hub repository's `otter_config.json` and `otter_model.safetensors`."""
     if os.path.isdir(path_or_repo_id):
@@ -209,7 +217,9 @@ def _hub_base_model(base_model: str | None, saved_base: str | None, require: boo
         try:
             validate_repo_id(base_model)
         except HFValidationError:
-            raise ValueError(f"The base model must be a Hub repository id such as 'org/model', got {base_model!r}.") from None
+            raise ValueError(
+                f"The base model must be a Hub repository id such as 'org/model', got {base_model!r}."
+            ) from None
     elif require:
         raise ValueError(
             f"These inserted parameters were made for {saved_base or 'a base model that is not named'}, which is not "

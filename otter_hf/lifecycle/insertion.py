@@ -163,7 +163,9 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     if base is None:
         base = saved.get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`.")
+            raise ValueError(
+                f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`."
+            )
     base = _load_base(base, load_options)
     otter_class = otter_class_for(base.config)
     config_class = otter_class.config_class
@@ -181,7 +183,9 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     }
     if mismatched:
         details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())
-        raise ValueError(f"The base model's sizes differ from the ones these inserted weights were made for ({details}).")
+        raise ValueError(
+            f"The base model's sizes differ from the ones these inserted weights were made for ({details})."
+        )
     if expected_fingerprint and base_weights_fingerprint(base.named_parameters()) != expected_fingerprint:
         raise ValueError(
             "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
@@ -218,7 +222,9 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
         for name, buffer in base.named_buffers():
             module_name, _, buffer_name = name.rpartition(".")
             non_persistent = base.get_submodule(module_name)._non_persistent_buffers_set
-            model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=buffer_name not in non_persistent)
+            model.get_submodule(module_name).register_buffer(
+                buffer_name, buffer, persistent=buffer_name not in non_persistent
+            )
         for module_name, module in model.named_modules():
             for name, parameter in module.named_parameters(recurse=False):
                 if parameter.is_meta:

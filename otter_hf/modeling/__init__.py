@@ -20,7 +20,9 @@ def _causal_lm_and_view(module) -> tuple[type, type]:
     classes = [getattr(module, name) for name in module.__all__]
     view = next(cls for cls in classes if issubclass(cls, OtterForSequenceClassificationMixin))
     causal_lm = next(
-        cls for cls in classes if issubclass(cls, OtterForCausalLMMixin) and not issubclass(cls, OtterForSequenceClassificationMixin)
+        cls
+        for cls in classes
+        if issubclass(cls, OtterForCausalLMMixin) and not issubclass(cls, OtterForSequenceClassificationMixin)
     )
     return causal_lm, view
 

@@ -164,7 +164,9 @@ class OtterRecurrentDraftHead(nn.Module):
         draft_vocab_size = min(config.draft_vocab_size, config.vocab_size)
         self.norm = nn.RMSNorm(2 * hidden_size, eps=1e-6)
         # The base model's MLP width (GPT-2 names it n_inner, None meaning 4x).
-        intermediate_size = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden_size
+        intermediate_size = (
+            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden_size
+        )
         self.up_proj = nn.Linear(2 * hidden_size, intermediate_size)
         self.down_proj = nn.Linear(intermediate_size, hidden_size)
         self.act_fn = nn.SiLU()
@@ -197,7 +199,9 @@ class OtterRecurrentDraftHead(nn.Module):
 
     def predict(self, streams: FinalStreams) -> torch.Tensor:
         if streams.input_ids is None:
-            raise ValueError("The recurrent draft head reads the next token's embedding: call the model with `input_ids`.")
+            raise ValueError(
+                "The recurrent draft head reads the next token's embedding: call the model with `input_ids`."
+            )
         # Teacher-forced first steps: position t reads the token at t + 1, so the last position has none.
         next_embeddings = streams.token_embeddings(streams.input_ids[:, 1:])
         return self.draft_logits(self.step(streams.hidden_states[:, :-1], next_embeddings))

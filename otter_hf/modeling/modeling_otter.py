@@ -49,6 +49,7 @@ from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
 
+
 class OtterModelMixin:
     """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
 
@@ -154,7 +155,9 @@ class OtterModelMixin:
             yield None
             return
         if self._inserted_stream is not None:
-            raise RuntimeError("An Otter model computes one inserted stream at a time; this forward ran inside another.")
+            raise RuntimeError(
+                "An Otter model computes one inserted stream at a time; this forward ran inside another."
+            )
         stream = InsertedStream(
             torch.is_grad_enabled(),
             record_hidden_states,
@@ -579,7 +582,9 @@ class OtterForCausalLMMixin:
             with self.otter_disabled():
                 return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
         if not self.otter_enabled:
-            raise ValueError("The inserted stream is switched off (`otter_disabled()`); token-reward guidance needs it on.")
+            raise ValueError(
+                "The inserted stream is switched off (`otter_disabled()`); token-reward guidance needs it on."
+            )
         with token_reward_guidance(self, token_reward_weight) as guidance:
             processors = LogitsProcessorList([*(logits_processor or []), guidance])
             return super().generate(inputs, generation_config, processors, *args, **kwargs)

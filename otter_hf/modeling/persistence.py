@@ -182,7 +182,9 @@ def reading_checkpoint(path, subfolder: str | None = None) -> Iterator[None]:
             fcntl.flock(descriptor, fcntl.LOCK_SH)
             scratch_folders = _scratch_folders(path)
             # Under the shared lock no save is committing, so a journal is one a killed save left mid-commit.
-            left_mid_commit = [scratch for scratch in scratch_folders if os.path.lexists(os.path.join(scratch, _JOURNAL))]
+            left_mid_commit = [
+                scratch for scratch in scratch_folders if os.path.lexists(os.path.join(scratch, _JOURNAL))
+            ]
             if any(scratch in visited for scratch in left_mid_commit):
                 raise ValueError(
                     f"{path} holds an interrupted save ({os.path.basename(left_mid_commit[0])}) that could not be "
@@ -284,7 +286,11 @@ def _check_scratch_folder(directory: str, scratch: str) -> None:
         folder = os.path.join(scratch, part)
         if os.path.lexists(folder) and not os.path.isdir(folder):
             raise UnsafeScratchFolderError(directory, scratch, f"its `{part}` is not a folder")
-        links = [name for name in (os.listdir(folder) if os.path.isdir(folder) else ()) if os.path.islink(os.path.join(folder, name))]
+        links = [
+            name
+            for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+            if os.path.islink(os.path.join(folder, name))
+        ]
         if links:
             raise UnsafeScratchFolderError(directory, scratch, f"`{part}/{links[0]}` is a symbolic link")
     if os.path.lexists(os.path.join(scratch, _JOURNAL)):
@@ -302,7 +308,9 @@ def _read_journal(directory: str, scratch: str) -> list[str]:
         raise UnsafeScratchFolderError(directory, scratch, "its journal lists no entries")
     for name in entries:
         if not _is_plain_name(name):
-            raise UnsafeScratchFolderError(directory, scratch, f"its journal names {name!r}, which is not a plain file name")
+            raise UnsafeScratchFolderError(
+                directory, scratch, f"its journal names {name!r}, which is not a plain file name"
+            )
     return entries
 
 

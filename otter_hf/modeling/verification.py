@@ -64,7 +64,11 @@ def check_inserted_state_dict(expected: dict[str, torch.Tensor], loaded: dict[st
     if unexpected:
         problems.append(f"unexpected {_names(unexpected)}")
     shared = sorted(expected.keys() & loaded.keys())
-    wrong_shapes = [f"{name} {tuple(loaded[name].shape)} vs {tuple(expected[name].shape)}" for name in shared if loaded[name].shape != expected[name].shape]
+    wrong_shapes = [
+        f"{name} {tuple(loaded[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in shared
+        if loaded[name].shape != expected[name].shape
+    ]
     if wrong_shapes:
         problems.append(f"saved shapes differ from the model's for {_names(wrong_shapes)}")
     wrong_dtypes = [
@@ -125,7 +129,9 @@ def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
     if saved.get("model_type") != config.model_type:
         return  # another architecture altogether: the weights' shapes will not fit, and transformers says so
     on_disk = type(config).from_dict(saved)
-    changed = [key for key in WEIGHT_DEFINING_CONFIG_FIELDS if getattr(on_disk, key, None) != getattr(config, key, None)]
+    changed = [
+        key for key in WEIGHT_DEFINING_CONFIG_FIELDS if getattr(on_disk, key, None) != getattr(config, key, None)
+    ]
     if changed:
         logger.warning(
             f"{path} was saved again after its config was read ({', '.join(changed)} changed); loading the config of "
@@ -157,7 +163,9 @@ def check_generation_arguments(model, inputs, kwargs: dict, reward_weight, token
     if reward_top_k is not None and (
         isinstance(reward_top_k, bool) or not isinstance(reward_top_k, int) or not 1 <= reward_top_k <= vocab_size
     ):
-        raise ValueError(f"`reward_top_k` must be an integer from 1 to the vocabulary size {vocab_size}, got {reward_top_k!r}.")
+        raise ValueError(
+            f"`reward_top_k` must be an integer from 1 to the vocabulary size {vocab_size}, got {reward_top_k!r}."
+        )
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     attention_mask = kwargs.get("attention_mask")
     if not isinstance(input_ids, torch.Tensor):
@@ -181,7 +189,9 @@ def check_generation_arguments(model, inputs, kwargs: dict, reward_weight, token
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
         raise ValueError(
             f"`attention_mask` must have the shape of `input_ids`, {tuple(input_ids.shape)}, got {shape}; it is not "
             "broadcast over the batch."

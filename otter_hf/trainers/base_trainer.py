@@ -24,7 +24,14 @@ class OtterTokenTrainer(OtterTrainerMixin, Trainer):
     run_name_suffix: str
 
     def __init__(
-        self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs
+        self,
+        model,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
     ):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")

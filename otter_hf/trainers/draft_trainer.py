@@ -41,6 +41,7 @@ from .base_trainer import OtterTokenTrainer
 from .draft_config import OtterDraftConfig
 from .utils import DRAFT_COLUMNS_HELP, check_otter_model
 
+
 def draft_head_loss(
     draft_hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.LongTensor, target_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,9 @@ def recurrent_draft_loss(
         if in_vocabulary.any():  # targets outside the draft vocabulary cannot be learnt, only missed
             loss = loss + weight * nn.functional.cross_entropy(logits[in_vocabulary], draft_targets[in_vocabulary])
         if step == 0:
-            loss = loss + FEATURE_LOSS_WEIGHT * nn.functional.smooth_l1_loss(features[scored], hidden[:, 1 : 1 + length][scored])
+            loss = loss + FEATURE_LOSS_WEIGHT * nn.functional.smooth_l1_loss(
+                features[scored], hidden[:, 1 : 1 + length][scored]
+            )
         drafts = head.draft_token_ids[logits.argmax(-1)]
         accuracies.append((drafts == targets).float().mean().detach())
     return loss, torch.stack(accuracies)
@@ -155,7 +158,9 @@ class DataCollatorForDraftHeads(DataCollatorMixin):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def padded(values, padding_value):
             tensors = [torch.tensor(value, dtype=torch.long) for value in values]
-            return pad(tensors, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            return pad(
+                tensors, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
 
         input_ids = padded([example["input_ids"] for example in examples], self.pad_token_id)
         attention_mask = padded([[1] * len(example["input_ids"]) for example in examples], 0)
@@ -194,7 +199,16 @@ class OtterDraftTrainer(OtterTokenTrainer):
         # The recurrent head reads the original stream alone; only Medusa-style heads read the inserted one.
         return model.draft_heads is not None
 
-    def __init__(self, model, args: OtterDraftConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: OtterDraftConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
+    ):
         check_otter_model(model, type(self).__name__)
         if getattr(model, "draft_heads", None) is None and getattr(model, "recurrent_draft_head", None) is None:
             raise ValueError(
@@ -231,6 +245,7 @@ class OtterDraftTrainer(OtterTokenTrainer):
     def _prepare_dataset(dataset, processing_class, args: OtterDraftConfig, dataset_name: str):
         columns = set(get_dataset_column_names(dataset))
         if "input_ids" in columns:
+
             def truncate(example):
                 kept = {"input_ids": example["input_ids"][: args.max_length]}
                 if example.get("completion_mask") is not None:
@@ -273,7 +288,9 @@ class OtterDraftTrainer(OtterTokenTrainer):
         extra_outputs = {}
         if otter.draft_heads is not None:
             draft_hidden = otter.draft_heads(hidden, outputs.inserted_hidden_states[-1])
-            head_loss, accuracies = draft_head_loss(draft_hidden, otter.lm_head, inputs["input_ids"], inputs["target_mask"])
+            head_loss, accuracies = draft_head_loss(
+                draft_hidden, otter.lm_head, inputs["input_ids"], inputs["target_mask"]
+            )
             loss = loss + head_loss
             self._log_accuracies(mode, "draft_accuracy_head", accuracies)
             extra_outputs["draft_hidden"] = draft_hidden
@@ -294,5 +311,3 @@ class OtterDraftTrainer(OtterTokenTrainer):
         for index, accuracy in enumerate(accuracies.tolist()):
             if accuracy == accuracy:  # not NaN: the batch had targets this far ahead
                 self._metrics[mode][f"{prefix}_{index}"].append(accuracy)
-
-

@@ -20,7 +20,9 @@ class StopOnNonFiniteGradientCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if args.fp16 or model is None:
             return
-        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad and parameter.grad is not None]
+        trainable = [
+            parameter for parameter in model.parameters() if parameter.requires_grad and parameter.grad is not None
+        ]
         if all(bool(torch.isfinite(parameter.grad).all()) for parameter in trainable):
             return
         raise TrainingDivergedError(

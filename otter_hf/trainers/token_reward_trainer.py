@@ -20,6 +20,8 @@ from .token_reward_config import OtterTokenRewardConfig
 from .utils import TOKEN_REWARD_COLUMNS_HELP, check_otter_model, check_preference_columns, check_rows_kept, num_rows
 
 TOKENIZED_COLUMNS = {"prompt_ids", "chosen_ids", "rejected_ids"}
+
+
 def tokenize_preference_row(example: dict, processing_class) -> dict:
     """`prompt_ids`, `chosen_ids` and `rejected_ids` of one pair, as TRL's `DPOTrainer` tokenizes it.
 
@@ -100,7 +102,16 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
     run_name_suffix = "TokenReward"
     heads_in_loss = ("token_reward_head",)
 
-    def __init__(self, model, args: OtterTokenRewardConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: OtterTokenRewardConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
+    ):
         check_otter_model(model, type(self).__name__)
         if isinstance(model, OtterForSequenceClassificationMixin) or getattr(model, "token_reward_head", None) is None:
             raise ValueError(
@@ -117,7 +128,7 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
         check_preference_columns(
             dataset, dataset_name, tokenized_columns=(TOKENIZED_COLUMNS,), columns_help=TOKEN_REWARD_COLUMNS_HELP
         )
-        if not TOKENIZED_COLUMNS <= set(get_dataset_column_names(dataset)):
+        if not set(get_dataset_column_names(dataset)) >= TOKENIZED_COLUMNS:
             dataset = dataset.map(maybe_extract_prompt, num_proc=args.dataset_num_proc)
             dataset = dataset.map(
                 tokenize_preference_row,
@@ -130,11 +141,14 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
             # A prompt that fills max_length leaves no answer token to learn from.
             num_rows_before = num_rows(dataset)
             dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
-            check_rows_kept(num_rows_before, dataset, dataset_name, args.max_length, "prompt of max_length tokens or more")
+            check_rows_kept(
+                num_rows_before, dataset, dataset_name, args.max_length, "prompt of max_length tokens or more"
+            )
         if isinstance(dataset, Dataset) and args.length_column_name not in dataset.column_names:
             dataset = dataset.map(
                 lambda row: {
-                    args.length_column_name: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+                    args.length_column_name: len(row["prompt_ids"])
+                    + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
                 }
             )
         return dataset
@@ -144,7 +158,9 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
             self._signature_columns = [*sorted(TOKENIZED_COLUMNS), self.args.length_column_name]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        log_probs = token_reward_log_probs(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        log_probs = token_reward_log_probs(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        )
         chosen_log_probs, rejected_log_probs = log_probs.chunk(2)
         chosen_rewards, rejected_rewards = self.args.beta * chosen_log_probs, self.args.beta * rejected_log_probs
         margins = chosen_rewards - rejected_rewards

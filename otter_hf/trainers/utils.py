@@ -34,7 +34,10 @@ def check_otter_model(model, trainer_name: str) -> None:
 def check_preference_columns(
     dataset,
     dataset_name: str,
-    tokenized_columns: tuple[set[str], ...] = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"}),
+    tokenized_columns: tuple[set[str], ...] = (
+        {"chosen_ids", "rejected_ids"},
+        {"chosen_input_ids", "rejected_input_ids"},
+    ),
     columns_help: str = PREFERENCE_COLUMNS_HELP,
 ) -> None:
     """Fail before any tokenisation when the columns do not make a preference dataset (or one of the
@@ -50,7 +53,10 @@ def check_preference_columns(
         )
     example = next(iter(dataset))
     texts = {name: example[name] for name in ("prompt", "chosen", "rejected") if name in example}
-    kinds = {name: "text" if isinstance(text, str) else "messages" if isinstance(text, list) else None for name, text in texts.items()}
+    kinds = {
+        name: "text" if isinstance(text, str) else "messages" if isinstance(text, list) else None
+        for name, text in texts.items()
+    }
     if None in kinds.values() or len(set(kinds.values())) > 1:
         found = ", ".join(f"`{name}`: {type(text).__name__}" for name, text in texts.items())
         raise ValueError(
@@ -69,7 +75,9 @@ def check_dataset_not_empty(dataset, dataset_name: str) -> None:
         raise ValueError(f"The {dataset_name} dataset is empty: give it at least one row.")
 
 
-def check_rows_kept(num_rows_before: int | None, dataset, dataset_name: str, max_length: int | None, what_is_dropped: str) -> None:
+def check_rows_kept(
+    num_rows_before: int | None, dataset, dataset_name: str, max_length: int | None, what_is_dropped: str
+) -> None:
     """Fail when no row of a dataset fits `max_length`, and warn with the count when some were dropped."""
     num_rows_after = num_rows(dataset)
     if num_rows_before is None or num_rows_after is None or num_rows_after == num_rows_before:

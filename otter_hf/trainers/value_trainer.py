@@ -28,6 +28,7 @@ from .base_trainer import OtterTokenTrainer
 from .utils import SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP, check_otter_model, check_rows_kept, num_rows
 from .value_config import OtterValueConfig
 
+
 def prefix_weights(length: int) -> list[float]:
     """Reward-Augmented Decoding's weights for the prefixes 1..length: linear in the prefix length, summing to one."""
     total = length * (length + 1) / 2
@@ -99,7 +100,9 @@ class DataCollatorForValueRegression(DataCollatorMixin):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def padded(key, padding_value, dtype):
             tensors = [torch.tensor(example[key], dtype=dtype) for example in examples]
-            return pad(tensors, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            return pad(
+                tensors, padding_value=padding_value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
 
         input_ids = padded("input_ids", self.pad_token_id, torch.long)
         attention_mask = pad(
@@ -138,7 +141,16 @@ class OtterValueTrainer(OtterTokenTrainer):
     # compute_loss returns a per-row mean, which the Trainer must still divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model, args: OtterValueConfig | None = None, train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: OtterValueConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
+    ):
         check_otter_model(model, type(self).__name__)
         if isinstance(model, OtterForSequenceClassificationMixin):
             raise TypeError(

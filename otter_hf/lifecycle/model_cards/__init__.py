@@ -60,7 +60,9 @@ def otter_model_card(
         repo_id=repo_id,
         otter_only=otter_only,
         base_model_name=base_model or "<base model>",
-        base_model_display=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local base model",
+        base_model_display=f"[{base_model}](https://huggingface.co/{base_model})"
+        if base_model
+        else "a local base model",
         tokenizer_repo=tokenizer_repo or base_model or "<base model>",
         model_type=config.model_type,
         base_model_type=config.base_model_type,
@@ -88,7 +90,9 @@ def otter_model_card(
 def _heads_in_words(config) -> str:
     heads = ["value head (`v_head`)"]
     if config.token_reward_head:
-        heads.append(f"token-level reward head ({config.vocab_size:,} x {config.inserted_hidden_size}, `token_reward_head`)")
+        heads.append(
+            f"token-level reward head ({config.vocab_size:,} x {config.inserted_hidden_size}, `token_reward_head`)"
+        )
     if config.num_draft_heads:
         heads.append(f"{config.num_draft_heads} draft heads (`draft_heads`)")
     if config.num_recurrent_drafts:
@@ -106,7 +110,9 @@ def _overhead_table(report: Mapping) -> tuple[list[tuple[str, str, str]], str]:
         (
             name.replace("_", " "),
             f"{value['ratio']}x",
-            ", ".join(f"{key.replace('_', ' ')}: {_format_number(item)}" for key, item in value.items() if key != "ratio"),
+            ", ".join(
+                f"{key.replace('_', ' ')}: {_format_number(item)}" for key, item in value.items() if key != "ratio"
+            ),
         )
         for name, value in report.items()
         if isinstance(value, Mapping) and "ratio" in value
