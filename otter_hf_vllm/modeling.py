@@ -2,28 +2,25 @@
 
 An Otter model carries two residual streams: the original stream `h`, computed here by the base architecture's
 own vLLM modules on the very same tensors as in the base model (so the original logits are the base model's), and
-the inserted stream `g`, which reads `h` at module boundaries and is never read by it. Per decoder layer
-(otter_hf's `modeling_otter.py` holds the same maths for transformers):
+the inserted stream `g`, which reads `h` and is never read by it. Each decoder layer runs the base layer's
+computation step for step, collects what the inserted stream reads into a `LayerCapture` and hands it to the
+inserted layer otter_hf runs in transformers (`inserted_layer.py`, the same file). What is vLLM's own:
 
-- norms: `h_n = w * h / rms(h)` (the base norm), `g_n = w' * g / rms(h)`;
-- attention: the inserted heads' queries, keys and values read `[h_n, g_n]` (each projection over both streams is
-  held as its two column blocks, `JoinedInputLinear`), are treated as the original heads'
-  (q/k norms, rotary embedding, scale, window) and keep their own paged KV cache (their own vLLM `Attention`);
-  their output projection reads the original heads' outputs (the input of the base `o_proj`) and their own;
-- MLP: the inserted units read `[h_n, g_n]`; their down projection reads the original units (the input of the
-  base `down_proj`) and their own;
+- each projection over both streams is held as its two column blocks (`JoinedInputLinear`), so the joined input is
+  never copied;
+- the inserted heads keep their own paged KV cache (their own vLLM `Attention`), with the base heads' scale and
+  window (`VllmHeadsAttention`);
 - embeddings: `g_0` is the inserted embedding columns of the token; the final norm normalises both streams.
 
 The model's forward returns the final `[h_n, g_n]` joined, so what vLLM hands `compute_logits` and the pooler (the
 rows it keeps) carries both streams: the LM head reads `h_n`, the value head and the token reward head read `g_n`.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from vllm.config import CacheConfig, VllmConfig
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -32,6 +29,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 
 from .configuration import InsertionSizes
+from .inserted_layer import (
+    HalfRotation,
+    InsertedRMSNorm,
+    LayerCapture,
+    NormCapture,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    check_joined_weight,
+    inserted_layer,
+)
 from .token_reward_guidance import TOKEN_REWARD_HANDOFF
 
 # Checkpoint names of the inserted parameters that vLLM's base modules cannot hold -> this package's modules.
@@ -59,11 +66,7 @@ def check_supported(vllm_config: VllmConfig) -> None:
 
 
 class OtterInsertedRMSNorm(nn.Module):
-    """The inserted stream's side of an RMSNorm: `w' * g / rms(h)`, with `rms(h)` from the original stream.
-
-    Computed as otter_hf computes it (`InsertedRMSNorm`): `rms(h)` from one float32 reduction, the stream scaled in
-    float32 and cast back before the weight.
-    """
+    """The inserted stream's weight for one base RMSNorm; the statistics are otter_hf's (`InsertedRMSNorm`)."""
 
     def __init__(self, inserted_size: int, eps: float):
         super().__init__()
@@ -71,12 +74,12 @@ class OtterInsertedRMSNorm(nn.Module):
         # A tensor, so that `eps + |h|² / n` is one operation.
         self.register_buffer("eps", torch.tensor(eps, dtype=torch.float32), persistent=False)
 
+    def capture(self, original: torch.Tensor, normed: torch.Tensor | None) -> NormCapture:
+        """The base norm seen from the inserted stream, for its input `original` and its output `normed`."""
+        return NormCapture(InsertedRMSNorm.statistics(original, self.eps), normed, self.weight)
+
     def forward(self, inserted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32)
-        inverse_rms = torch.addcmul(self.eps, norm, norm, value=1.0 / original.shape[-1]).rsqrt_()
-        if inserted.dtype == torch.float32:
-            return self.weight * (inserted * inverse_rms)
-        return self.weight * (inserted.to(torch.float32) * inverse_rms).to(inserted.dtype)
+        return InsertedRMSNorm.normalize(self.capture(original, None), inserted)
 
 
 class JoinedInputLinear(nn.Module):
@@ -88,6 +91,7 @@ class JoinedInputLinear(nn.Module):
 
     def __init__(self, original_size: int, inserted_size: int, output_size: int, bias: bool, prefix: str):
         super().__init__()
+        self.prefix = prefix
         self.original_size = original_size
         self.original = ReplicatedLinear(original_size, output_size, bias=bias, prefix=f"{prefix}.original")
         self.inserted_weight = nn.Parameter(torch.empty(output_size, inserted_size), requires_grad=False)
@@ -101,12 +105,7 @@ class JoinedInputLinear(nn.Module):
         for name, tensor in weights:
             if name == "weight":
                 expected = (self.inserted_weight.shape[0], self.original_size + self.inserted_weight.shape[1])
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(
-                        f"An inserted projection over both streams has a weight of shape {tuple(tensor.shape)} in "
-                        f"this checkpoint, where its config gives {expected}: the weights and config.json do not "
-                        "belong together; save the model again with `save_pretrained`."
-                    )
+                check_joined_weight(f"{self.prefix}.weight", tensor.shape, expected)
                 self.original.weight_loader(self.original.weight, tensor[:, : self.original_size])
                 self.inserted_weight.data.copy_(tensor[:, self.original_size :])
                 loaded |= {"original.weight", "inserted_weight"}
@@ -118,78 +117,40 @@ class JoinedInputLinear(nn.Module):
         return loaded
 
 
-class OtterInsertedAttention(nn.Module):
-    """The inserted attention heads of one layer, with their own KV cache."""
+class VllmHeadsAttention:
+    """How one layer's inserted heads attend in vLLM (`InsertedHeadsAttention`): through their own `Attention`
+    (paged KV cache, the base heads' scale and window), with the base attention's q/k norms and rotary tables."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_original_heads: int,
-        sizes: InsertionSizes,
-        head_dim: int,
-        scaling: float,
-        qkv_bias: bool,
-        output_bias: bool,
-        sliding_window: int | None,
-        cache_config: CacheConfig | None,
-        prefix: str,
-    ):
-        super().__init__()
-        self.q_size = sizes.num_attention_heads * head_dim
-        self.kv_size = sizes.num_key_value_heads * head_dim
-        self.qkv_proj = JoinedInputLinear(
-            hidden_size, sizes.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, prefix=f"{prefix}.qkv_proj"
-        )
-        self.o_proj = JoinedInputLinear(
-            num_original_heads * head_dim, self.q_size, sizes.hidden_size, bias=output_bias, prefix=f"{prefix}.o_proj"
-        )
-        self.attn = Attention(
-            sizes.num_attention_heads,
-            head_dim,
-            scaling,
-            num_kv_heads=sizes.num_key_value_heads,
-            cache_config=cache_config,
-            per_layer_sliding_window=sliding_window,
-            prefix=f"{prefix}.attn",
-        )
+    rotary = HalfRotation
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        normed: torch.Tensor,
-        inserted_normed: torch.Tensor,
-        original_heads: torch.Tensor,
-        prepare_query_key: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj(normed, inserted_normed)
-        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query, key = prepare_query_key(positions, query, key)
-        heads = self.attn(query, key, value)
-        return self.o_proj(original_heads, heads)
+    def __init__(self, attention: Attention, rotary_tables, query_key_norms):
+        self.attention = attention
+        self.rotary_tables = rotary_tables
+        self.query_key_norms = query_key_norms
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # vLLM's attention takes (tokens, heads * head_dim).
+        return self.attention(query.flatten(-2), key.flatten(-2), value.flatten(-2))
 
 
-class OtterInsertedMLP(nn.Module):
-    """The inserted gated units of one layer: gate and up read both streams, down reads all units."""
+def rotary_tables(rotary_emb: nn.Module, positions: torch.Tensor, dtype: torch.dtype):
+    """`HalfRotation`'s tables for `positions`, from a vLLM rotary embedding's cos/sin cache (neox style: the
+    rotated halves are the channel halves, as in transformers' `rotate_half`)."""
+    if not rotary_emb.is_neox_style:
+        raise ValueError("Otter's inserted heads rotate as transformers' `rotate_half` (neox style) does.")
+    cos, sin = rotary_emb.cos_sin_cache[positions].to(dtype).chunk(2, dim=-1)
+    return HalfRotation.tables(torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1))
 
-    def __init__(self, hidden_size: int, intermediate_size: int, sizes: InsertionSizes, bias: bool, prefix: str):
-        super().__init__()
-        self.gate_up_proj = JoinedInputLinear(
-            hidden_size, sizes.hidden_size, 2 * sizes.intermediate_size, bias=bias, prefix=f"{prefix}.gate_up_proj"
-        )
-        self.down_proj = JoinedInputLinear(
-            intermediate_size, sizes.intermediate_size, sizes.hidden_size, bias=bias, prefix=f"{prefix}.down_proj"
-        )
-        self.act_fn = SiluAndMul()
 
-    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        gate_up = self.gate_up_proj(normed, inserted_normed)
-        return self.down_proj(original_units, self.act_fn(gate_up))
+def _normalize_heads(norm: nn.Module, states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    by_head = states.view(*states.shape[:-1], states.shape[-1] // head_dim, head_dim)
+    return norm(by_head).view(states.shape)
 
 
 class OtterDecoderLayerMixin:
     """Turns a vLLM decoder layer (Llama's layout: `input_layernorm`, `self_attn`, `post_attention_layernorm`,
     `mlp`) into an Otter layer. The architecture's layer calls `add_inserted_modules` at the end of its `__init__`
-    and overrides `normalize_query_key` where its attention normalises query and key heads."""
+    and overrides `query_key_norms` where its attention normalises query and key heads."""
 
     def add_inserted_modules(self, config, cache_config: CacheConfig | None, prefix: str) -> None:
         sizes = InsertionSizes.from_config(config)
@@ -199,21 +160,35 @@ class OtterDecoderLayerMixin:
         # The inserted modules take biases where their base counterparts have them, as in otter_hf.
         self.inserted_attn = OtterInsertedAttention(
             config.hidden_size,
-            attention.total_num_heads,
-            sizes,
-            attention.head_dim,
-            attention.scaling,
+            sizes.hidden_size,
+            num_original_heads=attention.total_num_heads,
+            num_heads=sizes.num_attention_heads,
+            num_key_value_heads=sizes.num_key_value_heads,
+            head_dim=attention.head_dim,
             qkv_bias=attention.qkv_proj.bias is not None,
             output_bias=attention.o_proj.bias is not None,
-            sliding_window=attention.attn.sliding_window,
-            cache_config=cache_config,
+            norm=InsertedRMSNorm,
+            linear=JoinedInputLinear,
             prefix=f"{prefix}.inserted_attn",
+        )
+        self.inserted_attn.attn = Attention(
+            sizes.num_attention_heads,
+            attention.head_dim,
+            attention.scaling,
+            num_kv_heads=sizes.num_key_value_heads,
+            cache_config=cache_config,
+            per_layer_sliding_window=attention.attn.sliding_window,
+            prefix=f"{prefix}.inserted_attn.attn",
         )
         self.inserted_mlp = OtterInsertedMLP(
             config.hidden_size,
-            config.intermediate_size,
-            sizes,
+            sizes.hidden_size,
+            original_units=config.intermediate_size,
+            inserted_units=sizes.intermediate_size,
             bias=self.mlp.gate_up_proj.bias is not None,
+            act_fn=nn.SiLU(),
+            norm=InsertedRMSNorm,
+            linear=JoinedInputLinear,
             prefix=f"{prefix}.inserted_mlp",
         )
 
@@ -223,43 +198,48 @@ class OtterDecoderLayerMixin:
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
         inserted: torch.Tensor,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The base layer's forward step for step: vLLM defers each residual add into the next norm, whose `residual`
-        # output is then the original stream h itself, which the inserted norms read for rms(h).
+        # output is then the original stream h itself, which the inserted norms read for rms(h). The statistics are
+        # taken at once: the next fused norm overwrites `residual` in place.
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        inserted_normed = self.inserted_input_layernorm(inserted, residual)
+        attention_norm = self.inserted_input_layernorm.capture(residual, hidden_states)
         original_heads, attention_output = self.original_attention(positions, hidden_states)
-        inserted = inserted + self.inserted_attn(
-            positions, hidden_states, inserted_normed, original_heads, self.prepare_inserted_query_key
-        )
 
         hidden_states, residual = self.post_attention_layernorm(attention_output, residual)
-        inserted_normed = self.inserted_post_attention_layernorm(inserted, residual)
+        mlp_norm = self.inserted_post_attention_layernorm.capture(residual, hidden_states)
         original_units, mlp_output = self.original_mlp(hidden_states)
-        inserted = inserted + self.inserted_mlp(hidden_states, inserted_normed, original_units)
-        return mlp_output, residual, inserted
+
+        capture = LayerCapture(
+            attention_norm=attention_norm,
+            attention=VllmHeadsAttention(self.inserted_attn.attn, rotary_tables, self.query_key_norms()),
+            original_heads=original_heads,
+            mlp_norm=mlp_norm,
+            original_units=original_units,
+        )
+        return mlp_output, residual, inserted_layer(self.inserted_attn, self.inserted_mlp, inserted, capture)
 
     # -- what the base modules compute, with the tensors the inserted stream reads ------------------------------
 
-    def normalize_query_key(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the architecture does to query and key heads before the rotary embedding (Qwen3: q/k norms)."""
-        return query, key
-
-    def prepare_inserted_query_key(self, positions, query, key):
-        """The inserted heads' queries and keys, treated as the original heads' are."""
-        query, key = self.normalize_query_key(query, key)
-        return self.self_attn.rotary_emb(positions, query, key)
+    def query_key_norms(self) -> tuple[nn.Module, nn.Module] | None:
+        """The norms the architecture applies to each query and key head before the rotary embedding (Qwen3)."""
+        return None
 
     def original_attention(self, positions, normed) -> tuple[torch.Tensor, torch.Tensor]:
         """The base attention's forward, also returning the heads' outputs (the input of its `o_proj`)."""
         attention = self.self_attn
         qkv, _ = attention.qkv_proj(normed)
         query, key, value = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-        query, key = self.normalize_query_key(query, key)
+        norms = self.query_key_norms()
+        if norms is not None:
+            query, key = (
+                _normalize_heads(norm, states, attention.head_dim) for norm, states in zip(norms, (query, key))
+            )
         query, key = attention.rotary_emb(positions, query, key)
         heads = attention.attn(query, key, value)
         output, _ = attention.o_proj(heads)
@@ -293,9 +273,12 @@ class OtterModelMixin:
             raise ValueError("Otter models embed both streams from token ids; prompt embeddings are not supported.")
         hidden_states = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         inserted = self.inserted_embed_tokens(input_ids)
+        layers = self.layers[self.start_layer : self.end_layer]
+        # The inserted heads' rotation tables, once for every layer: they all rotate with the same embedding.
+        tables = rotary_tables(layers[0].self_attn.rotary_emb, positions, hidden_states.dtype)
         residual = None
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden_states, residual, inserted = layer(positions, hidden_states, residual, inserted)
+        for layer in layers:
+            hidden_states, residual, inserted = layer(positions, hidden_states, residual, inserted, tables)
         hidden_states, residual = self.norm(hidden_states, residual)
         return torch.cat([hidden_states, self.inserted_norm(inserted, residual)], dim=-1)
 

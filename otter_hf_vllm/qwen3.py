@@ -5,16 +5,10 @@ What differs from Llama: every query and key head is RMS-normalised (`q_norm`, `
 embedding; the inserted heads go through the same norms, as in otter_hf.
 """
 
-import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3Model
 
 from .modeling import OtterDecoderLayerMixin, OtterForCausalLM, OtterModelMixin
-
-
-def _normalize_heads(norm, states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    by_head = states.view(*states.shape[:-1], states.shape[-1] // head_dim, head_dim)
-    return norm(by_head).view(states.shape)
 
 
 class OtterQwen3DecoderLayer(OtterDecoderLayerMixin, Qwen3DecoderLayer):
@@ -22,13 +16,9 @@ class OtterQwen3DecoderLayer(OtterDecoderLayerMixin, Qwen3DecoderLayer):
         super().__init__(config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix)
         self.add_inserted_modules(config, cache_config, prefix)
 
-    def normalize_query_key(self, query, key):
+    def query_key_norms(self):
         # As Qwen3Attention.forward: each head normalised on its own.
-        attention = self.self_attn
-        return (
-            _normalize_heads(attention.q_norm, query, attention.head_dim),
-            _normalize_heads(attention.k_norm, key, attention.head_dim),
-        )
+        return self.self_attn.q_norm, self.self_attn.k_norm
 
 
 class OtterQwen3Model(OtterModelMixin, Qwen3Model):

@@ -5,7 +5,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rotary
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rotary
 
-from otter_hf.modeling.inserted_stream import HalfRotation, InsertedRMSNorm
+from otter_hf.modeling.inserted_layer import HalfRotation, InsertedRMSNorm
 
 
 @pytest.mark.parametrize(
@@ -19,7 +19,9 @@ def test_half_rotation_is_the_architectures_rotary_embedding_bit_for_bit(rotary_
     # Tables whose two halves differ, unlike rotary frequencies, so that a swapped half cannot pass.
     cos, sin = torch.randn(2, 5, rotary_dim, generator=generator), torch.randn(2, 5, rotary_dim, generator=generator)
     expected_query, expected_key = rotary_fn(query, key, cos, sin)
-    rotated = HalfRotation.rotate(torch.cat([query, key], dim=1), HalfRotation.tables(cos, sin))
+    # The inserted heads rotate token-major states, (batch, positions, heads, head_dim).
+    token_major = torch.cat([query, key], dim=1).transpose(1, 2)
+    rotated = HalfRotation.rotate(token_major, HalfRotation.tables(cos, sin)).transpose(1, 2)
     assert torch.equal(rotated, torch.cat([expected_query, expected_key], dim=1))
 
 

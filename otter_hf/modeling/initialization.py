@@ -7,7 +7,7 @@ from torch import nn
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .inserted_stream import OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP
+from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
             if inserted_bias is not None:
                 nn.init.zeros_(inserted_bias)
     for module in model.modules():
-        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedUngatedMLP)):
+        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -90,9 +90,9 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
 
-def _copy_mlp(inserted: nn.Module, copy_source, config) -> None:
+def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
     units = config.inserted_intermediate_size
-    if isinstance(inserted, OtterInsertedMLP):  # gated: gate units, then up units
+    if inserted.gated:  # gate units, then up units
         input_proj, roles = inserted.gate_up_proj, ("gate", "up")
     else:
         input_proj, roles = inserted.up_proj, ("up",)

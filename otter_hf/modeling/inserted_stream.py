@@ -10,13 +10,8 @@ Otter only observes it, at the module boundaries an architecture's `OtterLayout`
 - the attention module's call: the mask, rotary embeddings and cache the layer uses;
 - the input of the attention output projection: the original heads;
 - the input of the MLP down projection: the original units;
-- the end of each decoder layer, where the inserted layer runs on what the layer captured, and the final norm.
-
-Per decoder layer, with `g` the inserted stream (see `otter-design.md`):
-
-    g_n = w' * g / rms(h)                       (the original stream's statistics, the inserted weight)
-    q', k', v' = A [h_n, g_n];  g += O [heads, heads']
-    u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
+- the end of each decoder layer, where the inserted layer (`inserted_layer.py`, the maths vLLM runs too) updates
+  the inserted stream from the layer's `LayerCapture`, and the final norm.
 
 This file imports only torch and transformers, so it ships with a checkpoint as remote code.
 """
@@ -30,61 +25,18 @@ import transformers
 from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
 
-from .configuration_otter import attention_head_size
+from .inserted_layer import (
+    HalfRotation,
+    InsertedRMSNorm,
+    LayerCapture,
+    NormCapture,
+    OtterInsertedAttention,
+)
 
 # transformers 5.25 renamed the cache argument of attention modules from `past_key_values` to `cache`.
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 # What the inserted heads do not pass on to the attention function: the arguments they take themselves.
 _OWN_ATTENTION_ARGUMENTS = frozenset({"hidden_states", "position_embeddings", "attention_mask", *CACHE_ARGUMENT_NAMES})
-
-
-class InsertedRMSNorm:
-    """Llama's RMSNorm, `w * x / rms(x)` cast back to the input dtype before the weight, on the inserted stream:
-    `rms` is the original stream's, the weight the inserted one."""
-
-    neutral_weight = 1.0
-    has_bias = False
-
-    @staticmethod
-    def statistics(original: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # `rsqrt(mean(x²) + eps)` in three operations: one float32 reduction, then `eps + norm² / n` at once. At a
-        # decode step these are tiny tensors, where each operation's dispatch is what costs.
-        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32)
-        return torch.addcmul(eps, norm, norm, value=1.0 / original.shape[-1]).rsqrt_()
-
-    @staticmethod
-    def normalize(norm: nn.Module, inverse_rms: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
-        if inserted.dtype == torch.float32:  # the casts below are identities; skip their dispatch
-            return norm.inserted_weight * (inserted * inverse_rms)
-        return norm.inserted_weight * (inserted.to(torch.float32) * inverse_rms).to(inserted.dtype)
-
-
-class InsertedGemmaRMSNorm(InsertedRMSNorm):
-    """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in float32; a zero weight leaves the stream unscaled."""
-
-    neutral_weight = 0.0
-
-    @staticmethod
-    def normalize(norm, inverse_rms, inserted):
-        return (inserted.float() * inverse_rms * (1.0 + norm.inserted_weight.float())).type_as(inserted)
-
-
-class InsertedLayerNorm:
-    """LayerNorm with bias (GPT-2): the inserted stream is centred and scaled by the original stream's mean and
-    variance, then takes its own weight and bias."""
-
-    neutral_weight = 1.0
-    has_bias = True
-
-    @staticmethod
-    def statistics(original, eps):
-        variance, mean = torch.var_mean(original, dim=-1, keepdim=True, correction=0)
-        return mean, torch.rsqrt(variance + eps)
-
-    @staticmethod
-    def normalize(norm, statistics, inserted):
-        mean, inverse_std = statistics
-        return (inserted - mean) * inverse_std * norm.inserted_weight + norm.inserted_bias
 
 
 def linear_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,33 +54,6 @@ LINEAR_COPY_SOURCES = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-
-
-class HalfRotation:
-    """Rotary embeddings as Llama applies them, `x * cos + rotate_half(x) * sin`, on the first `cos.shape[-1]`
-    channels of each head (all of them, or Phi-3's partial rotary), with the tables the base attention received.
-
-    The inserted heads rotate their queries and keys as one tensor, and `rotate_half(x) * sin` is taken as
-    `roll(x) * signed_sin`, the same products: four operations per layer where the base function spends fourteen.
-    """
-
-    @staticmethod
-    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(cos, signed_sin)` broadcast over heads, once per forward for every layer that shares the embeddings."""
-        half = sin.shape[-1] // 2
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return cos.unsqueeze(1), signed_sin.unsqueeze(1)
-
-    @staticmethod
-    def rotate(states: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """`states` (batch, heads, positions, head_dim), rotated."""
-        cos, signed_sin = tables
-        rotary_dim = cos.shape[-1]
-        if rotary_dim == states.shape[-1]:
-            return states * cos + states.roll(rotary_dim // 2, dims=-1) * signed_sin
-        rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
-        rotated = rotated * cos + rotated.roll(rotary_dim // 2, dims=-1) * signed_sin
-        return torch.cat([rotated, passed], dim=-1)
 
 
 def attention_sliding_window(attention: nn.Module) -> int | None:
@@ -208,108 +133,57 @@ def ensure_inserted_cache_layers(cache: Cache, config) -> None:
         )
 
 
-class OtterInsertedAttention(nn.Module):
-    """The inserted attention heads of one layer.
+@dataclass
+class TransformersHeadsAttention:
+    """How one layer's inserted heads attend in transformers (`InsertedHeadsAttention`): with the attention
+    function of the model's attention implementation, and the mask, window, scale, q/k norms, rotary embeddings and
+    cache the base attention module received. Their keys and values go to the cache's inserted layers (see
+    `ensure_inserted_cache_layers`)."""
 
-    Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream only,
-    reads the original heads' outputs and the inserted heads' outputs. The heads attend as the base attention
-    module does: its rotary embeddings, q/k norms, scale, window, mask and attention implementation.
-    """
+    heads: OtterInsertedAttention
+    base_attention: nn.Module
+    attention_kwargs: dict
+    layer_index: int
+    stream: "InsertedStream"
+    layout: "OtterLayout"
 
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, output_bias: bool):
-        super().__init__()
-        self.config = config
-        self.head_dim = attention_head_size(config)
-        self.num_heads = config.inserted_num_attention_heads
-        self.num_key_value_heads = config.inserted_num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        # The inserted heads cache after all original layers, see `ensure_inserted_cache_layers`.
-        self.layer_idx = config.num_hidden_layers + layer_idx
-        input_size = config.hidden_size + config.inserted_hidden_size
-        qkv_size = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
-        heads_size = (config.num_attention_heads + self.num_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(input_size, qkv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(heads_size, config.inserted_hidden_size, bias=output_bias)
+    @property
+    def rotary(self) -> type:
+        return self.layout.rotary
 
-    def forward(
-        self,
-        normed: torch.Tensor,
-        inserted_normed: torch.Tensor,
-        original_heads: torch.Tensor,
-        base_attention: nn.Module,
-        attention_kwargs: dict,
-        layout: OtterLayout,
-        stream: "InsertedStream",
-    ) -> torch.Tensor:
-        input_shape = normed.shape[:-1]
-        qkv = self.qkv_proj(torch.cat([normed, inserted_normed], dim=-1)).view(*input_shape, -1, self.head_dim)
-        query_key, value = qkv.transpose(1, 2).split(
-            [self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=1
-        )
-        if layout.query_key_norms is not None:
-            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
-            query_norm, key_norm = (base_attention.get_submodule(path) for path in layout.query_key_norms)
-            query_key = torch.cat([query_norm(query), key_norm(key)], dim=1)
-        if layout.rotary is not None:
-            query_key = layout.rotary.rotate(query_key, stream.rotary_tables(layout.rotary, attention_kwargs))
-        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
-        cache = next(
-            (attention_kwargs[name] for name in CACHE_ARGUMENT_NAMES if attention_kwargs.get(name) is not None), None
-        )
+    @property
+    def rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.layout.rotary is None:
+            return None
+        return self.stream.rotary_tables(self.layout.rotary, self.attention_kwargs)
+
+    @property
+    def query_key_norms(self) -> tuple[nn.Module, nn.Module] | None:
+        if self.layout.query_key_norms is None:
+            return None
+        return tuple(self.base_attention.get_submodule(path) for path in self.layout.query_key_norms)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        kwargs, config = self.attention_kwargs, self.stream.config
+        # transformers' attention functions and caches take (batch, heads, positions, head_dim).
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
         if cache is not None:
-            ensure_inserted_cache_layers(cache, self.config)
-            key, value = cache.update(key, value, self.layer_idx)
-        heads, _ = stream.attention_fn(
-            self,
+            ensure_inserted_cache_layers(cache, config)
+            key, value = cache.update(key, value, config.num_hidden_layers + self.layer_index)
+        heads, _ = self.stream.attention_fn(
+            self.heads,
             query,
             key,
             value,
-            attention_kwargs.get("attention_mask"),
-            dropout=0.0 if not self.training else self.attention_dropout,
+            kwargs.get("attention_mask"),
+            dropout=config.attention_dropout if self.heads.training else 0.0,
             # The inserted heads attend like the original ones: same scale, same window.
-            scaling=base_attention.scaling,
-            sliding_window=layout.sliding_window(base_attention),
-            **{name: value for name, value in attention_kwargs.items() if name not in _OWN_ATTENTION_ARGUMENTS},
+            scaling=self.base_attention.scaling,
+            sliding_window=self.layout.sliding_window(self.base_attention),
+            **{name: value for name, value in kwargs.items() if name not in _OWN_ATTENTION_ARGUMENTS},
         )
-        heads = heads.reshape(*input_shape, -1)
-        return self.o_proj(torch.cat([original_heads, heads], dim=-1))
-
-
-class OtterInsertedMLP(nn.Module):
-    """The inserted gated units of one layer: gate and up read both streams, down reads all units."""
-
-    def __init__(self, config, bias: bool, act_fn: Callable):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.gate_up_proj = nn.Linear(input_size, 2 * config.inserted_intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(
-            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
-        )
-        self.act_fn = act_fn
-
-    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        gate, up = self.gate_up_proj(torch.cat([normed, inserted_normed], dim=-1)).chunk(2, dim=-1)
-        return self.down_proj(torch.cat([original_units, self.act_fn(gate) * up], dim=-1))
-
-
-class OtterInsertedUngatedMLP(nn.Module):
-    """The inserted units of one layer of an MLP without a gate (GPT-2): up reads both streams, down reads all
-    units."""
-
-    def __init__(self, config, bias: bool, act_fn: Callable):
-        super().__init__()
-        input_size = config.hidden_size + config.inserted_hidden_size
-        self.up_proj = nn.Linear(input_size, config.inserted_intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(
-            config.intermediate_size + config.inserted_intermediate_size, config.inserted_hidden_size, bias=bias
-        )
-        self.act_fn = act_fn
-
-    def forward(self, normed: torch.Tensor, inserted_normed: torch.Tensor, original_units: torch.Tensor):
-        units = self.act_fn(self.up_proj(torch.cat([normed, inserted_normed], dim=-1)))
-        return self.down_proj(torch.cat([original_units, units], dim=-1))
+        return heads.reshape(*heads.shape[:-2], -1)
 
 
 class CapturePointMissed(RuntimeError):
@@ -327,7 +201,8 @@ class CapturePointMissed(RuntimeError):
 class InsertedStream:
     """The inserted stream `g` through one forward of the base model, and what the running layer has captured."""
 
-    def __init__(self, compute_grad: bool, record_hidden_states: bool, norm_eps: float, attention_fn: Callable):
+    def __init__(self, config, compute_grad: bool, record_hidden_states: bool, norm_eps: float, attention_fn: Callable):
+        self.config = config
         # Whether the inserted computation builds a graph (the base runs without one while training).
         self.compute_grad = compute_grad
         # Read once per forward rather than at every capture: the norms' eps, the attention implementation.
@@ -337,8 +212,9 @@ class InsertedStream:
         # id(cos) -> (cos, the rotation's tables): computed once for all layers that receive the same embeddings.
         self._rotary_tables: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.hidden: torch.Tensor | None = None
-        # Capture point path -> what its hook recorded, for the decoder layer running now.
-        self.captured: dict[str, tuple] = {}
+        # Capture point path -> what its hook recorded, for the decoder layer running now: a `NormCapture` for a
+        # norm, the (module, keyword arguments) of the attention call, the input tensor of an output projection.
+        self.captured: dict[str, NormCapture | tuple[nn.Module, dict] | torch.Tensor] = {}
         self.layers_run = 0
         # The inserted stream entering each decoder layer, then after the final norm (as transformers records the
         # original stream's hidden states), when asked for.
@@ -369,7 +245,24 @@ class InsertedStream:
     def add_embedding(self, embedding: torch.Tensor) -> None:
         self.hidden = embedding if self.hidden is None else self.hidden + embedding
 
-    def take(self, path: str, layer_path: str) -> tuple:
+    def take(self, path: str, layer_path: str):
         if path not in self.captured:
             raise CapturePointMissed(f"{layer_path}.{path}")
         return self.captured.pop(path)
+
+    def layer_capture(self, layout: "OtterLayout", layer: nn.Module, layer_path: str, index: int) -> LayerCapture:
+        """What the decoder layer that just ran handed the capture points, as the inserted layer reads it."""
+        attention, attention_kwargs = self.take(layout.attention, layer_path)
+
+        def output_norm(path: str | None) -> NormCapture | None:
+            return self.take(path, layer_path) if path is not None else None
+
+        return LayerCapture(
+            attention_norm=self.take(layout.attention_norm, layer_path),
+            attention=TransformersHeadsAttention(layer.inserted_attn, attention, attention_kwargs, index, self, layout),
+            original_heads=self.take(layout.attention_output, layer_path),
+            mlp_norm=self.take(layout.mlp_norm, layer_path),
+            original_units=self.take(layout.mlp_output, layer_path),
+            attention_output_norm=output_norm(layout.attention_output_norm),
+            mlp_output_norm=output_norm(layout.mlp_output_norm),
+        )

@@ -28,16 +28,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, FinalStreams, is_inserted_parameter
-from .inserted_stream import (
-    CACHE_ARGUMENT_NAMES,
-    CapturePointMissed,
-    InsertedStream,
-    OtterInsertedAttention,
-    OtterInsertedMLP,
-    OtterInsertedUngatedMLP,
-    OtterLayout,
-)
+from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, inserted_layer
+from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout
 from .persistence import (
     base_weights_fingerprint,
     replace_files,
@@ -103,16 +97,33 @@ class OtterModelMixin:
             self._capture_point(layer, path, layer_path).register_forward_pre_hook(
                 functools.partial(self._capture_input, path)
             )
-        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path))
+        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index))
 
-        query_bias = layout.copy_source(layer, "query")[1] is not None
-        output_bias = layout.copy_source(layer, "output")[1] is not None
-        layer.inserted_attn = OtterInsertedAttention(config, index, qkv_bias=query_bias, output_bias=output_bias)
-        mlp_class = OtterInsertedMLP if layout.gated_mlp else OtterInsertedUngatedMLP
-        layer.inserted_mlp = mlp_class(
-            config,
-            bias=layout.copy_source(layer, "up")[1] is not None,
+        # The inserted projections take biases where their base counterparts have them.
+        has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output", "up")}
+        head_dim = attention_head_size(config)
+        layer.inserted_attn = OtterInsertedAttention(
+            config.hidden_size,
+            config.inserted_hidden_size,
+            num_original_heads=config.num_attention_heads,
+            num_heads=config.inserted_num_attention_heads,
+            num_key_value_heads=config.inserted_num_key_value_heads,
+            head_dim=head_dim,
+            qkv_bias=has_bias["query"],
+            output_bias=has_bias["output"],
+            norm=layout.norm,
+        )
+        # The attention functions of transformers read these from the module they are handed.
+        layer.inserted_attn.is_causal = True
+        layer.inserted_mlp = OtterInsertedMLP(
+            config.hidden_size,
+            config.inserted_hidden_size,
+            original_units=config.intermediate_size,
+            inserted_units=config.inserted_intermediate_size,
+            bias=has_bias["up"],
             act_fn=self._capture_point(layer, layout.mlp_activation, layer_path),
+            norm=layout.norm,
+            gated=layout.gated_mlp,
         )
 
     def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "") -> nn.Module:
@@ -159,6 +170,7 @@ class OtterModelMixin:
                 "An Otter model computes one inserted stream at a time; this forward ran inside another."
             )
         stream = InsertedStream(
+            self.config,
             torch.is_grad_enabled(),
             record_hidden_states,
             norm_eps=getattr(self.config, self.otter_layout.norm_eps),
@@ -195,8 +207,7 @@ class OtterModelMixin:
     def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
         stream = self._inserted_stream
         if stream is not None:
-            statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps(args[0].device))
-            stream.captured[path] = (norm, statistics, output)
+            stream.captured[path] = self._norm_capture(norm, args[0], output, stream)
 
     def _capture_attention_call(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inserted_stream is not None:
@@ -204,9 +215,9 @@ class OtterModelMixin:
 
     def _capture_input(self, path: str, module: nn.Module, args: tuple) -> None:
         if self._inserted_stream is not None:
-            self._inserted_stream.captured[path] = (args[0],)
+            self._inserted_stream.captured[path] = args[0]
 
-    def _run_inserted_layer(self, layer_path: str, layer: nn.Module, args: tuple, output) -> None:
+    def _run_inserted_layer(self, layer_path: str, index: int, layer: nn.Module, args: tuple, output) -> None:
         stream = self._inserted_stream
         if stream is None:
             return
@@ -214,46 +225,28 @@ class OtterModelMixin:
             raise CapturePointMissed(self.otter_layout.token_embedding)
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.hidden)
+        capture = stream.layer_capture(self.otter_layout, layer, layer_path, index)
         with stream.grad_mode():
-            stream.hidden = self.inserted_layer(layer, layer_path, stream)
+            stream.hidden = inserted_layer(layer.inserted_attn, layer.inserted_mlp, stream.hidden, capture)
         stream.captured.clear()
         stream.layers_run += 1
 
-    def inserted_layer(self, layer: nn.Module, layer_path: str, stream: InsertedStream) -> torch.Tensor:
-        """One decoder layer of the inserted stream, from what the base layer handed to the capture points."""
-        layout = self.otter_layout
-        inserted = stream.hidden
-
-        norm, statistics, normed = stream.take(layout.attention_norm, layer_path)
-        inserted_normed = layout.norm.normalize(norm, statistics, inserted)
-        attention, attention_kwargs = stream.take(layout.attention, layer_path)
-        (original_heads,) = stream.take(layout.attention_output, layer_path)
-        output = layer.inserted_attn(
-            normed, inserted_normed, original_heads, attention, attention_kwargs, layout, stream
+    def _norm_capture(self, norm: nn.Module, original: torch.Tensor, normed, stream: InsertedStream) -> NormCapture:
+        """A base norm seen from the inserted stream: the statistics of its input, its output, the inserted weights."""
+        return NormCapture(
+            statistics=self.otter_layout.norm.statistics(original, stream.norm_eps(original.device)),
+            normed=normed,
+            weight=norm.inserted_weight,
+            bias=getattr(norm, "inserted_bias", None),
         )
-        inserted = inserted + self._normalize_output(output, layout.attention_output_norm, layer_path, stream)
-
-        norm, statistics, normed = stream.take(layout.mlp_norm, layer_path)
-        inserted_normed = layout.norm.normalize(norm, statistics, inserted)
-        (original_units,) = stream.take(layout.mlp_output, layer_path)
-        output = layer.inserted_mlp(normed, inserted_normed, original_units)
-        return inserted + self._normalize_output(output, layout.mlp_output_norm, layer_path, stream)
-
-    def _normalize_output(self, output, output_norm: str | None, layer_path: str, stream) -> torch.Tensor:
-        """A module's inserted output, normalised with the original output's statistics where the architecture
-        norms module outputs (Gemma)."""
-        if output_norm is None:
-            return output
-        norm, statistics, _ = stream.take(output_norm, layer_path)
-        return self.otter_layout.norm.normalize(norm, statistics, output)
 
     def _normalize_final_streams(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
         stream = self._inserted_stream
         if stream is None:
             return
-        statistics = self.otter_layout.norm.statistics(args[0], stream.norm_eps(args[0].device))
+        capture = self._norm_capture(norm, args[0], output, stream)
         with stream.grad_mode():
-            stream.final_inserted = self.otter_layout.norm.normalize(norm, statistics, stream.hidden)
+            stream.final_inserted = self.otter_layout.norm.normalize(capture, stream.hidden)
         stream.final_original = output
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.final_inserted)

@@ -18,7 +18,8 @@ from transformers.models.gemma3.modeling_gemma3 import (
 )
 
 from .configuration_otter import OtterConfigMixin
-from .inserted_stream import InsertedGemmaRMSNorm, OtterLayout
+from .inserted_layer import InsertedGemmaRMSNorm
+from .inserted_stream import OtterLayout
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin
 from .sequence_classification import OtterForSequenceClassificationMixin
 

@@ -13,7 +13,8 @@ from transformers.models.gpt2.configuration_gpt2 import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel, GPT2Model, eager_attention_forward
 
 from .configuration_otter import OtterConfigMixin
-from .inserted_stream import InsertedLayerNorm, OtterLayout
+from .inserted_layer import InsertedLayerNorm
+from .inserted_stream import OtterLayout
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin
 from .sequence_classification import OtterForSequenceClassificationMixin
 

@@ -1,0 +1,307 @@
+"""One inserted decoder layer, in plain torch: the maths both engines run, transformers and vLLM.
+
+A base decoder layer computes the original stream `h`; the engine collects what the inserted stream reads from it
+into a `LayerCapture` (the norms' statistics of `h` and their outputs `h_n`, the original heads and units, how
+the inserted heads attend) and the inserted modules turn it into the inserted stream's update. Per decoder layer,
+with `g` the inserted stream (see `otter-design.md`):
+
+    g_n = w' * g / rms(h)                       (the original stream's statistics, the inserted weight)
+    q', k', v' = A [h_n, g_n];  g += O [heads, heads']
+    u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
+
+Where transformers and vLLM differ (their attention kernels and caches, their linear layers, how weights load),
+the engine hands in an object: `InsertedHeadsAttention` for attending, a linear layer over both streams for each
+projection. Everything else is written here once.
+
+This file imports only torch, so it ships with a checkpoint as remote code and loads in vLLM's environment.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+# -- what a base layer hands the inserted layer ---------------------------------------------------------------
+
+
+@dataclass
+class NormCapture:
+    """One base norm, seen from the inserted stream: the statistics of the original stream at its input, its
+    output (the normalised original stream `h_n`), and the inserted stream's own weight (and bias) for it."""
+
+    statistics: Any
+    normed: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+class InsertedHeadsAttention(Protocol):
+    """How the inserted heads of one layer attend, as the base heads of that layer do. Queries, keys and values
+    come token-major: `(..., tokens, heads, head_dim)`."""
+
+    # The rotation's tables for these positions (`HalfRotation.tables`), None where the layer rotates nothing.
+    rotary_tables: tuple[torch.Tensor, torch.Tensor] | None
+    # The base attention's per-head query and key norms (Qwen3, Gemma 3), None where it has none.
+    query_key_norms: tuple[nn.Module, nn.Module] | None
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, `(..., tokens, heads * head_dim)`, with the layer's scale, window, mask and cache."""
+
+
+@dataclass
+class LayerCapture:
+    """What the inserted layer reads from one base decoder layer's forward."""
+
+    attention_norm: NormCapture
+    attention: InsertedHeadsAttention
+    # The input of the attention output projection: the original heads' outputs.
+    original_heads: torch.Tensor
+    mlp_norm: NormCapture
+    # The input of the MLP down projection: the original units.
+    original_units: torch.Tensor
+    # Norms on a module's output (Gemma's sandwich norms): only the statistics are read.
+    attention_output_norm: NormCapture | None = None
+    mlp_output_norm: NormCapture | None = None
+
+
+# -- norms ------------------------------------------------------------------------------------------------------
+
+
+class InsertedRMSNorm:
+    """Llama's RMSNorm, `w * x / rms(x)` cast back to the input dtype before the weight, on the inserted stream:
+    `rms` is the original stream's, the weight the inserted one."""
+
+    neutral_weight = 1.0
+    has_bias = False
+
+    @staticmethod
+    def statistics(original: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # `rsqrt(mean(x²) + eps)` in three operations: one float32 reduction, then `eps + norm² / n` at once. At a
+        # decode step these are tiny tensors, where each operation's dispatch is what costs.
+        norm = torch.linalg.vector_norm(original, dim=-1, keepdim=True, dtype=torch.float32)
+        return torch.addcmul(eps, norm, norm, value=1.0 / original.shape[-1]).rsqrt_()
+
+    @staticmethod
+    def normalize(norm: NormCapture, inserted: torch.Tensor) -> torch.Tensor:
+        if inserted.dtype == torch.float32:  # the casts below are identities; skip their dispatch
+            return norm.weight * (inserted * norm.statistics)
+        return norm.weight * (inserted.to(torch.float32) * norm.statistics).to(inserted.dtype)
+
+
+class InsertedGemmaRMSNorm(InsertedRMSNorm):
+    """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in float32; a zero weight leaves the stream unscaled."""
+
+    neutral_weight = 0.0
+
+    @staticmethod
+    def normalize(norm, inserted):
+        return (inserted.float() * norm.statistics * (1.0 + norm.weight.float())).type_as(inserted)
+
+
+class InsertedLayerNorm:
+    """LayerNorm with bias (GPT-2): the inserted stream is centred and scaled by the original stream's mean and
+    variance, then takes its own weight and bias."""
+
+    neutral_weight = 1.0
+    has_bias = True
+
+    @staticmethod
+    def statistics(original, eps):
+        variance, mean = torch.var_mean(original, dim=-1, keepdim=True, correction=0)
+        return mean, torch.rsqrt(variance + eps)
+
+    @staticmethod
+    def normalize(norm, inserted):
+        mean, inverse_std = norm.statistics
+        return (inserted - mean) * inverse_std * norm.weight + norm.bias
+
+
+# -- rotation ---------------------------------------------------------------------------------------------------
+
+
+class HalfRotation:
+    """Rotary embeddings as Llama applies them, `x * cos + rotate_half(x) * sin`, on the first `cos.shape[-1]`
+    channels of each head (all of them, or Phi-3's partial rotary), with the tables the base attention uses.
+
+    The inserted heads rotate their queries and keys as one tensor, and `rotate_half(x) * sin` is taken as
+    `roll(x) * signed_sin`, the same products: four operations per layer where the base function spends fourteen.
+    """
+
+    @staticmethod
+    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, signed_sin)` from tables of shape `(..., tokens, rotary_dim)`, broadcast over the heads of
+        token-major states; computed once per forward for every layer that shares the embeddings."""
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos.unsqueeze(-2), signed_sin.unsqueeze(-2)
+
+    @staticmethod
+    def rotate(states: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`states` (..., tokens, heads, head_dim), rotated."""
+        cos, signed_sin = tables
+        rotary_dim = cos.shape[-1]
+        if rotary_dim == states.shape[-1]:
+            return states * cos + states.roll(rotary_dim // 2, dims=-1) * signed_sin
+        rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
+        rotated = rotated * cos + rotated.roll(rotary_dim // 2, dims=-1) * signed_sin
+        return torch.cat([rotated, passed], dim=-1)
+
+
+# -- projections over both streams ----------------------------------------------------------------------------
+
+
+class JoinedLinear(nn.Linear):
+    """A linear layer over the original and the inserted stream joined, `W [x, y] + b`, holding `W` as one
+    weight (its checkpoint layout). vLLM holds the same weight as two column blocks (`otter_hf_vllm`)."""
+
+    def forward(self, original: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cat([original, inserted], dim=-1))
+
+
+def check_joined_weight(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Refuse a stored weight of an inserted projection whose shape does not fit the config."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"The inserted weight `{name}` has shape {tuple(shape)} in this checkpoint, where its config gives "
+            f"{tuple(expected)}: the weights and config.json do not belong together; save the model again with "
+            "`save_pretrained`."
+        )
+
+
+LinearFactory = Callable[[int, int, int, bool, str], nn.Module]
+
+
+def joined_linear(original_size: int, inserted_size: int, output_size: int, bias: bool, name: str) -> nn.Module:
+    """transformers' projection over both streams (`name` is the module's path, which vLLM's layers need)."""
+    return JoinedLinear(original_size + inserted_size, output_size, bias=bias)
+
+
+# -- the inserted modules ---------------------------------------------------------------------------------------
+
+
+class OtterInsertedAttention(nn.Module):
+    """The inserted attention heads of one layer, and their update of the inserted stream.
+
+    Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream only,
+    reads the original heads' outputs and the inserted heads' outputs. The heads attend as the base heads do:
+    their q/k norms, rotation, scale, window, mask, attention kernel and cache (the capture's `attention`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        inserted_hidden_size: int,
+        num_original_heads: int,
+        num_heads: int,
+        num_key_value_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        output_bias: bool,
+        norm: type,
+        linear: LinearFactory = joined_linear,
+        prefix: str = "",
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_groups = num_heads // num_key_value_heads
+        self.norm = norm
+        qkv_size = (num_heads + 2 * num_key_value_heads) * head_dim
+        self.qkv_proj = linear(hidden_size, inserted_hidden_size, qkv_size, qkv_bias, f"{prefix}.qkv_proj")
+        self.o_proj = linear(
+            num_original_heads * head_dim, num_heads * head_dim, inserted_hidden_size, output_bias, f"{prefix}.o_proj"
+        )
+
+    def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
+        """The attention's update of the inserted stream."""
+        attention = capture.attention
+        inserted_normed = self.norm.normalize(capture.attention_norm, inserted)
+        qkv = self.qkv_proj(capture.attention_norm.normed, inserted_normed)
+        qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
+        query_key, value = qkv.split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=-2)
+        if attention.query_key_norms is not None:
+            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
+            query_norm, key_norm = attention.query_key_norms
+            query_key = torch.cat([query_norm(query), key_norm(key)], dim=-2)
+        if attention.rotary_tables is not None:
+            query_key = HalfRotation.rotate(query_key, attention.rotary_tables)
+        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
+        heads = attention.attend(query, key, value)
+        output = self.o_proj(capture.original_heads, heads)
+        if capture.attention_output_norm is not None:
+            output = self.norm.normalize(capture.attention_output_norm, output)
+        return output
+
+
+class OtterInsertedMLP(nn.Module):
+    """The inserted units of one layer, and their update of the inserted stream: gate and up (or up alone, for an
+    MLP without a gate) read both streams, down reads the original units and the inserted ones."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        inserted_hidden_size: int,
+        original_units: int,
+        inserted_units: int,
+        bias: bool,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        norm: type,
+        gated: bool = True,
+        linear: LinearFactory = joined_linear,
+        prefix: str = "",
+    ):
+        super().__init__()
+        self.gated = gated
+        self.norm = norm
+        # The names of the checkpoint layout: `gate_up_proj` for a gated MLP, `up_proj` otherwise.
+        input_projection = "gate_up_proj" if gated else "up_proj"
+        input_size = 2 * inserted_units if gated else inserted_units
+        setattr(
+            self,
+            input_projection,
+            linear(hidden_size, inserted_hidden_size, input_size, bias, f"{prefix}.{input_projection}"),
+        )
+        self.down_proj = linear(original_units, inserted_units, inserted_hidden_size, bias, f"{prefix}.down_proj")
+        self.act_fn = act_fn
+
+    def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
+        """The MLP's update of the inserted stream."""
+        inserted_normed = self.norm.normalize(capture.mlp_norm, inserted)
+        normed = capture.mlp_norm.normed
+        if self.gated:
+            gate, up = self.gate_up_proj(normed, inserted_normed).chunk(2, dim=-1)
+            units = self.act_fn(gate) * up
+        else:
+            units = self.act_fn(self.up_proj(normed, inserted_normed))
+        output = self.down_proj(capture.original_units, units)
+        if capture.mlp_output_norm is not None:
+            output = self.norm.normalize(capture.mlp_output_norm, output)
+        return output
+
+
+def inserted_layer(
+    attention: OtterInsertedAttention, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
+) -> torch.Tensor:
+    """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture."""
+    inserted = inserted + attention(inserted, capture)
+    return inserted + mlp(inserted, capture)
+
+
+__all__ = [
+    "HalfRotation",
+    "InsertedGemmaRMSNorm",
+    "InsertedHeadsAttention",
+    "InsertedLayerNorm",
+    "InsertedRMSNorm",
+    "JoinedLinear",
+    "LayerCapture",
+    "NormCapture",
+    "OtterInsertedAttention",
+    "OtterInsertedMLP",
+    "check_joined_weight",
+    "inserted_layer",
+    "joined_linear",
+]
