@@ -27,23 +27,5 @@ def _load_inserted_layer():
 
 
 _inserted_layer = _load_inserted_layer()
-
-HalfRotation = _inserted_layer.HalfRotation
-InsertedRMSNorm = _inserted_layer.InsertedRMSNorm
-LayerCapture = _inserted_layer.LayerCapture
-NormCapture = _inserted_layer.NormCapture
-OtterInsertedAttention = _inserted_layer.OtterInsertedAttention
-OtterInsertedMLP = _inserted_layer.OtterInsertedMLP
-check_joined_weight = _inserted_layer.check_joined_weight
-inserted_layer = _inserted_layer.inserted_layer
-
-__all__ = [
-    "HalfRotation",
-    "InsertedRMSNorm",
-    "LayerCapture",
-    "NormCapture",
-    "OtterInsertedAttention",
-    "OtterInsertedMLP",
-    "check_joined_weight",
-    "inserted_layer",
-]
+globals().update({name: getattr(_inserted_layer, name) for name in _inserted_layer.__all__})
+__all__ = list(_inserted_layer.__all__)
