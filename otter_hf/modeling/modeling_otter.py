@@ -24,9 +24,9 @@ import transformers
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, FinalStreams, is_inserted_parameter
@@ -251,13 +251,15 @@ class OtterModelMixin:
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.final_inserted)
 
+    @can_return_tuple
     def forward(self, *args, **kwargs):
-        """The architecture's own forward; run on its own, the backbone adds the inserted stream to its output."""
+        """The architecture's own forward; run on its own, the backbone adds the inserted stream to its output
+        (after the base's fields, so a tuple output keeps the base's positions)."""
         if self._inserted_stream is not None or not self.otter_enabled:
             return super().forward(*args, **kwargs)
         record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
         with self.inserted_stream(record_hidden_states=record) as stream:
-            outputs = super().forward(*args, **kwargs)
+            outputs = super().forward(*args, return_dict=True, **kwargs)
         return OtterModelOutputWithPast(
             **outputs,
             inserted_last_hidden_state=stream.final_inserted,
@@ -266,7 +268,7 @@ class OtterModelMixin:
 
 
 @dataclass
-class OtterModelOutputWithPast(BaseModelOutputWithPast):
+class OtterModelOutputWithPast(BaseModelOutputWithPastAndCrossAttentions):
     r"""
     The architecture's backbone output, plus the inserted stream.
 
@@ -281,10 +283,11 @@ class OtterModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class OtterCausalLMOutputWithValue(CausalLMOutputWithPast):
+class OtterCausalLMOutputWithValue(CausalLMOutputWithCrossAttentions):
     r"""
-    The architecture's causal LM output (`loss`, `logits`, the cache, `hidden_states`, `attentions`: the base
-    model's own, bit-identical), plus the inserted stream and the output of each inserted head.
+    The architecture's causal LM output (`loss`, `logits`, the cache, `hidden_states`, `attentions`, and GPT-2's
+    `cross_attentions`: the base model's own, bit-identical, in its order), then the inserted stream and the output
+    of each inserted head.
 
     inserted_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         The inserted stream at the points where `hidden_states` records the original one.
@@ -311,6 +314,23 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     # `logits_to_keep=1`) torch folds the matmul into 2D only when the weight requires grad; the frozen LM head
     # would take a batched matmul that rounds differently. The same values, laid out as the base's fold lays them.
     return (args[0].contiguous(), *args[1:])
+
+
+@torch.no_grad()
+def _resized_rows(weight: nn.Parameter, rows: int, new_rows: str | float) -> nn.Parameter:
+    """`weight` with `rows` rows: its own first, then new ones (`"mean"` of the old rows, `"zeros"`, or normal with
+    that standard deviation)."""
+    kept = min(rows, weight.shape[0])
+    resized = weight.new_empty(rows, *weight.shape[1:])
+    resized[:kept] = weight[:kept]
+    if rows > kept:
+        if new_rows == "mean":
+            resized[kept:] = weight.float().mean(0).to(weight.dtype)
+        elif new_rows == "zeros":
+            resized[kept:] = 0
+        else:
+            resized[kept:].normal_(0.0, new_rows)
+    return nn.Parameter(resized, requires_grad=weight.requires_grad)
 
 
 class OtterForCausalLMMixin:
@@ -352,6 +372,37 @@ class OtterForCausalLMMixin:
         return loaded
 
     # -- inserted parameters -------------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # What differs from `nn.Module._apply`: the heads transformers loads in float32 (`_keep_in_fp32_modules_strict`)
+        # stay in float32 through `model.to(dtype)`, `.half()` and `.bfloat16()`, as they do through loading.
+        super()._apply(fn, recurse)
+        for head in INSERTED_HEADS:
+            module = getattr(self, head.attribute, None) if head.keep_in_fp32 else None
+            if module is not None and any(
+                p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()
+            ):
+                module.float()
+        return self
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """`PreTrainedModel.resize_token_embeddings`, plus what Otter holds per vocabulary entry: the inserted
+        embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
+        N(0, initializer_range)) and the token-level reward head's rows (new rows zero: the reward policy starts
+        as the base policy for new tokens too)."""
+        token_embedding = self.base_model.get_submodule(self.base_model.otter_layout.token_embedding)
+        # transformers carries the base weight's `requires_grad` over to every parameter of the embedding module.
+        inserted_trainable = token_embedding.inserted_weight.requires_grad
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.num_embeddings
+        token_embedding.inserted_weight = _resized_rows(
+            token_embedding.inserted_weight, size, "mean" if mean_resizing else self.config.initializer_range
+        )
+        token_embedding.inserted_weight.requires_grad_(inserted_trainable)
+        if self.token_reward_head is not None:
+            self.token_reward_head.proj.weight = _resized_rows(self.token_reward_head.proj.weight, size, "zeros")
+            self.token_reward_head.proj.out_features = size
+        return embeddings
 
     def freeze_base_parameters(self) -> None:
         """Freeze every original parameter; only the inserted ones (inserted heads included) stay trainable."""
@@ -436,6 +487,7 @@ class OtterForCausalLMMixin:
 
     # -- forward -------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -460,7 +512,8 @@ class OtterForCausalLMMixin:
         output_token_reward_logits (`bool`, *optional*, defaults to `False`):
             Also compute the token-level reward head's `token_reward_logits`.
 
-        The other arguments are the base causal LM's. The cache goes under this transformers' name for it (`cache`
+        The other arguments are the base causal LM's; `return_dict=False` returns the tuple of the fields that are
+        set, the base's first, in the base's order. The cache goes under this transformers' name for it (`cache`
         from 5.25 on) or under `past_key_values` on every version.
         """
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
@@ -485,6 +538,7 @@ class OtterForCausalLMMixin:
                 labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                return_dict=True,
                 **kwargs,
             )
         if stream is None:

@@ -1,0 +1,62 @@
+"""Conventions transformers' own models follow, kept by the Otter classes: tuple outputs, dtype casts, resizing."""
+
+import torch
+from conftest import make_base, make_otter, random_batch
+from transformers import AutoModelForCausalLM
+
+
+def _same(left, right) -> bool:
+    if isinstance(left, torch.Tensor):
+        return torch.equal(left, right)
+    if isinstance(left, (tuple, list)):
+        return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))
+    return type(left) is type(right)  # a cache object: compared by its type only
+
+
+def test_tuple_output_holds_the_base_fields_first_in_the_base_order(base_name):
+    base = make_base(base_name, attn_implementation="eager")
+    otter = make_otter(base)
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    with torch.no_grad():
+        expected = base(**options, output_attentions=True, return_dict=False)
+        as_dict = otter(**options, output_attentions=True)
+        as_tuple = otter(**options, output_attentions=True, return_dict=False)
+        backbone_tuple = otter.base_model(**options, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
+    assert _same(as_tuple[: len(expected)], expected)
+    assert torch.equal(as_tuple[len(expected) + 1], as_dict.value)  # after the inserted hidden states
+    assert isinstance(backbone_tuple, tuple) and torch.equal(backbone_tuple[0], as_dict.hidden_states[-1])
+
+
+def test_casting_the_model_keeps_the_value_head_in_float32():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    for cast in (lambda model: model.to(torch.bfloat16), lambda model: model.half()):
+        cast(otter)
+        assert otter.v_head.summary.weight.dtype == torch.float32
+        assert otter.model.layers[0].inserted_attn.qkv_proj.weight.dtype != torch.float32
+        input_ids, _ = random_batch(1, 4)
+        with torch.no_grad():
+            assert otter(input_ids=input_ids).value.dtype == torch.float32
+
+
+def test_resizing_token_embeddings_resizes_the_inserted_rows_and_reloads(tmp_path):
+    otter = make_otter(make_base("llama-gqa-tied"), token_reward_head=True)
+    old_size = otter.config.vocab_size
+    inserted_before = otter.model.embed_tokens.inserted_weight.detach().clone()
+    otter.resize_token_embeddings(old_size + 5)
+    inserted = otter.model.embed_tokens.inserted_weight
+    assert inserted.shape[0] == old_size + 5 and inserted.requires_grad
+    assert torch.equal(inserted[:old_size], inserted_before)
+    torch.testing.assert_close(inserted[old_size], inserted_before.mean(0))
+    assert torch.equal(otter.token_reward_head.proj.weight[old_size:], torch.zeros(5, inserted.shape[1]))
+    new_token = torch.tensor([[old_size + 4, 5, 6]])
+    with torch.no_grad():
+        output = otter(input_ids=new_token, output_token_reward_logits=True)
+    assert output.token_reward_logits.shape[-1] == old_size + 5
+    otter.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.embed_tokens.inserted_weight, inserted)
+    with torch.no_grad():
+        # The same weights, in freshly allocated tensors: float32 matmuls may round the last bit differently.
+        torch.testing.assert_close(reloaded(input_ids=new_token).value, output.value, rtol=1e-6, atol=1e-6)
