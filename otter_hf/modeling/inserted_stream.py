@@ -17,13 +17,21 @@ This file imports only torch and transformers, so it ships with a checkpoint as 
 """
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import transformers
 from torch import nn
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    STATIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicCache,
+    StaticCache,
+    get_layer_types_and_kwargs,
+)
 
 from .inserted_layer import (
     HalfRotation,
@@ -108,29 +116,39 @@ class OtterLayout:
 
 
 def ensure_inserted_cache_layers(cache: Cache, config) -> None:
-    """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`.
+    """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`, of the kind
+    of layer `i`'s (dynamic or static, sliding or full; a static layer with the same length).
 
     Keeping them beside the original layers (rather than inside them) leaves the original keys and values
     exactly as the base model stores them, while `crop`, `reorder_cache` and friends still reach both.
     """
-    if not isinstance(cache, DynamicCache):
+    if isinstance(cache, DynamicCache):
+        if cache.layer_class_to_replicate is not None:
+            return  # a cache without a config grows by itself to any layer index
+        new_layer = functools.partial(_layer_of_type, DYNAMIC_LAYER_TYPE_MAPPING)
+    elif isinstance(cache, StaticCache):
+        # The cache's length is its full-attention layers' (a sliding layer holds at most its window).
+        max_cache_len = max(layer.max_cache_len for layer in cache.layers)
+        new_layer = functools.partial(_layer_of_type, STATIC_LAYER_TYPE_MAPPING, max_cache_len=max_cache_len)
+    else:
         raise ValueError(
-            f"Otter models keep their inserted keys and values in a DynamicCache; got {type(cache).__name__}. "
-            "Pass a DynamicCache (the default of generate()) or no cache at all."
+            f"Otter models keep their inserted keys and values beside the base's, in a DynamicCache or a StaticCache; "
+            f"got {type(cache).__name__}. Pass one of those (or `cache_implementation='dynamic'` / `'static'` to "
+            "generate()), or no cache at all."
         )
-    if cache.layer_class_to_replicate is not None:
-        return  # a cache without a config grows by itself to any layer index
     num_layers = config.num_hidden_layers
     if len(cache.layers) == num_layers:
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        cache.layers.extend(
-            DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs) for layer_type, kwargs in zip(layer_types, layer_kwargs)
-        )
+        cache.layers.extend(new_layer(layer_type, kwargs) for layer_type, kwargs in zip(layer_types, layer_kwargs))
     elif len(cache.layers) != 2 * num_layers:
         raise ValueError(
             f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
             f"{num_layers} (a fresh cache) or {2 * num_layers} (one it has already filled)."
         )
+
+
+def _layer_of_type(mapping: dict, layer_type: str, kwargs: dict, **extra):
+    return mapping[layer_type](**kwargs, **extra)
 
 
 @dataclass

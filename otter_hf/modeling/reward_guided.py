@@ -132,8 +132,10 @@ def reward_guided_generate(
     cache = pop_cache(model_kwargs)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
         raise ValueError(
-            f"Reward-guided decoding starts from an empty DynamicCache; got a {type(cache).__name__} holding "
-            f"{cache.get_seq_length() if cache is not None else 0} tokens. Pass no cache."
+            f"Reward-guided decoding starts from an empty DynamicCache, which it crops to the winning candidate at "
+            f"every step; got a {type(cache).__name__} holding {cache.get_seq_length() if cache is not None else 0} "
+            "tokens. Pass no cache and leave `cache_implementation` unset (token-level guidance, "
+            "`token_reward_weight`, works with a static cache)."
         )
     attention_mask, padding_mask, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Reward-guided decoding")
     check_within_sliding_window(model.config, generation_config.max_length + reward_top_k)
