@@ -1,5 +1,8 @@
 """Conventions transformers' own models follow, kept by the Otter classes: tuple outputs, dtype casts, resizing."""
 
+import warnings
+
+import pytest
 import torch
 from conftest import make_base, make_otter, random_batch
 from transformers import AutoModelForCausalLM
@@ -60,3 +63,30 @@ def test_resizing_token_embeddings_resizes_the_inserted_rows_and_reloads(tmp_pat
     with torch.no_grad():
         # The same weights, in freshly allocated tensors: float32 matmuls may round the last bit differently.
         torch.testing.assert_close(reloaded(input_ids=new_token).value, output.value, rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_at_weight_zero_decodes_as_the_base_with_beams_too():
+    base = make_base("llama-gqa-tied")
+    otter = make_otter(base)
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    beams = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=2)
+    expected = base.generate(input_ids, attention_mask=attention_mask, **beams)
+    assert torch.equal(otter.generate(input_ids, attention_mask=attention_mask, reward_weight=0, **beams), expected)
+
+
+@pytest.mark.parametrize("guidance", [{"reward_weight": 1.0}, {"token_reward_weight": 1.0}])
+def test_assisted_decoding_with_guidance_is_refused_up_front(guidance):
+    otter = make_otter(make_base("llama-gqa-tied"), token_reward_head=True)
+    input_ids, attention_mask = random_batch(1, 5)
+    with pytest.raises(ValueError, match="assisted decoding"):
+        otter.generate(
+            input_ids, attention_mask=attention_mask, assistant_model=make_base("llama-gqa-tied"), **guidance
+        )
+
+
+def test_reward_guided_decoding_passes_the_cache_under_the_name_transformers_reads():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        otter.generate(input_ids, attention_mask=attention_mask, reward_weight=1.0, max_new_tokens=3, pad_token_id=0)

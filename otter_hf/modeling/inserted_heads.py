@@ -392,6 +392,11 @@ def is_inserted_parameter(name: str) -> bool:
     return INSERTED_PARAMETER_PATTERN.search(name) is not None
 
 
+# PEFT's `LoraConfig(exclude_modules=PEFT_EXCLUDE_MODULES)`: every inserted module, whose names (`o_proj`,
+# `down_proj`, ...) and `nn.Linear` type the usual target lists and `"all-linear"` would otherwise reach.
+PEFT_EXCLUDE_MODULES = rf".*{INSERTED_PARAMETER_PATTERN.pattern}.*"
+
+
 def head_options() -> list[HeadOption]:
     return [option for head in INSERTED_HEADS for option in head.options]
 
@@ -400,6 +405,7 @@ __all__ = [
     "FinalStreams",
     "HeadOption",
     "INSERTED_HEADS",
+    "PEFT_EXCLUDE_MODULES",
     "InsertedHead",
     "OtterDraftHeads",
     "OtterRecurrentDraftHead",

@@ -316,6 +316,18 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
+def _refuse_assisted_decoding(generate_kwargs: dict, weight_name: str) -> None:
+    # Assisted and prompt-lookup decoding verify several drafted tokens per forward, where guidance rescores every
+    # step's candidates: combined, guidance would be skipped for the accepted drafts.
+    if generate_kwargs.get("assistant_model") is not None or generate_kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError(
+            f"`{weight_name}` guides every step from the model's own forward; assisted decoding (`assistant_model`, "
+            "`prompt_lookup_num_tokens`) accepts drafted tokens without that step, so the two do not combine. Drop "
+            "one of them (otter_hf's own speculative decoding drafts with the model's draft heads: "
+            "`otter_hf.generation`)."
+        )
+
+
 @torch.no_grad()
 def _resized_rows(weight: nn.Parameter, rows: int, new_rows: str | float) -> nn.Parameter:
     """`weight` with `rows` rows: its own first, then new ones (`"mean"` of the old rows, `"zeros"`, or normal with
@@ -466,6 +478,8 @@ class OtterForCausalLMMixin:
     def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
         """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
         original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
+        if "past_key_values" in inputs and self._cache_argument != "past_key_values":
+            inputs[self._cache_argument] = inputs.pop("past_key_values")  # the name this transformers reads
         with self.base_model.inserted_stream() as stream:
             outputs = self.base_model(**inputs)
         return outputs.last_hidden_state, stream.final_inserted if stream is not None else None, outputs
@@ -610,7 +624,11 @@ class OtterForCausalLMMixin:
                 )
             if reward_weight is None:
                 raise ValueError("`reward_top_k` sets ARGS guidance; pass `reward_weight=...` with it.")
+            _refuse_assisted_decoding(kwargs, "reward_weight")
             if kwargs.get("custom_generate") is None:
+                if reward_weight == 0:  # guidance off: the base's own decoding, whatever the strategy (beams too)
+                    with self.otter_disabled():
+                        return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
                 kwargs["custom_generate"] = reward_guided_generate
             # Passed on as the decoding loop's own arguments (also to a `custom_generate` the caller names).
             kwargs["reward_weight"] = reward_weight
@@ -620,6 +638,7 @@ class OtterForCausalLMMixin:
         if token_reward_weight is None:
             return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
 
+        _refuse_assisted_decoding(kwargs, "token_reward_weight")
         if self.token_reward_head is None:
             raise ValueError(
                 "`token_reward_weight` needs a token-level reward head: insert with "
