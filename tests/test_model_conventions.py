@@ -1,8 +1,9 @@
 """Conventions transformers' own models follow, kept by the Otter classes: tuple outputs, dtype casts, resizing."""
 
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers import AutoModelForCausalLM
+
+from tests.helpers import make_base, make_otter, random_batch
 
 
 def _same(left, right) -> bool:
