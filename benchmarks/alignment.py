@@ -473,7 +473,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def reward_model_table(reward_models: dict, held_out_pairs: int) -> str:
     lines = [
-        f"| reward model | trained on | pairs (fitted) | steps | train time | held-out accuracy ({held_out_pairs} pairs) |",
+        "| reward model | trained on | pairs (fitted) | steps | train time "
+        f"| held-out accuracy ({held_out_pairs} pairs) |",
         "|---|---|---|---|---|---|",
     ]
     for name, record in reward_models.items():

@@ -25,7 +25,6 @@ ARGS's extra time or memory over plain greedy that Otter does not spend.
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from transformers import (
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
 from otter_hf.generation import OtterRewardLogitsProcessor
+from otter_hf.memory import peak_resident_bytes, reset_peak_resident_bytes, resident_bytes
 from otter_hf.modeling.candidates import candidate_attention_mask
 from otter_hf.modeling.loop_inputs import padding_position_ids
 
@@ -157,7 +157,7 @@ def measure_times(args, batch_size: int) -> tuple[dict, int]:
     prompt, generators = build_generators(VARIANTS, args.weight, args.top_k, batch_size)
     settings = generation_settings(args.max_new_tokens)
     seconds_per_token = {name: [] for name in generators}
-    for name, generate in generators.items():  # warm-up
+    for generate in generators.values():  # warm-up
         generate(**settings)
     for _ in range(args.repeats):
         for name, generate in generators.items():
@@ -169,21 +169,15 @@ def measure_times(args, batch_size: int) -> tuple[dict, int]:
     return {name: statistics.median(times) for name, times in seconds_per_token.items()}, prompt["input_ids"].shape[1]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
-
-
 def measure_peak_memory(variant: str, args) -> int:
     """Peak resident set (bytes) of one generate() call, above the resident set right after the imports."""
-    after_imports = _status_kib("VmRSS")
+    after_imports = resident_bytes()
     _, generators = build_generators((variant,), args.weight, args.top_k, args.batch_sizes[0])
     settings = generation_settings(args.max_new_tokens)
     generators[variant](**settings)
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set
+    reset_peak_resident_bytes()
     generators[variant](**settings)
-    return (_status_kib("VmHWM") - after_imports) * 1024
+    return peak_resident_bytes() - after_imports
 
 
 def share_saved(otter: float, args_baseline: float, greedy: float) -> float:

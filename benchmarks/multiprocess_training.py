@@ -31,11 +31,6 @@ def _folder_bytes(folder: str) -> dict[str, int]:
     }
 
 
-def _peak_resident_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) * 1024
-
-
 def worker(output: str, pairs: int, tokens: int, steps: int) -> None:
     import torch
     from datasets import Dataset
@@ -43,6 +38,7 @@ def worker(output: str, pairs: int, tokens: int, steps: int) -> None:
 
     import otter_hf
     from otter_hf.embedded_model import embedded_base_model_path
+    from otter_hf.memory import peak_resident_bytes, reset_peak_resident_bytes
     from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
 
     class StepTimes(TrainerCallback):
@@ -52,13 +48,12 @@ def worker(output: str, pairs: int, tokens: int, steps: int) -> None:
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-                    clear_refs.write("5")
+                reset_peak_resident_bytes()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
-            self.peak_resident_bytes = _peak_resident_bytes()
+            self.peak_resident_bytes = peak_resident_bytes()
 
     torch.set_num_threads(1)
     base_path = embedded_base_model_path()

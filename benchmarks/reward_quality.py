@@ -173,16 +173,16 @@ def train_token_head(path: str, tokenizer, train_rows, seed: int, options):
 def score_with_token_head(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """`sum log pi_r` of each chosen and rejected answer given its prompt (beta scales both alike)."""
     tokens = [tokenize_preference_row(row, tokenizer) for row in rows]
+    prompt_lengths = torch.tensor([len(row["prompt_ids"]) for row in tokens])
+
+    def score_batch(input_ids, attention_mask, indices):
+        positions = torch.arange(input_ids.shape[1])[None]
+        completion_mask = attention_mask * (positions >= prompt_lengths[indices][:, None])
+        return otter_hf.trainers.token_reward_log_probs(model, input_ids, attention_mask, completion_mask)
+
     scores = {}
     for answer in ("chosen", "rejected"):
         sequences = [row["prompt_ids"] + row[f"{answer}_ids"] for row in tokens]
-        prompt_lengths = torch.tensor([len(row["prompt_ids"]) for row in tokens])
-
-        def score_batch(input_ids, attention_mask, indices):
-            positions = torch.arange(input_ids.shape[1])[None]
-            completion_mask = attention_mask * (positions >= prompt_lengths[indices][:, None])
-            return otter_hf.trainers.token_reward_log_probs(model, input_ids, attention_mask, completion_mask)
-
         scores[answer] = torch.empty(len(sequences))
         for indices in length_sorted_batches([len(sequence) for sequence in sequences], SCORING_BATCH_SIZE):
             input_ids, attention_mask = padded([sequences[index] for index in indices], tokenizer.pad_token_id)

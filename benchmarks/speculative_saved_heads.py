@@ -9,7 +9,8 @@ prompts (the cached self-distilled answers), as `benchmarks/speculative.py` does
 writes it to `--output`.
 
     python benchmarks/speculative.py  # once, to train and save the heads
-    python benchmarks/speculative_saved_heads.py [--heads benchmarks/results/speculative/recurrent-draft-heads] [--recalibrate]
+    python benchmarks/speculative_saved_heads.py [--recalibrate] \
+        [--heads benchmarks/results/speculative/recurrent-draft-heads]
 """
 
 import argparse

@@ -22,11 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.embedded_model import embedded_base_model_path
-
-
-def _peak_resident_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        return int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) * 1024
+from otter_hf.memory import peak_resident_bytes, reset_peak_resident_bytes
 
 
 def _training_worker(base_path: str, pairs: int, tokens: int, steps: int, threads: int, queue) -> None:
@@ -50,10 +46,9 @@ def _training_worker(base_path: str, pairs: int, tokens: int, steps: int, thread
     step()  # warm-up, and the optimizer state allocated
     gc.collect()
     # Loading peaks far above training (the checkpoint is read and copied): measure the steps alone.
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-        clear_refs.write("5")
+    reset_peak_resident_bytes()
     times = [step() for _ in range(steps)]
-    queue.put({"seconds_per_step": times, "peak_resident_bytes": _peak_resident_bytes()})
+    queue.put({"seconds_per_step": times, "peak_resident_bytes": peak_resident_bytes()})
 
 
 def measure(base_path: str, pairs: int, tokens: int, steps: int, threads: int) -> dict:

@@ -11,7 +11,8 @@ untrained but not zero, so guidance changes tokens) and the prompts; `hf` times 
 Generation, greedy, the same `--max-new-tokens` for every prompt (EOS blocked on both sides), output tokens/s:
   vllm_base          vLLM serving the base checkpoint;
   vllm_same_size_base  vLLM serving the base model grown, inside its own layers, by as many parameters and
-                     key-value heads per layer as Otter inserts (random values in the new rows): what the
+                     key-value heads per layer as Otter inserts (`otter_hf.overhead.same_size_base`, as
+                     `otter-hf bench` measures it in transformers; random values in the new rows): what the
                      inserted parameters cost when vLLM computes them natively, with no second stream. It is the
                      floor any Otter implementation is measured against, in the same run;
   vllm_otter         vLLM serving the Otter checkpoint (the inserted stream runs, no guidance);
@@ -54,6 +55,7 @@ def prepare(work_dir: Path, prompt_tokens: int, num_prompts: int) -> None:
 
     import otter_hf
     from otter_hf.embedded_model import embedded_base_model_path
+    from otter_hf.overhead import same_size_base
 
     base_path = embedded_base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -66,7 +68,7 @@ def prepare(work_dir: Path, prompt_tokens: int, num_prompts: int) -> None:
         otter.token_reward_head.proj.weight.normal_(std=0.02)
     otter.save_pretrained(work_dir / "otter")
     tokenizer.save_pretrained(work_dir / "otter")
-    save_same_size_base(base, otter, work_dir / "same_size_base")
+    same_size_base(base, otter).save_pretrained(work_dir / "same_size_base")
     tokenizer.save_pretrained(work_dir / "same_size_base")
 
     prompts = []
@@ -79,43 +81,6 @@ def prepare(work_dir: Path, prompt_tokens: int, num_prompts: int) -> None:
             if len(prompts) == num_prompts:
                 break
     (work_dir / "prompts.json").write_text(json.dumps(prompts))
-
-
-def save_same_size_base(base, otter, directory: Path) -> None:
-    """Saves the base model with each layer grown by Otter's inserted key-value heads (query heads rounded up to a
-    multiple of the key-value heads, as grouped attention needs) and by MLP units making up the rest of the
-    inserted parameter count. The base weights fill the leading rows and columns."""
-    import copy
-    import math
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from otter_hf.modeling import is_inserted_parameter
-
-    config = copy.deepcopy(base.config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = config.num_key_value_heads + otter.config.inserted_num_key_value_heads
-    query_heads = math.ceil((config.num_attention_heads + otter.config.inserted_num_attention_heads) / kv_heads)
-    query_heads *= kv_heads
-    attention_growth = (
-        2
-        * config.hidden_size
-        * head_dim
-        * (query_heads - config.num_attention_heads + kv_heads - config.num_key_value_heads)
-    )
-    inserted_per_layer = sum(
-        parameter.numel() for name, parameter in otter.model.layers[0].named_parameters() if is_inserted_parameter(name)
-    )
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = query_heads, kv_heads, head_dim
-    config.intermediate_size += round((inserted_per_layer - attention_growth) / (3 * config.hidden_size))
-    torch.manual_seed(0)
-    grown = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    grown_state = grown.state_dict()
-    with torch.no_grad():
-        for name, tensor in base.state_dict().items():
-            grown_state[name][tuple(slice(0, size) for size in tensor.shape)].copy_(tensor)
-    grown.save_pretrained(directory)
 
 
 def time_hf(work_dir: Path, batch_sizes: list[int], new_tokens: int, repeats: int, score_sequences: int) -> dict:

@@ -11,6 +11,8 @@ from .generation import OtterRewardLogitsProcessor, reward_guided_generate
 from .lifecycle import insert, load_otter, push_to_hub
 from .modeling import OtterCausalLMOutputWithValue, sequence_classification_view
 from .trainers import (
+    OtterDraftConfig,
+    OtterDraftTrainer,
     OtterRewardConfig,
     OtterRewardTrainer,
     OtterTokenRewardConfig,
@@ -25,6 +27,8 @@ globals().update({name: getattr(modeling, name) for name in modeling.ARCHITECTUR
 
 __all__ = [
     "OtterCausalLMOutputWithValue",
+    "OtterDraftConfig",
+    "OtterDraftTrainer",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",

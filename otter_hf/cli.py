@@ -4,7 +4,7 @@ r"""The `otter-hf` command line: insert Otter parameters, train them, generate w
     otter-hf train otter-smollm2 --dataset {preferences} \
         --eval-dataset {preferences} --output-dir otter-smollm2-reward
     otter-hf generate otter-smollm2-reward --prompt "Write a kind reply:" --chat
-    otter-hf bench --output overhead.json
+    otter-hf bench --output overhead.json                        # also: python benchmarks/overhead.py
     otter-hf push otter-smollm2-reward user/otter-smollm2 --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
         --metrics otter-smollm2-reward/all_results.json --overhead overhead.json
 
@@ -33,6 +33,7 @@ from .modeling import SUPPORTED_BASE_MODEL_TYPES
 from .modeling.configuration_otter import INIT_METHODS
 from .modeling.inserted_heads import head_options
 from .modeling.persistence import recover_interrupted_saves
+from .overhead import REAL_SHAPED_BASES, REAL_SHAPED_LAYERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 THREADS_HELP = (
@@ -237,11 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         help="measure Otter's overhead over its base model",
         description="Measure what the inserted parameters cost over the base model: parameter fraction, prefill and "
-        "per-token decode time ratios (medians, base and Otter alternated on the same weights) and peak memory. "
+        "per-token decode time ratios (medians, the models alternated in one process) and peak memory, against the "
+        "base (`ratio`) and against the same-size base, the base grown inside its layers by as many parameters as "
+        "Otter inserts (`ratio_to_same_size`: what Otter's design costs beyond its extra weights). "
         "Prints JSON; --output also writes it, for `otter-hf push --overhead`. Timings whose repeats disagree too "
         "much to trust (a busy machine) are listed under `noisy_timings` and warned about.",
     )
     _add_base_argument(bench)
+    bench.add_argument(
+        "--real-shaped",
+        choices=sorted(REAL_SHAPED_BASES),
+        help="instead of --base, a random-weight base with the layer shapes of the architecture's smallest model "
+        f"and {REAL_SHAPED_LAYERS} layers (for architectures without a small checkpoint at hand)",
+    )
     _add_insertion_arguments(bench)
     bench.add_argument(
         "--repeats", type=int, default=5, help="timed prefills per model, and decode runs per batch size"
@@ -537,8 +546,10 @@ def run_push(args) -> None:
 
 
 def run_bench(args) -> None:
+    import tempfile
+
     from .lifecycle.insertion import check_model_path
-    from .overhead import NOISY_SPREAD, format_report, measure_overhead
+    from .overhead import NOISY_SPREAD, format_report, measure_overhead, save_real_shaped_base
 
     for value, option in (
         (args.repeats, "--repeats"),
@@ -547,17 +558,23 @@ def run_bench(args) -> None:
         (args.decode_steps, "--decode-steps"),
     ):
         _check_positive(value, option)
-    base = _base_path(args)
-    check_model_path(base)
-    with reading_weights_of(base):
-        report = measure_overhead(
-            base,
-            repeats=args.repeats,
-            threads=args.threads,
-            prefill_tokens=args.prefill_tokens,
-            decode_steps=args.decode_steps,
-            **_insertion_options(args),
-        )
+    if args.base and args.real_shaped:
+        raise ValueError("Pass --base or --real-shaped, not both.")
+    with tempfile.TemporaryDirectory() as scratch:
+        base = save_real_shaped_base(args.real_shaped, scratch) if args.real_shaped else _base_path(args)
+        check_model_path(base)
+        with reading_weights_of(base):
+            report = measure_overhead(
+                base,
+                repeats=args.repeats,
+                threads=args.threads,
+                prefill_tokens=args.prefill_tokens,
+                decode_steps=args.decode_steps,
+                **_insertion_options(args),
+            )
+    if args.real_shaped:
+        architecture, _ = REAL_SHAPED_BASES[args.real_shaped]
+        report["base_model"] = f"random weights shaped as {architecture}, {REAL_SHAPED_LAYERS} layers"
     text = format_report(report)
     if args.output:
         with replacing_file(args.output) as file:
@@ -566,8 +583,8 @@ def run_bench(args) -> None:
     if report["noisy_timings"]:
         print(
             f"otter-hf: warning: the repeats of {', '.join(report['noisy_timings'])} spread by more than "
-            f"{NOISY_SPREAD:.0%} of their median, so their ratios are not to be trusted: the machine was busy. Rerun on "
-            "an idle machine, with fewer --threads or more --repeats.",
+            f"{NOISY_SPREAD:.0%} of their median, so their ratios are not to be trusted: the machine was busy. "
+            "Rerun on an idle machine, with fewer --threads or more --repeats.",
             file=sys.stderr,
         )
 

@@ -241,8 +241,8 @@ def main(argv=None) -> None:
     judge_pairs = fitted_pairs(parts["gold_train"], tokenizer, args.judge_pairs)
     test_pairs = fitted_pairs(parts["test"], tokenizer, args.test_pairs)
     print(
-        f"HH-RLHF harmless, pairs fitted to {MAX_LENGTH} tokens: guide trains on {len(guide_pairs)} reward_train pairs, "
-        f"the judge on {len(judge_pairs)} gold_train pairs; {len(test_pairs)} test pairs are held out from both."
+        f"HH-RLHF harmless, pairs fitted to {MAX_LENGTH} tokens: guide trains on {len(guide_pairs)} reward_train "
+        f"pairs, the judge on {len(judge_pairs)} gold_train pairs; {len(test_pairs)} test pairs are held out from both."
     )
 
     print(f"\nFitting the judge (linear head on the frozen base) on {len(judge_pairs)} gold_train pairs...")

@@ -1,21 +1,33 @@
 """What an Otter model costs over its base model: parameters, forward time and peak memory.
 
-Timings run base and Otter alternately in one process, on the same weights (the Otter model shares the
-base tensors), and report medians. Peak memory is the peak resident set size (Linux VmHWM, reset after loading)
-of two fresh child processes that run the same workload, one with the base model and one with the Otter model.
+Three models are measured: the base, the Otter model inserted into it (sharing the base tensors), and the
+same-size base (`same_size_base`: the base grown inside its layers by as many parameters as Otter inserts). Otter
+over the base is what a user pays; Otter over the same-size base is what Otter's design costs beyond the weights
+it adds. Timings run the three alternately in one process and report medians. Peak memory is the peak resident
+set size (`otter_hf.memory`, reset after loading) of a fresh child process per model running the same workload.
 """
 
+import copy
 import gc
 import json
+import math
 import multiprocessing
+import os
+import re
 import statistics
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .lifecycle import insert
+from .memory import peak_resident_bytes, reset_peak_resident_bytes
+from .modeling import is_inserted_parameter
 
 # Bases for architectures without a small checkpoint on this machine: the layer shapes of the smallest released
 # model of the architecture (hidden size, heads, head size, FFN width, layer pattern), with fewer layers and a
@@ -75,12 +87,6 @@ def save_real_shaped_base(model_type: str, directory: str) -> str:
 NOISY_SPREAD = 0.25
 
 
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def prefill(model, input_ids):
     """The prompt's forward as generate() runs it: a fresh cache filled, the logits of the last position only."""
@@ -100,43 +106,97 @@ def decode_step_times(model, input_ids, steps: int) -> list[float]:
     return times
 
 
-def _load(base_path, dtype):
-    return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
+def _load(path, dtype, config=None):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, config=config).eval()
 
 
-def _peak_resident_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    return int(peak_kib) * 1024
+# The attribute holding the width of each layer's feed-forward block, where it is not `intermediate_size`.
+_FEED_FORWARD_WIDTH = {"gpt2": "n_inner"}
+_LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
-def _peak_memory_worker(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps, queue):
+def _parameter_count(config) -> int:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+def same_size_base(base, otter):
+    """The base model grown inside its layers by as many parameters as `otter` inserts into them: what the inserted
+    parameters cost as plain base weights, with no second stream, so that Otter's timings over this model's are
+    what its design costs beyond the weights it adds.
+
+    Each layer gets Otter's inserted key-value heads (query heads rounded up to a multiple of the key-value heads,
+    as grouped attention needs), and feed-forward units make up the rest of the inserted parameter count; a base
+    without key-value heads in its config (GPT-2) grows by feed-forward units alone. The base weights fill the
+    leading rows and columns and random values the rest: the model is for timing and memory, not for its outputs.
+    """
+    config = copy.deepcopy(base.config)
+    num_layers = config.num_hidden_layers
+    inserted_per_layer = (
+        sum(
+            parameter.numel()
+            for name, parameter in otter.named_parameters()
+            if is_inserted_parameter(name) and _LAYER_INDEX.search(name)
+        )
+        // num_layers
+    )
+    base_count = _parameter_count(config)
+    if getattr(config, "num_key_value_heads", None) is not None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        key_value_heads = config.num_key_value_heads + otter.config.inserted_num_key_value_heads
+        query_heads = config.num_attention_heads + otter.config.inserted_num_attention_heads
+        config.num_attention_heads = math.ceil(query_heads / key_value_heads) * key_value_heads
+        config.num_key_value_heads, config.head_dim = key_value_heads, head_dim
+    width_attribute = _FEED_FORWARD_WIDTH.get(config.model_type, "intermediate_size")
+    width = getattr(config, width_attribute) or 4 * config.hidden_size  # GPT-2's default when n_inner is None
+    setattr(config, width_attribute, width)
+    heads_grown_count = _parameter_count(config)
+    setattr(config, width_attribute, width + 1)
+    parameters_per_unit = (_parameter_count(config) - heads_grown_count) // num_layers
+    attention_growth = (heads_grown_count - base_count) // num_layers
+    setattr(config, width_attribute, width + round((inserted_per_layer - attention_growth) / parameters_per_unit))
+
+    torch.manual_seed(0)
+    grown = AutoModelForCausalLM.from_config(config, dtype=base.dtype).eval()
+    grown_state = grown.state_dict()
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            grown_state[name][tuple(slice(0, size) for size in tensor.shape)].copy_(tensor)
+    return grown
+
+
+def _peak_memory_worker(model_path, config, dtype, with_otter, insertion_options, prefill_tokens, decode_steps) -> int:
     torch.set_num_threads(1)
-    model = _load(base_path, dtype)
+    model = _load(model_path, dtype, config)
     if with_otter:
         model = insert(model, **insertion_options).eval()
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=generator)
-    # Loading peaks far above inference (the checkpoint is read and copied): reset the high-water mark so
-    # the peak measured is that of the model at work, weights, activations and cache included.
     gc.collect()
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-        clear_refs.write("5")
+    reset_peak_resident_bytes()  # loading peaks far above inference: measure the workload alone
     decode_step_times(model, input_ids, decode_steps)
-    queue.put(_peak_resident_bytes())
+    return peak_resident_bytes()
 
 
-def _peak_memory(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps) -> int:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(
-        target=_peak_memory_worker,
-        args=(base_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps, queue),
-    )
-    process.start()
-    peak = queue.get()
-    process.join()
-    return peak
+def _peak_memory(model_path, dtype, with_otter, insertion_options, prefill_tokens, decode_steps, config=None) -> int:
+    """Peak resident bytes of a fresh process that loads the model at `model_path` (with `config` if given, and
+    with Otter inserted into it if `with_otter`), prefills `prefill_tokens` tokens and decodes `decode_steps` more."""
+    # A pool of one process, so that an error in the child is raised here instead of leaving the parent waiting.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(
+            _peak_memory_worker,
+            model_path,
+            config,
+            dtype,
+            with_otter,
+            insertion_options,
+            prefill_tokens,
+            decode_steps,
+        ).result()
+
+
+# The three models timed, in the order each repeat runs them.
+MODELS = ("base", "same_size", "otter")
 
 
 def measure_overhead(
@@ -151,10 +211,13 @@ def measure_overhead(
     dtype: torch.dtype = torch.float32,
     **insertion_options,
 ) -> dict:
-    """Measure the Otter/base cost ratios for the base model at `base_path` (a local path or Hub id)."""
+    """Measure the Otter/base and Otter/same-size-base cost ratios for the base model at `base_path` (a local path
+    or Hub id); `insertion_options` go to `otter_hf.insert`."""
     torch.set_num_threads(threads)
     base = _load(base_path, dtype)
     otter = insert(base, **insertion_options).eval()
+    same_size = same_size_base(base, otter)
+    models = {"base": base, "same_size": same_size, "otter": otter}
     generator = torch.Generator().manual_seed(0)
     vocab_size = base.config.vocab_size
     prefill_ids = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator)
@@ -163,13 +226,16 @@ def measure_overhead(
         for batch in decode_batch_sizes
     }
 
-    prefill_times = {"base": [], "otter": []}
-    decode_times = {batch: {"base": [], "otter": []} for batch in decode_batch_sizes}
-    prefill(base, prefill_ids), prefill(otter, prefill_ids)  # warm-up
-    for _ in tqdm(range(repeats), desc="Timing base and Otter"):
-        # Alternating the two models spreads any drift of the machine over both.
-        for name, model in (("base", base), ("otter", otter)):
-            prefill_times[name].append(_timed(lambda: prefill(model, prefill_ids)))
+    prefill_times = {name: [] for name in MODELS}
+    decode_times = {batch: {name: [] for name in MODELS} for batch in decode_batch_sizes}
+    for model in models.values():
+        prefill(model, prefill_ids)  # warm-up
+    for _ in tqdm(range(repeats), desc="Timing base, same-size base and Otter"):
+        # Alternating the models spreads any drift of the machine over all of them.
+        for name, model in models.items():
+            start = time.perf_counter()
+            prefill(model, prefill_ids)
+            prefill_times[name].append(time.perf_counter() - start)
             for batch, input_ids in decode_ids.items():
                 decode_times[batch][name].extend(decode_step_times(model, input_ids, decode_steps))
 
@@ -185,9 +251,20 @@ def measure_overhead(
         },
     }
     memory_workload = dict(prefill_tokens=prefill_tokens, decode_steps=decode_steps)
-    base_peak = _peak_memory(base_path, dtype, False, insertion_options, **memory_workload)
-    otter_peak = _peak_memory(base_path, dtype, True, insertion_options, **memory_workload)
-    config = otter.config
+    with tempfile.TemporaryDirectory() as scratch:
+        # The same-size base is loaded from a checkpoint as the base is, so that loading leaves the same traces. Its
+        # query heads need not divide the hidden size, which save_pretrained and a config reload refuse: its weights
+        # are written by safetensors (and its generation config, which loading reads) and its config goes to the child
+        # process as an object.
+        save_model(same_size, os.path.join(scratch, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        same_size.generation_config.save_pretrained(scratch)
+        peaks = {
+            "base": _peak_memory(base_path, dtype, False, insertion_options, **memory_workload),
+            "same_size": _peak_memory(scratch, dtype, False, {}, **memory_workload, config=same_size.config),
+            "otter": _peak_memory(base_path, dtype, True, insertion_options, **memory_workload),
+        }
+    config, same_size_config = otter.config, same_size.config
+    width_attribute = _FEED_FORWARD_WIDTH.get(same_size_config.model_type, "intermediate_size")
     return {
         "base_model": base_path,
         "dtype": str(dtype).removeprefix("torch."),
@@ -202,26 +279,39 @@ def measure_overhead(
         "base_parameters": otter.num_base_parameters(),
         "inserted_parameters": otter.num_inserted_parameters(),
         "inserted_parameter_fraction": round(otter.inserted_parameter_fraction(), 4),
+        "same_size_base": {
+            "parameters": same_size.num_parameters(),
+            "num_attention_heads": same_size_config.num_attention_heads,
+            "num_key_value_heads": getattr(same_size_config, "num_key_value_heads", None),
+            "feed_forward_width": getattr(same_size_config, width_attribute),
+        },
         **timings,
         "noisy_timings": [name for name, summary in timings.items() if is_noisy(summary)],
         "peak_memory": {
-            "workload": f"prefill {prefill_tokens} tokens + {decode_steps} decoded tokens, batch 1, one fresh process each",
-            "base_bytes": base_peak,
-            "otter_bytes": otter_peak,
-            "ratio": round(otter_peak / base_peak, 3),
+            "workload": f"prefill {prefill_tokens} tokens + {decode_steps} decoded tokens, batch 1, "
+            "one fresh process each",
+            **{f"{name}_bytes": peak for name, peak in peaks.items()},
+            **_ratios(peaks),
         },
     }
 
 
+def _ratios(values: dict[str, float]) -> dict:
+    """Otter's value over the base's (`ratio`) and over the same-size base's, when that was measured."""
+    ratios = {"ratio": round(values["otter"] / values["base"], 3)}
+    if "same_size" in values:
+        ratios["ratio_to_same_size"] = round(values["otter"] / values["same_size"], 3)
+    return ratios
+
+
 def summarize_timings(times: dict[str, list[float]]) -> dict:
-    """Median seconds of the base and Otter runs, their ratio, and how far each one's repeats spread."""
-    base_median, otter_median = statistics.median(times["base"]), statistics.median(times["otter"])
+    """Median seconds of each model's runs (`base`, `otter`, and `same_size` when timed), Otter's ratios to the
+    others, and how far each model's repeats spread."""
+    medians = {name: statistics.median(runs) for name, runs in times.items()}
     return {
-        "base_seconds": round(base_median, 5),
-        "otter_seconds": round(otter_median, 5),
-        "ratio": round(otter_median / base_median, 3),
-        "base_spread": _relative_spread(times["base"]),
-        "otter_spread": _relative_spread(times["otter"]),
+        **{f"{name}_seconds": round(median, 5) for name, median in medians.items()},
+        **_ratios(medians),
+        **{f"{name}_spread": _relative_spread(runs) for name, runs in times.items()},
     }
 
 
@@ -235,7 +325,7 @@ def _relative_spread(times: list[float]) -> float | None:
 
 def is_noisy(summary: dict) -> bool:
     return any(
-        spread is not None and spread > NOISY_SPREAD for spread in (summary["base_spread"], summary["otter_spread"])
+        spread is not None and spread > NOISY_SPREAD for key, spread in summary.items() if key.endswith("_spread")
     )
 
 

@@ -30,18 +30,10 @@ from otter_hf.trainers import (
     OtterValueTrainer,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import make_base, make_tokenizer, random_batch  # noqa: E402
+# Launched as a script: the repository root makes the tests' helpers importable by package path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import BAD, GOOD, QUESTIONS, make_base, make_tokenizer, random_batch  # noqa: E402
 
-GOOD = [
-    "it was great !",
-    "so kind and helpful .",
-    "i really enjoyed it !",
-    "what a lovely day .",
-    "thanks , that is wonderful .",
-]
-BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
-QUESTIONS = ["how was the movie ?", "what do you think of my idea ?", "tell me about your day .", "how was the food ?"]
 BASE_NAME = "llama-gqa-tied"
 
 # What each run inserts: every model also carries a head its trainer's loss never reads, which the trainer must
@@ -149,13 +141,18 @@ def main():
             parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * 0.05)
     initial = {name: tensor.detach().float().clone() for name, tensor in model.otter_state_dict().items()}
     saves = []
+
+    def counted(method: str):
+        save = getattr(model, method)
+
+        def save_and_count(*args, **kwargs):
+            saves.append(method)
+            return save(*args, **kwargs)
+
+        return save_and_count
+
     for method in ("save_otter", "save_pretrained"):
-
-        def counted(*args, _save=getattr(model, method), _method=method, **kwargs):
-            saves.append(_method)
-            return _save(*args, **kwargs)
-
-        setattr(model, method, counted)
+        setattr(model, method, counted(method))
     config_class, trainer_class, dataset = training_setup(options.kind, options.steps * options.global_batch)
     config = config_class(
         output_dir=os.path.join(options.output, "trainer"),

@@ -7,14 +7,13 @@ import re
 
 import pytest
 import torch
-from conftest import COMMON, make_base, make_otter, random_batch
 from datasets import Dataset
-from test_cli import base_folder, run_cli  # noqa: F401  (fixture)
 from transformers.testing_utils import CaptureLogger
 
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 from otter_hf.trainers import utils as trainer_utils
 from otter_hf.trainers.safeguards import TrainingDivergedError
+from tests.helpers import COMMON, make_base, make_otter, random_batch, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import BASE_MODELS, make_base, make_otter, random_batch
 from transformers import DynamicCache
+
+from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 
 def test_inserted_heads_have_their_own_cache_layers(base_name):

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import make_base, make_otter
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, SCRATCH_PREFIX
+from tests.helpers import REPOSITORY, make_base, make_otter
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +158,13 @@ import os, random, signal, sys
 sys.path.insert(0, sys.argv[3])
 import torch
 from transformers import AutoModelForCausalLM
-from conftest import make_base, make_otter
+from tests.helpers import make_base, make_otter
 from otter_hf.modeling import persistence
 
 role, folder, seed = sys.argv[1], sys.argv[2], int(sys.argv[4])
 base = make_base("llama-gqa-tied")
-models = {16: make_otter(base, seed=1), 24: make_otter(base, seed=2, inserted_hidden_size=24, inserted_intermediate_size=40)}
+wide = make_otter(base, seed=2, inserted_hidden_size=24, inserted_intermediate_size=40)
+models = {16: make_otter(base, seed=1), 24: wide}
 expected = {size: model.get_input_embeddings().inserted_weight for size, model in models.items()}
 random.seed(seed)
 if role == "kill":
@@ -188,7 +189,7 @@ for _ in range(int(sys.argv[5])):
 def run_children(folder, roles: list[tuple[str, int]]):
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, role, str(folder), os.path.dirname(__file__), str(seed), str(repeats)],
+            [sys.executable, "-c", CHILD, role, str(folder), REPOSITORY, str(seed), str(repeats)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

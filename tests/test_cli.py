@@ -8,49 +8,20 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHITECTURE_BASES, COMMON, make_base, random_batch
 from huggingface_hub import ModelCard
-from test_hub import fake_hub  # noqa: F401  (fixture)
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 import otter_hf
-from otter_hf.cli import main
 from otter_hf.data import PREFERENCES_PATH
 from otter_hf.data.files import load_dataset_file
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
 from otter_hf.overhead import is_noisy, summarize_timings
+from tests.helpers import ARCHITECTURE_BASES, make_base, random_batch, run_cli
 
 COMMANDS = ("insert", "train", "generate", "push", "bench")
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny models' vocabulary: token i is the word `w{i}`."""
-    vocab = {"<pad>": COMMON["pad_token_id"], "</s>": COMMON["eos_token_id"], "<s>": COMMON["bos_token_id"]}
-    vocab.update({f"w{index}": index for index in range(len(vocab), COMMON["vocab_size"])})
-    backend = Tokenizer(WordLevel(vocab, unk_token="w3"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-
-
-@pytest.fixture
-def base_folder(tmp_path):
-    folder = tmp_path / "base"
-    make_base("llama-gqa-tied").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what earlier steps printed
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -200,8 +171,8 @@ def test_python_m_otter_hf_reports_a_user_mistake_without_traceback(tmp_path):
     )
     assert completed.returncode == 2
     assert (
-        completed.stderr
-        == f"otter-hf: error: No folder at {tmp_path / 'missing'}: save the model with `save_pretrained` or `save_otter` first.\n"
+        completed.stderr == f"otter-hf: error: No folder at {tmp_path / 'missing'}: "
+        "save the model with `save_pretrained` or `save_otter` first.\n"
     )
 
 
@@ -378,7 +349,18 @@ def test_bench_prints_and_writes_the_overhead_report(capsys, base_folder, tmp_pa
     report = json.loads(out)
     assert report == json.loads((tmp_path / "overhead.json").read_text())
     assert report["insertion"]["inserted_hidden_size"] == 8
-    assert report["peak_memory"]["ratio"] > 0
+    assert report["same_size_base"]["parameters"] > report["base_parameters"]
+    for measurement in ("prefill_8_tokens", "decode_per_token_batch_1", "decode_per_token_batch_8", "peak_memory"):
+        ratios = report[measurement]
+        assert ratios["ratio"] > 0 and ratios["ratio_to_same_size"] > 0, measurement
+    timings = report["decode_per_token_batch_8"]
+    assert timings["ratio"] == round(timings["otter_seconds"] / timings["base_seconds"], 3)
+    assert timings["ratio_to_same_size"] == round(timings["otter_seconds"] / timings["same_size_seconds"], 3)
+
+
+def test_bench_takes_a_base_or_a_real_shaped_one_not_both(capsys, base_folder):
+    status, _, err = run_cli(capsys, "bench", "--base", base_folder, "--real-shaped", "qwen3")
+    assert status == 2 and err == "otter-hf: error: Pass --base or --real-shaped, not both.\n"
 
 
 # -- output folders: refused when not empty, replaced as a unit with --overwrite -----------------------------------
@@ -401,8 +383,8 @@ def test_commands_refuse_a_non_empty_output_folder(capsys, base_folder, tmp_path
     assert status == 2
     option = "--output" if command == "insert" else "--output-dir"
     assert (
-        err
-        == f"otter-hf: error: {option}: {output} is not empty; pass --overwrite to replace its contents, or choose a new folder.\n"
+        err == f"otter-hf: error: {option}: {output} is not empty; "
+        "pass --overwrite to replace its contents, or choose a new folder.\n"
     )
     assert _names(output) == ["notes.txt"]
 

@@ -1,9 +1,9 @@
 """The demo's scoring pieces on a tiny model: the guide's rewards and the judge's features, and the judge's fit."""
 
 import torch
-from conftest import make_base, make_otter
 
 from otter_hf.demo import LinearJudge, rewards_and_features
+from tests.helpers import make_base, make_otter
 
 CONVERSATIONS = [
     [{"role": "user", "content": "tell me about the film"}, {"role": "assistant", "content": "it was great"}],

@@ -1,30 +1,15 @@
 import pytest
 import torch
-from conftest import ARCHITECTURE_BASES, EOS, PAD, make_base
 from datasets import Dataset
 
 import otter_hf
 from otter_hf.trainers import (
     DataCollatorForDraftHeads,
-    OtterDraftConfig,
     OtterDraftTrainer,
     build_self_distillation_dataset,
 )
 from otter_hf.trainers.draft_trainer import draft_head_loss
-
-
-def make_config(tmp_path, **overrides):
-    options = dict(
-        max_steps=8,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=4,
-        disable_tqdm=True,
-    )
-    return OtterDraftConfig(str(tmp_path), **{**options, **overrides})
+from tests.helpers import ARCHITECTURE_BASES, EOS, PAD, draft_config, make_base
 
 
 def test_loss_scores_head_k_at_t_on_token_t_plus_k_plus_2():
@@ -87,7 +72,7 @@ def test_training_improves_draft_heads_and_touches_only_inserted_parameters(name
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = OtterDraftTrainer(
         model,
-        make_config(tmp_path, max_steps=30),
+        draft_config(tmp_path, max_steps=30),
         train_dataset=dataset,
         eval_dataset=dataset,
         processing_class=tiny_tokenizer,
@@ -107,7 +92,7 @@ def test_text_column_is_tokenised(tmp_path, tiny_tokenizer):
     model = otter_hf.insert(make_base("llama-gqa-tied"), num_draft_heads=2)
     dataset = Dataset.from_dict({"text": ["i love this movie so much", "the food was great and the service kind"]})
     trainer = OtterDraftTrainer(
-        model, make_config(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer
+        model, draft_config(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer
     )
     assert trainer.train_dataset[0]["input_ids"] == tiny_tokenizer("i love this movie so much")["input_ids"]
     trainer.train()
@@ -117,22 +102,22 @@ def test_refuses_wrong_models_and_columns(tmp_path, tiny_tokenizer):
     dataset = Dataset.from_dict({"text": ["i love this movie"]})
     with pytest.raises(TypeError, match="Otter model"):
         OtterDraftTrainer(
-            make_base("llama-gqa-tied"), make_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
+            make_base("llama-gqa-tied"), draft_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
         )
     with pytest.raises(ValueError, match="no draft heads"):
         OtterDraftTrainer(
             otter_hf.insert(make_base("llama-gqa-tied")),
-            make_config(tmp_path),
+            draft_config(tmp_path),
             train_dataset=dataset,
             processing_class=tiny_tokenizer,
         )
     model = otter_hf.insert(make_base("llama-gqa-tied"), num_draft_heads=2)
     wrong = Dataset.from_dict({"prompt": ["hi"], "completion": ["hello"]})
     with pytest.raises(ValueError, match=r"neither a `text` nor an `input_ids` column.*\['completion', 'prompt'\]"):
-        OtterDraftTrainer(model, make_config(tmp_path), train_dataset=wrong, processing_class=tiny_tokenizer)
+        OtterDraftTrainer(model, draft_config(tmp_path), train_dataset=wrong, processing_class=tiny_tokenizer)
     with pytest.raises(ValueError, match="eval dataset"):
         OtterDraftTrainer(
-            model, make_config(tmp_path), train_dataset=dataset, eval_dataset=wrong, processing_class=tiny_tokenizer
+            model, draft_config(tmp_path), train_dataset=dataset, eval_dataset=wrong, processing_class=tiny_tokenizer
         )
 
 
@@ -141,7 +126,7 @@ def test_trained_draft_heads_are_saved_and_loaded(tmp_path, tiny_tokenizer):
     model = otter_hf.insert(base, num_draft_heads=2)
     OtterDraftTrainer(
         model,
-        make_config(tmp_path / "run", max_steps=2),
+        draft_config(tmp_path / "run", max_steps=2),
         train_dataset=self_distilled(model, tiny_tokenizer),
         processing_class=tiny_tokenizer,
     ).train()

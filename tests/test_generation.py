@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from transformers import LogitsProcessorList
 
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
+from tests.helpers import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
 # Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {

@@ -1,95 +1,17 @@
 """Pushing Otter models to the Hub and pulling them back, against a fake Hub in a local folder, offline."""
 
-import hashlib
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
-from huggingface_hub import CommitInfo, ModelCard, RepoUrl, constants
+from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.lifecycle.hub import push_folder, push_to_hub
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
-
-
-class FakeHub:
-    """The parts of `HfApi` that uploads use, committing into a local folder laid out as the huggingface_hub
-    cache, so that offline downloads (`hf_hub_download`, `snapshot_download`, `from_pretrained`) read the pushed
-    repositories through their real code paths."""
-
-    def __init__(self, cache_dir):
-        self.cache_dir = cache_dir
-        self.commits = []  # (repo_id, commit message, files in the commit)
-
-    def __call__(self, *args, **kwargs):  # stands in for the HfApi class
-        return self
-
-    def repo_folder(self, repo_id: str) -> str:
-        return os.path.join(self.cache_dir, "models--" + repo_id.replace("/", "--"))
-
-    def files(self, repo_id: str) -> dict[str, bytes]:
-        snapshot = self._head_snapshot(repo_id)
-        files = {}
-        for root, _, names in os.walk(snapshot):
-            for name in names:
-                path = os.path.join(root, name)
-                with open(path, "rb") as file:
-                    files[os.path.relpath(path, snapshot)] = file.read()
-        return files
-
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
-        os.makedirs(os.path.join(self.repo_folder(repo_id), "refs"), exist_ok=exist_ok)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(
-        self, repo_id, operations, *, commit_message, commit_description=None, revision=None, create_pr=False, **kwargs
-    ):
-        contents = {}
-        for operation in operations:
-            with operation.as_file() as file:
-                contents[operation.path_in_repo] = file.read()
-        digest = hashlib.sha1(repo_id.encode())
-        for path, data in sorted(contents.items()):
-            digest.update(path.encode() + data)
-        oid = digest.hexdigest()
-        snapshot = os.path.join(self.repo_folder(repo_id), "snapshots", oid)
-        previous = self._head_snapshot(repo_id)
-        if previous is not None:
-            shutil.copytree(previous, snapshot, dirs_exist_ok=True)
-        for path, data in contents.items():
-            os.makedirs(os.path.dirname(os.path.join(snapshot, path)), exist_ok=True)
-            with open(os.path.join(snapshot, path), "wb") as file:
-                file.write(data)
-        with open(os.path.join(self.repo_folder(repo_id), "refs", revision or "main"), "w") as file:
-            file.write(oid)
-        self.commits.append((repo_id, commit_message, sorted(contents)))
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
-            commit_message=commit_message,
-            commit_description=commit_description or "",
-            oid=oid,
-        )
-
-    def _head_snapshot(self, repo_id: str, revision: str = "main") -> str | None:
-        ref = os.path.join(self.repo_folder(repo_id), "refs", revision)
-        if not os.path.isfile(ref):
-            return None
-        with open(ref) as file:
-            return os.path.join(self.repo_folder(repo_id), "snapshots", file.read())
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    hub = FakeHub(str(tmp_path / "hub"))
-    # Offline: any request that reaches the network fails, so everything below runs against the folder.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", hub.cache_dir)
-    monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", hub)
-    return hub
+from tests.helpers import FakeHub, make_base, make_otter, random_batch
 
 
 def put_base_on_hub(hub: FakeHub, base, repo_id: str, tmp_path) -> None:

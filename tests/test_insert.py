@@ -5,12 +5,12 @@ import re
 import pytest
 import torch
 import transformers
-from conftest import BASE_MODELS, make_base, make_otter, random_batch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import otter_hf
 from otter_hf.modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
 from otter_hf.modeling.initialization import copied_head_sources
+from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 
 def test_only_inserted_parameters_are_trainable(base_name):

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
 
 import otter_hf
 from otter_hf.cli import _insertion_options, build_parser
 from otter_hf.lifecycle.insertion import INSERTION_OPTIONS
 from otter_hf.modeling import OtterCausalLMOutputWithValue, is_inserted_parameter, sequence_classification_view
 from otter_hf.modeling.inserted_heads import INSERTED_HEADS
+from tests.helpers import make_base, make_otter, random_batch
 
 # Options under which a config builds every registered head; a new head that needs one belongs here.
 BUILD_EVERY_HEAD = {"num_draft_heads": 2, "num_recurrent_drafts": 2, "draft_vocab_size": 40, "token_reward_head": True}

@@ -4,8 +4,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers import AutoModelForCausalLM
+
+from tests.helpers import make_base, make_otter, random_batch
 
 
 def _same(left, right) -> bool:

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from otter_hf.trainers.trainer_state import load_state
+from tests.helpers import REPOSITORY, make_base, make_tokenizer
 
 pytestmark = pytest.mark.multiprocess
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPOSITORY, "tests", "multiprocess_script.py")
 TOLERANCE = 1e-5
 
@@ -92,7 +92,9 @@ class Run:
         self.folder = folder
         self.reports = []
         self.weights = []
-        for rank in range(json.load(open(os.path.join(folder, "rank0.json")))["world_size"]):
+        with open(os.path.join(folder, "rank0.json")) as file:
+            world_size = json.load(file)["world_size"]
+        for rank in range(world_size):
             with open(os.path.join(folder, f"rank{rank}.json")) as file:
                 self.reports.append(json.load(file))
             self.weights.append(load_file(os.path.join(folder, f"rank{rank}.safetensors")))
@@ -237,7 +239,6 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(run):
 
 
 def test_the_train_command_on_two_processes_writes_once(tmp_path):
-    from conftest import make_base, make_tokenizer
     from transformers import AutoModelForCausalLM
 
     import otter_hf
@@ -277,12 +278,11 @@ def test_the_train_command_on_two_processes_writes_once(tmp_path):
 
 
 def test_processes_that_would_train_alone_are_refused(monkeypatch, tmp_path):
-    from conftest import make_base, make_tokenizer
     from datasets import Dataset
-    from multiprocess_script import INSERTION, preference_rows
 
     import otter_hf
     from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
+    from tests.multiprocess_script import INSERTION, preference_rows
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
@@ -296,7 +296,6 @@ def test_processes_that_would_train_alone_are_refused(monkeypatch, tmp_path):
 def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_the_forward():
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-    from conftest import make_base
 
     import otter_hf
     from otter_hf.trainers.distributed import prepare_fsdp2_plugin
@@ -319,10 +318,8 @@ def test_fsdp2_gets_a_unit_for_the_float32_value_head_and_no_resharding_after_th
 
 
 def test_the_best_checkpoint_is_loaded_back_from_its_inserted_parameters(tmp_path):
-    from conftest import make_base, make_tokenizer
-    from multiprocess_script import INSERTION, training_setup
-
     import otter_hf
+    from tests.multiprocess_script import INSERTION, training_setup
 
     model = otter_hf.insert(make_base("llama-gqa-tied"), **INSERTION["reward"])
     config_class, trainer_class, dataset = training_setup("reward", 8)

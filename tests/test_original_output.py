@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers import DynamicCache
+
+from tests.helpers import make_base, make_otter, random_batch
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])

@@ -75,3 +75,11 @@ def test_no_module_of_the_package_imports_itself_through_others():
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_trainer_and_its_config_are_exported_at_the_top_level():
+    trainer_classes = [name for name in otter_hf.trainers.__all__ if name.endswith(("Trainer", "Config"))]
+    assert {"OtterDraftTrainer", "OtterRewardTrainer", "OtterValueConfig"} <= set(trainer_classes)
+    for name in trainer_classes:
+        assert name in otter_hf.__all__, name
+        assert getattr(otter_hf, name) is getattr(otter_hf.trainers, name)

@@ -1,5 +1,6 @@
 """Replacing a checkpoint on disk: the files of one save change as a unit, whatever interrupts it."""
 
+import functools
 import json
 import os
 import shutil
@@ -9,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import make_base, make_otter, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling import persistence
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, SCRATCH_PREFIX
+from tests.helpers import REPOSITORY, make_base, make_otter, make_tokenizer
 
 
 class Interrupted(BaseException):
@@ -57,11 +58,16 @@ def moves_into_or_out_of(folder, monkeypatch, on_move):
     return moves
 
 
-def interrupt_at(interrupted_at: int):
-    """An `on_move` that interrupts the save just before its move number `interrupted_at`."""
+def interrupt_at(interrupted_at: int, *, after_the_move: bool = False, on_interrupt=None):
+    """An `on_move` that interrupts the save at its move number `interrupted_at`: just before that move, or right
+    after it with `after_the_move`. `on_interrupt()` runs as the save stops (to copy what a killed process leaves)."""
 
     def on_move(index, source, destination, replace):
         if index == interrupted_at:
+            if after_the_move:
+                replace(source, destination)
+            if on_interrupt is not None:
+                on_interrupt()
             raise Interrupted
         replace(source, destination)
 
@@ -138,15 +144,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(previous_and_new, tm
     # the save is complete, as the killed-save test checks.
     for interrupted_at in range(total - 1 if moved else total):
         with monkeypatch.context() as patch:
-
-            def interrupt(index, source, destination, replace):
-                if index == interrupted_at and moved:
-                    replace(source, destination)
-                if index == interrupted_at:
-                    raise Interrupted
-                replace(source, destination)
-
-            moves_into_or_out_of(folder, patch, interrupt)
+            moves_into_or_out_of(folder, patch, interrupt_at(interrupted_at, after_the_move=moved))
             with pytest.raises(Interrupted):
                 new.save_pretrained(folder)
         assert sorted(os.listdir(folder)) == before, interrupted_at
@@ -176,16 +174,10 @@ def test_what_a_killed_save_leaves_is_settled_by_the_next_load_or_save(
         # The folder as a process killed at this point leaves it: a copy taken there, scratch folder included.
         left = tmp_path / f"killed-{killed_at}"
         with monkeypatch.context() as patch:
-
-            def kill(index, source, destination, replace):
-                if index == killed_at and moved:
-                    replace(source, destination)
-                if index == killed_at:
-                    shutil.copytree(folder, left, symlinks=True)
-                    raise Interrupted
-                replace(source, destination)
-
-            moves_into_or_out_of(folder, patch, kill)
+            leave_a_copy = functools.partial(shutil.copytree, folder, left, symlinks=True)
+            moves_into_or_out_of(
+                folder, patch, interrupt_at(killed_at, after_the_move=moved, on_interrupt=leave_a_copy)
+            )
             with pytest.raises(Interrupted):
                 new.save_pretrained(folder)
         assert len(scratch_folders(left)) == 1
@@ -233,7 +225,7 @@ def test_a_running_save_is_left_alone(tmp_path):
 KILLED_SAVE = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[2])
-from conftest import make_base, make_otter
+from tests.helpers import make_base, make_otter
 from otter_hf.modeling import persistence
 
 replace, moves = os.replace, []
@@ -246,7 +238,8 @@ def replace_then_die(source, destination):
             os.kill(os.getpid(), signal.SIGKILL)
 
 persistence.os.replace = replace_then_die
-make_otter(make_base("llama-gqa-tied"), seed=2, inserted_hidden_size=24, inserted_intermediate_size=40).save_pretrained(sys.argv[1])
+new = make_otter(make_base("llama-gqa-tied"), seed=2, inserted_hidden_size=24, inserted_intermediate_size=40)
+new.save_pretrained(sys.argv[1])
 """
 
 
@@ -255,7 +248,7 @@ def test_a_save_killed_in_another_process_is_rolled_back_by_the_next_load(previo
     folder = tmp_path / "checkpoint"
     prepare_previous(folder, previous)
     completed = subprocess.run(
-        [sys.executable, "-c", KILLED_SAVE, str(folder), os.path.dirname(__file__)], capture_output=True, timeout=300
+        [sys.executable, "-c", KILLED_SAVE, str(folder), REPOSITORY], capture_output=True, timeout=300
     )
     assert completed.returncode == -9, completed.stderr.decode()[-2000:]
     assert len(scratch_folders(folder)) == 1

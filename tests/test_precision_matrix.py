@@ -3,8 +3,9 @@ implementation, on every architecture, with norm weights that are not the identi
 
 import pytest
 import torch
-from conftest import BASE_MODELS, make_base, make_otter, random_batch
 from transformers import DynamicCache
+
+from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

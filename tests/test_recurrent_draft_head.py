@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from conftest import make_base, make_otter, make_tokenizer, random_batch
 from datasets import Dataset
-from test_draft_trainer import make_config
 
 import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_recurrent_drafts
 from otter_hf.trainers import OtterDraftTrainer, fit_draft_vocabulary
 from otter_hf.trainers.draft_trainer import RECURRENT_STEP_WEIGHTS, recurrent_draft_loss
+from tests.helpers import draft_config, make_base, make_otter, make_tokenizer, random_batch
 
 DRAFT_VOCAB_SIZE = 40
 PROMPT_LENGTH, COMPLETION_LENGTH = 6, 16
@@ -126,7 +125,7 @@ def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, 
     original = {parameter_name: p.detach().clone() for parameter_name, p in otter.named_parameters()}
     trainer = OtterDraftTrainer(
         otter,
-        make_config(tmp_path, max_steps=30),
+        draft_config(tmp_path, max_steps=30),
         train_dataset=dataset,
         eval_dataset=dataset,
         processing_class=tiny_tokenizer,
@@ -145,7 +144,7 @@ def test_training_fits_the_vocabulary_and_touches_only_the_recurrent_head(name, 
     assert changed and all(parameter_name.startswith("recurrent_draft_head.") for parameter_name in changed)
     # A fitted vocabulary is kept when training goes on.
     OtterDraftTrainer(
-        otter, make_config(tmp_path, max_steps=1), train_dataset=dataset.select([0]), processing_class=tiny_tokenizer
+        otter, draft_config(tmp_path, max_steps=1), train_dataset=dataset.select([0]), processing_class=tiny_tokenizer
     )
     assert torch.equal(otter.recurrent_draft_head.draft_token_ids, fitted)
 
@@ -156,7 +155,7 @@ def trained_recurrent_otter(tmp_path_factory):
     base = make_base("qwen2-bias", eos_token_id=None)
     otter = otter_hf.insert(base, num_recurrent_drafts=3, draft_vocab_size=DRAFT_VOCAB_SIZE, draft_max_batch_size=4)
     dataset, sequences = self_distilled(base, num_prompts=8)
-    config = make_config(tmp_path_factory.mktemp("run"), max_steps=60)
+    config = draft_config(tmp_path_factory.mktemp("run"), max_steps=60)
     OtterDraftTrainer(otter, config, train_dataset=dataset, processing_class=make_tokenizer()).train()
     return base, otter.eval(), dataset, sequences
 
@@ -222,7 +221,7 @@ def test_a_model_without_draft_heads_is_refused_by_the_trainer_and_the_decoder(t
     otter = otter_hf.insert(make_base("llama-gqa-tied"))
     dataset = Dataset.from_dict({"text": ["i love this movie"]})
     with pytest.raises(ValueError, match="num_recurrent_drafts"):
-        OtterDraftTrainer(otter, make_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+        OtterDraftTrainer(otter, draft_config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
     input_ids, attention_mask = random_batch(1, 4)
     with pytest.raises(ValueError, match="num_recurrent_drafts"):
         otter.generate(

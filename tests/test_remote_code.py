@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import ARCHITECTURE_BASES, make_base, make_otter, random_batch
 from safetensors.torch import save_file
-from test_hub import FakeHub
 
 import otter_hf
 from otter_hf.lifecycle.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
+from tests.helpers import ARCHITECTURE_BASES, FakeHub, make_base, make_otter, random_batch
 
 # Runs in a fresh interpreter with otter_hf made unimportable, offline.
 LOAD_WITHOUT_OTTER_HF = r"""
@@ -60,7 +59,11 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
         )
         result["guided_equal"] = torch.equal(guided, tensors["guided_ids"])
         args_guided = model.generate(
-            tensors["input_ids"], attention_mask=tensors["attention_mask"], reward_weight=2.0, reward_top_k=3, **GUIDED_DECODING
+            tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            reward_weight=2.0,
+            reward_top_k=3,
+            **GUIDED_DECODING,
         )
         result["args_guided_equal"] = torch.equal(args_guided, tensors["args_guided_ids"])
     result["causal_lm_class"] = f"{type(model).__module__}.{type(model).__name__}"
@@ -68,7 +71,8 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
     result["value_close"] = torch.allclose(output.value[real], tensors["value"][real], atol=1e-5, rtol=1e-5)
     modeling_otter = importlib.import_module(type(model).__module__.rpartition(".")[0] + ".modeling_otter")
     result["only_inserted_trainable"] = all(
-        parameter.requires_grad == modeling_otter.is_inserted_parameter(name) for name, parameter in model.named_parameters()
+        parameter.requires_grad == modeling_otter.is_inserted_parameter(name)
+        for name, parameter in model.named_parameters()
     ) and model.v_head.summary.weight.requires_grad
     result["config_class"] = type(AutoConfig.from_pretrained(repo, trust_remote_code=True)).__name__
     result["backbone_class"] = type(AutoModel.from_pretrained(repo, trust_remote_code=True)).__name__
@@ -221,7 +225,8 @@ OTTER_OTHER_TRANSFORMERS_PYTHON = os.environ.get("OTTER_OTHER_TRANSFORMERS_PYTHO
 
 @pytest.mark.skipif(
     not OTTER_OTHER_TRANSFORMERS_PYTHON,
-    reason="set OTTER_OTHER_TRANSFORMERS_PYTHON to the python of an environment with another transformers (.ci/run does)",
+    reason="set OTTER_OTHER_TRANSFORMERS_PYTHON to the python of an environment with another transformers "
+    "(.ci/run does)",
 )
 def test_a_checkpoint_loads_under_another_transformers_version_through_its_remote_code(tmp_path):
     repos = {}

@@ -5,13 +5,13 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_base, make_otter, random_batch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import otter_hf
 from otter_hf import sequence_classification_view
 from otter_hf.modeling.sequence_classification import OtterForSequenceClassificationMixin
+from tests.helpers import make_base, make_otter, random_batch
 
 PAIRS = [
     ("how was the movie ?", "it was great !", "it was awful ."),

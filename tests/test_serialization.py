@@ -6,11 +6,11 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import otter_hf
 from otter_hf.modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME
+from tests.helpers import make_base, make_otter, random_batch
 
 
 def _outputs(model, input_ids, attention_mask):
@@ -129,4 +129,4 @@ def test_an_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
         otter.save_otter(tmp_path / "inserted")
     assert not (tmp_path / "full").exists()
     assert not (tmp_path / "inserted").exists()
-    assert [name for name in os.listdir(tmp_path)] == []  # no staging folder left behind either
+    assert os.listdir(tmp_path) == []  # no staging folder left behind either

@@ -2,7 +2,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 from datasets import Dataset
 from transformers import (
     LogitsProcessorList,
@@ -15,6 +14,7 @@ from transformers import (
 import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_draft_heads
+from tests.helpers import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
 MAX_NEW_TOKENS = 24
 
@@ -567,7 +567,10 @@ def test_sampling_without_drafts_draws_what_generate_draws():
     input_ids, attention_mask = random_batch(2, 7, padding="left")
     torch.manual_seed(3)
     reference = greedy(base, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20)
-    unconfident = lambda ids, *streams: confident_logits(ids[:, -3:], 0.1)  # every chain cut to nothing
+
+    def unconfident(ids, *streams):  # every chain cut to nothing
+        return confident_logits(ids[:, -3:], 0.1)
+
     for options in ({}, {"draft_fn": unconfident, "draft_confidence_threshold": 0.5}):
         torch.manual_seed(3)
         output = speculative(model, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20, **options)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers import StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from tests.helpers import make_base, make_otter, random_batch
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_base, make_otter, random_batch
 from transformers.generation.streamers import BaseStreamer
 
 from otter_hf.generation import reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
+from tests.helpers import make_base, make_otter, random_batch
 
 WEIGHT = 2.0
 NEW_TOKENS = 6

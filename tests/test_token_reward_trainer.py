@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from conftest import make_base, random_batch
 from datasets import Dataset
-from test_trainers import BAD, GOOD, QUESTIONS, conversational_pairs, trainer_config
 
 import otter_hf
 from otter_hf.trainers import OtterTokenRewardConfig, OtterTokenRewardTrainer, token_reward_log_probs
 from otter_hf.trainers.token_reward_trainer import tokenize_preference_row
+from tests.helpers import BAD, GOOD, QUESTIONS, conversational_pairs, make_base, random_batch, trainer_config
 
 
 def make_token_otter(name: str = "llama-gqa-tied"):

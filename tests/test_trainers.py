@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARCHITECTURE_BASES, make_base, random_batch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl.data_utils import unpair_preference_dataset
@@ -15,50 +14,22 @@ import otter_hf
 from otter_hf import load_preference_dataset, sequence_classification_view
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer, OtterValueConfig, OtterValueTrainer
 from otter_hf.trainers.value_trainer import prefix_weights
-
-GOOD = [
-    "it was great !",
-    "so kind and helpful .",
-    "i really enjoyed it !",
-    "what a lovely day .",
-    "thanks , that is wonderful .",
-]
-BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
-QUESTIONS = ["how was the movie ?", "what do you think of my idea ?", "tell me about your day .", "how was the food ?"]
+from tests.helpers import (
+    ARCHITECTURE_BASES,
+    BAD,
+    GOOD,
+    QUESTIONS,
+    conversational_pairs,
+    make_base,
+    random_batch,
+    trainer_config,
+)
 
 
 def make_otter(base):
     # Trained models start from the insertion's own initialisation, as a user's would.
     torch.manual_seed(0)
     return otter_hf.insert(base)
-
-
-def conversational_pairs(n: int = 20) -> Dataset:
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "chosen": [{"role": "assistant", "content": GOOD[i % len(GOOD)]}],
-            "rejected": [{"role": "assistant", "content": BAD[(i + 1) % len(BAD)]}],
-        }
-        for i in range(n)
-    ]
-    return Dataset.from_list(rows)
-
-
-def trainer_config(config_class, tmp_path, **overrides):
-    """A short, quiet CPU run of any Otter trainer config: 12 steps of 4 rows, nothing saved or reported."""
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=3e-3,
-        logging_steps=4,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
-    return config_class(**{**options, **overrides})
 
 
 def reward_config(tmp_path, **overrides) -> OtterRewardConfig:

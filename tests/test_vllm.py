@@ -187,7 +187,8 @@ def post_json(url: str, body: dict) -> dict:
 
 
 def test_openai_server_answers_guided_request(reference, tmp_path):
-    """The OpenAI-compatible server on localhost: a completion with `vllm_xargs.token_reward_weight` decodes as the reference."""
+    """The OpenAI-compatible server on localhost: a completion with `vllm_xargs.token_reward_weight` decodes as the
+    reference."""
     port = free_port()
     weight = next(iter(reference["architectures"]["llama"]["guided"]))
     log = (tmp_path / "server.log").open("w")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_base, make_otter, make_tokenizer  # noqa: E402
+# Run as a script: the repository root makes the tests' helpers importable by package path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers import make_base, make_otter, make_tokenizer  # noqa: E402
 
 # The CPU attention of vLLM takes head sizes that are multiples of 32, so the tiny models use 32.
 VLLM_ARCHITECTURES = {

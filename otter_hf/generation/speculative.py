@@ -173,8 +173,8 @@ def check_speculative_model(model, draft_fn: DraftFunction | None) -> None:
     if draft_fn is None and not has_recurrent_draft_head(model):
         if getattr(config, "inserted_hidden_size", None) is None:
             raise TypeError(
-                f"Speculative decoding drafts with an Otter model's draft heads; {type(model).__name__} has none. Build "
-                "one with `otter_hf.insert(base_model, num_recurrent_drafts=5)` (or Medusa-style heads with "
+                f"Speculative decoding drafts with an Otter model's draft heads; {type(model).__name__} has none. "
+                "Build one with `otter_hf.insert(base_model, num_recurrent_drafts=5)` (or Medusa-style heads with "
                 "`num_draft_heads=4`), or pass your own `draft_fn`."
             )
         if getattr(model, "draft_heads", None) is None:

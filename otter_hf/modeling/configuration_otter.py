@@ -109,6 +109,7 @@ class OtterConfigMixin(OtterHeadOptions):
 
 # The heads' fields are documented where they are declared; the docstring lists them with the others.
 OtterConfigMixin.__doc__ = OtterConfigMixin.__doc__.rstrip(" ") + "".join(
-    f"    {option.name} (`{option.type.__name__}`, *optional*, defaults to {option.default!r}):\n        {option.help}\n"
+    f"    {option.name} (`{option.type.__name__}`, *optional*, defaults to {option.default!r}):\n"
+    f"        {option.help}\n"
     for option in head_options()
 )

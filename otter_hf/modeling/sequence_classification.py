@@ -108,7 +108,8 @@ class OtterForSequenceClassificationMixin:
         )
         if outputs.value is None:
             raise ValueError(
-                "The sequence-classification view scores with the inserted stream; it cannot run inside `otter_disabled()`."
+                "The sequence-classification view scores with the inserted stream; "
+                "it cannot run inside `otter_disabled()`."
             )
         pooled = pool_last_token(outputs.value, attention_mask, input_ids, self.config.pad_token_id).unsqueeze(-1)
 

@@ -36,7 +36,7 @@ def prefix_weights(length: int) -> list[float]:
 
 
 def _as_label(value: Any, where: str) -> float:
-    if isinstance(value, bool) or isinstance(value, (int, float)):
+    if isinstance(value, (bool, int, float)):
         return float(value)
     raise ValueError(f"{where} must be a number or a bool, got {type(value).__name__} ({value!r}).")
 

@@ -1,0 +1,369 @@
+"""What the tests share: tiny base models of every supported architecture, Otter models inserted into them, token
+batches, offline tokenizers, short trainer configs and a fake Hub. The fixtures built on them are in conftest.py.
+
+Imported by package path (`from tests.helpers import ...`), also by the scripts the tests launch in subprocesses.
+"""
+
+import hashlib
+import os
+import shutil
+
+import torch
+from datasets import Dataset
+from huggingface_hub import CommitInfo, RepoUrl
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace, WhitespaceSplit
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import otter_hf
+from otter_hf.cli import main
+from otter_hf.trainers import OtterDraftConfig
+
+# The repository root: child processes import these helpers from there.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PAD, EOS = 0, 1
+COMMON = dict(vocab_size=96, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+
+# Tiny base models covering the features the insertion must respect.
+BASE_MODELS = {
+    # grouped-query attention, tied embeddings
+    "llama-gqa-tied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # multi-head attention, untied embeddings, odd head size
+    "llama-mha-untied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # q/k/v biases
+    "qwen2-bias": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # sliding-window attention shorter than the test sequences, one key/value head
+    "mistral-sliding": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=4,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # q/k norms on every head, a head size other than hidden_size / num_attention_heads
+    "qwen3-qk-norm": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # scaled embeddings, (1 + w) norms before and after each module, q/k norms, a sliding layer (window shorter
+    # than the test sequences) then a global one, GELU-tanh gated MLP, final-logit softcapping that bites
+    "gemma3-sliding-softcap": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=0.5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # LayerNorm with bias, learned position embeddings, fused Conv1D query/key/value, GELU MLP without a gate
+    "gpt2-layernorm": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=112),
+    ),
+    # fused query/key/value and gate/up projections, rotary embeddings on half of each head
+    "phi3-fused-partial-rotary": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def _first_config_of_each_architecture() -> list[str]:
+    names = {}
+    for name, (config_class, _, _) in BASE_MODELS.items():
+        names.setdefault(config_class.model_type, name)
+    return list(names.values())
+
+
+# One tiny config per supported architecture, for the tests that run once per architecture.
+ARCHITECTURE_BASES = _first_config_of_each_architecture()
+
+
+def make_base(name: str, seed: int = 0, **overrides):
+    config_class, model_class, sizes = BASE_MODELS[name]
+    torch.manual_seed(seed)
+    config = config_class(**{**COMMON, **sizes, **overrides})
+    return model_class(config).eval()
+
+
+def make_otter(base, seed: int = 1, noise: float = 0.05, **options):
+    torch.manual_seed(seed)
+    model = otter_hf.insert(base, **options)
+    # Give the zero-initialised inserted blocks real values, so tests exercise every inserted path.
+    with torch.no_grad():
+        for parameter in model.otter_parameters():
+            parameter.add_(torch.randn_like(parameter) * noise)
+    return model
+
+
+def random_batch(batch_size: int, length: int, padding: str | None = None, seed: int = 0):
+    """Token ids and an attention mask; with padding, each row after the first is shorter by one more token."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, COMMON["vocab_size"], (batch_size, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if padding is not None:
+        for row in range(1, batch_size):
+            pad = min(row, length - 1)
+            if padding == "left":
+                attention_mask[row, :pad] = 0
+                input_ids[row, :pad] = PAD
+            else:
+                attention_mask[row, length - pad :] = 0
+                input_ids[row, length - pad :] = PAD
+    return input_ids, attention_mask
+
+
+# A word-level tokenizer built offline whose ids fit the tiny models' vocabulary, with a small chat template.
+TINY_WORDS = [
+    *["i", "you", "it", "this", "that", "the", "a", "an", "is", "was", "are", "be", "my", "your", "me"],
+    *["how", "what", "do", "please", "tell", "about", "write", "review"],
+    *["answer", "movie", "film", "book", "food", "service"],
+    *["day", "friend", "team", "work", "idea", "plan", "song", "trip"],
+    *[".", ",", "!", "?", "and", "so", "very", "really", "not"],
+    *["great", "good", "kind", "lovely", "wonderful", "helpful", "thanks", "happy", "glad", "nice", "love", "enjoyed"],
+    *["bad", "awful", "terrible", "rude", "boring", "useless", "hate", "sad", "angry", "waste", "worst", "dull"],
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer of `TINY_WORDS` (the `tiny_tokenizer` fixture), with `<user>` / `<assistant>` turns."""
+    specials = ["<pad>", "</s>", "<s>", "<unk>", "<user>", "<assistant>"]
+    vocab = {token: index for index, token in enumerate(specials + list(TINY_WORDS))}
+    assert len(vocab) <= COMMON["vocab_size"] and vocab["<pad>"] == PAD and vocab["</s>"] == EOS
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
+    tokenizer.chat_template = (
+        "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    return tokenizer
+
+
+def make_word_id_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' vocabulary: token i is the word `w{i}`."""
+    vocab = {"<pad>": COMMON["pad_token_id"], "</s>": COMMON["eos_token_id"], "<s>": COMMON["bos_token_id"]}
+    vocab.update({f"w{index}": index for index in range(len(vocab), COMMON["vocab_size"])})
+    backend = Tokenizer(WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `otter-hf *argv` in this process: its exit status, standard output and standard error."""
+    capsys.readouterr()  # drop what earlier steps printed
+    try:
+        status = main([str(arg) for arg in argv])
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# Preference data in the tiny tokenizer's words.
+GOOD = [
+    "it was great !",
+    "so kind and helpful .",
+    "i really enjoyed it !",
+    "what a lovely day .",
+    "thanks , that is wonderful .",
+]
+BAD = ["it was awful .", "so rude and useless .", "i really hate it .", "what a boring day .", "the worst , a waste ."]
+QUESTIONS = ["how was the movie ?", "what do you think of my idea ?", "tell me about your day .", "how was the food ?"]
+
+
+def conversational_pairs(n: int = 20) -> Dataset:
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "chosen": [{"role": "assistant", "content": GOOD[i % len(GOOD)]}],
+            "rejected": [{"role": "assistant", "content": BAD[(i + 1) % len(BAD)]}],
+        }
+        for i in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def trainer_config(config_class, tmp_path, **overrides):
+    """A short, quiet CPU run of any Otter trainer config: 12 steps of 4 rows, nothing saved or reported."""
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    return config_class(**{**options, **overrides})
+
+
+def draft_config(tmp_path, **overrides) -> OtterDraftConfig:
+    """A short, quiet CPU run of the draft-head trainer: 8 steps of 2 rows at a high learning rate."""
+    options = dict(
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=4,
+        disable_tqdm=True,
+    )
+    return OtterDraftConfig(str(tmp_path), **{**options, **overrides})
+
+
+class FakeHub:
+    """The parts of `HfApi` that uploads use, committing into a local folder laid out as the huggingface_hub
+    cache, so that offline downloads (`hf_hub_download`, `snapshot_download`, `from_pretrained`) read the pushed
+    repositories through their real code paths."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = cache_dir
+        self.commits = []  # (repo_id, commit message, files in the commit)
+
+    def __call__(self, *args, **kwargs):  # stands in for the HfApi class
+        return self
+
+    def repo_folder(self, repo_id: str) -> str:
+        return os.path.join(self.cache_dir, "models--" + repo_id.replace("/", "--"))
+
+    def files(self, repo_id: str) -> dict[str, bytes]:
+        snapshot = self._head_snapshot(repo_id)
+        files = {}
+        for root, _, names in os.walk(snapshot):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as file:
+                    files[os.path.relpath(path, snapshot)] = file.read()
+        return files
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
+        os.makedirs(os.path.join(self.repo_folder(repo_id), "refs"), exist_ok=exist_ok)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(
+        self, repo_id, operations, *, commit_message, commit_description=None, revision=None, create_pr=False, **kwargs
+    ):
+        contents = {}
+        for operation in operations:
+            with operation.as_file() as file:
+                contents[operation.path_in_repo] = file.read()
+        digest = hashlib.sha1(repo_id.encode())
+        for path, data in sorted(contents.items()):
+            digest.update(path.encode() + data)
+        oid = digest.hexdigest()
+        snapshot = os.path.join(self.repo_folder(repo_id), "snapshots", oid)
+        previous = self._head_snapshot(repo_id)
+        if previous is not None:
+            shutil.copytree(previous, snapshot, dirs_exist_ok=True)
+        for path, data in contents.items():
+            os.makedirs(os.path.dirname(os.path.join(snapshot, path)), exist_ok=True)
+            with open(os.path.join(snapshot, path), "wb") as file:
+                file.write(data)
+        with open(os.path.join(self.repo_folder(repo_id), "refs", revision or "main"), "w") as file:
+            file.write(oid)
+        self.commits.append((repo_id, commit_message, sorted(contents)))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+            commit_message=commit_message,
+            commit_description=commit_description or "",
+            oid=oid,
+        )
+
+    def _head_snapshot(self, repo_id: str, revision: str = "main") -> str | None:
+        ref = os.path.join(self.repo_folder(repo_id), "refs", revision)
+        if not os.path.isfile(ref):
+            return None
+        with open(ref) as file:
+            return os.path.join(self.repo_folder(repo_id), "snapshots", file.read())
