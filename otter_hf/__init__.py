@@ -9,7 +9,7 @@ from . import modeling
 from .data import fit_preference_pairs, load_hh_rlhf, load_preference_dataset, split_hh_rlhf
 from .generation import OtterRewardLogitsProcessor, reward_guided_generate
 from .lifecycle import insert, load_otter, push_to_hub
-from .modeling import OtterCausalLMOutputWithValue, sequence_classification_view
+from .modeling import PEFT_EXCLUDE_MODULES, OtterCausalLMOutputWithValue, sequence_classification_view
 from .trainers import (
     OtterDraftConfig,
     OtterDraftTrainer,
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 globals().update({name: getattr(modeling, name) for name in modeling.ARCHITECTURE_CLASS_NAMES})
 
 __all__ = [
+    "PEFT_EXCLUDE_MODULES",
     "OtterCausalLMOutputWithValue",
     "OtterDraftConfig",
     "OtterDraftTrainer",

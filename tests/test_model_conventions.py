@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import otter_hf
+from otter_hf.modeling import is_inserted_parameter
 from tests.helpers import make_base, make_otter, random_batch
 
 
@@ -91,3 +93,16 @@ def test_reward_guided_decoding_passes_the_cache_under_the_name_transformers_rea
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
         otter.generate(input_ids, attention_mask=attention_mask, reward_weight=1.0, max_new_tokens=3, pad_token_id=0)
+
+
+def test_lora_with_the_exclusion_list_leaves_every_inserted_module_alone():
+    peft = pytest.importorskip("peft")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for targets in ("all-linear", projections):
+        otter = make_otter(make_base("llama-gqa-tied"), num_draft_heads=1, token_reward_head=True)
+        config = peft.LoraConfig(target_modules=targets, exclude_modules=otter_hf.PEFT_EXCLUDE_MODULES, r=2)
+        adapted = [
+            name for name, module in peft.get_peft_model(otter, config).named_modules() if hasattr(module, "lora_A")
+        ]
+        assert adapted and not [name for name in adapted if is_inserted_parameter(name)]
+        assert {name.rsplit(".", 1)[-1] for name in adapted} == set(projections)

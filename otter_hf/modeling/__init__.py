@@ -7,7 +7,7 @@ exports of this package and of `otter_hf`, the CLI's help and the tests' paramet
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import otter_gemma3, otter_gpt2, otter_llama, otter_mistral, otter_phi3, otter_qwen2, otter_qwen3
-from .inserted_heads import INSERTED_HEADS
+from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
 from .modeling_otter import OtterCausalLMOutputWithValue, OtterForCausalLMMixin, is_inserted_parameter
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -74,6 +74,7 @@ ARCHITECTURE_CLASS_NAMES = tuple(name for module in ARCHITECTURE_MODULES for nam
 globals().update({name: getattr(module, name) for module in ARCHITECTURE_MODULES for name in module.__all__})
 
 __all__ = [
+    "PEFT_EXCLUDE_MODULES",
     "ARCHITECTURE_MODULES",
     "INSERTED_HEADS",
     "OTTER_ARCHITECTURES",

@@ -293,9 +293,11 @@ class OtterCausalLMOutputWithValue(CausalLMOutputWithCrossAttentions):
         The inserted stream at the points where `hidden_states` records the original one.
     value (`torch.FloatTensor` of shape `(batch_size, sequence_length)`):
         The value head's float32 prediction at every position (`v_head`), whatever `logits_to_keep`.
-    draft_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, num_draft_heads, vocab_size)`, *optional*):
+    draft_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, num_draft_heads, vocab_size)`,
+        *optional*):
         With `output_draft_logits=True`: draft head k's logits for the token k + 2 positions on (`draft_heads`).
-    recurrent_draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length - 1, draft_vocab_size)`, *optional*):
+    recurrent_draft_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length - 1, draft_vocab_size)`,
+        *optional*):
         With `output_recurrent_draft_logits=True`: the recurrent draft head's teacher-forced first step, over its
         draft vocabulary (`recurrent_draft_head`).
     token_reward_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):

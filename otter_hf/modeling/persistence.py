@@ -110,7 +110,7 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
     # permissions a new file gets here (see below).
     with folder_lock(save_directory, exclusive=True):
         scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
-        lock = open(os.path.join(scratch, _LOCK), "w")
+        lock = open(os.path.join(scratch, _LOCK), "w")  # noqa: SIM115  held until the save ends, past this block
         _lock(lock)
     with lock:
         try:
@@ -221,7 +221,7 @@ def recover_interrupted_saves(directory) -> None:
     for scratch in _scratch_folders(directory):
         _check_scratch_folder(directory, scratch)
         try:
-            lock = open(os.path.join(scratch, _LOCK), "r+")
+            lock = open(os.path.join(scratch, _LOCK), "r+")  # noqa: SIM115  held while the scratch folder is settled
         except FileNotFoundError:
             # Killed right after creating its scratch folder (or just about to lock it: deleting the folder then
             # fails that save before it changed anything).
@@ -334,7 +334,8 @@ def _settle_before_loading(path: str) -> None:
         if any(os.path.lexists(os.path.join(scratch, _JOURNAL)) for scratch in _scratch_folders(path)):
             raise ValueError(
                 f"{path} holds a save that was interrupted mid-way, and it cannot be settled ({error}): the folder "
-                "would load as a mix of two saves. Make the folder writable and load it again, or restore it from a copy."
+                "would load as a mix of two saves. Make the folder writable and load it again, or restore it from a "
+                "copy."
             ) from error
         # Only scratch folders of saves that changed nothing yet: the folder loads as its last whole save.
         logger.warning(f"Could not remove the scratch of an interrupted save in {path} ({error}).")

@@ -49,7 +49,7 @@ def load_state(path: str, device: str | torch.device = "cpu"):
                 f"{path} is not a trainer state written by otter_hf (its metadata lacks `{_STRUCTURE_KEY}`); resume "
                 "from a checkpoint an Otter trainer wrote, or train from the start."
             )
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118  safe_open is not iterable
     return _decode(json.loads(metadata[_STRUCTURE_KEY]), tensors)
 
 
