@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from .inserted_heads import head_options
 
 INIT_METHODS = ("copy", "normal", "random")
+# Upper bounds that keep a crafted config from building (or allocating) a model far beyond its base: the inserted
+# stream is a fraction of the original one, so these are generous.
+MAX_INSERTED_SIZE_FACTOR = 4
+MAX_INSERTED_HEADS = 1024
+MAX_LAYERS = 1024
 
 
 def attention_head_size(config) -> int:
@@ -93,6 +98,22 @@ class OtterConfigMixin(OtterHeadOptions):
                     "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
                     "inserted_init='normal'."
                 )
+        bounds = {
+            "inserted_hidden_size": MAX_INSERTED_SIZE_FACTOR * self.hidden_size,
+            "inserted_intermediate_size": MAX_INSERTED_SIZE_FACTOR * max(self.intermediate_size, self.hidden_size),
+            "inserted_num_attention_heads": MAX_INSERTED_HEADS,
+            "inserted_num_key_value_heads": MAX_INSERTED_HEADS,
+        }
+        for name, bound in bounds.items():
+            if getattr(self, name) > bound:
+                raise ValueError(
+                    f"`{name}` is {getattr(self, name)}, above its bound {bound} for this base model "
+                    f"(hidden_size {self.hidden_size}): the config is damaged or crafted, or the sizes were mistyped."
+                )
+        if not isinstance(self.num_hidden_layers, int) or not 1 <= self.num_hidden_layers <= MAX_LAYERS:
+            raise ValueError(
+                f"`num_hidden_layers` must be an integer from 1 to {MAX_LAYERS}, got {self.num_hidden_layers!r}."
+            )
         for option in head_options():
             value = getattr(self, option.name)
             if not option.is_valid(value):
