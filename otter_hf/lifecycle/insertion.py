@@ -147,8 +147,8 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     with reading_checkpoint(otter_directory):
         if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
             raise ValueError(
-                f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and {OTTER_WEIGHTS_NAME} "
-                "as written by `model.save_otter(directory)`."
+                f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and "
+                f"{OTTER_WEIGHTS_NAME} as written by `model.save_otter(directory)`."
             )
         saved = _read_otter_config(config_path)
         inserted_weights = load_file(weights_path)
