@@ -283,7 +283,7 @@ def test_the_model_drafts_only_for_batches_up_to_its_draft_max_batch_size():
         assert (max(output.accepted_tokens_per_step) > 1) == drafts
         # Drafting off runs the base computation alone: no inserted keys and values were cached.
         assert (len(output.past_key_values.layers) == model.config.num_hidden_layers) == (not drafts)
-    with pytest.raises(ValueError, match="`draft_max_batch_size` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`draft_max_batch_size` must be an integer from 1 to 4096, got 0"):
         otter_hf.insert(base, num_draft_heads=2, draft_max_batch_size=0)
 
 
@@ -567,7 +567,10 @@ def test_sampling_without_drafts_draws_what_generate_draws():
     input_ids, attention_mask = random_batch(2, 7, padding="left")
     torch.manual_seed(3)
     reference = greedy(base, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20)
-    unconfident = lambda ids, *streams: confident_logits(ids[:, -3:], 0.1)  # every chain cut to nothing
+
+    def unconfident(ids, *streams):
+        return confident_logits(ids[:, -3:], 0.1)  # every chain cut to nothing
+
     for options in ({}, {"draft_fn": unconfident, "draft_confidence_threshold": 0.5}):
         torch.manual_seed(3)
         output = speculative(model, input_ids, attention_mask, do_sample=True, temperature=0.9, top_k=20, **options)

@@ -322,7 +322,8 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
         output_field="draft_logits",
         output_doc=(
             "(`torch.FloatTensor` of shape `(batch_size, sequence_length, num_draft_heads, vocab_size)`, *optional*):\n"
-            "    The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token t + k + 2."
+            "    The draft heads' logits, when `output_draft_logits=True`; head k at position t predicts token "
+            "t + k + 2."
         ),
         computed_by_default=False,
         keep_in_fp32=False,
