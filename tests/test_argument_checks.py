@@ -251,7 +251,7 @@ def pairs_file(folder, rows):
                 "--max-length",
                 0,
             ],
-            "--max-length must be at least 1, got 0",
+            "--max-length must be from 1 to 1048576, got 0",
         ),
         (
             lambda tmp: [
@@ -264,12 +264,12 @@ def pairs_file(folder, rows):
                 "--epochs",
                 -1,
             ],
-            "--epochs must be a positive number, got -1.0",
+            "--epochs must be a positive number up to 1e+06, got -1",
         ),
-        (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be at least 1, got 0"),
+        (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be from 1 to 4096, got 0"),
         (
             lambda tmp: ["bench", "--base", tmp / "base", "--prefill-tokens", 0],
-            "--prefill-tokens must be at least 1, got 0",
+            "--prefill-tokens must be from 1 to 1048576, got 0",
         ),
         (
             lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--reward-weight", "nan"],
