@@ -7,6 +7,8 @@ describes the original model exactly and adds the sizes of what was inserted nex
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .inserted_heads import head_options
 
 INIT_METHODS = ("copy", "normal", "random")
@@ -60,12 +62,24 @@ class OtterConfigMixin(OtterHeadOptions):
     base_model_fingerprint: str | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_dtype()
         super().__post_init__(**kwargs)
         if self.inserted_hidden_size is None:
             self.inserted_hidden_size = attention_head_size(self)
         if self.inserted_intermediate_size is None:
             self.inserted_intermediate_size = self.inserted_hidden_size
         self._check_insertion_sizes()
+
+    def _check_dtype(self):
+        # transformers resolves a string with getattr(torch, ...), which fails with an AttributeError on anything
+        # but a dtype's name, and builds a model in any dtype it names.
+        dtype = getattr(self, "dtype", None)
+        resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+            raise ValueError(
+                f'`dtype` must be a floating-point torch dtype such as "float32" or "bfloat16", got {dtype!r}: the '
+                "config is damaged or was edited; correct its `dtype` or remove it."
+            )
 
     def _check_insertion_sizes(self):
         # Raised here, at config construction, so impossible sizes fail before any weight is allocated.
@@ -130,6 +144,7 @@ class OtterConfigMixin(OtterHeadOptions):
 
 # The heads' fields are documented where they are declared; the docstring lists them with the others.
 OtterConfigMixin.__doc__ = OtterConfigMixin.__doc__.rstrip(" ") + "".join(
-    f"    {option.name} (`{option.type.__name__}`, *optional*, defaults to {option.default!r}):\n        {option.help}\n"
+    f"    {option.name} (`{option.type.__name__}`, *optional*, defaults to {option.default!r}):\n"
+    f"        {option.help}\n"
     for option in head_options()
 )

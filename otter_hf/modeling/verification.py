@@ -237,14 +237,15 @@ def _verify_headers_before_loading(model_class, path, kwargs: dict) -> None:
     folder = os.path.join(os.fspath(path), kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(path)
     if not os.path.isdir(folder) or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
         return  # a Hub id (its files are fetched by transformers), or weights that are not this folder's safetensors
-    header = read_safetensors_headers(folder, kwargs.get("variant"))
-    if header is None:
-        return  # no weights at all: transformers says so
     config = kwargs.get("config")
     if not isinstance(config, OtterConfigMixin):
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            return  # transformers says what is missing
         overrides = {key: kwargs[key] for key in WEIGHT_DEFINING_CONFIG_FIELDS if key in kwargs}
         config = model_class.config_class.from_pretrained(folder, **overrides)
-    verify_inserted_weights(model_class, config, header, folder)
+    header = read_safetensors_headers(folder, kwargs.get("variant"))
+    if header is not None:  # without weights at all, transformers says so
+        verify_inserted_weights(model_class, config, header, folder)
 
 
 def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
