@@ -190,3 +190,30 @@ def test_a_planted_scaler_pickle_is_refused(crafted, tmp_path):
 def test_a_checkpoint_without_trainer_state_is_refused(crafted, tmp_path):
     (crafted / "trainer_state.json").unlink()
     refused(crafted, tmp_path, r"holds no trainer_state.json")
+
+
+def test_pushing_a_checkpoint_to_the_hub_writes_no_pickle(checkpoint, tmp_path, monkeypatch):
+    """transformers' Trainer pickles the training arguments into `training_args.bin` beside each checkpoint it
+    pushes; an Otter trainer writes `training_args.json` instead, and the upload holds no pickle."""
+    import transformers.trainer
+
+    uploaded = []
+
+    class Hub:
+        def upload_folder(self, folder_path, **options):
+            uploaded.append(sorted(os.listdir(folder_path)))
+            return type("Done", (), {"done": lambda self: True})()
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", Hub)
+    torch.manual_seed(0)
+    args = OtterRewardConfig(output_dir=str(tmp_path / "out"), report_to=[], push_to_hub=False)
+    trainer = OtterRewardTrainer(
+        otter_hf.insert(make_base("llama-gqa-tied")), args=args, train_dataset=PAIRS, processing_class=make_tokenizer()
+    )
+    trainer.hub_model_id, trainer.push_in_progress = "user/otter", None
+    os.makedirs(args.output_dir, exist_ok=True)
+    trainer._push_from_checkpoint(str(checkpoint))
+    assert uploaded and all("training_args.json" in names for names in uploaded)
+    assert not [name for names in uploaded for name in names if name.endswith((".bin", ".pt", ".pth"))]
+    saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert saved["output_dir"] == args.output_dir

@@ -16,9 +16,14 @@ launch`, `torchrun`: DDP, FSDP) and writes small checkpoints.
   their own way, the Trainer's checkpoints are left as they are.
 """
 
+import contextlib
 import os
+from unittest import mock
 
+import torch
+import transformers.trainer
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer import TRAINING_ARGS_NAME as PICKLED_TRAINING_ARGUMENTS_NAME
 from transformers.trainer_utils import get_last_checkpoint
@@ -120,15 +125,12 @@ class OtterTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
-        # transformers pickles the training arguments beside the model (`training_args.bin`, never read back); an
-        # Otter save holds no pickle, so they are kept as JSON instead.
-        pickled = os.path.join(output_dir or self.args.output_dir, PICKLED_TRAINING_ARGUMENTS_NAME)
-        if self.args.should_save and os.path.isfile(pickled):
-            json_path = os.path.join(os.path.dirname(pickled), TRAINING_ARGUMENTS_JSON_NAME)
-            with open(json_path, "w", encoding="utf-8") as file:
-                file.write(self.args.to_json_string())
-            os.remove(pickled)
+        with training_arguments_as_json():
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with training_arguments_as_json():
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:  # the Trainer's "the last checkpoint of output_dir", resolved here too
@@ -248,6 +250,30 @@ class OtterTrainerMixin:
         with reading_checkpoint(checkpoint):
             _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
         return True
+
+
+class _TorchSavingArgumentsAsJson:
+    """torch, for transformers' Trainer module, except that `save` writes training arguments as JSON."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, path, *args, **kwargs):
+        if isinstance(obj, TrainingArguments) and os.path.basename(path) == PICKLED_TRAINING_ARGUMENTS_NAME:
+            with open(os.path.join(os.path.dirname(path), TRAINING_ARGUMENTS_JSON_NAME), "w", encoding="utf-8") as file:
+                file.write(obj.to_json_string())
+            return
+        torch.save(obj, path, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def training_arguments_as_json():
+    """Inside the block, transformers' Trainer writes the training arguments as `training_args.json` where it would
+    pickle them into `training_args.bin` (in `_save`, and when it pushes a checkpoint to the Hub): an Otter save
+    holds no pickle. The Trainer's other uses of torch are torch's own."""
+    with mock.patch.object(transformers.trainer, "torch", _TorchSavingArgumentsAsJson()):
+        yield
 
 
 def prepare_fsdp2_plugin(plugin, model) -> None:
