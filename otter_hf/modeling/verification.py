@@ -4,12 +4,12 @@ A load or save that would leave inserted weights missing, unexpected, of another
 fails with an error naming them, rather than running on uninitialised memory or NaN. Every load runs the same
 check, `check_inserted_state_dict`: `from_pretrained` (and so the sequence-classification view) first on the
 safetensors headers, before the model is built, so that a few-KB crafted config allocates nothing it names, and
-`load_otter` on the tensors it attaches. The generation checks run
-before any forward, so a bad argument fails with one clear ValueError instead of deep inside a kernel, or not at
-all (a NaN weight silently decodes pad tokens).
+`load_otter` on the tensors it attaches. The generation checks run before any forward, so a bad argument fails
+with one clear ValueError instead of deep inside a kernel, or not at all (a NaN weight silently decodes pad
+tokens).
 
-Like the modeling files, this file imports only torch, transformers and its siblings, as it ships next to
-checkpoints for `trust_remote_code`.
+Like the modeling files, this file imports only torch, transformers, safetensors and its siblings, as it ships next
+to checkpoints for `trust_remote_code`.
 """
 
 import dataclasses
