@@ -264,7 +264,7 @@ def pairs_file(folder, rows):
                 "--epochs",
                 -1,
             ],
-            "--epochs must be a positive number up to 1e+06, got -1",
+            r"--epochs must be a positive number up to 1e\+06, got -1",
         ),
         (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be from 1 to 4096, got 0"),
         (
@@ -273,11 +273,11 @@ def pairs_file(folder, rows):
         ),
         (
             lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--reward-weight", "nan"],
-            "`reward_weight` must be a finite number",
+            "`--reward-weight` must be a finite number",
         ),
         (
             lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--token-reward-weight", "inf"],
-            "`token_reward_weight` must be a finite number",
+            "`--token-reward-weight` must be a finite number",
         ),
     ],
     ids=[
