@@ -12,15 +12,15 @@ The dataset above is the preference set bundled with otter_hf: 276 `train` and 6
 answers preferred over rude ones) in one file, whose `split` column --split and --eval-split pick from.
 
 `insert` and `train` write a whole folder: they refuse a non-empty one unless given --overwrite, and replace its
-contents only once everything is written. Mistakes in what is asked (a missing path, an unsupported
-architecture, impossible sizes, a damaged file) end with `otter-hf: error: <message>` and exit status 2, without
-a traceback.
+contents only once everything is written. Every failure (a missing path, an unsupported architecture, impossible
+sizes, a damaged or crafted file, an option out of its range, options that conflict or would be ignored) ends with
+`otter-hf: error: <message>` on one line and exit status 2, without a traceback (set OTTER_HF_TRACEBACK=1 to see
+it); Ctrl-C ends with `otter-hf: interrupted` and status 130.
 """
 
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import textwrap
@@ -36,6 +36,20 @@ from .modeling.persistence import recover_interrupted_saves
 from .overhead import REAL_SHAPED_BASES, REAL_SHAPED_LAYERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Upper bounds of the numeric options, far beyond any use, so that a typo fails at once instead of exhausting memory
+# or overflowing: threads beyond any machine's cores, a million epochs or tokens.
+MAX_THREADS = 4096
+MAX_EPOCHS = 1e6
+MAX_STEPS = 10**9
+MAX_BATCH_SIZE = 2**16
+MAX_TOKENS = 2**20
+MAX_LEARNING_RATE = 10.0
+MAX_BETA = 1e3
+MAX_REPEATS = 10**4
+# Sampling divides the scores by the temperature: below this they overflow float32, above it sampling is uniform.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+DEFAULT_REWARD_WEIGHT = 1.5
+DEFAULT_TOP_K = 10
 THREADS_HELP = (
     "CPU threads for torch (default: torch's choice, one per core). On a busy or shared machine fewer threads can be "
     "several times faster"
@@ -44,21 +58,20 @@ THREADS_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         args.command(args)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     except Exception as error:
-        message = _user_error_message(error)
-        if message is None:
-            raise  # a bug: keep its traceback
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+        if os.environ.get("OTTER_HF_TRACEBACK"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {_one_line_message(error)}\n")
     return 0
 
 
-def _user_error_message(error: Exception) -> str | None:
-    """The one-line message of an error the user can fix (paths, ids, sizes, files, network), else None."""
+def _one_line_message(error: Exception) -> str:
+    """The message of any error on one line: those the user can fix as they are, others with their type."""
     from huggingface_hub.errors import HTTPError
 
     from .trainers.safeguards import TrainingDivergedError
@@ -67,8 +80,14 @@ def _user_error_message(error: Exception) -> str | None:
         message = f"cannot reach the Hugging Face Hub ({error}): check the network connection, or use local paths."
     elif isinstance(error, (ValueError, TypeError, OSError, TrainingDivergedError)):
         message = str(error)
+    elif isinstance(error, MemoryError):
+        message = "out of memory: choose smaller sizes, a shorter --max-length or a smaller --batch-size."
     else:
-        return None
+        # Not a mistake the command can name (a damaged file it did not recognise, or a bug).
+        message = (
+            f"{type(error).__name__}: {error} (unexpected; set OTTER_HF_TRACEBACK=1 to see where, and report it if "
+            "the input was right)"
+        )
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
@@ -188,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="MODEL holds only inserted parameters; its base model is fetched and they are attached",
     )
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    generate.add_argument("--reward-weight", type=float, default=1.5, help="weight of the reward")
-    generate.add_argument("--top-k", type=int, default=10, help="candidates rescored per step")
+    generate.add_argument(
+        "--reward-weight", type=float, help=f"weight of the reward (default: {DEFAULT_REWARD_WEIGHT})"
+    )
+    generate.add_argument("--top-k", type=int, help=f"candidates rescored per step (default: {DEFAULT_TOP_K})")
     generate.add_argument(
         "--token-reward-weight",
         type=float,
@@ -199,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--do-sample", action="store_true", help="sample among the rescored candidates instead of greedy"
     )
-    generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
+    generate.add_argument(
+        "--temperature",
+        type=float,
+        help=f"sampling temperature, from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g} (with --do-sample)",
+    )
     generate.add_argument("--tokenizer", help="tokenizer id or path (default: the model's, else its base model's)")
     generate.add_argument("--seed", type=int, default=0, help="seed for sampling")
     _add_threads_argument(generate)
@@ -322,15 +347,28 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     if threads is not None:
-        _check_positive(threads, "--threads")
+        _check_positive(threads, "--threads", MAX_THREADS)
         torch.set_num_threads(threads)
 
 
-def _check_positive(value: float | None, option: str) -> None:
-    """Refuse, before any work, a count or size that is not a positive finite number (None: not given)."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        requirement = "at least 1" if isinstance(value, int) else "a positive number"
-        raise ValueError(f"{option} must be {requirement}, got {value}.")
+def _check_positive(value: float | None, option: str, bound: float, minimum: float | None = None) -> None:
+    """Refuse, before any work, a count or size that is not a positive number up to `bound` (None: not given), or
+    with `minimum`, one outside [minimum, bound]."""
+    if value is None:
+        return
+    if isinstance(value, int):  # compared as integers: `float(10**400)` itself overflows
+        if not 1 <= value <= bound:
+            raise ValueError(f"{option} must be from 1 to {bound}, got {value}.")
+        return
+    if minimum is not None and not minimum <= value <= bound:  # also NaN
+        raise ValueError(f"{option} must be from {minimum:g} to {bound:g}, got {value:g}.")
+    if not 0 < value <= bound:
+        raise ValueError(f"{option} must be a positive number up to {bound:g}, got {value:g}.")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be from 0 to {2**32 - 1}, got {seed}.")
 
 
 # -- commands --------------------------------------------------------------------------------------------------
@@ -343,6 +381,7 @@ def run_insert(args) -> None:
     from .lifecycle.insertion import check_model_path, insert
 
     _check_output_folder(args.output, args.overwrite, "--output")
+    _check_seed(args.seed)
     _set_threads(args.threads)
     base = _base_path(args)
     check_model_path(base)
@@ -379,15 +418,16 @@ def run_train(args) -> None:
     )
     from .trainers.utils import PREFERENCE_COLUMNS_HELP, SEQUENCE_COLUMNS_HELP, STEP_COLUMNS_HELP
 
-    for value, option in (
-        (args.epochs, "--epochs"),
-        (args.learning_rate, "--learning-rate"),
-        (args.batch_size, "--batch-size"),
-        (args.max_length, "--max-length"),
-        (args.beta, "--beta"),
-        (None if args.max_steps == -1 else args.max_steps, "--max-steps (-1: train for --epochs)"),
+    for value, option, bound in (
+        (args.epochs, "--epochs", MAX_EPOCHS),
+        (args.learning_rate, "--learning-rate", MAX_LEARNING_RATE),
+        (args.batch_size, "--batch-size", MAX_BATCH_SIZE),
+        (args.max_length, "--max-length", MAX_TOKENS),
+        (args.beta, "--beta", MAX_BETA),
+        (None if args.max_steps == -1 else args.max_steps, "--max-steps (-1: train for --epochs)", MAX_STEPS),
     ):
-        _check_positive(value, option)
+        _check_positive(value, option, bound)
+    _check_seed(args.seed)
     # Under torchrun or `accelerate launch` every process runs the command; the main one alone writes the folder.
     is_main_process = int(os.environ.get("RANK", "0")) == 0
     if is_main_process:
@@ -473,12 +513,28 @@ def run_train(args) -> None:
 def run_generate(args) -> None:
     import torch
 
-    for value, option in (
-        (args.max_new_tokens, "--max-new-tokens"),
-        (args.top_k, "--top-k"),
-        (args.temperature, "--temperature"),
-    ):
-        _check_positive(value, option)
+    from .modeling.verification import check_guidance_weight
+
+    _check_positive(args.max_new_tokens, "--max-new-tokens", MAX_TOKENS)
+    _check_positive(args.top_k, "--top-k", MAX_TOKENS)
+    _check_positive(args.temperature, "--temperature", TEMPERATURE_RANGE[1], minimum=TEMPERATURE_RANGE[0])
+    _check_seed(args.seed)
+    if args.temperature is not None and not args.do_sample:
+        raise ValueError("--temperature sets sampling, which is off: add --do-sample, or drop --temperature.")
+    if args.token_reward_weight is not None:
+        ignored = [
+            option
+            for option, value in (("--reward-weight", args.reward_weight), ("--top-k", args.top_k))
+            if value is not None
+        ]
+        if ignored:
+            raise ValueError(
+                f"{' and '.join(ignored)} set ARGS guidance, which --token-reward-weight replaces: pass one kind of "
+                "guidance."
+            )
+        check_guidance_weight("--token-reward-weight", args.token_reward_weight)
+    else:
+        check_guidance_weight("--reward-weight", args.reward_weight)
     _set_threads(args.threads)
     model = load_model(args.model, otter_only=args.otter_only).eval()
     tokenizer = _load_tokenizer(args.tokenizer, args.model, model)
@@ -505,7 +561,10 @@ def run_generate(args) -> None:
     if args.token_reward_weight is not None:
         guidance = {"token_reward_weight": args.token_reward_weight}
     else:
-        guidance = {"reward_weight": args.reward_weight, "reward_top_k": args.top_k}
+        guidance = {
+            "reward_weight": DEFAULT_REWARD_WEIGHT if args.reward_weight is None else args.reward_weight,
+            "reward_top_k": DEFAULT_TOP_K if args.top_k is None else args.top_k,
+        }
     torch.manual_seed(args.seed)
     with torch.no_grad():
         output_ids = model.generate(
@@ -515,7 +574,13 @@ def run_generate(args) -> None:
             use_cache=True,  # candidates share the cached prefix, whatever the checkpoint's config says
             **{key: value for key, value in sampling.items() if value is not None},
         )
-    print(tokenizer.decode(output_ids[0, input_ids.shape[-1] :], skip_special_tokens=True))
+    text = tokenizer.decode(output_ids[0, input_ids.shape[-1] :], skip_special_tokens=True)
+    if not text.strip():
+        raise ValueError(
+            f"the model generated no text ({output_ids.shape[-1] - input_ids.shape[-1]} new tokens, all special or "
+            "blank): it ended at once. Try another prompt, --chat for an instruction model, or a smaller weight."
+        )
+    print(text)
 
 
 def run_push(args) -> None:
@@ -551,13 +616,13 @@ def run_bench(args) -> None:
     from .lifecycle.insertion import check_model_path
     from .overhead import NOISY_SPREAD, format_report, measure_overhead, save_real_shaped_base
 
-    for value, option in (
-        (args.repeats, "--repeats"),
-        (args.threads, "--threads"),
-        (args.prefill_tokens, "--prefill-tokens"),
-        (args.decode_steps, "--decode-steps"),
+    for value, option, bound in (
+        (args.repeats, "--repeats", MAX_REPEATS),
+        (args.threads, "--threads", MAX_THREADS),
+        (args.prefill_tokens, "--prefill-tokens", MAX_TOKENS),
+        (args.decode_steps, "--decode-steps", MAX_TOKENS),
     ):
-        _check_positive(value, option)
+        _check_positive(value, option, bound)
     if args.base and args.real_shaped:
         raise ValueError("Pass --base or --real-shaped, not both.")
     with tempfile.TemporaryDirectory() as scratch:

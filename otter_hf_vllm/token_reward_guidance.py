@@ -11,6 +11,7 @@ unguided batch.
 """
 
 import math
+import numbers
 
 import torch
 from vllm import SamplingParams
@@ -21,6 +22,28 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 logger = init_logger(__name__)
 
 TOKEN_REWARD_WEIGHT = "token_reward_weight"
+# otter_hf's bound (`otter_hf.modeling.verification.MAX_GUIDANCE_WEIGHT`, which this package cannot import in vLLM's
+# environment): log-probabilities stay above -1e4, so `weight * log_softmax` plus the logits stays finite in float32,
+# the dtype the guidance is computed in, for a weight up to half float32's largest number over 1e4.
+MAX_GUIDANCE_WEIGHT = torch.finfo(torch.float32).max / (2 * 1e4)
+
+
+def check_token_reward_weight(weight) -> None:
+    """Raise a ValueError unless `weight` is a real number of magnitude at most `MAX_GUIDANCE_WEIGHT` (None: none)."""
+    if weight is None:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise ValueError(f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {weight!r} ({type(weight).__name__}).")
+    try:
+        magnitude = abs(float(weight))
+    except OverflowError:  # an integer beyond any float
+        magnitude = math.inf
+    if not magnitude <= MAX_GUIDANCE_WEIGHT:  # also NaN
+        shown = repr(weight) if len(repr(weight)) <= 40 else f"{repr(weight)[:20]}..."
+        raise ValueError(
+            f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {shown}; its magnitude must be at most "
+            f"{MAX_GUIDANCE_WEIGHT:.3g}, as a larger weight overflows `weight * log_softmax` in float32."
+        )
 
 
 class TokenRewardLogitsHandoff:
@@ -71,11 +94,8 @@ class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
-        weight = (sampling_params.extra_args or {}).get(TOKEN_REWARD_WEIGHT)
-        if weight is None:
-            return
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {weight!r}.")
+        # Run as the request is added: a bad weight fails that request alone (an HTTP 400 in the server).
+        check_token_reward_weight((sampling_params.extra_args or {}).get(TOKEN_REWARD_WEIGHT))
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -106,6 +126,18 @@ class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.guided_rows is None:
             return logits
+        try:
+            return self._guide(logits)
+        except Exception:
+            # An exception here would stop the engine and every request it serves; the guided rows decode from the
+            # base logits for this step, and the error is logged.
+            logger.exception(
+                "Token-reward guidance failed for batch rows %s; they decode from the base logits at this step.",
+                self.guided_rows.tolist(),
+            )
+            return logits
+
+    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
         reward_logits = TOKEN_REWARD_HANDOFF.take()
         expected_shape = (len(self.guided_rows), logits.shape[-1])
         # The guided rows are batch rows, which index the logits only when each request has one logits row.
@@ -119,4 +151,11 @@ class TokenRewardGuidanceLogitsProcessor(LogitsProcessor):
         return logits.index_add_(0, self.guided_rows, guidance.to(logits.dtype))
 
 
-__all__ = ["TOKEN_REWARD_HANDOFF", "TOKEN_REWARD_WEIGHT", "TokenRewardGuidanceLogitsProcessor", "token_reward_weight"]
+__all__ = [
+    "MAX_GUIDANCE_WEIGHT",
+    "TOKEN_REWARD_HANDOFF",
+    "TOKEN_REWARD_WEIGHT",
+    "TokenRewardGuidanceLogitsProcessor",
+    "check_token_reward_weight",
+    "token_reward_weight",
+]

@@ -28,6 +28,11 @@ def model():
         (dict(reward_weight=float("inf")), "`reward_weight` must be a finite number, got inf"),
         (dict(reward_weight=True), "`reward_weight` must be a finite number, got True"),
         (dict(token_reward_weight=float("nan")), "`token_reward_weight` must be a finite number, got nan"),
+        # Finite but huge: weight * log_softmax overflows float32, every score -inf, greedy decoding emits token 0.
+        (dict(token_reward_weight=1e308), r"`token_reward_weight` must be a finite number, got 1e\+308; its magnitude"),
+        (dict(reward_weight=-1e308), r"`reward_weight` must be a finite number, got -1e\+308; its magnitude"),
+        (dict(reward_weight=10**400), r"`reward_weight` must be a finite number, got 10+\.\.\.; its magnitude"),
+        (dict(reward_weight="2"), r"`reward_weight` must be a finite number, got '2' \(str\)"),
         (dict(reward_weight=1.0, reward_top_k=0), "`reward_top_k` must be an integer from 1 to the vocabulary size 96"),
         (dict(reward_weight=1.0, reward_top_k=COMMON["vocab_size"] + 1), "got 97"),
     ],
@@ -36,6 +41,55 @@ def test_generate_refuses_guidance_that_is_not_a_finite_number(model, guidance, 
     input_ids, attention_mask = random_batch(2, 6)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=2, **guidance)
+
+
+def test_the_largest_guidance_weight_keeps_every_guided_score_finite(model):
+    """At the bound, `weight * log_softmax` stays finite in float32 for log-probabilities down to -1e4, so decoding
+    picks real tokens; just above it, the weight is refused."""
+    from otter_hf.modeling.verification import GUIDANCE_MAGNITUDE, MAX_GUIDANCE_WEIGHT
+
+    log_probabilities = torch.tensor([-GUIDANCE_MAGNITUDE, -1.0, 0.0])
+    scores = torch.tensor([-GUIDANCE_MAGNITUDE, 0.0, GUIDANCE_MAGNITUDE])
+    for weight in (MAX_GUIDANCE_WEIGHT, -MAX_GUIDANCE_WEIGHT):
+        assert torch.isfinite(scores + torch.tensor(weight) * log_probabilities).all()
+    input_ids, attention_mask = random_batch(2, 6)
+    output = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=3,
+        do_sample=False,
+        token_reward_weight=-MAX_GUIDANCE_WEIGHT,
+    )
+    assert output.shape == (2, 9)
+    with pytest.raises(ValueError, match="its magnitude must be at most"):
+        model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=1, token_reward_weight=MAX_GUIDANCE_WEIGHT * 2
+        )
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), True, "2", 1e308, 10**400])
+def test_the_reward_logits_processor_refuses_a_weight_that_is_not_a_bounded_number(model, weight):
+    from otter_hf.generation import OtterRewardLogitsProcessor
+
+    with pytest.raises(ValueError, match="`weight` must be a finite number"):
+        OtterRewardLogitsProcessor(model, weight=weight)
+
+
+def test_reward_guided_generate_refuses_a_huge_weight_passed_to_it_directly(model):
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from otter_hf.generation import reward_guided_generate
+
+    input_ids, _ = random_batch(1, 4)
+    with pytest.raises(ValueError, match=r"`reward_weight` must be a finite number, got 1e\+300"):
+        reward_guided_generate(
+            model,
+            input_ids,
+            LogitsProcessorList(),
+            StoppingCriteriaList(),
+            model.generation_config,
+            reward_weight=1e300,
+        )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +213,7 @@ def pairs_file(folder, rows):
                 "--init",
                 "normal",
             ],
-            "cannot be allocated.*Choose smaller insertion sizes",
+            r"`inserted_hidden_size` is 1099511627776, above its bound 256",
         ),
         (
             lambda tmp: [
@@ -196,7 +250,7 @@ def pairs_file(folder, rows):
                 "--max-length",
                 0,
             ],
-            "--max-length must be at least 1, got 0",
+            "--max-length must be from 1 to 1048576, got 0",
         ),
         (
             lambda tmp: [
@@ -209,20 +263,20 @@ def pairs_file(folder, rows):
                 "--epochs",
                 -1,
             ],
-            "--epochs must be a positive number, got -1.0",
+            r"--epochs must be a positive number up to 1e\+06, got -1",
         ),
-        (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be at least 1, got 0"),
+        (lambda tmp: ["bench", "--base", tmp / "base", "--threads", 0], "--threads must be from 1 to 4096, got 0"),
         (
             lambda tmp: ["bench", "--base", tmp / "base", "--prefill-tokens", 0],
-            "--prefill-tokens must be at least 1, got 0",
+            "--prefill-tokens must be from 1 to 1048576, got 0",
         ),
         (
             lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--reward-weight", "nan"],
-            "`reward_weight` must be a finite number",
+            "`--reward-weight` must be a finite number",
         ),
         (
             lambda tmp: ["generate", tmp / "otter", "--prompt", "w5", "--token-reward-weight", "inf"],
-            "`token_reward_weight` must be a finite number",
+            "`--token-reward-weight` must be a finite number",
         ),
     ],
     ids=[

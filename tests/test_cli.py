@@ -493,7 +493,7 @@ def test_failures_are_one_line_naming_the_file_or_option(capsys, monkeypatch, ba
             ["generate", tmp_path / "otter", "--prompt", "w5 w150", "--tokenizer", tmp_path / "big-tokenizer"],
             "beyond the model's vocabulary of 96",
         ),
-        (["generate", tmp_path / "otter", "--prompt", "w5", "--threads", 0], "--threads must be at least 1"),
+        (["generate", tmp_path / "otter", "--prompt", "w5", "--threads", 0], "--threads must be from 1 to 4096, got 0"),
     ]
     big_vocabulary = {f"w{index}": index for index in range(200)}
     backend = Tokenizer(WordLevel(big_vocabulary, unk_token="w3"))

@@ -279,14 +279,20 @@ def test_load_otter_settles_a_killed_save_otter(previous_and_new, tmp_path, monk
     assert scratch_folders(tmp_path / "killed") == []
 
 
-def test_a_save_removes_the_scratch_that_earlier_versions_left_beside_it(previous_and_new, tmp_path):
+def test_a_save_removes_nothing_outside_its_folder_whatever_its_name(previous_and_new, tmp_path):
+    """A save's scratch folder lives inside its target; folders beside the target are the user's, even one named
+    like a scratch folder, with or without a lock file."""
     _, new = previous_and_new
-    left_by_version_0_1 = tmp_path / f"{SCRATCH_PREFIX}abc123"
-    left_by_version_0_1.mkdir()
-    (left_by_version_0_1 / "model.safetensors").write_bytes(b"half a checkpoint")
-    scratch_of_a_save_into_tmp_path = tmp_path / f"{SCRATCH_PREFIX}def456"
-    (scratch_of_a_save_into_tmp_path / "new").mkdir(parents=True)
-    (scratch_of_a_save_into_tmp_path / "lock").touch()
+    beside = {}
+    for name, lock in (("abc123", False), ("def456", True)):
+        folder = tmp_path / f"{SCRATCH_PREFIX}{name}"
+        (folder / "new").mkdir(parents=True)
+        (folder / "new" / "model.safetensors").write_bytes(b"a user's file")
+        if lock:
+            (folder / "lock").touch()
+        beside[folder] = sorted(path.relative_to(folder) for path in folder.rglob("*"))
     new.save_pretrained(tmp_path / "checkpoint")
-    assert not left_by_version_0_1.exists()
-    assert scratch_of_a_save_into_tmp_path.is_dir()  # settled by the next save into, or load from, tmp_path itself
+    new.save_otter(tmp_path / "inserted")
+    for folder, entries in beside.items():
+        assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == entries
+    assert scratch_folders(tmp_path / "checkpoint") == [] and scratch_folders(tmp_path / "inserted") == []

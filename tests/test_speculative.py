@@ -283,7 +283,7 @@ def test_the_model_drafts_only_for_batches_up_to_its_draft_max_batch_size():
         assert (max(output.accepted_tokens_per_step) > 1) == drafts
         # Drafting off runs the base computation alone: no inserted keys and values were cached.
         assert (len(output.past_key_values.layers) == model.config.num_hidden_layers) == (not drafts)
-    with pytest.raises(ValueError, match="`draft_max_batch_size` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`draft_max_batch_size` must be an integer from 1 to 4096, got 0"):
         otter_hf.insert(base, num_draft_heads=2, draft_max_batch_size=0)
 
 

@@ -129,6 +129,47 @@ def test_zero_weight_and_invalid_weight(reference):
         stop_engine(otter)
 
 
+def test_a_bad_weight_fails_its_request_alone_and_a_guidance_error_stops_no_request(reference, monkeypatch):
+    """In a batch being served, a request whose weight is out of bounds (it would overflow `weight * log_softmax`
+    in float32) or no number is refused as it is added, a 400 in the server; the other requests run on, and so
+    does the engine when the guidance itself fails at a step."""
+    from otter_hf_vllm import token_reward_guidance
+
+    expected = reference["architectures"]["llama"]
+    weight = next(iter(expected["guided"]))
+    prompt = prompts_of(reference)[0]
+    otter = start_engine(reference["dir"] / "llama" / "otter")
+    engine = otter.llm_engine
+
+    def serve(bad_weights) -> dict[str, list[int]]:
+        engine.add_request("plain", prompt, greedy_params(reference))
+        engine.add_request("guided", prompt, greedy_params(reference, token_reward_weight=float(weight)))
+        for index, bad in enumerate(bad_weights):
+            # vLLM refuses an integer beyond 64 bits in `extra_args` itself.
+            refusal = r"`token_reward_weight` must be a finite number|extra_args integers must be"
+            with pytest.raises(VLLMValidationError, match=refusal):
+                engine.add_request(f"bad-{index}", prompt, greedy_params(reference, token_reward_weight=bad))
+        tokens = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    tokens[output.request_id] = list(output.outputs[0].token_ids)
+        return tokens
+
+    try:
+        bad_weights = [1e308, -1e39, 10**400, float("nan"), float("inf"), True, "2"]
+        assert serve(bad_weights) == {"plain": expected["greedy"][0], "guided": expected["guided"][weight][0]}
+
+        def fail():
+            raise RuntimeError("the reward logits went missing")
+
+        monkeypatch.setattr(token_reward_guidance.TOKEN_REWARD_HANDOFF, "take", fail)
+        # The guided request decodes from the base logits (and the error is logged); nothing stops.
+        assert serve([]) == {"plain": expected["greedy"][0], "guided": expected["greedy"][0]}
+    finally:
+        stop_engine(otter)
+
+
 def test_a_projection_whose_weight_does_not_fit_the_config_is_refused(reference, tmp_path):
     """A weight narrower than the config says would fill the inserted block by broadcasting; it must stop the load."""
     from safetensors.torch import load_file, save_file

@@ -10,6 +10,7 @@ from ..modeling.candidates import (
     score_candidates,
 )
 from ..modeling.loop_inputs import padding_position_ids
+from ..modeling.verification import check_guidance_weight
 
 
 class OtterRewardLogitsProcessor(LogitsProcessor):
@@ -33,7 +34,9 @@ class OtterRewardLogitsProcessor(LogitsProcessor):
     Args:
         model: the Otter model whose value head gives the reward. It may be the model that runs `generate()`,
             or it may guide a base model that shares its original weights.
-        weight (`float`): the reward weight `w`. With 0 the processor leaves the scores untouched (guidance off).
+        weight (`float`): the reward weight `w`, a number of magnitude at most
+            `otter_hf.modeling.verification.MAX_GUIDANCE_WEIGHT`. With 0 the processor leaves the scores untouched
+            (guidance off).
         top_k (`int`, *optional*, defaults to 10): how many candidates are rescored per step.
         pad_token_id (`int`, *optional*): the left-padding token; defaults to the model's generation config.
 
@@ -49,6 +52,7 @@ class OtterRewardLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, model, weight: float, top_k: int = 10, pad_token_id: int | None = None):
+        check_guidance_weight("weight", weight)
         check_guidance_model(model, top_k)
         self.model = model
         self.weight = float(weight)

@@ -19,7 +19,7 @@ from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TY
 from ..modeling.configuration_otter import OtterConfigMixin
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
-from ..modeling.verification import check_inserted_state_dict
+from ..modeling.verification import check_inserted_state_dict, verify_inserted_weights
 from .hub import otter_files
 
 INSERTION_OPTIONS = frozenset(
@@ -150,8 +150,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
                 f"{otter_directory} holds no complete Otter save: expected {OTTER_CONFIG_NAME} and "
                 f"{OTTER_WEIGHTS_NAME} as written by `model.save_otter(directory)`."
             )
-        with open(config_path, encoding="utf-8") as file:
-            saved = json.load(file)
+        saved = _read_otter_config(config_path)
         inserted_weights = load_file(weights_path)
     expected_fingerprint = saved.get("base_model_fingerprint")
     if not expected_fingerprint and not skip_base_fingerprint_check:
@@ -200,9 +199,27 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
         base_model_fingerprint=expected_fingerprint,
         **insertion_options,
     )
+    # The same check as `from_pretrained`'s, before the inserted parameters are allocated.
+    verify_inserted_weights(otter_class, config, inserted_weights, weights_path)
     model = _build_from_base(otter_class, config, base)
     _load_inserted_weights(model, inserted_weights, source=weights_path)
     return model
+
+
+def _read_otter_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({type(error).__name__}); save the inserted weights again."
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(saved).__name__}, not the object of config fields `save_otter` writes; save "
+            "the inserted weights again."
+        )
+    return saved
 
 
 def _build_from_base(otter_class, config, base) -> PreTrainedModel:

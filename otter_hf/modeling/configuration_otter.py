@@ -7,9 +7,16 @@ describes the original model exactly and adds the sizes of what was inserted nex
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .inserted_heads import head_options
 
 INIT_METHODS = ("copy", "normal", "random")
+# Upper bounds that keep a crafted config from building (or allocating) a model far beyond its base: the inserted
+# stream is a fraction of the original one, so these are generous.
+MAX_INSERTED_SIZE_FACTOR = 4
+MAX_INSERTED_HEADS = 1024
+MAX_LAYERS = 1024
 
 
 def attention_head_size(config) -> int:
@@ -55,12 +62,24 @@ class OtterConfigMixin(OtterHeadOptions):
     base_model_fingerprint: str | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_dtype()
         super().__post_init__(**kwargs)
         if self.inserted_hidden_size is None:
             self.inserted_hidden_size = attention_head_size(self)
         if self.inserted_intermediate_size is None:
             self.inserted_intermediate_size = self.inserted_hidden_size
         self._check_insertion_sizes()
+
+    def _check_dtype(self):
+        # transformers resolves a string with getattr(torch, ...), which fails with an AttributeError on anything
+        # but a dtype's name, and builds a model in any dtype it names.
+        dtype = getattr(self, "dtype", None)
+        resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+            raise ValueError(
+                f'`dtype` must be a floating-point torch dtype such as "float32" or "bfloat16", got {dtype!r}: the '
+                "config is damaged or was edited; correct its `dtype` or remove it."
+            )
 
     def _check_insertion_sizes(self):
         # Raised here, at config construction, so impossible sizes fail before any weight is allocated.
@@ -93,6 +112,22 @@ class OtterConfigMixin(OtterHeadOptions):
                     "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
                     "inserted_init='normal'."
                 )
+        bounds = {
+            "inserted_hidden_size": MAX_INSERTED_SIZE_FACTOR * self.hidden_size,
+            "inserted_intermediate_size": MAX_INSERTED_SIZE_FACTOR * max(self.intermediate_size, self.hidden_size),
+            "inserted_num_attention_heads": MAX_INSERTED_HEADS,
+            "inserted_num_key_value_heads": MAX_INSERTED_HEADS,
+        }
+        for name, bound in bounds.items():
+            if getattr(self, name) > bound:
+                raise ValueError(
+                    f"`{name}` is {getattr(self, name)}, above its bound {bound} for this base model "
+                    f"(hidden_size {self.hidden_size}): the config is damaged or crafted, or the sizes were mistyped."
+                )
+        if not isinstance(self.num_hidden_layers, int) or not 1 <= self.num_hidden_layers <= MAX_LAYERS:
+            raise ValueError(
+                f"`num_hidden_layers` must be an integer from 1 to {MAX_LAYERS}, got {self.num_hidden_layers!r}."
+            )
         for option in head_options():
             value = getattr(self, option.name)
             if not option.is_valid(value):

@@ -249,6 +249,16 @@ def _is_positive_count(value) -> bool:
     return _is_count(value) and value > 0
 
 
+# Upper bounds on the counts of heads, well above any use (Medusa drafts 4 tokens ahead, EAGLE 5 to 8), so that a
+# crafted config is refused before it builds a million modules.
+MAX_DRAFTS = 64
+MAX_DRAFT_BATCH_SIZE = 4096
+
+
+def _is_draft_count(value) -> bool:
+    return _is_count(value) and value <= MAX_DRAFTS
+
+
 INSERTED_HEADS: tuple[InsertedHead, ...] = (
     InsertedHead(
         attribute="v_head",
@@ -284,8 +294,8 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 default=0,
                 help="Medusa-style draft heads reading both final streams; head k predicts the token k + 1 places "
                 "after the next one, for speculative decoding. 0 builds none.",
-                requirement="a non-negative integer",
-                is_valid=_is_count,
+                requirement=f"an integer from 0 to {MAX_DRAFTS}",
+                is_valid=_is_draft_count,
             ),
             HeadOption(
                 name="draft_confidence_threshold",
@@ -304,8 +314,8 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 help="The largest batch the model's own draft heads draft for; larger batches decode as plain "
                 "generate() (drafting off). In a batch a step keeps only the drafts every row accepts, and "
                 "`calibrate_draft_confidence` prices batch-1 decoding.",
-                requirement="a positive integer",
-                is_valid=_is_positive_count,
+                requirement=f"an integer from 1 to {MAX_DRAFT_BATCH_SIZE}",
+                is_valid=lambda value: _is_positive_count(value) and value <= MAX_DRAFT_BATCH_SIZE,
             ),
         ),
         is_built=lambda config: config.num_draft_heads > 0,
@@ -329,8 +339,8 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
                 default=0,
                 help="A recurrent (EAGLE / Hydra-style) draft head that drafts up to this many tokens one after "
                 "another, each from the last; speculative decoding prefers it to Medusa-style heads. 0 builds none.",
-                requirement="a non-negative integer",
-                is_valid=_is_count,
+                requirement=f"an integer from 0 to {MAX_DRAFTS}",
+                is_valid=_is_draft_count,
             ),
             HeadOption(
                 name="draft_vocab_size",

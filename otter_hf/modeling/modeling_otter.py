@@ -380,7 +380,7 @@ class OtterForCausalLMMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        loaded = load_verified(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        loaded = load_verified(cls, super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         # Loading swaps in fresh parameters, which come back trainable.
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
         return loaded

@@ -43,6 +43,7 @@ from .candidates import (
     score_candidates,
 )
 from .loop_inputs import cache_field, pop_cache, pop_prepared_inputs
+from .verification import check_guidance_weight
 
 # What generate() appends after the processors a user passes: the reward goes in between, exactly where
 # `OtterRewardLogitsProcessor` sits when passed in `logits_processor`.
@@ -110,6 +111,7 @@ def reward_guided_generate(
     """
     if reward_weight is None:
         raise ValueError("Reward-guided decoding needs `reward_weight=...` (0 switches guidance off).")
+    check_guidance_weight("reward_weight", reward_weight)
     check_guidance_model(model, reward_top_k)
     if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
         raise ValueError("Reward-guided decoding is greedy or sampled: set num_beams=1 and num_return_sequences=1.")

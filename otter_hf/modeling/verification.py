@@ -1,12 +1,15 @@
 """Checks that keep an Otter model whole: what a load attaches, what a save writes, what `generate()` is given.
 
 A load or save that would leave inserted weights missing, unexpected, of another shape or dtype, or non-finite
-fails with an error naming them, rather than running on uninitialised memory or NaN. The generation checks run
-before any forward, so a bad argument fails with one clear ValueError instead of deep inside a kernel, or not at
-all (a NaN weight silently decodes pad tokens).
+fails with an error naming them, rather than running on uninitialised memory or NaN. Every load runs the same
+check, `check_inserted_state_dict`: `from_pretrained` (and so the sequence-classification view) first on the
+safetensors headers, before the model is built, so that a few-KB crafted config allocates nothing it names, and
+`load_otter` on the tensors it attaches. The generation checks run before any forward, so a bad argument fails
+with one clear ValueError instead of deep inside a kernel, or not at all (a NaN weight silently decodes pad
+tokens).
 
-Like the modeling files, this file imports only torch, transformers and its siblings, as it ships next to
-checkpoints for `trust_remote_code`.
+Like the modeling files, this file imports only torch, transformers, safetensors and its siblings, as it ships next
+to checkpoints for `trust_remote_code`.
 """
 
 import dataclasses
@@ -17,7 +20,15 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
-from transformers.utils import CONFIG_NAME, logging
+from safetensors import SafetensorError, safe_open
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    logging,
+)
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_heads import is_inserted_parameter
@@ -45,7 +56,9 @@ def _names(names: Iterable[str], limit: int = 8) -> str:
 def check_finite_inserted_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
     """Raise a ValueError naming the inserted tensors holding NaN or infinity; `action` says what is refused."""
     non_finite = [
-        name for name, tensor in named_tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        name
+        for name, tensor in named_tensors
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())
     ]
     if non_finite:
         raise ValueError(
@@ -87,14 +100,114 @@ def check_inserted_state_dict(expected: dict[str, torch.Tensor], loaded: dict[st
     check_finite_inserted_weights(loaded.items(), f"load {source}")
 
 
-def load_verified(load: Callable, path, *args, **kwargs):
-    """`PreTrainedModel.from_pretrained` for an Otter checkpoint (`load`), reading one whole save and verifying
-    the inserted weights it attaches.
+def verify_inserted_weights(model_class, config, loaded: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError unless `loaded` (tensors, or meta tensors standing for a file's header) holds exactly the
+    inserted tensors a `model_class` of `config` has, of their shapes and dtypes, finite, and the original tensors
+    it shares with the model in their shapes. The model is built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    inserted = model.otter_state_dict().keys()
+    check_inserted_state_dict(
+        {name: expected[name] for name in inserted},
+        {name: tensor for name, tensor in loaded.items() if is_inserted_parameter(name)},
+        source,
+    )
+    wrong_shapes = [
+        f"{name} {tuple(tensor.shape)} vs {tuple(expected[name].shape)}"
+        for name, tensor in loaded.items()
+        if name in expected and name not in inserted and tensor.shape != expected[name].shape
+    ]
+    if wrong_shapes:
+        raise ValueError(
+            f"The weights in {source} do not fit their config: the shapes of {_names(wrong_shapes)} differ from the "
+            "ones config.json gives. The config belongs to another checkpoint, or was edited; save the model again."
+        )
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors_headers(folder: str, variant: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The tensors of the safetensors weights in `folder` (one file, or the shards its index names) as meta tensors
+    of their saved shapes and dtypes, read from the files' headers without loading any tensor; None when the folder
+    holds no safetensors weights.
+
+    A folder holding transformers' pickled weights (`pytorch_model.bin`) alone is refused: otter_hf loads
+    safetensors only.
+    """
+    infix = f".{variant}" if variant else ""
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME.replace(".safetensors", f"{infix}.safetensors"))
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME.replace(".json", f"{infix}.json"))
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        files = _shards_of(index, folder)
+    else:
+        pickled = [name for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) if os.path.isfile(os.path.join(folder, name))]
+        if pickled:
+            raise ValueError(
+                f"{folder} holds its weights as a pickle ({pickled[0]}) and no model.safetensors: otter_hf loads "
+                "safetensors only, never a pickle (unpickling can run any code the file names). Convert the weights "
+                "where you trust them (`model.save_pretrained(folder)` writes safetensors) and load the folder again."
+            )
+        return None
+    header = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as file:
+                names = file.keys()
+                for name in names:
+                    saved = file.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(saved.get_dtype())
+                    if dtype is None:
+                        raise ValueError(f"{path} stores {name} as {saved.get_dtype()}, which no Otter model holds.")
+                    header[name] = torch.empty(saved.get_shape(), dtype=dtype, device="meta")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} cannot be read ({error}): it is truncated or damaged. Save or download the model again."
+            ) from None
+    return header
+
+
+def _shards_of(index: str, folder: str) -> list[str]:
+    try:
+        with open(index, encoding="utf-8") as file:
+            weight_map = json.load(file)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ValueError(f"{index} is not a safetensors index (no `weight_map` of tensor -> file).") from None
+    outside = [
+        name for name in names if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..")
+    ]
+    if outside:
+        raise ValueError(f"{index} names {outside[0]!r} as a shard, which is not a file of {folder}.")
+    return [os.path.join(folder, name) for name in names]
+
+
+def load_verified(model_class, load: Callable, path, *args, **kwargs):
+    """`PreTrainedModel.from_pretrained` for an Otter checkpoint (`load`, of `model_class`), reading one whole save
+    and verifying the inserted weights it attaches.
 
     The folder is read under its shared lock (`persistence.reading_checkpoint`). transformers reads the config
     before this runs (AutoConfig); when a save committed in between, the config is read again, under the lock, so
-    that config and weights come from the same save. Inserted tensors the checkpoint lacks, which transformers
-    would fill by `_init_weights` or leave uninitialised, unexpected inserted tensors and non-finite inserted
+    that config and weights come from the same save. Before the model is built, the safetensors headers of a local
+    folder are compared with what the config implies (`verify_inserted_weights`). Inserted tensors the checkpoint
+    lacks, which transformers would fill by `_init_weights` or leave uninitialised, unexpected inserted tensors,
+    inserted tensors of another shape or of a dtype that is not cast (integer, bool) and non-finite inserted
     weights raise a ValueError naming them.
     """
     if path is None:
@@ -102,6 +215,7 @@ def load_verified(load: Callable, path, *args, **kwargs):
     output_loading_info = kwargs.pop("output_loading_info", False)
     with reading_checkpoint(path, kwargs.get("subfolder")):
         _reread_config_of_an_earlier_save(path, kwargs)
+        _verify_headers_before_loading(model_class, path, kwargs)
         model, loading_info = load(path, *args, output_loading_info=True, **kwargs)
     is_inserted = model.otter_state_dict().keys()
     missing = [name for name in loading_info["missing_keys"] if name in is_inserted]
@@ -117,6 +231,21 @@ def load_verified(load: Callable, path, *args, **kwargs):
         )
     check_finite_inserted_weights(model.otter_state_dict().items(), f"load {path}")
     return (model, loading_info) if output_loading_info else model
+
+
+def _verify_headers_before_loading(model_class, path, kwargs: dict) -> None:
+    folder = os.path.join(os.fspath(path), kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(path)
+    if not os.path.isdir(folder) or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
+        return  # a Hub id (its files are fetched by transformers), or weights that are not this folder's safetensors
+    config = kwargs.get("config")
+    if not isinstance(config, OtterConfigMixin):
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            return  # transformers says what is missing
+        overrides = {key: kwargs[key] for key in WEIGHT_DEFINING_CONFIG_FIELDS if key in kwargs}
+        config = model_class.config_class.from_pretrained(folder, **overrides)
+    header = read_safetensors_headers(folder, kwargs.get("variant"))
+    if header is not None:  # without weights at all, transformers says so
+        verify_inserted_weights(model_class, config, header, folder)
 
 
 def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
@@ -143,12 +272,33 @@ def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
 # -- generate() arguments --------------------------------------------------------------------------------------
 
 
+# The magnitude that log-probabilities (and value-head rewards) stay within: a log-probability of -1e4 is a
+# probability of e^-10000, far below what any dtype represents. Guidance computes `weight * log_softmax` (ARGS:
+# `weight * value`) in float32 and adds it to the scores, so a weight up to half float32's largest number over this
+# keeps both finite.
+GUIDANCE_MAGNITUDE = 1e4
+MAX_GUIDANCE_WEIGHT = torch.finfo(torch.float32).max / (2 * GUIDANCE_MAGNITUDE)
+
+
 def check_guidance_weight(name: str, value) -> None:
-    """A guidance weight is a finite real number; a bool or NaN would otherwise pass through arithmetic silently."""
+    """A guidance weight is a real number of magnitude at most `MAX_GUIDANCE_WEIGHT`: a bool, string, NaN or
+    infinity would otherwise pass through arithmetic silently, and a larger weight overflows the guided scores to
+    infinity (every token -inf: greedy decoding emits token 0)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__}).")
+    try:
+        magnitude = abs(float(value))
+    except OverflowError:  # an integer beyond any float
+        magnitude = math.inf
+    if not magnitude <= MAX_GUIDANCE_WEIGHT:  # also NaN
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}..."
+        raise ValueError(
+            f"`{name}` must be a finite number, got {shown}; its magnitude must be at most {MAX_GUIDANCE_WEIGHT:.3g}, "
+            "as a larger weight overflows `weight * log_softmax` in float32 and every score becomes -inf. Useful "
+            "weights are around 0.1 to 10."
+        )
 
 
 def check_generation_arguments(model, inputs, kwargs: dict, reward_weight, token_reward_weight, reward_top_k) -> None:

@@ -16,14 +16,22 @@ launch`, `torchrun`: DDP, FSDP) and writes small checkpoints.
   their own way, the Trainer's checkpoints are left as they are.
 """
 
+import contextlib
 import os
+from unittest import mock
 
+import torch
+import transformers.trainer
 from safetensors.torch import load_file
+from transformers import TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer import TRAINING_ARGS_NAME as PICKLED_TRAINING_ARGUMENTS_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..lifecycle.insertion import _load_inserted_weights
 from ..modeling.inserted_heads import INSERTED_HEADS
 from ..modeling.persistence import OTTER_WEIGHTS_NAME, reading_checkpoint
+from .resume_checks import CheckpointStateError, check_like, check_optimizer_state, read_trainer_state
 from .trainer_state import (
     OPTIMIZER_STATE_NAME,
     SCALER_STATE_NAME,
@@ -117,15 +125,40 @@ class OtterTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
-        # transformers pickles the training arguments beside the model (`training_args.bin`, never read back); an
-        # Otter save holds no pickle, so they are kept as JSON instead.
-        pickled = os.path.join(output_dir or self.args.output_dir, PICKLED_TRAINING_ARGUMENTS_NAME)
-        if self.args.should_save and os.path.isfile(pickled):
-            json_path = os.path.join(os.path.dirname(pickled), TRAINING_ARGUMENTS_JSON_NAME)
-            with open(json_path, "w", encoding="utf-8") as file:
-                file.write(self.args.to_json_string())
-            os.remove(pickled)
+        with training_arguments_as_json():
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        with training_arguments_as_json():
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the Trainer's "the last checkpoint of output_dir", resolved here too
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"No checkpoint to resume from in {self.args.output_dir}: it holds no `checkpoint-<step>` folder."
+                )
+        if resume_from_checkpoint is not None and self._writes_inserted_checkpoints():
+            self._check_checkpoint_files(os.fspath(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_checkpoint_files(self, checkpoint: str) -> None:
+        """Before anything is read from `checkpoint` for use: refuse pickles, check `trainer_state.json`'s fields
+        and that each state file decodes (each is checked against its use when it is loaded)."""
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"Cannot resume from {checkpoint}: there is no such folder.")
+        refuse_pickled_state(checkpoint)
+        trainer_state = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        if not os.path.isfile(trainer_state):
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it holds no {TRAINER_STATE_NAME}, so the step to resume from is "
+                "unknown. Resume from a `checkpoint-<step>` folder a trainer wrote."
+            )
+        read_trainer_state(trainer_state)
+        for name in (OPTIMIZER_STATE_NAME, SCHEDULER_STATE_NAME, SCALER_STATE_NAME, self._rng_state_file("")):
+            if os.path.isfile(os.path.join(checkpoint, name)):
+                load_state(os.path.join(checkpoint, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._load_inserted_checkpoint(resume_from_checkpoint):
@@ -154,8 +187,11 @@ class OtterTrainerMixin:
             return  # as the Trainer does: a checkpoint without optimizer state resumes with a fresh optimizer
         # In a multi-process run on GPUs, each process loads its copy onto its own device.
         device = self.args.device if self.args.world_size > 1 and self.args.device.type != "cpu" else "cpu"
-        self.optimizer.load_state_dict(load_state(optimizer_file, device))
-        self.lr_scheduler.load_state_dict(load_state(scheduler_file))
+        optimizer_state, scheduler_state = load_state(optimizer_file, device), load_state(scheduler_file)
+        check_optimizer_state(self.optimizer, optimizer_state, optimizer_file)
+        check_like(self.lr_scheduler.state_dict(), scheduler_state, scheduler_file, "state")
+        self.optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(scheduler_state)
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -165,14 +201,18 @@ class OtterTrainerMixin:
             save_state(scaler.state_dict(), os.path.join(output_dir, SCALER_STATE_NAME))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
-        scaler = getattr(self.accelerator, "scaler", None)
-        if checkpoint is None or not self._writes_inserted_checkpoints() or scaler is None:
+        if checkpoint is None or not self._writes_inserted_checkpoints():
             return super()._load_scaler(checkpoint)
+        refuse_pickled_state(checkpoint)
+        scaler = getattr(self.accelerator, "scaler", None)
         scaler_file = os.path.join(checkpoint, SCALER_STATE_NAME)
-        if os.path.isfile(scaler_file):
-            scaler.load_state_dict(load_state(scaler_file))
-        else:
-            refuse_pickled_state(checkpoint)
+        # A run without a gradient scaler (no float16) has no use for one a float16 run saved.
+        if scaler is not None and os.path.isfile(scaler_file):
+            scaler_state = load_state(scaler_file)
+            check_like(scaler.state_dict(), scaler_state, scaler_file, "state")
+            if not scaler_state["scale"] > 0:
+                raise CheckpointStateError(scaler_file, "state.scale", f"is {scaler_state['scale']}, not above 0")
+            scaler.load_state_dict(scaler_state)
 
     def _rng_state_file(self, folder: str) -> str:
         return os.path.join(folder, rng_state_name(self.args.process_index if self.args.world_size > 1 else None))
@@ -189,7 +229,15 @@ class OtterTrainerMixin:
             return super()._load_rng_state(checkpoint)
         rng_file = self._rng_state_file(checkpoint)
         if os.path.isfile(rng_file):
-            restore_rng_states(load_state(rng_file), self.args.world_size > 1)
+            distributed = self.args.world_size > 1
+            states, expected = load_state(rng_file), capture_rng_states(distributed)
+            if isinstance(states, dict) and "cuda" not in expected:
+                states.pop("cuda", None)  # saved on a GPU, resumed without one
+            check_like(expected, states, rng_file, "state")
+            try:
+                restore_rng_states(states, distributed)
+            except (ValueError, TypeError, OverflowError, RuntimeError) as error:
+                raise CheckpointStateError(rng_file, "state", f"is no generator state ({error})") from None
         # Without it (a checkpoint written with another number of processes), the Trainer too resumes with the
         # current generators; a pickled `rng_state*.pth` is not read.
 
@@ -202,6 +250,30 @@ class OtterTrainerMixin:
         with reading_checkpoint(checkpoint):
             _load_inserted_weights(self._otter_model(), load_file(weights), source=weights)
         return True
+
+
+class _TorchSavingArgumentsAsJson:
+    """torch, for transformers' Trainer module, except that `save` writes training arguments as JSON."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, path, *args, **kwargs):
+        if isinstance(obj, TrainingArguments) and os.path.basename(path) == PICKLED_TRAINING_ARGUMENTS_NAME:
+            with open(os.path.join(os.path.dirname(path), TRAINING_ARGUMENTS_JSON_NAME), "w", encoding="utf-8") as file:
+                file.write(obj.to_json_string())
+            return
+        torch.save(obj, path, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def training_arguments_as_json():
+    """Inside the block, transformers' Trainer writes the training arguments as `training_args.json` where it would
+    pickle them into `training_args.bin` (in `_save`, and when it pushes a checkpoint to the Hub): an Otter save
+    holds no pickle. The Trainer's other uses of torch are torch's own."""
+    with mock.patch.object(transformers.trainer, "torch", _TorchSavingArgumentsAsJson()):
+        yield
 
 
 def prepare_fsdp2_plugin(plugin, model) -> None:

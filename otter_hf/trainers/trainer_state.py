@@ -14,7 +14,7 @@ import random
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCALER_NAME, SCHEDULER_NAME
 
@@ -41,16 +41,28 @@ def save_state(state, path: str) -> None:
 
 
 def load_state(path: str, device: str | torch.device = "cpu"):
-    """The state `save_state` wrote, with its tensors on `device`."""
-    with safe_open(path, framework="pt", device=str(device)) as file:
-        metadata = file.metadata() or {}
-        if _STRUCTURE_KEY not in metadata:
-            raise ValueError(
-                f"{path} is not a trainer state written by otter_hf (its metadata lacks `{_STRUCTURE_KEY}`); resume "
-                "from a checkpoint an Otter trainer wrote, or train from the start."
-            )
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118  safe_open is not iterable
-    return _decode(json.loads(metadata[_STRUCTURE_KEY]), tensors)
+    """The state `save_state` wrote, with its tensors on `device`.
+
+    Raises a ValueError naming the file when it cannot be read or its structure does not decode (a damaged or
+    crafted file); whether what it holds fits its use is `resume_checks`' to say.
+    """
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as file:
+            structure = (file.metadata() or {}).get(_STRUCTURE_KEY)
+            names = file.keys() if structure is not None else []
+            tensors = {name: file.get_tensor(name) for name in names}
+        if structure is not None:
+            return _decode(json.loads(structure), tensors)
+    except (SafetensorError, OSError, RecursionError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path} cannot be read as a trainer state ({type(error).__name__}: {str(error)[:200]}): it is damaged "
+            "or was not written by an Otter trainer. Resume from another checkpoint, or start from its weights "
+            "(`otter_hf.load_otter(base, checkpoint)`) with a fresh optimizer."
+        ) from None
+    raise ValueError(
+        f"{path} is not a trainer state written by otter_hf (its metadata lacks `{_STRUCTURE_KEY}`); resume "
+        "from a checkpoint an Otter trainer wrote, or train from the start."
+    )
 
 
 def capture_rng_states(distributed: bool) -> dict:
@@ -62,6 +74,8 @@ def capture_rng_states(distributed: bool) -> dict:
 
 
 def restore_rng_states(states: dict, distributed: bool) -> None:
+    """Set the generators to `states`, which must have the structure `capture_rng_states` gives (see
+    `resume_checks.check_like`)."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.random.set_rng_state(states["cpu"])
