@@ -277,16 +277,3 @@ def test_load_otter_settles_a_killed_save_otter(previous_and_new, tmp_path, monk
         torch.equal(p, dict(previous.otter_named_parameters())[name]) for name, p in reattached.otter_named_parameters()
     )
     assert scratch_folders(tmp_path / "killed") == []
-
-
-def test_a_save_removes_the_scratch_that_earlier_versions_left_beside_it(previous_and_new, tmp_path):
-    _, new = previous_and_new
-    left_by_version_0_1 = tmp_path / f"{SCRATCH_PREFIX}abc123"
-    left_by_version_0_1.mkdir()
-    (left_by_version_0_1 / "model.safetensors").write_bytes(b"half a checkpoint")
-    scratch_of_a_save_into_tmp_path = tmp_path / f"{SCRATCH_PREFIX}def456"
-    (scratch_of_a_save_into_tmp_path / "new").mkdir(parents=True)
-    (scratch_of_a_save_into_tmp_path / "lock").touch()
-    new.save_pretrained(tmp_path / "checkpoint")
-    assert not left_by_version_0_1.exists()
-    assert scratch_of_a_save_into_tmp_path.is_dir()  # settled by the next save into, or load from, tmp_path itself

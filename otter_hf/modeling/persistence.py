@@ -104,13 +104,12 @@ def replace_files(save_directory, *, stale: Callable[[str], bool] | None = None)
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     created = not os.path.isdir(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    _remove_scratch_of_earlier_versions(os.path.dirname(os.path.abspath(save_directory)))
     # Created with its locked lock file under the folder's lock, which settling takes too, so that a scratch folder
     # without a lock file is always one of a killed save. Opened through open(), the lock file also shows the
     # permissions a new file gets here (see below).
     with folder_lock(save_directory, exclusive=True):
         scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=save_directory)
-        lock = open(os.path.join(scratch, _LOCK), "w")
+        lock = open(os.path.join(scratch, _LOCK), "w")  # noqa: SIM115 (held until the save ends, below)
         _lock(lock)
     with lock:
         try:
@@ -221,7 +220,7 @@ def recover_interrupted_saves(directory) -> None:
     for scratch in _scratch_folders(directory):
         _check_scratch_folder(directory, scratch)
         try:
-            lock = open(os.path.join(scratch, _LOCK), "r+")
+            lock = open(os.path.join(scratch, _LOCK), "r+")  # noqa: SIM115 (closed by `with lock` below)
         except FileNotFoundError:
             # Killed right after creating its scratch folder (or just about to lock it: deleting the folder then
             # fails that save before it changed anything).
@@ -334,7 +333,8 @@ def _settle_before_loading(path: str) -> None:
         if any(os.path.lexists(os.path.join(scratch, _JOURNAL)) for scratch in _scratch_folders(path)):
             raise ValueError(
                 f"{path} holds a save that was interrupted mid-way, and it cannot be settled ({error}): the folder "
-                "would load as a mix of two saves. Make the folder writable and load it again, or restore it from a copy."
+                "would load as a mix of two saves. Make the folder writable and load it again, or restore it from a "
+                "copy."
             ) from error
         # Only scratch folders of saves that changed nothing yet: the folder loads as its last whole save.
         logger.warning(f"Could not remove the scratch of an interrupted save in {path} ({error}).")
@@ -365,27 +365,6 @@ def save_inserted_parameters(save_directory, named_parameters: Iterable[tuple[st
         save_file(tensors, os.path.join(staging, OTTER_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(staging, OTTER_CONFIG_NAME), "w", encoding="utf-8") as file:
             json.dump(config.to_dict(), file, indent=2, sort_keys=True)
-
-
-def _remove_scratch_of_earlier_versions(parent: str) -> None:
-    # otter_hf 0.1 staged a save in a `.otter-save-*` folder beside its target, without a lock file, and left it
-    # there when killed; scratch folders now sit inside their target and hold a lock file from their first instant.
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    if not any(name.startswith(SCRATCH_PREFIX) for name in names):
-        return
-    with folder_lock(parent, exclusive=True):  # the parent may be a checkpoint folder being saved into too
-        _remove_lockless_scratch(parent, names)
-
-
-def _remove_lockless_scratch(parent: str, names: list[str]) -> None:
-    for name in names:
-        path = os.path.join(parent, name)
-        is_folder = os.path.isdir(path) and not os.path.islink(path)
-        if name.startswith(SCRATCH_PREFIX) and is_folder and not os.path.lexists(os.path.join(path, _LOCK)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the commit and its recovery ---------------------------------------------------------------------------
