@@ -1,5 +1,6 @@
 """Every Python block of README.md and docs/*.md runs in a test, or its page says why not (tests/doc_blocks.py)."""
 
+import re
 import socket
 import sys
 
@@ -80,3 +81,25 @@ def test_a_training_script_trains_on_two_processes(block, tmp_path):
     launcher = [*torchrun, "--master_port", str(_free_port())]
     completed = run_script(block.code, tmp_path, "tiny-base", "trained", launcher=launcher)
     assert (tmp_path / "trained" / "model.safetensors").is_file(), completed.stdout[-3000:]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_links_between_pages_lead_somewhere():
+    broken = []
+    for page in [*PAGES, PAGES[0].parent / "benchmarks" / "README.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.MULTILINE)
+                if anchor not in {_anchor(heading) for heading in headings}:
+                    broken.append(f"{page.name}: {target}")
+    assert not broken, f"links to no file or no heading: {broken}"
