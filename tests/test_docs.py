@@ -5,7 +5,8 @@ import socket
 import sys
 
 import pytest
-from doc_blocks import PAGES, TEST_MARKS, all_code_blocks, markers_without_a_block, run_script, scripts
+
+from tests.doc_blocks import PAGES, TEST_MARKS, all_code_blocks, markers_without_a_block, run_script, scripts
 
 SLOW_SCRIPTS = scripts("slow")
 MULTIPROCESS_BLOCKS = [block for block in all_code_blocks() if block.test_mark == "multiprocess"]
@@ -66,8 +67,8 @@ def _free_port() -> int:
 
 TINY_BASE = """
 import sys
-sys.path.insert(0, {tests!r})
-from conftest import make_base, make_tokenizer
+sys.path.insert(0, {repository!r})
+from tests.helpers import make_base, make_tokenizer
 make_base("llama-gqa-tied").save_pretrained("tiny-base")
 make_tokenizer().save_pretrained("tiny-base")
 """
@@ -76,7 +77,7 @@ make_tokenizer().save_pretrained("tiny-base")
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("block", MULTIPROCESS_BLOCKS, ids=lambda block: block.where)
 def test_a_training_script_trains_on_two_processes(block, tmp_path):
-    run_script(TINY_BASE.format(tests=str(PAGES[0].parent / "tests")), tmp_path)
+    run_script(TINY_BASE.format(repository=str(PAGES[0].parent)), tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     launcher = [*torchrun, "--master_port", str(_free_port())]
     completed = run_script(block.code, tmp_path, "tiny-base", "trained", launcher=launcher)

@@ -253,7 +253,7 @@ def test_openai_server_answers_guided_request(reference, tmp_path):
 def test_the_docs_vllm_blocks_run_as_pasted(reference, tmp_path):
     """The blocks of the docs marked `<!-- test: vllm -->` (tests/doc_blocks.py) run, in a folder holding the tiny
     Otter Llama as `otter-checkpoint`."""
-    from doc_blocks import run_script, scripts
+    from tests.doc_blocks import run_script, scripts
 
     vllm_scripts = scripts("vllm")
     assert vllm_scripts, "no docs page has a block marked `<!-- test: vllm -->`"
