@@ -18,21 +18,17 @@ accuracy the demo prints comes with its uncertainty.
    from the in-model reward (`reward_guided_generate`: one forward of the top-k candidates per new token), side
    by side with the judge's score of each answer, then the judge's verdict.
 
-Why the guide is trained with `OtterRewardTrainer` (TRL's pairwise loss on the value at the last token) rather
-than `OtterValueTrainer` (the value at every prefix regressed towards 1 for chosen answers and 0 for rejected
-ones, which guidance reads): on the same 160 `reward_train` pairs (20 steps), by held-out accuracy on 221 `test`
-pairs, the pairwise reward ranks answers better, 61.5 % against 54.3 % (the prefix values were at
-51-55 % on 128 pairs in the demo itself: chance). Guidance could not tell them apart: guiding 8 held-out
-prompts (w = 4, k = 10, 40 tokens, guides trained on 128 pairs, judge on 160), the judge scored the answers
-of the prefix-value guide 0.21 above greedy on average (better on 6 of 8), of the pairwise one 0.03 above (5 of
-8), and of an untrained value head 0.13 above (4 of 8). Moving off the greedy path shifts the judge's score by
-about that much whatever the reward, so the demo's verdict on a few prompts is a hint, not a measurement; at
-w = 16 both trained guides lost fluency.
+The guide trains with `OtterRewardTrainer` (TRL's pairwise loss on the value at the last token) rather than
+`OtterValueTrainer` (the value at every prefix regressed towards 1 for chosen answers and 0 for rejected ones,
+which is what guidance reads) because it ranks answers better: trained on the same 160 `reward_train` pairs
+(20 steps), it orders 61.5 % of 221 held-out `test` pairs correctly, the prefix values 54.3 %. On a few prompts
+guidance cannot tell the two apart: leaving the greedy path moves the judge's score by about 0.1-0.2 whatever the
+reward, so the demo's verdict on its four prompts is a hint, not a measurement. At w = 16 the guided answers lose
+fluency, hence the default w = 4.
 
-The judge reads mean-pooled features with an L2 weight of 3 (`JUDGE_L2`): among last-token and mean-pooled
-features and weights from 0.001 to 100, mean pooling with a strong weight scored 60-62 % in 5-fold
-cross-validation on 423 `gold_train` pairs and 63-66 % on the 221 `test` pairs. Since `test` took part in that
-choice, the judge's printed accuracy is slightly optimistic.
+The judge reads mean-pooled features with an L2 weight of 3 (`JUDGE_L2`), the best of last-token and mean-pooled
+features with weights from 0.001 to 100 (60-62 % in 5-fold cross-validation on 423 `gold_train` pairs). The
+221 `test` pairs took part in that choice too, so the judge's printed accuracy is slightly optimistic.
 """
 
 import argparse
@@ -60,7 +56,7 @@ MAX_LENGTH = 128
 PAIRS_PER_STEP = 8
 SCORING_BATCH_SIZE = 16
 # The judge has one weight per hidden dimension and sees about a hundred pairs, so it needs a strong pull
-# towards zero; see the module docstring for how this value was chosen.
+# towards zero; the module docstring says why this value.
 JUDGE_L2 = 3.0
 
 

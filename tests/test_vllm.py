@@ -289,3 +289,15 @@ def test_openai_server_answers_guided_request(reference, tmp_path):
     plain, guided = (answer["choices"][0]["token_ids"] for answer in answers)
     assert plain == reference["architectures"]["llama"]["greedy"][0]
     assert guided == reference["architectures"]["llama"]["guided"][weight][0]
+
+
+def test_the_docs_vllm_blocks_run_as_pasted(reference, tmp_path):
+    """The blocks of the docs marked `<!-- test: vllm -->` (tests/doc_blocks.py) run, in a folder holding the tiny
+    Otter Llama as `otter-checkpoint`."""
+    from tests.doc_blocks import run_script, scripts
+
+    vllm_scripts = scripts("vllm")
+    assert vllm_scripts, "no docs page has a block marked `<!-- test: vllm -->`"
+    shutil.copytree(reference["dir"] / "llama" / "otter", tmp_path / "otter-checkpoint")
+    for code in vllm_scripts.values():
+        run_script(code, tmp_path)

@@ -50,8 +50,9 @@ a sampling `generate()` applies.
 
 The confidence threshold makes drafting pay (or stop): 0.0 verifies every draft, 1.0 never drafts. A model's own
 heads draft only for batches of at most `config.draft_max_batch_size` rows (1 by default): in a batch a step keeps
-the fewest drafts any row accepts, so on SmolLM2 at batch 4 a threshold calibrated for batch 1 kept 1.007 tokens
-per step and decoded at 0.83x the speed of plain greedy. With drafting switched off entirely (threshold 1.0),
+the fewest drafts any row accepts, so at batch 4 the recurrent head of SmolLM2-135M keeps 1.007 tokens per step
+and decodes at 0.83x plain greedy's speed with its batch-1 threshold (`python benchmarks/speculative.py`, 2 CPU
+cores, `benchmarks/README.md`). With drafting switched off entirely (threshold 1.0),
 decoding is `generate()`'s own greedy or sampling loop over the base computation only (an Otter model runs under
 `otter_disabled()`, so the inserted stream costs nothing): the same tokens, and with `do_sample=True` the same
 random draws, as ordinary `generate()`, at its cost. An Otter model reads the threshold from
@@ -343,8 +344,8 @@ def speculative_generate(
                 confidence_threshold,
                 model_kwargs,
             )
-    # Drafting is off: generate()'s own decoding loop, with nothing but the base computation to pay for (a loop of
-    # our own measured 2-10 % slower than transformers' on SmolLM2 at batch 1-4).
+    # Drafting is off: generate()'s own decoding loop, with nothing but the base computation to pay for (it is
+    # 2-10 % faster than `_decode` with every chain cut to nothing, on SmolLM2-135M at batch 1-4).
     with model.otter_disabled() if hasattr(model, "otter_disabled") else contextlib.nullcontext():
         output = model._sample(input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs)
     if not generation_config.return_dict_in_generate:
