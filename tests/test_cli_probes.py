@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_base
 from test_cli import run_cli, tiny_tokenizer
 
 from otter_hf.cli import main
+from tests.helpers import make_base
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import make_base, make_otter
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import otter_hf
+from tests.helpers import make_base, make_otter
 
 INSERTED = "model.layers.0.inserted_mlp.down_proj.weight"
 

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import make_base, make_tokenizer
 from datasets import Dataset
 from safetensors.torch import save_file
 
 import otter_hf
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
 from otter_hf.trainers.trainer_state import load_state, save_state
+from tests.helpers import make_base, make_tokenizer
 
 PAIRS = Dataset.from_list(
     [{"prompt": "how was it ?", "chosen": " great , thanks !", "rejected": " awful ."} for _ in range(8)]
@@ -76,9 +76,9 @@ def test_a_shrunk_exp_avg_is_refused_and_does_not_crash_the_process(crafted, tmp
     """Fused AdamW writes out of bounds on a shrunk `exp_avg` (a segfault): run in a subprocess, so that a crash
     fails this test rather than the whole run."""
     edit_state(crafted, "optimizer.safetensors", lambda state: state["state"][0].update(exp_avg=torch.zeros(1)))
-    tests = os.path.dirname(__file__)
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
-        f"import sys; sys.path.insert(0, {tests!r}); from test_resume_checks import train\n"
+        f"import sys; sys.path.insert(0, {repository!r}); from tests.test_resume_checks import train\n"
         f"try:\n    train({str(tmp_path / 'resumed')!r}, resume_from={str(crafted)!r})\n"
         "except ValueError as error:\n    print('REFUSED', error)\n"
     )
