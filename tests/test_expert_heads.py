@@ -370,3 +370,13 @@ def test_wrong_datasets_and_models_are_refused(tmp_path):
             train_dataset=text_corpora(),
             processing_class=tokenizer,
         )
+
+
+def test_the_model_card_names_the_expert_heads():
+    from otter_hf.lifecycle.model_cards import otter_model_card
+
+    otter = make_otter(make_base("llama-gqa-tied"), expert_heads=True)
+    card = otter_model_card(
+        otter.config, repo_id="user/experts", otter_only=True, num_inserted_parameters=1, num_base_parameters=2
+    )
+    assert "`expert_head`, `anti_expert_head`" in str(card)
