@@ -380,3 +380,19 @@ def test_the_model_card_names_the_expert_heads():
         otter.config, repo_id="user/experts", otter_only=True, num_inserted_parameters=1, num_base_parameters=2
     )
     assert "`expert_head`, `anti_expert_head`" in str(card)
+
+
+def test_resizing_the_vocabulary_resizes_both_heads_with_zero_rows():
+    otter = make_expert_otter("llama-gqa-tied")
+    old_size = otter.config.vocab_size
+    before = {name: getattr(otter, name).proj.weight.detach().clone() for name in ("expert_head", "anti_expert_head")}
+    otter.resize_token_embeddings(old_size + 3)
+    for name, weight in before.items():
+        resized = getattr(otter, name).proj.weight
+        assert resized.shape == (old_size + 3, weight.shape[1]) and resized.requires_grad
+        assert torch.equal(resized[:old_size], weight) and not resized[old_size:].any()
+    input_ids = torch.tensor([[old_size + 2, 5, 6]])
+    with torch.no_grad():
+        outputs = otter(input_ids, output_expert_logits=True, output_anti_expert_logits=True)
+    assert outputs.expert_logits.shape[-1] == outputs.anti_expert_logits.shape[-1] == old_size + 3
+    assert otter.generate(input_ids, expert_weight=WEIGHT, **GREEDY).shape == (1, 3 + NEW_TOKENS)

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_otter import attention_head_size
 from .expert_guidance import check_expert_weight, expert_guidance
-from .inserted_heads import INSERTED_HEADS, FinalStreams, is_inserted_parameter
+from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
 from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, inserted_layer
 from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout
 from .persistence import (
@@ -409,8 +409,8 @@ class OtterForCausalLMMixin:
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         """`PreTrainedModel.resize_token_embeddings`, plus what Otter holds per vocabulary entry: the inserted
         embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
-        N(0, initializer_range)) and the token-level reward head's rows (new rows zero: the reward policy starts
-        as the base policy for new tokens too)."""
+        N(0, initializer_range)) and the rows of the token-level reward head and the expert heads (new rows zero:
+        their policies start as the base policy for new tokens too)."""
         token_embedding = self.base_model.get_submodule(self.base_model.otter_layout.token_embedding)
         # transformers carries the base weight's `requires_grad` over to every parameter of the embedding module.
         inserted_trainable = token_embedding.inserted_weight.requires_grad
@@ -420,9 +420,12 @@ class OtterForCausalLMMixin:
             token_embedding.inserted_weight, size, "mean" if mean_resizing else self.config.initializer_range
         )
         token_embedding.inserted_weight.requires_grad_(inserted_trainable)
-        if self.token_reward_head is not None:
-            self.token_reward_head.proj.weight = _resized_rows(self.token_reward_head.proj.weight, size, "zeros")
-            self.token_reward_head.proj.out_features = size
+        # The heads with a row per vocabulary entry on the inserted stream: the token-level reward head, the experts.
+        for head in INSERTED_HEADS:
+            module = getattr(self, head.attribute)
+            if isinstance(module, OtterTokenRewardHead):
+                module.proj.weight = _resized_rows(module.proj.weight, size, "zeros")
+                module.proj.out_features = size
         return embeddings
 
     def freeze_base_parameters(self) -> None:
