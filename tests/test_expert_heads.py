@@ -396,3 +396,13 @@ def test_resizing_the_vocabulary_resizes_both_heads_with_zero_rows():
         outputs = otter(input_ids, output_expert_logits=True, output_anti_expert_logits=True)
     assert outputs.expert_logits.shape[-1] == outputs.anti_expert_logits.shape[-1] == old_size + 3
     assert otter.generate(input_ids, expert_weight=WEIGHT, **GREEDY).shape == (1, 3 + NEW_TOKENS)
+
+
+def test_steering_with_a_static_cache_decodes_as_with_the_dynamic_one():
+    otter = make_expert_otter("llama-gqa-tied")
+    input_ids, attention_mask = random_batch(2, 5, "left")
+    dynamic = otter.generate(input_ids, attention_mask=attention_mask, expert_weight=WEIGHT, **GREEDY)
+    static = otter.generate(
+        input_ids, attention_mask=attention_mask, expert_weight=WEIGHT, cache_implementation="static", **GREEDY
+    )
+    assert torch.equal(static, dynamic)
