@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHITECTURE_BASES, EOS, make_base, make_otter, make_tokenizer, random_batch
 from datasets import Dataset
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
@@ -14,6 +13,7 @@ import otter_hf
 from otter_hf.generation import ExpertGuidanceLogitsProcessor, expert_guidance
 from otter_hf.modeling.loop_inputs import padding_position_ids
 from otter_hf.trainers import OtterExpertConfig, OtterExpertTrainer, expert_corpora
+from tests.helpers import ARCHITECTURE_BASES, EOS, make_base, make_otter, make_tokenizer, random_batch
 
 WEIGHT = 2.0
 NEW_TOKENS = 6
