@@ -13,6 +13,8 @@ from .modeling import PEFT_EXCLUDE_MODULES, OtterCausalLMOutputWithValue, sequen
 from .trainers import (
     OtterDraftConfig,
     OtterDraftTrainer,
+    OtterExpertConfig,
+    OtterExpertTrainer,
     OtterRewardConfig,
     OtterRewardTrainer,
     OtterTokenRewardConfig,
@@ -30,6 +32,8 @@ __all__ = [
     "OtterCausalLMOutputWithValue",
     "OtterDraftConfig",
     "OtterDraftTrainer",
+    "OtterExpertConfig",
+    "OtterExpertTrainer",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",

@@ -22,6 +22,8 @@ import otter_hf
 from otter_hf.trainers import (
     OtterDraftConfig,
     OtterDraftTrainer,
+    OtterExpertConfig,
+    OtterExpertTrainer,
     OtterRewardConfig,
     OtterRewardTrainer,
     OtterTokenRewardConfig,
@@ -44,6 +46,7 @@ INSERTION = {
     "token-reward": dict(token_reward_head=True, num_draft_heads=2),
     "draft-heads": dict(num_draft_heads=2),
     "draft-recurrent": dict(num_recurrent_drafts=2, draft_vocab_size=32),
+    "experts": dict(expert_heads=True, token_reward_head=True),
 }
 
 
@@ -63,6 +66,8 @@ def training_setup(kind: str, num_rows: int):
         config_class = OtterRewardConfig if kind == "reward" else OtterTokenRewardConfig
         trainer_class = OtterRewardTrainer if kind == "reward" else OtterTokenRewardTrainer
         return config_class, trainer_class, Dataset.from_list(preference_rows(num_rows))
+    if kind == "experts":  # each pair makes two rows, one per head
+        return OtterExpertConfig, OtterExpertTrainer, Dataset.from_list(preference_rows(num_rows))
     if kind == "value":
         rows = [
             {

@@ -16,7 +16,13 @@ from otter_hf.modeling.inserted_heads import INSERTED_HEADS
 from tests.helpers import make_base, make_otter, random_batch
 
 # Options under which a config builds every registered head; a new head that needs one belongs here.
-BUILD_EVERY_HEAD = {"num_draft_heads": 2, "num_recurrent_drafts": 2, "draft_vocab_size": 40, "token_reward_head": True}
+BUILD_EVERY_HEAD = {
+    "num_draft_heads": 2,
+    "num_recurrent_drafts": 2,
+    "draft_vocab_size": 40,
+    "token_reward_head": True,
+    "expert_heads": True,
+}
 # Heads whose output skips positions: the recurrent draft head reads the token after each position, so the last
 # one has none.
 POSITIONS_SKIPPED = {"recurrent_draft_logits": 1}

@@ -192,7 +192,12 @@ def test_deepspeed_zero3_is_refused_with_the_reason(tmp_path):
 
 @pytest.mark.parametrize(
     "kind, unread_heads",
-    [("value", ("token_reward_head",)), ("draft-heads", ("v_head",)), ("draft-recurrent", ("v_head",))],
+    [
+        ("value", ("token_reward_head",)),
+        ("draft-heads", ("v_head",)),
+        ("draft-recurrent", ("v_head",)),
+        ("experts", ("v_head", "token_reward_head")),
+    ],
 )
 def test_every_trainer_runs_under_torchrun(run, kind, unread_heads):
     two = run("torchrun", kind, "--batch-size", "2", "--global-batch", "4")

@@ -66,6 +66,11 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
             **GUIDED_DECODING,
         )
         result["args_guided_equal"] = torch.equal(args_guided, tensors["args_guided_ids"])
+    if "expert_ids" in tensors:
+        steered = model.generate(
+            tensors["input_ids"], attention_mask=tensors["attention_mask"], expert_weight=2.0, **GUIDED_DECODING
+        )
+        result["expert_equal"] = torch.equal(steered, tensors["expert_ids"])
     result["causal_lm_class"] = f"{type(model).__module__}.{type(model).__name__}"
     result["logits_equal"] = torch.equal(output.logits, tensors["logits"])
     result["value_close"] = torch.allclose(output.value[real], tensors["value"][real], atol=1e-5, rtol=1e-5)
@@ -118,6 +123,16 @@ def _expected_outputs(model, path) -> None:
             min_new_tokens=4,
             do_sample=False,
         )
+    if model.config.expert_heads:
+        # DExperts-style steering too: the expert heads and their processor ship with the checkpoint's code.
+        expected["expert_ids"] = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            expert_weight=2.0,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+        )
     save_file(expected, str(path))
 
 
@@ -146,6 +161,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         os.path.basename(architecture_file),
         "configuration_otter.py",
         "candidates.py",
+        "expert_guidance.py",
         "inserted_heads.py",
         "inserted_layer.py",
         "inserted_stream.py",
@@ -172,7 +188,9 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
     repos = {}
     # A local folder per architecture, and one repository pulled from the (fake) Hub.
     for name in (name for name in ARCHITECTURE_BASES if name != "qwen2-bias"):
-        otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
+        otter = make_otter(
+            make_base(name), token_reward_head=name == "llama-gqa-tied", expert_heads=name == "gemma3-sliding-softcap"
+        )
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)
         _expected_outputs(otter, tmp_path / f"{name}.safetensors")
@@ -213,6 +231,7 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["logits_equal"] and result["value_close"], repo
         assert result.get("guided_equal", "llama" not in repo), repo
         assert result.get("args_guided_equal", "llama" not in repo), repo
+        assert result.get("expert_equal", "gemma3" not in repo), repo
         assert result["only_inserted_trainable"]
         assert result["config_class"].startswith("Otter") and result["config_class"].endswith("Config")
         assert result["backbone_class"].startswith("Otter") and result["backbone_class"].endswith("Model")

@@ -233,6 +233,18 @@ class OtterTokenRewardHead(nn.Module):
         return self(streams.logits, streams.kept(streams.inserted_hidden_states))
 
 
+class OtterExpertHead(OtterTokenRewardHead):
+    """A DExperts expert (or anti-expert) inside the LLM's own forward: language-model logits over the whole
+    vocabulary, the original logits plus `W g`, with the final inserted stream `g` and `W` starting at zero.
+
+    DExperts (Liu et al., ACL 2021) runs an expert and an anti-expert language model beside the base and decodes
+    from `logits + alpha * (expert_logits - anti_expert_logits)`; here each is one projection of the inserted
+    stream, so the three sets of logits come from one forward. Both start as the base model, as DExperts' experts
+    start from the pretrained model they are fine-tuned from; `OtterExpertTrainer` fits them with the language
+    modelling loss on the expert and the anti-expert text.
+    """
+
+
 def _is_probability_below_one(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
 
@@ -390,6 +402,48 @@ INSERTED_HEADS: tuple[InsertedHead, ...] = (
         keep_in_fp32=False,
         description="a token-level reward head (insert with `token_reward_head=True`)",
     ),
+    InsertedHead(
+        attribute="expert_head",
+        module_class=OtterExpertHead,
+        options=(
+            HeadOption(
+                name="expert_heads",
+                type=bool,
+                default=False,
+                help="DExperts-style expert and anti-expert heads: language-model logits over the whole vocabulary, "
+                "each the original logits plus a zero-initialised projection of the inserted stream, for "
+                "`generate(expert_weight=...)`.",
+                requirement="True or False",
+                is_valid=lambda value: isinstance(value, bool),
+            ),
+        ),
+        is_built=lambda config: config.expert_heads,
+        output_field="expert_logits",
+        output_doc=(
+            "(`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):\n"
+            "    The expert head's language-model logits at the positions `logits_to_keep` keeps, when\n"
+            "    `output_expert_logits=True`."
+        ),
+        computed_by_default=False,
+        keep_in_fp32=False,
+        description="expert heads (insert with `expert_heads=True`)",
+    ),
+    # Built with the expert head, by the same option: DExperts steers by the difference of the two.
+    InsertedHead(
+        attribute="anti_expert_head",
+        module_class=OtterExpertHead,
+        options=(),
+        is_built=lambda config: config.expert_heads,
+        output_field="anti_expert_logits",
+        output_doc=(
+            "(`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):\n"
+            "    The anti-expert head's language-model logits at the positions `logits_to_keep` keeps, when\n"
+            "    `output_anti_expert_logits=True`."
+        ),
+        computed_by_default=False,
+        keep_in_fp32=False,
+        description="expert heads (insert with `expert_heads=True`)",
+    ),
 )
 
 
@@ -419,6 +473,7 @@ __all__ = [
     "PEFT_EXCLUDE_MODULES",
     "InsertedHead",
     "OtterDraftHeads",
+    "OtterExpertHead",
     "OtterRecurrentDraftHead",
     "OtterTokenRewardHead",
     "OtterValueHead",

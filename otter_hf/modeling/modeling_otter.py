@@ -29,7 +29,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_otter import attention_head_size
-from .inserted_heads import INSERTED_HEADS, FinalStreams, is_inserted_parameter
+from .expert_guidance import check_expert_weight, expert_guidance
+from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
 from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, inserted_layer
 from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout
 from .persistence import (
@@ -302,6 +303,10 @@ class OtterCausalLMOutputWithValue(CausalLMOutputWithCrossAttentions):
         draft vocabulary (`recurrent_draft_head`).
     token_reward_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
         With `output_token_reward_logits=True`: the token-level reward head's logits (`token_reward_head`).
+    expert_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
+        With `output_expert_logits=True`: the expert head's language-model logits (`expert_head`).
+    anti_expert_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions, vocab_size)`, *optional*):
+        With `output_anti_expert_logits=True`: the anti-expert head's language-model logits (`anti_expert_head`).
     """
 
     inserted_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -309,6 +314,8 @@ class OtterCausalLMOutputWithValue(CausalLMOutputWithCrossAttentions):
     draft_logits: torch.FloatTensor | None = None
     recurrent_draft_logits: torch.FloatTensor | None = None
     token_reward_logits: torch.FloatTensor | None = None
+    expert_logits: torch.FloatTensor | None = None
+    anti_expert_logits: torch.FloatTensor | None = None
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -402,8 +409,8 @@ class OtterForCausalLMMixin:
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         """`PreTrainedModel.resize_token_embeddings`, plus what Otter holds per vocabulary entry: the inserted
         embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
-        N(0, initializer_range)) and the token-level reward head's rows (new rows zero: the reward policy starts
-        as the base policy for new tokens too)."""
+        N(0, initializer_range)) and the rows of the token-level reward head and the expert heads (new rows zero:
+        their policies start as the base policy for new tokens too)."""
         token_embedding = self.base_model.get_submodule(self.base_model.otter_layout.token_embedding)
         # transformers carries the base weight's `requires_grad` over to every parameter of the embedding module.
         inserted_trainable = token_embedding.inserted_weight.requires_grad
@@ -413,9 +420,12 @@ class OtterForCausalLMMixin:
             token_embedding.inserted_weight, size, "mean" if mean_resizing else self.config.initializer_range
         )
         token_embedding.inserted_weight.requires_grad_(inserted_trainable)
-        if self.token_reward_head is not None:
-            self.token_reward_head.proj.weight = _resized_rows(self.token_reward_head.proj.weight, size, "zeros")
-            self.token_reward_head.proj.out_features = size
+        # The heads with a row per vocabulary entry on the inserted stream: the token-level reward head, the experts.
+        for head in INSERTED_HEADS:
+            module = getattr(self, head.attribute)
+            if isinstance(module, OtterTokenRewardHead):
+                module.proj.weight = _resized_rows(module.proj.weight, size, "zeros")
+                module.proj.out_features = size
         return embeddings
 
     def freeze_base_parameters(self) -> None:
@@ -516,6 +526,8 @@ class OtterForCausalLMMixin:
         output_draft_logits: bool = False,
         output_recurrent_draft_logits: bool = False,
         output_token_reward_logits: bool = False,
+        output_expert_logits: bool = False,
+        output_anti_expert_logits: bool = False,
         **kwargs,
     ) -> OtterCausalLMOutputWithValue:
         r"""
@@ -527,6 +539,10 @@ class OtterForCausalLMMixin:
             Also compute the recurrent draft head's `recurrent_draft_logits` (needs `input_ids`).
         output_token_reward_logits (`bool`, *optional*, defaults to `False`):
             Also compute the token-level reward head's `token_reward_logits`.
+        output_expert_logits (`bool`, *optional*, defaults to `False`):
+            Also compute the expert head's `expert_logits`.
+        output_anti_expert_logits (`bool`, *optional*, defaults to `False`):
+            Also compute the anti-expert head's `anti_expert_logits`.
 
         The other arguments are the base causal LM's; `return_dict=False` returns the tuple of the fields that are
         set, the base's first, in the base's order. The cache goes under this transformers' name for it (`cache`
@@ -543,6 +559,8 @@ class OtterForCausalLMMixin:
             "draft_logits": output_draft_logits,
             "recurrent_draft_logits": output_recurrent_draft_logits,
             "token_reward_logits": output_token_reward_logits,
+            "expert_logits": output_expert_logits,
+            "anti_expert_logits": output_anti_expert_logits,
         }
         record_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
         with self.base_model.inserted_stream(record_hidden_states) as stream:
@@ -598,6 +616,7 @@ class OtterForCausalLMMixin:
         token_reward_weight: float | None = None,
         reward_weight: float | None = None,
         reward_top_k: int | None = None,
+        expert_weight: float | None = None,
         **kwargs,
     ):
         r"""
@@ -614,10 +633,28 @@ class OtterForCausalLMMixin:
                 `score + reward_weight * value`, in one forward of the candidates over the shared cache
                 (`reward_guided_generate`, which ships with the checkpoint's code like this file).
             reward_top_k (`int`, *optional*, defaults to 10): candidates rescored per step with `reward_weight`.
+            expert_weight (`float`, *optional*):
+                DExperts-style steering by the expert heads (needs `expert_heads=True`): decode from
+                `logits + expert_weight * (log_softmax(expert_logits) - log_softmax(anti_expert_logits))`, all
+                from the same forward. For greedy search and sampling this is DExperts' `logits + alpha *
+                (expert_logits - anti_expert_logits)` exactly (the two differ by a constant per row); beam search
+                adds log-probability ratios, free of the heads' logit offsets, to its beam scores (see
+                `expert_guidance.py`). Negative weights steer towards the anti-expert; 0 decodes exactly as the base
+                model, at its cost.
 
         The other arguments are `GenerationMixin.generate`'s.
         """
         check_generation_arguments(self, inputs, kwargs, reward_weight, token_reward_weight, reward_top_k)
+        if expert_weight is not None:
+            return self._expert_steered_generate(
+                expert_weight,
+                inputs,
+                generation_config,
+                logits_processor,
+                *args,
+                other_guidance=reward_weight is not None or token_reward_weight is not None or reward_top_k is not None,
+                **kwargs,
+            )
         if reward_weight is not None or reward_top_k is not None:
             if token_reward_weight is not None:
                 raise ValueError(
@@ -655,6 +692,30 @@ class OtterForCausalLMMixin:
             )
         with token_reward_guidance(self, token_reward_weight) as guidance:
             processors = LogitsProcessorList([*(logits_processor or []), guidance])
+            return super().generate(inputs, generation_config, processors, *args, **kwargs)
+
+    def _expert_steered_generate(
+        self, expert_weight, inputs, generation_config, logits_processor, *args, other_guidance: bool, **kwargs
+    ):
+        """`generate(expert_weight=...)`, once the other arguments have been checked."""
+        check_expert_weight("expert_weight", expert_weight)
+        if other_guidance:
+            raise ValueError(
+                "Pass one guidance at a time: `expert_weight` (the expert heads) or `token_reward_weight` / "
+                "`reward_weight` (the reward heads)."
+            )
+        if self.expert_head is None:
+            raise ValueError(
+                "`expert_weight` needs expert heads: insert with `otter_hf.insert(base, expert_heads=True)` and "
+                "train them with `OtterExpertTrainer`."
+            )
+        if expert_weight == 0:
+            with self.otter_disabled():
+                return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
+        if not self.otter_enabled:
+            raise ValueError("The inserted stream is switched off (`otter_disabled()`); expert steering needs it on.")
+        with expert_guidance(self, expert_weight) as steering:
+            processors = LogitsProcessorList([*(logits_processor or []), steering])
             return super().generate(inputs, generation_config, processors, *args, **kwargs)
 
     # -- saving --------------------------------------------------------------------------------------------

@@ -93,6 +93,11 @@ def _heads_in_words(config) -> str:
         heads.append(
             f"token-level reward head ({config.vocab_size:,} x {config.inserted_hidden_size}, `token_reward_head`)"
         )
+    if config.expert_heads:
+        heads.append(
+            f"expert and anti-expert heads ({config.vocab_size:,} x {config.inserted_hidden_size} each, `expert_head`, "
+            "`anti_expert_head`), for `generate(expert_weight=...)`"
+        )
     if config.num_draft_heads:
         heads.append(f"{config.num_draft_heads} draft heads (`draft_heads`)")
     if config.num_recurrent_drafts:
