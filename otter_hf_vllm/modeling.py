@@ -50,8 +50,14 @@ INSERTED_WEIGHTS_MAPPER = WeightsMapper(
         ".post_attention_layernorm.inserted_weight": ".inserted_post_attention_layernorm.weight",
         "model.norm.inserted_weight": "model.inserted_norm.weight",
     },
-    # Draft heads serve otter_hf's speculative decoding in transformers; vLLM drafts with its own methods.
-    orig_to_new_prefix={"draft_heads.": None, "recurrent_draft_head.": None},
+    # Draft heads serve otter_hf's speculative decoding in transformers (vLLM drafts with its own methods), expert
+    # heads its `expert_weight` steering: vLLM serves the original logits, the value and token-level guidance.
+    orig_to_new_prefix={
+        "draft_heads.": None,
+        "recurrent_draft_head.": None,
+        "expert_head.": None,
+        "anti_expert_head.": None,
+    },
 )
 
 
