@@ -19,10 +19,16 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
@@ -30,6 +36,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 import otter_hf
@@ -148,6 +156,67 @@ BASE_MODELS = {
             num_key_value_heads=2,
             partial_rotary_factor=0.5,
             tie_word_embeddings=False,
+        ),
+    ),
+    # multipliers on the embeddings, the residual updates and the logits, and an attention scale other than
+    # head_dim ** -0.5
+    "granite-multipliers": (
+        GraniteConfig,
+        GraniteForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.4,
+            attention_multiplier=0.5,
+            logits_scaling=2.5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # a layer with rotary embeddings, then one without
+    "smollm3-no-rope-layer": (
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            no_rope_layers=[1, 0],
+            tie_word_embeddings=True,
+        ),
+    ),
+    # norms on the modules' outputs only, q/k norms over the whole projections, a sliding layer (window shorter
+    # than the test sequences) then a full one
+    "olmo3-post-norm-sliding": (
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            tie_word_embeddings=False,
+        ),
+    ),
+    # OLMo 3's layout without sliding layers, multi-head attention
+    "olmo2-post-norm": (
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
         ),
     ),
 }

@@ -10,8 +10,7 @@ from tests.helpers import BASE_MODELS, EOS, PAD, make_base, make_otter, random_b
 
 # Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
 GUIDED_BASES = {
-    name: {"sliding_window": 16} if name in ("mistral-sliding", "gemma3-sliding-softcap") else {}
-    for name in BASE_MODELS
+    name: {"sliding_window": 16} if "sliding_window" in sizes else {} for name, (_, _, sizes) in BASE_MODELS.items()
 }
 WEIGHT, TOP_K = 3.0, 4
 

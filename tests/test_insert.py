@@ -20,7 +20,8 @@ def test_only_inserted_parameters_are_trainable(base_name):
     assert trainable == inserted
     assert "v_head.summary.weight" in inserted
     assert any(".inserted_attn." in name for name in inserted)
-    assert not any(name.startswith("model.layers.0.self_attn.") for name in inserted)
+    # The base attention's own parameters stay frozen; only inserted weights on its norms (OLMo's q/k) train.
+    assert not any(name.startswith("model.layers.0.self_attn.") and ".inserted_" not in name for name in inserted)
     assert otter.num_inserted_parameters() == sum(p.numel() for p in otter.otter_parameters())
     assert 0 < otter.inserted_parameter_fraction() < 1
 
@@ -59,6 +60,42 @@ def test_copy_init_makes_the_inserted_stream_follow_the_copied_dimensions(base_n
     torch.testing.assert_close(
         output.inserted_hidden_states[-1], output.hidden_states[-1][..., :16], atol=1e-5, rtol=1e-4
     )
+
+
+def test_copied_heads_attend_as_their_sources(base_name):
+    # At insertion each inserted head computes what its source head does: the same q/k norms, rotation (or none,
+    # in a layer whose base attention skips it), scale, window and mask. Two key/value heads make the query heads
+    # copy original heads 0 and 2 where the base has groups of two, and norm weights away from one tell slices
+    # apart.
+    base = make_base(base_name)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
+    otter = otter_hf.insert(
+        base, inserted_hidden_size=16, inserted_num_attention_heads=2, inserted_num_key_value_heads=2
+    )
+    layout = otter.base_model.otter_layout
+    original_heads, inserted_heads = [], []
+    for layer in otter.otter_decoder_layers():
+        layer.get_submodule(layout.attention_output).register_forward_pre_hook(
+            lambda module, args: original_heads.append(args[0])
+        )
+        layer.inserted_attn.o_proj.register_forward_pre_hook(lambda module, args: inserted_heads.append(args[1]))
+    input_ids, attention_mask = random_batch(2, 7)
+    with torch.no_grad():
+        otter(input_ids, attention_mask=attention_mask)
+    query_sources, _ = copied_head_sources(otter.config)
+    head_dim = layer.inserted_attn.head_dim
+    assert len(original_heads) == len(inserted_heads) == otter.config.num_hidden_layers
+    for original, inserted in zip(original_heads, inserted_heads):
+        for head, source in enumerate(query_sources):
+            torch.testing.assert_close(
+                inserted[..., head * head_dim : (head + 1) * head_dim],
+                original[..., source * head_dim : (source + 1) * head_dim],
+                atol=1e-5,
+                rtol=1e-4,
+            )
 
 
 def test_copied_heads_follow_grouped_query_attention():
@@ -223,8 +260,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5)
 
 
-def test_draft_heads_are_inserted_parameters_and_start_as_the_lm_head():
-    otter = otter_hf.insert(make_base("qwen2-bias"), num_draft_heads=3)
+# Draft heads repeat what the causal LM does to the LM head's output: Gemma's softcapping, Granite's logit scaling.
+@pytest.mark.parametrize("name", ["qwen2-bias", "gemma3-sliding-softcap", "granite-multipliers"])
+def test_draft_heads_are_inserted_parameters_and_start_as_the_lm_head(name):
+    otter = otter_hf.insert(make_base(name), num_draft_heads=3)
     assert {name for name, _ in otter.otter_named_parameters() if name.startswith("draft_heads.")}
     input_ids, _ = random_batch(2, 5)
     with torch.no_grad():

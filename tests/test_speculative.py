@@ -35,11 +35,11 @@ def speculative(model, input_ids, attention_mask, **kwargs):
     )
 
 
-# Bases whose caches can be cropped (sliding-window caches cannot): Mistral's window applies to every layer, Gemma
-# 3's sliding layer is made global here.
+# Bases whose caches can be cropped (sliding-window caches cannot): Mistral's window applies to every layer, the
+# sliding layers of the others (Gemma 3, OLMo 3) are made global here.
 DRAFTING_BASES = {
-    name: {"layer_types": ["full_attention", "full_attention"]} if name == "gemma3-sliding-softcap" else {}
-    for name in BASE_MODELS
+    name: {"layer_types": ["full_attention"] * len(sizes["layer_types"])} if "layer_types" in sizes else {}
+    for name, (_, _, sizes) in BASE_MODELS.items()
     if name != "mistral-sliding"
 }
 

@@ -14,9 +14,13 @@ from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP
 def initialize_inserted_parameters(model, method: str) -> None:
     std = model.config.initializer_range
     layout = model.base_model.otter_layout
+    # Copied with the heads they normalise, below.
+    projection_norms = {
+        norm for layer in model.otter_decoder_layers() for norm in _query_key_projection_norms(layer, layout)
+    }
     for module in model.modules():
         inserted_weight = getattr(module, "inserted_weight", None)
-        if inserted_weight is None:
+        if inserted_weight is None or (method == "copy" and module in projection_norms):
             continue
         size = inserted_weight.shape[-1]
         if isinstance(module, nn.Embedding):  # token or position embedding: its inserted columns
@@ -47,6 +51,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
         for layer in model.otter_decoder_layers():
             copy_source = functools.partial(layout.copy_source, layer)
             _copy_attention(layer.inserted_attn, copy_source, model.config)
+            _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config)
 
 
@@ -101,3 +106,19 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
     for index, role in enumerate(roles):
         _copy_rows(input_proj, index * units, copy_source(role), 0, units)
     _copy_rows(inserted.down_proj, 0, copy_source("down"), 0, config.inserted_hidden_size)
+
+
+def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ...]:
+    if layout.query_key_projection_norms is None:
+        return ()
+    return tuple(layer.get_submodule(f"{layout.attention}.{path}") for path in layout.query_key_projection_norms)
+
+
+def _copy_projection_norms(norms: tuple[nn.Module, ...], config) -> None:
+    """A projection-wide query or key norm's inserted weight: the slices of its heads' sources, so that a copied
+    head is normalised as its source is."""
+    head_dim = attention_head_size(config)
+    for norm, sources in zip(norms, copied_head_sources(config)):
+        norm.inserted_weight.copy_(
+            torch.cat([norm.weight[source * head_dim : (source + 1) * head_dim] for source in sources])
+        )

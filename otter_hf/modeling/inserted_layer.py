@@ -37,14 +37,24 @@ class NormCapture:
     bias: torch.Tensor | None = None
 
 
+@dataclass
+class RawInput:
+    """A module the base feeds the raw original stream, no norm before it (OLMo 2/3 normalise only the modules'
+    outputs): the inserted stream enters the inserted projections raw too."""
+
+    # The original stream `h` as the module reads it (the field a `NormCapture` holds `h_n` in).
+    normed: torch.Tensor
+
+
 class InsertedHeadsAttention(Protocol):
     """How the inserted heads of one layer attend, as the base heads of that layer do. Queries, keys and values
     come token-major: `(..., tokens, heads, head_dim)`."""
 
     # The rotation's tables for these positions (`HalfRotation.tables`), None where the layer rotates nothing.
     rotary_tables: tuple[torch.Tensor, torch.Tensor] | None
-    # The base attention's per-head query and key norms (Qwen3, Gemma 3), None where it has none.
-    query_key_norms: tuple[nn.Module, nn.Module] | None
+    # The query and key norms of the inserted heads, each applied to `(..., tokens, heads, head_dim)`: the base
+    # attention's per-head norms (Qwen3, Gemma 3) or `ProjectionNorm`s (OLMo 2/3), None where it has none.
+    query_key_norms: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The heads' outputs, `(..., tokens, heads * head_dim)`, with the layer's scale, window, mask and cache."""
@@ -54,16 +64,18 @@ class InsertedHeadsAttention(Protocol):
 class LayerCapture:
     """What the inserted layer reads from one base decoder layer's forward."""
 
-    attention_norm: NormCapture
+    attention_norm: NormCapture | RawInput
     attention: InsertedHeadsAttention
     # The input of the attention output projection: the original heads' outputs.
     original_heads: torch.Tensor
-    mlp_norm: NormCapture
+    mlp_norm: NormCapture | RawInput
     # The input of the MLP down projection: the original units.
     original_units: torch.Tensor
     # Norms on a module's output (Gemma's sandwich norms): only the statistics are read.
     attention_output_norm: NormCapture | None = None
     mlp_output_norm: NormCapture | None = None
+    # What the base multiplies each module's output by before adding it to its stream (Granite), None for 1.
+    residual_multiplier: float | None = None
 
 
 # -- norms ------------------------------------------------------------------------------------------------------
@@ -90,6 +102,26 @@ class InsertedRMSNorm:
         return norm.weight * (inserted.to(torch.float32) * norm.statistics).to(inserted.dtype)
 
 
+def inserted_input(norm: type, captured: NormCapture | RawInput, inserted: torch.Tensor) -> torch.Tensor:
+    """The inserted stream as a module's inserted projections read it: normalised by `norm` with the original
+    stream's statistics, or raw where the base feeds the module raw `h`."""
+    return inserted if isinstance(captured, RawInput) else norm.normalize(captured, inserted)
+
+
+@dataclass
+class ProjectionNorm:
+    """A norm over a whole query or key projection (OLMo 2/3), applied to the inserted heads: the statistics of the
+    original projection, the inserted weight over the inserted heads' width. A copy-initialised inserted head is
+    then normalised exactly as its source head; statistics of the inserted heads alone would scale it otherwise."""
+
+    norm: type
+    captured: NormCapture
+
+    def __call__(self, heads: torch.Tensor) -> torch.Tensor:
+        """`heads` (..., tokens, heads, head_dim), normalised."""
+        return self.norm.normalize(self.captured, heads.flatten(-2)).view(heads.shape)
+
+
 class InsertedGemmaRMSNorm(InsertedRMSNorm):
     """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in float32; a zero weight leaves the stream unscaled."""
 
@@ -98,6 +130,14 @@ class InsertedGemmaRMSNorm(InsertedRMSNorm):
     @staticmethod
     def normalize(norm, inserted):
         return (inserted.float() * norm.statistics * (1.0 + norm.weight.float())).type_as(inserted)
+
+
+class InsertedOlmoRMSNorm(InsertedRMSNorm):
+    """OLMo's RMSNorm, `w * x / rms(x)` with the weight applied in float32 before the cast back."""
+
+    @staticmethod
+    def normalize(norm, inserted):
+        return (norm.weight * (inserted.float() * norm.statistics)).to(inserted.dtype)
 
 
 class InsertedLayerNorm:
@@ -143,10 +183,12 @@ class HalfRotation:
         cos, signed_sin = tables
         rotary_dim = cos.shape[-1]
         if rotary_dim == states.shape[-1]:
-            return states * cos + states.roll(rotary_dim // 2, dims=-1) * signed_sin
+            rotated = states * cos + states.roll(rotary_dim // 2, dims=-1) * signed_sin
+            # Float32 tables (OLMo 2/3) on half-precision states: cast back, as the base's rotation does.
+            return rotated if rotated.dtype == states.dtype else rotated.to(states.dtype)
         rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
         rotated = rotated * cos + rotated.roll(rotary_dim // 2, dims=-1) * signed_sin
-        return torch.cat([rotated, passed], dim=-1)
+        return torch.cat([rotated.to(states.dtype), passed], dim=-1)
 
 
 # -- projections over both streams ----------------------------------------------------------------------------
@@ -218,7 +260,7 @@ class OtterInsertedAttention(nn.Module):
     def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
         """The attention's update of the inserted stream."""
         attention = capture.attention
-        inserted_normed = self.norm.normalize(capture.attention_norm, inserted)
+        inserted_normed = inserted_input(self.norm, capture.attention_norm, inserted)
         qkv = self.qkv_proj(capture.attention_norm.normed, inserted_normed)
         qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
         query_key, value = qkv.split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=-2)
@@ -269,7 +311,7 @@ class OtterInsertedMLP(nn.Module):
 
     def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
         """The MLP's update of the inserted stream."""
-        inserted_normed = self.norm.normalize(capture.mlp_norm, inserted)
+        inserted_normed = inserted_input(self.norm, capture.mlp_norm, inserted)
         normed = capture.mlp_norm.normed
         if self.gated:
             gate, up = self.gate_up_proj(normed, inserted_normed).chunk(2, dim=-1)
@@ -285,9 +327,13 @@ class OtterInsertedMLP(nn.Module):
 def inserted_layer(
     attention: OtterInsertedAttention, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
 ) -> torch.Tensor:
-    """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture."""
-    inserted = inserted + attention(inserted, capture)
-    return inserted + mlp(inserted, capture)
+    """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture;
+    each update scaled as the base scales its own."""
+    multiplier = capture.residual_multiplier
+    update = attention(inserted, capture)
+    inserted = inserted + (update if multiplier is None else update * multiplier)
+    update = mlp(inserted, capture)
+    return inserted + (update if multiplier is None else update * multiplier)
 
 
 __all__ = [
@@ -295,13 +341,17 @@ __all__ = [
     "InsertedGemmaRMSNorm",
     "InsertedHeadsAttention",
     "InsertedLayerNorm",
+    "InsertedOlmoRMSNorm",
     "InsertedRMSNorm",
     "JoinedLinear",
     "LayerCapture",
     "NormCapture",
     "OtterInsertedAttention",
     "OtterInsertedMLP",
+    "ProjectionNorm",
+    "RawInput",
     "check_joined_weight",
+    "inserted_input",
     "inserted_layer",
     "joined_linear",
 ]

@@ -39,6 +39,8 @@ from .inserted_layer import (
     LayerCapture,
     NormCapture,
     OtterInsertedAttention,
+    ProjectionNorm,
+    RawInput,
 )
 
 # transformers 5.25 renamed the cache argument of attention modules from `past_key_values` to `cache`.
@@ -64,6 +66,10 @@ LINEAR_COPY_SOURCES = {
 }
 
 
+def always_rotates(attention: nn.Module) -> bool:
+    return True
+
+
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
@@ -81,6 +87,9 @@ class OtterLayout:
     # attention receives (None: positions are embedded).
     eager_attention_fn: Callable
     rotary: type | None = HalfRotation
+    # Whether a base attention module applies the rotary embeddings it receives (SmolLM3 skips them in some
+    # layers); the inserted heads of its layer do as it does.
+    rotates: Callable[[nn.Module], bool] = always_rotates
     # How the inserted stream is normalised with the original stream's statistics, and the config field of eps.
     norm: type = InsertedRMSNorm
     norm_eps: str = "rms_norm_eps"
@@ -89,12 +98,15 @@ class OtterLayout:
     token_embedding: str = "embed_tokens"
     position_embedding: str | None = None
     final_norm: str = "norm"
-    # In a decoder layer: the norms before each module, and on each module's output (Gemma's sandwich norms).
-    attention_norm: str = "input_layernorm"
+    # In a decoder layer: the norms before each module (None: the base feeds the module raw `h`, as OLMo 2/3 do,
+    # and the inserted stream enters raw too), and on each module's output (Gemma's sandwich norms, OLMo's).
+    attention_norm: str | None = "input_layernorm"
     attention_output_norm: str | None = None
-    mlp_norm: str = "post_attention_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
     mlp_output_norm: str | None = None
     attention: str = "self_attn"
+    # The MLP module, whose input is read where no norm precedes it.
+    mlp: str = "mlp"
     # The modules whose inputs are the original heads and the original units.
     attention_output: str = "self_attn.o_proj"
     mlp_output: str = "mlp.down_proj"
@@ -102,10 +114,25 @@ class OtterLayout:
     gated_mlp: bool = True
     # Norms the base attention applies to every query and key head (Qwen3, Gemma 3), by path in the attention.
     query_key_norms: tuple[str, str] | None = None
+    # Norms the base attention applies over its whole query and key projections (OLMo 2/3), by path in the
+    # attention: the inserted heads read their statistics and take their own weights (`ProjectionNorm`).
+    query_key_projection_norms: tuple[str, str] | None = None
     sliding_window: Callable[[nn.Module], int | None] = attention_sliding_window
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
     # value, output, gate, up or down.
     copy_source: Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]] = linear_copy_source
+    # Config fields of multipliers the base applies outside its modules (Granite): to the token embeddings, and to
+    # every update of the residual stream. The inserted stream takes them alike.
+    embedding_multiplier: str | None = None
+    residual_multiplier: str | None = None
+
+    def raw_input_modules(self) -> tuple[str, ...]:
+        """The modules of a decoder layer that the base feeds raw `h`, no norm before them."""
+        return tuple(
+            module
+            for norm, module in ((self.attention_norm, self.attention), (self.mlp_norm, self.mlp))
+            if norm is None
+        )
 
     def norm_paths(self) -> tuple[str, ...]:
         return tuple(
@@ -164,6 +191,8 @@ class TransformersHeadsAttention:
     layer_index: int
     stream: "InsertedStream"
     layout: "OtterLayout"
+    # What the base attention's projection-wide q/k norms saw, where the layout names them.
+    projection_norm_captures: tuple[NormCapture, NormCapture] | None = None
 
     @property
     def rotary(self) -> type:
@@ -171,12 +200,14 @@ class TransformersHeadsAttention:
 
     @property
     def rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.layout.rotary is None:
+        if self.layout.rotary is None or not self.layout.rotates(self.base_attention):
             return None
         return self.stream.rotary_tables(self.layout.rotary, self.attention_kwargs)
 
     @property
-    def query_key_norms(self) -> tuple[nn.Module, nn.Module] | None:
+    def query_key_norms(self) -> tuple[Callable, Callable] | None:
+        if self.projection_norm_captures is not None:
+            return tuple(ProjectionNorm(self.layout.norm, captured) for captured in self.projection_norm_captures)
         if self.layout.query_key_norms is None:
             return None
         return tuple(self.base_attention.get_submodule(path) for path in self.layout.query_key_norms)
@@ -202,6 +233,11 @@ class TransformersHeadsAttention:
             **{name: value for name, value in kwargs.items() if name not in _OWN_ATTENTION_ARGUMENTS},
         )
         return heads.reshape(*heads.shape[:-2], -1)
+
+
+def raw_input_key(module: str) -> str:
+    """Where the raw input of a module without a norm before it is captured."""
+    return f"{module} (input)"
 
 
 class CapturePointMissed(RuntimeError):
@@ -275,12 +311,23 @@ class InsertedStream:
         def output_norm(path: str | None) -> NormCapture | None:
             return self.take(path, layer_path) if path is not None else None
 
+        def input_norm(path: str | None, module: str) -> NormCapture | RawInput:
+            return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
+
+        projection_norms = layout.query_key_projection_norms
+        if projection_norms is not None:
+            projection_norms = tuple(self.take(f"{layout.attention}.{path}", layer_path) for path in projection_norms)
         return LayerCapture(
-            attention_norm=self.take(layout.attention_norm, layer_path),
-            attention=TransformersHeadsAttention(layer.inserted_attn, attention, attention_kwargs, index, self, layout),
+            attention_norm=input_norm(layout.attention_norm, layout.attention),
+            attention=TransformersHeadsAttention(
+                layer.inserted_attn, attention, attention_kwargs, index, self, layout, projection_norms
+            ),
             original_heads=self.take(layout.attention_output, layer_path),
-            mlp_norm=self.take(layout.mlp_norm, layer_path),
+            mlp_norm=input_norm(layout.mlp_norm, layout.mlp),
             original_units=self.take(layout.mlp_output, layer_path),
             attention_output_norm=output_norm(layout.attention_output_norm),
             mlp_output_norm=output_norm(layout.mlp_output_norm),
+            residual_multiplier=getattr(self.config, layout.residual_multiplier)
+            if layout.residual_multiplier
+            else None,
         )

@@ -31,8 +31,8 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .configuration_otter import attention_head_size
 from .expert_guidance import check_expert_weight, expert_guidance
 from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
-from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, inserted_layer
-from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout
+from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, RawInput, inserted_layer
+from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout, raw_input_key
 from .persistence import (
     base_weights_fingerprint,
     replace_files,
@@ -78,8 +78,8 @@ class OtterModelMixin:
         for index, layer in enumerate(self.otter_decoder_layers()):
             self._attach_inserted_layer(layer, index)
 
-    def _attach_inserted_norm(self, norm: nn.Module) -> None:
-        size = self.config.inserted_hidden_size
+    def _attach_inserted_norm(self, norm: nn.Module, size: int | None = None) -> None:
+        size = size or self.config.inserted_hidden_size
         norm.inserted_weight = nn.Parameter(torch.empty(size))
         if self.otter_layout.norm.has_bias:
             norm.inserted_bias = nn.Parameter(torch.empty(size))
@@ -94,6 +94,19 @@ class OtterModelMixin:
         self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
             self._capture_attention_call, with_kwargs=True
         )
+        for path in layout.raw_input_modules():
+            self._capture_point(layer, path, layer_path).register_forward_pre_hook(
+                functools.partial(self._capture_raw_input, raw_input_key(path)), with_kwargs=True
+            )
+        head_dim = attention_head_size(config)
+        if layout.query_key_projection_norms is not None:
+            # The inserted heads' own weights over their width, on the norms whose statistics they read.
+            inserted_heads = (config.inserted_num_attention_heads, config.inserted_num_key_value_heads)
+            for path, heads in zip(layout.query_key_projection_norms, inserted_heads):
+                path = f"{layout.attention}.{path}"
+                norm = self._capture_point(layer, path, layer_path)
+                self._attach_inserted_norm(norm, heads * head_dim)
+                norm.register_forward_hook(functools.partial(self._capture_norm, path))
         for path in (layout.attention_output, layout.mlp_output):
             self._capture_point(layer, path, layer_path).register_forward_pre_hook(
                 functools.partial(self._capture_input, path)
@@ -102,7 +115,6 @@ class OtterModelMixin:
 
         # The inserted projections take biases where their base counterparts have them.
         has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output", "up")}
-        head_dim = attention_head_size(config)
         layer.inserted_attn = OtterInsertedAttention(
             config.hidden_size,
             config.inserted_hidden_size,
@@ -203,6 +215,9 @@ class OtterModelMixin:
             scale = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings; the inserted ones alike
             if scale is not None:
                 inserted = inserted * scale.to(inserted.dtype)
+            multiplier = self.otter_layout.embedding_multiplier  # Granite multiplies them after the module
+            if multiplier is not None:
+                inserted = inserted * getattr(self.config, multiplier)
             stream.add_embedding(inserted)
 
     def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -213,6 +228,10 @@ class OtterModelMixin:
     def _capture_attention_call(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inserted_stream is not None:
             self._inserted_stream.captured[self.otter_layout.attention] = (attention, kwargs)
+
+    def _capture_raw_input(self, key: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._inserted_stream is not None:
+            self._inserted_stream.captured[key] = RawInput(args[0] if args else kwargs["hidden_states"])
 
     def _capture_input(self, path: str, module: nn.Module, args: tuple) -> None:
         if self._inserted_stream is not None:
