@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import run_cli, tiny_tokenizer
 
 from otter_hf.cli import main
-from tests.helpers import make_base
+from tests.helpers import make_base, make_tokenizer, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def folders(tmp_path_factory):
     """A tiny base model with its tokenizer, and Otter checkpoints inserted into it (full and inserted-only)."""
     root = tmp_path_factory.mktemp("cli_probes")
     make_base("llama-gqa-tied").save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
     assert main(["insert", "--base", str(root / "base"), "-o", str(root / "otter"), "--token-reward-head"]) == 0
     assert main(["insert", "--base", str(root / "base"), "-o", str(root / "inserted"), "--otter-only"]) == 0
     return root
