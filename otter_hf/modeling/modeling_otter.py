@@ -48,6 +48,11 @@ from .verification import check_finite_inserted_weights, check_generation_argume
 
 logger = logging.get_logger(__name__)
 
+INPUTS_EMBEDS_REFUSED = (
+    "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
+    "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
+)
+
 
 class OtterModelMixin:
     """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
@@ -319,6 +324,8 @@ class OtterModelMixin:
         (after the base's fields, so a tuple output keeps the base's positions)."""
         if self._inserted_stream is not None or not self.otter_enabled:
             return super().forward(*args, **kwargs)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(INPUTS_EMBEDS_REFUSED)
         record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
         with self.inserted_stream(record_hidden_states=record) as stream:
             outputs = super().forward(*args, return_dict=True, **kwargs)
@@ -676,10 +683,7 @@ class OtterForCausalLMMixin:
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
             kwargs[self._cache_argument] = kwargs.pop("past_key_values")
         if inputs_embeds is not None and self.otter_enabled:
-            raise ValueError(
-                "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
-                "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
-            )
+            raise ValueError(INPUTS_EMBEDS_REFUSED)
         if labels is not None and torch.is_grad_enabled() and not self._trains_base():
             raise ValueError(
                 "`labels` gives the base model's language-modelling loss, which no trainable parameter of this model "
