@@ -254,6 +254,10 @@ def _verify_headers_before_loading(model_class, path, kwargs: dict, newly_insert
         overrides = {key: kwargs[key] for key in WEIGHT_DEFINING_CONFIG_FIELDS if key in kwargs}
         config = model_class.config_class.from_pretrained(folder, **overrides)
     header = read_safetensors_headers(folder, kwargs.get("variant"))
+    prefix = f"{model_class.base_model_prefix}."
+    if header and not any(name.startswith(prefix) for name in header):
+        # A save of the backbone alone: transformers loads it under the prefix, and so it is compared.
+        header = {prefix + name: tensor for name, tensor in header.items()}
     if header is not None:  # without weights at all, transformers says so
         verify_inserted_weights(model_class, config, header, folder, newly_inserted)
 
