@@ -1,9 +1,12 @@
-"""Conventions transformers' own models follow, kept by the Otter classes: tuple outputs, dtype casts, resizing."""
+"""Conventions transformers' own models follow, kept by the Otter classes: tuple outputs, dtype casts, resizing,
+the forward signature, gradient checkpointing, loading a base checkpoint."""
 
+import inspect
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import otter_hf
@@ -106,3 +109,108 @@ def test_lora_with_the_exclusion_list_leaves_every_inserted_module_alone():
         ]
         assert adapted and not [name for name in adapted if is_inserted_parameter(name)]
         assert {name.rsplit(".", 1)[-1] for name in adapted} == set(projections)
+
+
+def test_the_backbone_shows_the_base_forward_signature(base_name):
+    backbone = make_otter(make_base(base_name)).base_model
+    base_class = next(cls for cls in type(backbone).__mro__ if cls.__module__.startswith("transformers."))
+    assert inspect.signature(backbone.forward) == inspect.signature(base_class.forward.__get__(backbone))
+    assert backbone.main_input_name == "input_ids"
+
+
+def test_sequence_classification_returns_a_tuple_with_return_dict_false():
+    view = otter_hf.sequence_classification_view(make_otter(make_base("llama-gqa-tied")))
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    with torch.no_grad():
+        as_dict = view(input_ids=input_ids, attention_mask=attention_mask)
+        as_tuple = view(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.logits)
+
+
+def test_lm_labels_on_a_frozen_model_are_refused_with_the_way_to_train():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    input_ids, _ = random_batch(2, 6)
+    with pytest.raises(ValueError, match="Otter trainers"):
+        otter(input_ids=input_ids, labels=input_ids)
+    with torch.no_grad():  # evaluating the base's loss is fine
+        assert otter(input_ids=input_ids, labels=input_ids).loss is not None
+    otter.lm_head.weight.requires_grad_(True)  # a trainable base parameter: the loss trains it
+    otter(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert otter.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_with_trainable_base_parameters(base_name, use_reentrant):
+    """LoRA's setup: base parameters train too. Checkpointing recomputes each decoder layer in backward, capture
+    hooks included; the gradients are those of the run without checkpointing (the reentrant variant is run as the
+    non-reentrant one, which keeps the gradients through the captures)."""
+    otter = make_otter(make_base(base_name)).train()
+    for parameter in otter.parameters():
+        parameter.requires_grad_(True)
+    input_ids, attention_mask = random_batch(2, 6)
+
+    def gradients():
+        torch.manual_seed(0)  # the same dropout masks (GPT-2 trains with dropout)
+        otter.zero_grad(set_to_none=True)
+        outputs = otter(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+        (outputs.loss + outputs.value.square().mean()).backward()
+        return {name: p.grad.clone() for name, p in otter.named_parameters() if p.grad is not None}
+
+    expected = gradients()
+    otter.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = gradients()
+    assert checkpointed.keys() == expected.keys()
+    assert dict(otter.otter_named_parameters()).keys() <= expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+
+def test_loading_a_base_checkpoint_gives_what_insert_gives(tmp_path, base_name):
+    base = make_base(base_name)
+    base.save_pretrained(tmp_path)
+    otter_class = type(otter_hf.insert(make_base(base_name)))
+    loaded, info = otter_class.from_pretrained(tmp_path, output_loading_info=True, inserted_hidden_size=8)
+    torch.manual_seed(0)
+    inserted = otter_hf.insert(base, inserted_hidden_size=8)
+    torch.manual_seed(1)
+    # What `insert` draws at random differs between draws; everything else (copies, zeros, the base) is the same.
+    drawn_again = otter_hf.insert(make_base(base_name), inserted_hidden_size=8).state_dict()
+    assert set(info["missing_keys"]) == set(inserted.otter_state_dict())
+    assert loaded.state_dict().keys() == inserted.state_dict().keys()
+    for name, tensor in inserted.state_dict().items():
+        decided = tensor == drawn_again[name]
+        assert torch.equal(loaded.state_dict()[name][decided], tensor[decided]), name
+    assert loaded.config.base_model_fingerprint == inserted.config.base_model_fingerprint
+    assert not any(p.requires_grad for name, p in loaded.named_parameters() if name in base.state_dict())
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=input_ids, attention_mask=attention_mask).logits,
+            base(input_ids=input_ids, attention_mask=attention_mask).logits,
+        )
+
+
+def test_an_otter_checkpoint_missing_inserted_weights_is_refused_but_a_backbone_save_gets_heads(tmp_path):
+    otter = make_otter(make_base("llama-gqa-tied"))
+    otter.base_model.save_pretrained(tmp_path / "backbone")
+    loaded, info = type(otter).from_pretrained(tmp_path / "backbone", output_loading_info=True)
+    assert set(info["missing_keys"]) == {name for name in otter.state_dict() if name.startswith("v_head.")}
+    assert torch.equal(
+        loaded.model.layers[0].inserted_attn.qkv_proj.weight, otter.model.layers[0].inserted_attn.qkv_proj.weight
+    )
+    otter.save_pretrained(tmp_path / "full")
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "inserted_mlp" not in k}, tmp_path / "full" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing model.layers.0.inserted_mlp"):
+        type(otter).from_pretrained(tmp_path / "full")
+
+
+def test_inputs_embeds_are_refused_by_the_backbone_and_the_causal_lm():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    input_ids, _ = random_batch(1, 4)
+    embeds = otter.get_input_embeddings()(input_ids)
+    for model in (otter, otter.base_model):
+        with pytest.raises(ValueError, match="otter_disabled"):
+            model(inputs_embeds=embeds)
+    with torch.no_grad(), otter.otter_disabled():
+        assert otter(inputs_embeds=embeds).value is None

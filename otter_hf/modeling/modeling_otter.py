@@ -14,6 +14,8 @@ they ship next to a checkpoint for `trust_remote_code`.
 """
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator
@@ -22,14 +24,15 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
-from transformers import LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
-from .configuration_otter import attention_head_size
+from .configuration_otter import OtterConfigMixin, attention_head_size
 from .expert_guidance import check_expert_weight, expert_guidance
+from .initialization import initialize_inserted_parameters
 from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
 from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, RawInput, inserted_layer
 from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout, raw_input_key
@@ -44,6 +47,13 @@ from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
 
+logger = logging.get_logger(__name__)
+
+INPUTS_EMBEDS_REFUSED = (
+    "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
+    "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
+)
+
 
 class OtterModelMixin:
     """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
@@ -56,6 +66,18 @@ class OtterModelMixin:
     """
 
     otter_layout: OtterLayout
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The backbone's forward takes what the architecture's takes; it shows that signature (and docstring), which
+        # transformers (`main_input_name`, `generate()`'s checks), Trainer (`remove_unused_columns`) and PEFT read.
+        base_forward = _base_class_attribute(cls, "forward")
+
+        @functools.wraps(base_forward)
+        def forward(self, *args, **kwargs):
+            return OtterModelMixin.forward(self, *args, **kwargs)
+
+        cls.forward = forward
 
     def post_init(self):
         # The base __init__ has built its modules and ends here: attach the inserted parameters before transformers
@@ -149,6 +171,51 @@ class OtterModelMixin:
                 f"{transformers.__version__} does not have; install a transformers version otter_hf supports (see "
                 "its README)."
             ) from None
+
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        wrap_layer_checkpointing(self)
+
+    def _checkpoint_with_stream(self, checkpoint: Callable, function: Callable, *args, **kwargs):
+        """Checkpoint a decoder layer so that its recomputation in backward runs the capture hooks again.
+
+        The hooks compute on the original stream (a norm's statistics) with autograd when base parameters train;
+        the recomputation must save the same tensors as the first forward, after the inserted stream's context has
+        closed. It runs under a replay of the stream as the layer found it, whose results are discarded.
+        """
+        stream = self._inserted_stream
+        if stream is None:
+            return checkpoint(function, *args, **kwargs)
+        entering_hidden = stream.hidden
+
+        def run_layer(*layer_args, **layer_kwargs):
+            if self._inserted_stream is not None:  # the first forward, inside the stream's context
+                return function(*layer_args, **layer_kwargs)
+            replay = copy.copy(stream)
+            replay.hidden, replay.captured, replay.hidden_states = entering_hidden, {}, None
+            self._inserted_stream = replay
+            try:
+                return function(*layer_args, **layer_kwargs)
+            finally:
+                self._inserted_stream = None
+
+        return checkpoint(run_layer, *args, **kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """`PreTrainedModel.resize_token_embeddings`, plus the inserted embedding columns' rows (new rows as
+        transformers starts the base's: their mean with `mean_resizing`, else N(0, initializer_range))."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self._resize_inserted_embedding(embeddings.num_embeddings, mean_resizing)
+        return embeddings
+
+    def _resize_inserted_embedding(self, size: int, mean_resizing: bool) -> None:
+        token_embedding = self.get_submodule(self.otter_layout.token_embedding)
+        # transformers carries the base weight's `requires_grad` over to every parameter of the embedding module.
+        inserted_trainable = token_embedding.inserted_weight.requires_grad
+        token_embedding.inserted_weight = _resized_rows(
+            token_embedding.inserted_weight, size, "mean" if mean_resizing else self.config.initializer_range
+        )
+        token_embedding.inserted_weight.requires_grad_(inserted_trainable)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -277,6 +344,8 @@ class OtterModelMixin:
         (after the base's fields, so a tuple output keeps the base's positions)."""
         if self._inserted_stream is not None or not self.otter_enabled:
             return super().forward(*args, **kwargs)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(INPUTS_EMBEDS_REFUSED)
         record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
         with self.inserted_stream(record_hidden_states=record) as stream:
             outputs = super().forward(*args, return_dict=True, **kwargs)
@@ -335,6 +404,51 @@ class OtterCausalLMOutputWithValue(CausalLMOutputWithCrossAttentions):
     token_reward_logits: torch.FloatTensor | None = None
     expert_logits: torch.FloatTensor | None = None
     anti_expert_logits: torch.FloatTensor | None = None
+
+
+def _base_class_attribute(cls: type, name: str):
+    """`name` as the architecture's own class (the first transformers class in `cls`'s MRO) defines it."""
+    return next(getattr(base, name) for base in cls.__mro__ if base.__module__.startswith("transformers."))
+
+
+def wrap_layer_checkpointing(model: nn.Module) -> None:
+    """Have each Otter backbone in `model` checkpoint its decoder layers through `_checkpoint_with_stream`, after
+    transformers handed them their checkpointing function."""
+    for backbone in model.modules():
+        if not isinstance(backbone, OtterModelMixin):
+            continue
+        for layer in backbone.otter_decoder_layers():
+            checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+            if checkpoint is None or getattr(checkpoint, "func", None) == backbone._checkpoint_with_stream:
+                continue
+            if isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant"):
+                # A reentrant checkpoint runs the layer without autograd and passes gradients through its outputs
+                # only: what the capture hooks hand the inserted stream would carry none to the base parameters.
+                logger.warning_once(
+                    "Otter checkpoints its decoder layers with use_reentrant=False: the inserted stream reads the "
+                    "layers' insides, whose gradients a reentrant checkpoint would drop."
+                )
+                checkpoint = functools.partial(
+                    checkpoint.func, *checkpoint.args, **{**checkpoint.keywords, "use_reentrant": False}
+                )
+            layer._gradient_checkpointing_func = functools.partial(backbone._checkpoint_with_stream, checkpoint)
+
+
+def _inserted_parameters_held(otter_class: type, path, kwargs: dict) -> tuple[str, dict]:
+    """Which inserted parameters the checkpoint at `path` holds, by its config: `"all"` (an Otter checkpoint),
+    `"backbone"` (a save of the Otter backbone alone, without the inserted heads) or `"none"` (a checkpoint of the
+    base architecture); and the saved config."""
+    if path is None:
+        return "all", {}
+    hub_options = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    saved, _ = PreTrainedConfig.get_config_dict(path, **{key: kwargs[key] for key in hub_options if key in kwargs})
+    if saved.get("model_type") != otter_class.config_class.model_type:
+        return "none", saved
+    return "backbone" if saved.get("architectures") == [otter_class.backbone_class.__name__] else "all", saved
+
+
+# Fields of a saved config that describe the checkpoint rather than the model.
+_CHECKPOINT_BOOKKEEPING = ("model_type", "architectures", "auto_map", "transformers_version")
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -400,16 +514,51 @@ class OtterForCausalLMMixin:
     @functools.cached_property
     def _cache_argument(self) -> str:
         """The base causal LM's name for its cache argument."""
-        base_forward = next(cls.forward for cls in type(self).__mro__ if cls.__module__.startswith("transformers."))
-        parameters = inspect.signature(base_forward).parameters
+        parameters = inspect.signature(_base_class_attribute(type(self), "forward")).parameters
         return next(name for name in CACHE_ARGUMENT_NAMES if name in parameters)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        loaded = load_verified(cls, super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, verified (`load_verified`).
+
+        From a checkpoint of the base architecture (`LlamaForCausalLM`'s for `OtterLlamaForCausalLMWithValueHead`)
+        it gives what `otter_hf.insert` gives: the insertion options come as keyword arguments (`inserted_init`,
+        `inserted_hidden_size`, ...) or in `config`, and the inserted parameters, initialised as `insert` does,
+        are reported as missing (newly initialised). A checkpoint of the Otter backbone alone gets the inserted
+        heads likewise. An Otter checkpoint that lacks inserted weights its architecture holds is refused.
+        """
+        holds, saved = _inserted_parameters_held(cls, pretrained_model_name_or_path, kwargs)
+        if holds == "none" and "config" not in kwargs:
+            # Built here rather than by transformers, which would set the options after the sizes derived from
+            # them (`inserted_intermediate_size` from `inserted_hidden_size`).
+            option_names = {field.name for field in dataclasses.fields(OtterConfigMixin)}
+            options = {name: kwargs.pop(name) for name in list(kwargs) if name in option_names}
+            base_settings = {key: value for key, value in saved.items() if key not in _CHECKPOINT_BOOKKEEPING}
+            kwargs["config"] = cls.config_class(**{**base_settings, **options})
+        heads = tuple(f"{head.attribute}." for head in INSERTED_HEADS)
+
+        def newly_inserted(name: str) -> bool:
+            return holds == "none" or (holds == "backbone" and name.startswith(heads))
+
+        loaded = load_verified(
+            cls, super().from_pretrained, pretrained_model_name_or_path, *args, newly_inserted=newly_inserted, **kwargs
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if holds == "none":
+            initialize_inserted_parameters(model, model.config.inserted_init)
+            model.config.base_model_name_or_path = str(pretrained_model_name_or_path)
+            model.config.base_model_fingerprint = model.base_weights_fingerprint()
+        elif holds == "backbone":
+            for head in INSERTED_HEADS:
+                if getattr(model, head.attribute) is not None:
+                    getattr(model, head.attribute).initialize(model.config.inserted_init, model.config)
         # Loading swaps in fresh parameters, which come back trainable.
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base_parameters()
+        model.freeze_base_parameters()
         return loaded
+
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        wrap_layer_checkpointing(self)
 
     # -- inserted parameters -------------------------------------------------------------------------------
 
@@ -430,15 +579,11 @@ class OtterForCausalLMMixin:
         embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
         N(0, initializer_range)) and the rows of the token-level reward head and the expert heads (new rows zero:
         their policies start as the base policy for new tokens too)."""
-        token_embedding = self.base_model.get_submodule(self.base_model.otter_layout.token_embedding)
-        # transformers carries the base weight's `requires_grad` over to every parameter of the embedding module.
-        inserted_trainable = token_embedding.inserted_weight.requires_grad
+        inserted_trainable = self.base_model.get_input_embeddings().inserted_weight.requires_grad
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         size = embeddings.num_embeddings
-        token_embedding.inserted_weight = _resized_rows(
-            token_embedding.inserted_weight, size, "mean" if mean_resizing else self.config.initializer_range
-        )
-        token_embedding.inserted_weight.requires_grad_(inserted_trainable)
+        self.base_model._resize_inserted_embedding(size, mean_resizing)
+        self.base_model.get_input_embeddings().inserted_weight.requires_grad_(inserted_trainable)
         # The heads with a row per vocabulary entry on the inserted stream: the token-level reward head, the experts.
         for head in INSERTED_HEADS:
             module = getattr(self, head.attribute)
@@ -451,6 +596,9 @@ class OtterForCausalLMMixin:
         """Freeze every original parameter; only the inserted ones (inserted heads included) stay trainable."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(is_inserted_parameter(name))
+
+    def _trains_base(self) -> bool:
+        return any(p.requires_grad for name, p in self.named_parameters() if not is_inserted_parameter(name))
 
     def otter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, p) for name, p in self.named_parameters() if is_inserted_parameter(name))
@@ -570,9 +718,14 @@ class OtterForCausalLMMixin:
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
             kwargs[self._cache_argument] = kwargs.pop("past_key_values")
         if inputs_embeds is not None and self.otter_enabled:
+            raise ValueError(INPUTS_EMBEDS_REFUSED)
+        if labels is not None and torch.is_grad_enabled() and not self._trains_base():
             raise ValueError(
-                "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
-                "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
+                "`labels` gives the base model's language-modelling loss, which no trainable parameter of this model "
+                "reaches: the base is frozen and the inserted parameters never change the original logits. Train the "
+                "inserted parameters with the Otter trainers (value, token reward, drafts), or make base parameters "
+                "trainable (e.g. with a PEFT adapter) to fine-tune the base; compute the loss alone under "
+                "`torch.no_grad()`."
             )
         requested = {
             "draft_logits": output_draft_logits,

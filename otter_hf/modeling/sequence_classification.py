@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .inserted_stream import CACHE_ARGUMENT_NAMES
 from .modeling_otter import OtterForCausalLMMixin
@@ -88,6 +89,7 @@ class OtterForSequenceClassificationMixin:
         view.train(model.training)
         return view
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -104,7 +106,7 @@ class OtterForSequenceClassificationMixin:
             # Scoring needs no cache, and of the LM head only the last position, which nothing reads.
             use_cache=bool(use_cache),
             logits_to_keep=1,
-            **kwargs,
+            **{**kwargs, "return_dict": True},
         )
         if outputs.value is None:
             raise ValueError(

@@ -100,14 +100,21 @@ def check_inserted_state_dict(expected: dict[str, torch.Tensor], loaded: dict[st
     check_finite_inserted_weights(loaded.items(), f"load {source}")
 
 
-def verify_inserted_weights(model_class, config, loaded: dict[str, torch.Tensor], source: str) -> None:
+def verify_inserted_weights(
+    model_class,
+    config,
+    loaded: dict[str, torch.Tensor],
+    source: str,
+    newly_inserted: Callable[[str], bool] = lambda name: False,
+) -> None:
     """Raise a ValueError unless `loaded` (tensors, or meta tensors standing for a file's header) holds exactly the
-    inserted tensors a `model_class` of `config` has, of their shapes and dtypes, finite, and the original tensors
-    it shares with the model in their shapes. The model is built on the meta device: nothing is allocated."""
+    inserted tensors a `model_class` of `config` has (but those `newly_inserted` names, which it is not expected to
+    hold), of their shapes and dtypes, finite, and the original tensors it shares with the model in their shapes.
+    The model is built on the meta device: nothing is allocated."""
     with torch.device("meta"):
         model = model_class(config)
     expected = model.state_dict()
-    inserted = model.otter_state_dict().keys()
+    inserted = [name for name in model.otter_state_dict() if not newly_inserted(name)]
     check_inserted_state_dict(
         {name: expected[name] for name in inserted},
         {name: tensor for name, tensor in loaded.items() if is_inserted_parameter(name)},
@@ -198,7 +205,9 @@ def _shards_of(index: str, folder: str) -> list[str]:
     return [os.path.join(folder, name) for name in names]
 
 
-def load_verified(model_class, load: Callable, path, *args, **kwargs):
+def load_verified(
+    model_class, load: Callable, path, *args, newly_inserted: Callable[[str], bool] = lambda name: False, **kwargs
+):
     """`PreTrainedModel.from_pretrained` for an Otter checkpoint (`load`, of `model_class`), reading one whole save
     and verifying the inserted weights it attaches.
 
@@ -208,17 +217,18 @@ def load_verified(model_class, load: Callable, path, *args, **kwargs):
     folder are compared with what the config implies (`verify_inserted_weights`). Inserted tensors the checkpoint
     lacks, which transformers would fill by `_init_weights` or leave uninitialised, unexpected inserted tensors,
     inserted tensors of another shape or of a dtype that is not cast (integer, bool) and non-finite inserted
-    weights raise a ValueError naming them.
+    weights raise a ValueError naming them, except those `newly_inserted` names: inserted parameters the
+    checkpoint is not expected to hold (it is the base model's), which transformers reports as missing.
     """
     if path is None:
         return load(path, *args, **kwargs)
     output_loading_info = kwargs.pop("output_loading_info", False)
     with reading_checkpoint(path, kwargs.get("subfolder")):
         _reread_config_of_an_earlier_save(path, kwargs)
-        _verify_headers_before_loading(model_class, path, kwargs)
+        _verify_headers_before_loading(model_class, path, kwargs, newly_inserted)
         model, loading_info = load(path, *args, output_loading_info=True, **kwargs)
     is_inserted = model.otter_state_dict().keys()
-    missing = [name for name in loading_info["missing_keys"] if name in is_inserted]
+    missing = [name for name in loading_info["missing_keys"] if name in is_inserted and not newly_inserted(name)]
     unexpected = [name for name in loading_info["unexpected_keys"] if is_inserted_parameter(name)]
     if missing or unexpected:
         details = "; ".join(
@@ -233,7 +243,7 @@ def load_verified(model_class, load: Callable, path, *args, **kwargs):
     return (model, loading_info) if output_loading_info else model
 
 
-def _verify_headers_before_loading(model_class, path, kwargs: dict) -> None:
+def _verify_headers_before_loading(model_class, path, kwargs: dict, newly_inserted: Callable[[str], bool]) -> None:
     folder = os.path.join(os.fspath(path), kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(path)
     if not os.path.isdir(folder) or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
         return  # a Hub id (its files are fetched by transformers), or weights that are not this folder's safetensors
@@ -244,8 +254,12 @@ def _verify_headers_before_loading(model_class, path, kwargs: dict) -> None:
         overrides = {key: kwargs[key] for key in WEIGHT_DEFINING_CONFIG_FIELDS if key in kwargs}
         config = model_class.config_class.from_pretrained(folder, **overrides)
     header = read_safetensors_headers(folder, kwargs.get("variant"))
+    prefix = f"{model_class.base_model_prefix}."
+    if header and not any(name.startswith(prefix) for name in header):
+        # A save of the backbone alone: transformers loads it under the prefix, and so it is compared.
+        header = {prefix + name: tensor for name, tensor in header.items()}
     if header is not None:  # without weights at all, transformers says so
-        verify_inserted_weights(model_class, config, header, folder)
+        verify_inserted_weights(model_class, config, header, folder, newly_inserted)
 
 
 def _reread_config_of_an_earlier_save(path, kwargs: dict) -> None:
