@@ -6,14 +6,36 @@ exports of this package and of `otter_hf`, the CLI's help and the tests' paramet
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from . import otter_gemma3, otter_gpt2, otter_llama, otter_mistral, otter_phi3, otter_qwen2, otter_qwen3
+from . import (
+    otter_gemma3,
+    otter_gpt2,
+    otter_llama,
+    otter_mistral,
+    otter_mixtral,
+    otter_phi3,
+    otter_qwen2,
+    otter_qwen2_moe,
+    otter_qwen3,
+    otter_qwen3_moe,
+)
 from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
 from .modeling_otter import OtterCausalLMOutputWithValue, OtterForCausalLMMixin, is_inserted_parameter
 from .sequence_classification import OtterForSequenceClassificationMixin
 
 # Each supported architecture: a module defining its config, backbone, Otter causal LM and sequence-classification
 # view (see README.md beside this file). Adding an architecture adds its module here.
-ARCHITECTURE_MODULES = (otter_llama, otter_qwen2, otter_mistral, otter_qwen3, otter_gemma3, otter_gpt2, otter_phi3)
+ARCHITECTURE_MODULES = (
+    otter_llama,
+    otter_qwen2,
+    otter_mistral,
+    otter_qwen3,
+    otter_gemma3,
+    otter_gpt2,
+    otter_phi3,
+    otter_qwen3_moe,
+    otter_mixtral,
+    otter_qwen2_moe,
+)
 
 
 def _causal_lm_and_view(module) -> tuple[type, type]:
