@@ -25,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -34,8 +36,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -217,6 +223,60 @@ BASE_MODELS = {
             num_attention_heads=4,
             num_key_value_heads=4,
             tie_word_embeddings=True,
+        ),
+    ),
+    # mixture of experts (4 experts, top-2, fused 3-D expert parameters) in layer 1, a dense MLP in layer 0
+    # (`mlp_only_layers`), q/k norms
+    "qwen3moe-sparse-dense": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # a mixture of experts in every layer (4 experts, top-2, fused 3-D expert parameters), one key/value head
+    "mixtral-sparse": (
+        MixtralConfig,
+        MixtralForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # a mixture of experts with a shared expert (gated by a sigmoid) in layer 0, a dense MLP in layer 1
+    # (`mlp_only_layers`), q/k/v biases, one key/value head
+    "qwen2moe-shared-expert": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
         ),
     ),
 }

@@ -12,11 +12,14 @@ from . import (
     otter_granite,
     otter_llama,
     otter_mistral,
+    otter_mixtral,
     otter_olmo2,
     otter_olmo3,
     otter_phi3,
     otter_qwen2,
+    otter_qwen2_moe,
     otter_qwen3,
+    otter_qwen3_moe,
     otter_smollm3,
 )
 from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
@@ -37,6 +40,9 @@ ARCHITECTURE_MODULES = (
     otter_smollm3,
     otter_olmo3,
     otter_olmo2,
+    otter_qwen3_moe,
+    otter_mixtral,
+    otter_qwen2_moe,
 )
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
 from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP
+from .inserted_stream import MlpReadout
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
             copy_source = functools.partial(layout.copy_source, layer)
             _copy_attention(layer.inserted_attn, copy_source, model.config)
             _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
-            _copy_mlp(layer.inserted_mlp, copy_source, model.config)
+            _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:
@@ -95,7 +96,15 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
 
-def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
+def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config, readout: MlpReadout) -> None:
+    """Copied units read the original stream like the first original units; the down projection passes on the
+    first `inserted_hidden_size` dimensions of what the original MLP adds to its stream.
+
+    In a dense layer that is the original down projection's first rows over the original units. In a sparse
+    layer the inserted down projection reads the sparse block's output, so its original-stream block is the
+    identity on those dimensions, and the units copy the architecture's `copy_source` for gate and up (a shared
+    expert's first units where the family has one, else expert 0's).
+    """
     units = config.inserted_intermediate_size
     if inserted.gated:  # gate units, then up units
         input_proj, roles = inserted.gate_up_proj, ("gate", "up")
@@ -104,8 +113,20 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config) -> None:
     input_proj.weight.zero_()
     inserted.down_proj.weight.zero_()
     for index, role in enumerate(roles):
-        _copy_rows(input_proj, index * units, copy_source(role), 0, units)
-    _copy_rows(inserted.down_proj, 0, copy_source("down"), 0, config.inserted_hidden_size)
+        source = copy_source(role)
+        if source[0].shape[0] < units:
+            raise ValueError(
+                f"inserted_init='copy' copies {units} FFN units, but the original {role} projection it copies from "
+                f"(`copy_source` of this architecture) has {source[0].shape[0]}; choose `inserted_intermediate_size` "
+                f"<= {source[0].shape[0]} or inserted_init='normal'."
+            )
+        _copy_rows(input_proj, index * units, source, 0, units)
+    if readout.reads_output:
+        weight = inserted.down_proj.weight
+        down = torch.eye(readout.units_width, dtype=weight.dtype, device=weight.device), None
+    else:
+        down = copy_source("down")
+    _copy_rows(inserted.down_proj, 0, down, 0, config.inserted_hidden_size)
 
 
 def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ...]:

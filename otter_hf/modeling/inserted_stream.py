@@ -9,7 +9,8 @@ Otter only observes it, at the module boundaries an architecture's `OtterLayout`
   too, its output is the normalised original stream `h_n`;
 - the attention module's call: the mask, rotary embeddings and cache the layer uses;
 - the input of the attention output projection: the original heads;
-- the input of the MLP down projection: the original units;
+- the input of the MLP down projection: the original units; in a sparse (mixture-of-experts) layer, whose experts
+  are fused parameters with no down projection module, the output of the sparse block instead;
 - the end of each decoder layer, where the inserted layer (`inserted_layer.py`, the maths vLLM runs too) updates
   the inserted stream from the layer's `LayerCapture`, and the final norm.
 
@@ -70,9 +71,43 @@ def always_rotates(attention: nn.Module) -> bool:
     return True
 
 
+def first_expert_copy_source(experts: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `(weight [out, in], None)` of expert 0's gate or up units in fused experts (`gate_up_proj [E, 2I, H]`,
+    the gate units then the up units, as transformers' experts chunk it)."""
+    units = experts.gate_up_proj.shape[1] // 2
+    start = {"gate": 0, "up": units}[role]
+    return experts.gate_up_proj[0, start : start + units], None
+
+
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
+
+
+@dataclass(frozen=True)
+class SparseMlp:
+    """A mixture-of-experts block: a decoder layer whose module at `path` is a `block_class` is sparse.
+
+    Its experts are fused 3-D parameters, so no module receives their units; the inserted down projection reads
+    the block's output (width `hidden_size`) in their place, and the inserted units take the activation at
+    `activation`.
+    """
+
+    block_class: type
+    path: str = "mlp"
+    activation: str = "mlp.experts.act_fn"
+
+
+@dataclass(frozen=True)
+class MlpReadout:
+    """Where the inserted MLP of one decoder layer reads the original units: the input of the module at
+    `units_path` (a down projection: the units themselves), or its output where `reads_output` (a sparse block);
+    `units_width` wide. `activation` is the module the inserted units take their activation from."""
+
+    units_path: str
+    reads_output: bool
+    units_width: int
+    activation: str
 
 
 @dataclass(frozen=True)
@@ -112,6 +147,8 @@ class OtterLayout:
     mlp_output: str = "mlp.down_proj"
     mlp_activation: str = "mlp.act_fn"
     gated_mlp: bool = True
+    # The mixture-of-experts block of a sparse family (None: every layer is dense).
+    sparse_mlp: SparseMlp | None = None
     # Norms the base attention applies to every query and key head (Qwen3, Gemma 3), by path in the attention.
     query_key_norms: tuple[str, str] | None = None
     # Norms the base attention applies over its whole query and key projections (OLMo 2/3), by path in the
@@ -119,7 +156,9 @@ class OtterLayout:
     query_key_projection_norms: tuple[str, str] | None = None
     sliding_window: Callable[[nn.Module], int | None] = attention_sliding_window
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
-    # value, output, gate, up or down.
+    # value, output, gate, up or down. In a sparse layer (`sparse_mlp`) gate and up are the first units of the
+    # shared expert where the family has one, else of expert 0, and down is not read: the inserted down
+    # projection's original-stream block starts as the identity on the first dimensions of the block output.
     copy_source: Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]] = linear_copy_source
     # Config fields of multipliers the base applies outside its modules (Granite): to the token embeddings, and to
     # every update of the residual stream. The inserted stream takes them alike.
@@ -139,6 +178,18 @@ class OtterLayout:
             path
             for path in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm)
             if path is not None
+        )
+
+    def mlp_readout(self, layer: nn.Module, config) -> MlpReadout:
+        """Where `layer`'s original units are read: its down projection's input in a dense layer, its sparse
+        block's output in a sparse one."""
+        sparse = self.sparse_mlp
+        if sparse is not None and isinstance(layer.get_submodule(sparse.path), sparse.block_class):
+            return MlpReadout(
+                sparse.path, reads_output=True, units_width=config.hidden_size, activation=sparse.activation
+            )
+        return MlpReadout(
+            self.mlp_output, reads_output=False, units_width=config.intermediate_size, activation=self.mlp_activation
         )
 
 
@@ -304,8 +355,11 @@ class InsertedStream:
             raise CapturePointMissed(f"{layer_path}.{path}")
         return self.captured.pop(path)
 
-    def layer_capture(self, layout: "OtterLayout", layer: nn.Module, layer_path: str, index: int) -> LayerCapture:
-        """What the decoder layer that just ran handed the capture points, as the inserted layer reads it."""
+    def layer_capture(
+        self, layout: "OtterLayout", layer: nn.Module, layer_path: str, index: int, units_path: str | None = None
+    ) -> LayerCapture:
+        """What the decoder layer that just ran handed the capture points, as the inserted layer reads it; the
+        original units come from `units_path` (its `MlpReadout`), the layout's `mlp_output` unless given."""
         attention, attention_kwargs = self.take(layout.attention, layer_path)
 
         def output_norm(path: str | None) -> NormCapture | None:
@@ -324,7 +378,7 @@ class InsertedStream:
             ),
             original_heads=self.take(layout.attention_output, layer_path),
             mlp_norm=input_norm(layout.mlp_norm, layout.mlp),
-            original_units=self.take(layout.mlp_output, layer_path),
+            original_units=self.take(units_path or layout.mlp_output, layer_path),
             attention_output_norm=output_norm(layout.attention_output_norm),
             mlp_output_norm=output_norm(layout.mlp_output_norm),
             residual_multiplier=getattr(self.config, layout.residual_multiplier)

@@ -26,7 +26,14 @@ import transformers
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
@@ -55,6 +62,18 @@ INPUTS_EMBEDS_REFUSED = (
 )
 
 
+def _base_can_set_experts_implementation(otter_class: type) -> bool:
+    """Whether the base class of `otter_class` runs its experts with a choice of kernels (`grouped_mm`).
+
+    transformers answers by reading the source of a class's module for `@use_experts_implementation`; an Otter
+    class's module is the Otter file, while its experts are the base's modules, so the base class answers. Otherwise
+    an Otter model would run its experts with the eager kernel where the base runs `grouped_mm`, which rounds
+    differently.
+    """
+    base_class = next(cls for cls in otter_class.__mro__ if cls.__module__.startswith("transformers."))
+    return base_class._can_set_experts_implementation()
+
+
 class OtterModelMixin:
     """An architecture's backbone, its modules untouched, with the inserted stream computed beside its forward.
 
@@ -78,6 +97,10 @@ class OtterModelMixin:
             return OtterModelMixin.forward(self, *args, **kwargs)
 
         cls.forward = forward
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return _base_can_set_experts_implementation(cls)
 
     def post_init(self):
         # The base __init__ has built its modules and ends here: attach the inserted parameters before transformers
@@ -129,11 +152,16 @@ class OtterModelMixin:
                 norm = self._capture_point(layer, path, layer_path)
                 self._attach_inserted_norm(norm, heads * head_dim)
                 norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        for path in (layout.attention_output, layout.mlp_output):
-            self._capture_point(layer, path, layer_path).register_forward_pre_hook(
-                functools.partial(self._capture_input, path)
-            )
-        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index))
+        self._capture_point(layer, layout.attention_output, layer_path).register_forward_pre_hook(
+            functools.partial(self._capture_input, layout.attention_output)
+        )
+        mlp = layout.mlp_readout(layer, config)
+        units_module = self._capture_point(layer, mlp.units_path, layer_path)
+        if mlp.reads_output:
+            units_module.register_forward_hook(functools.partial(self._capture_output, mlp.units_path))
+        else:
+            units_module.register_forward_pre_hook(functools.partial(self._capture_input, mlp.units_path))
+        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path))
 
         # The inserted projections take biases where their base counterparts have them.
         has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output", "up")}
@@ -153,10 +181,10 @@ class OtterModelMixin:
         layer.inserted_mlp = OtterInsertedMLP(
             config.hidden_size,
             config.inserted_hidden_size,
-            original_units=config.intermediate_size,
+            original_units=mlp.units_width,
             inserted_units=config.inserted_intermediate_size,
             bias=has_bias["up"],
-            act_fn=self._capture_point(layer, layout.mlp_activation, layer_path),
+            act_fn=self._capture_point(layer, mlp.activation, layer_path),
             norm=layout.norm,
             gated=layout.gated_mlp,
         )
@@ -304,7 +332,14 @@ class OtterModelMixin:
         if self._inserted_stream is not None:
             self._inserted_stream.captured[path] = args[0]
 
-    def _run_inserted_layer(self, layer_path: str, index: int, layer: nn.Module, args: tuple, output) -> None:
+    def _capture_output(self, path: str, module: nn.Module, args: tuple, output) -> None:
+        if self._inserted_stream is not None:
+            # A block returning a tuple (some sparse blocks add their router logits) has its output first.
+            self._inserted_stream.captured[path] = output[0] if isinstance(output, tuple) else output
+
+    def _run_inserted_layer(
+        self, layer_path: str, index: int, units_path: str, layer: nn.Module, args: tuple, output
+    ) -> None:
         stream = self._inserted_stream
         if stream is None:
             return
@@ -312,7 +347,7 @@ class OtterModelMixin:
             raise CapturePointMissed(self.otter_layout.token_embedding)
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.hidden)
-        capture = stream.layer_capture(self.otter_layout, layer, layer_path, index)
+        capture = stream.layer_capture(self.otter_layout, layer, layer_path, index, units_path)
         with stream.grad_mode():
             stream.hidden = inserted_layer(layer.inserted_attn, layer.inserted_mlp, stream.hidden, capture)
         stream.captured.clear()
@@ -349,7 +384,10 @@ class OtterModelMixin:
         record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
         with self.inserted_stream(record_hidden_states=record) as stream:
             outputs = super().forward(*args, return_dict=True, **kwargs)
-        return OtterModelOutputWithPast(
+        output_class = (
+            OtterMoeModelOutputWithPast if isinstance(outputs, MoeModelOutputWithPast) else OtterModelOutputWithPast
+        )
+        return output_class(
             **outputs,
             inserted_last_hidden_state=stream.final_inserted,
             inserted_hidden_states=tuple(stream.hidden_states) if record else None,
@@ -451,6 +489,32 @@ def _inserted_parameters_held(otter_class: type, path, kwargs: dict) -> tuple[st
 _CHECKPOINT_BOOKKEEPING = ("model_type", "architectures", "auto_map", "transformers_version")
 
 
+@dataclass
+class OtterMoeModelOutputWithPast(OtterModelOutputWithPast, MoeModelOutputWithPast):
+    r"""
+    A mixture-of-experts backbone's output: the base's fields (its `router_logits` with `output_router_logits=True`)
+    in the base's order, then the inserted stream.
+    """
+
+
+@dataclass
+class OtterMoeCausalLMOutputWithValue(OtterCausalLMOutputWithValue, MoeCausalLMOutputWithPast):
+    r"""
+    A mixture-of-experts causal LM's output: the base's fields in the base's order (with `output_router_logits=True`
+    its `aux_loss`, included in `loss` with labels, and its `router_logits`), then those of
+    `OtterCausalLMOutputWithValue`.
+    """
+
+
+def _causal_lm_output_class(outputs: ModelOutput) -> type:
+    """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts."""
+    return (
+        OtterMoeCausalLMOutputWithValue
+        if isinstance(outputs, MoeCausalLMOutputWithPast)
+        else OtterCausalLMOutputWithValue
+    )
+
+
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     # The base model as loaded has trainable weights, and for a strided 3D input (the last position of a batch,
     # `logits_to_keep=1`) torch folds the matmul into 2D only when the weight requires grad; the frozen LM head
@@ -499,6 +563,10 @@ class OtterForCausalLMMixin:
     auto_map_classes: dict[str, type] = {}
     # `otter_hf.lifecycle.hub.push_to_hub`, registered by that module where otter_hf is installed.
     push_with_model_card: Callable | None = None
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return _base_can_set_experts_implementation(cls)
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
@@ -751,7 +819,7 @@ class OtterForCausalLMMixin:
             if any(requested.values()):
                 asked = ", ".join(f"`output_{field}=True`" for field, asked in requested.items() if asked)
                 raise ValueError(f"{asked} needs the inserted stream switched on (it is off in `otter_disabled()`).")
-            return OtterCausalLMOutputWithValue(**outputs)
+            return _causal_lm_output_class(outputs)(**outputs)
 
         streams = FinalStreams(
             stream.final_original,
@@ -771,7 +839,7 @@ class OtterForCausalLMMixin:
                 head_outputs[head.output_field] = module.predict(streams)
             elif not head.computed_by_default:
                 raise ValueError(f"`{head.request_argument}=True` needs {head.description}.")
-        return OtterCausalLMOutputWithValue(
+        return _causal_lm_output_class(outputs)(
             **outputs,
             inserted_hidden_states=tuple(stream.hidden_states) if record_hidden_states else None,
             **head_outputs,
@@ -924,3 +992,34 @@ class OtterForCausalLMMixin:
         check_finite_inserted_weights(self.otter_state_dict().items(), f"save {save_directory}")
         self.config.base_model_fingerprint = self.base_weights_fingerprint()
         save_inserted_parameters(save_directory, self.otter_state_dict().items(), self.config)
+
+
+class OtterMoeForCausalLMMixin(OtterForCausalLMMixin):
+    """The Otter causal LM of a mixture-of-experts architecture. Its base causal LM's forward computes the
+    auxiliary load-balancing loss from settings its `__init__` keeps, which the Otter `__init__` (building the
+    Otter backbone in place of the base's) sets the same way."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts = config.num_experts
+        self.num_experts_per_tok = config.num_experts_per_tok
+
+
+def keep_base_checkpoint_format(config_class: type) -> None:
+    """Save and load an Otter architecture's original weights in its base's checkpoint layout.
+
+    transformers converts the checkpoints of some families as it loads them (a mixture of experts' per-expert
+    weights stacked into fused 3-D parameters) and back as it saves them, by `model_type`; the Otter `model_type`
+    takes its base's converters. An Otter checkpoint then holds the experts per expert, as the base checkpoint
+    does, and both load the same way: stacked into fresh tensors, whose memory alignment (which the rounding of
+    some CPU kernels depends on) is the base's, so the original logits stay bit-identical after a reload.
+
+    The base's renamings of legacy module names are left out: the Otter model saves under today's names, and a
+    renaming's pattern can match an inserted module too (Mixtral's `.mlp.` matches `inserted_mlp.`).
+    """
+    mapping = get_checkpoint_conversion_mapping(config_class.base_model_type) or []
+    converters = [transform for transform in mapping if isinstance(transform, WeightConverter)]
+    if converters:
+        # Overwriting: the class is defined again when its file loads as a checkpoint's remote code.
+        register_checkpoint_conversion_mapping(config_class.model_type, converters, overwrite=True)

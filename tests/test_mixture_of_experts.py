@@ -1,0 +1,128 @@
+"""Mixture-of-experts bases: the router and its auxiliary loss stay the base's; the inserted down projection of a
+sparse layer reads the sparse block's output, of a dense layer the original units; copy-initialisation copies
+from a real expert."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import otter_hf
+from otter_hf.modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
+
+# The tiny bases whose routers transformers can report (`output_router_logits`).
+MIXTURE_OF_EXPERTS_BASES = sorted(
+    name for name, (config_class, _, _) in BASE_MODELS.items() if hasattr(config_class, "output_router_logits")
+)
+
+
+@pytest.fixture(params=MIXTURE_OF_EXPERTS_BASES)
+def moe_name(request):
+    return request.param
+
+
+def test_router_logits_and_auxiliary_loss_are_the_base_ones(moe_name):
+    base = make_base(moe_name)
+    otter = make_otter(base)
+    input_ids, attention_mask = random_batch(3, 8, "left")
+    inputs = dict(attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    with torch.no_grad():
+        expected = base(input_ids, **inputs)
+        output = otter(input_ids, **inputs)
+    assert len(output.router_logits) == len(expected.router_logits) > 0
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(output.router_logits, expected.router_logits))
+    assert torch.equal(output.aux_loss, expected.aux_loss)
+    assert torch.equal(output.loss, expected.loss)  # the language-model loss plus the weighted auxiliary loss
+    assert output.value.shape == input_ids.shape
+    # As a tuple: the base's fields first, in its order (loss, aux_loss, logits, cache, router_logits).
+    with torch.no_grad():
+        expected_tuple = base(input_ids, **inputs, return_dict=False)
+        as_tuple = otter(input_ids, **inputs, return_dict=False)
+    assert len(as_tuple) > len(expected_tuple)
+    for ours, theirs in zip(as_tuple, expected_tuple):
+        if isinstance(theirs, torch.Tensor):
+            assert torch.equal(ours, theirs)
+        elif isinstance(theirs, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        else:  # the cache
+            assert type(ours) is type(theirs)
+    # The backbone on its own passes the router logits on too.
+    with torch.no_grad():
+        backbone_output = otter.model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(backbone_output.router_logits, expected.router_logits))
+    assert backbone_output.inserted_last_hidden_state is not None
+
+
+def test_sparse_layers_read_the_block_output_and_dense_layers_the_units(moe_name):
+    otter = otter_hf.insert(make_base(moe_name))
+    config, layout = otter.config, otter.model.otter_layout
+    kinds = set()
+    for layer in otter.otter_decoder_layers():
+        readout = layout.mlp_readout(layer, config)
+        sparse = isinstance(layer.get_submodule(layout.sparse_mlp.path), layout.sparse_mlp.block_class)
+        kinds.add(sparse)
+        assert readout.reads_output == sparse
+        expected_width = config.hidden_size if sparse else config.intermediate_size
+        down = layer.inserted_mlp.down_proj
+        assert down.in_features == expected_width + config.inserted_intermediate_size
+        # Copy-initialisation: the identity on the first inserted dimensions of the block output; the original
+        # down projection's first rows over the original units.
+        original_block = down.weight[:, :expected_width]
+        expected_block = (
+            torch.eye(config.hidden_size)[: config.inserted_hidden_size]
+            if sparse
+            else layout.copy_source(layer, "down")[0][: config.inserted_hidden_size]
+        )
+        assert torch.equal(original_block, expected_block)
+    assert True in kinds
+
+
+def test_gradients_reach_only_inserted_parameters_past_the_experts(moe_name):
+    otter = make_otter(make_base(moe_name))
+    otter.train()
+    input_ids, attention_mask = random_batch(2, 6)
+    otter(input_ids, attention_mask=attention_mask).value.sum().backward()
+    for name, parameter in otter.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_copy_init_refuses_more_units_than_the_expert_it_copies_has(moe_name):
+    base = make_base(moe_name)
+    sparse = OTTER_CLASSES_BY_BASE_MODEL_TYPE[base.config.model_type].backbone_class.otter_layout.sparse_mlp
+    block = next(
+        layer.get_submodule(sparse.path)
+        for layer in base.model.layers
+        if isinstance(layer.get_submodule(sparse.path), sparse.block_class)
+    )
+    # Gate and up copy the shared expert where there is one, else expert 0.
+    shared = getattr(block, "shared_expert", None)
+    units = shared.gate_proj.out_features if shared is not None else block.experts.gate_up_proj.shape[1] // 2
+    with pytest.raises(ValueError, match=f"copies {units + 1} .*{units}"):
+        otter_hf.insert(base, inserted_hidden_size=16, inserted_intermediate_size=units + 1)
+
+
+def test_a_checkpoint_stores_the_experts_as_the_base_checkpoint_and_reloads_exactly(moe_name, tmp_path):
+    base = make_base(moe_name)
+    base.save_pretrained(tmp_path / "base")
+    make_otter(base).save_pretrained(tmp_path / "otter")
+
+    def stored_experts(folder):
+        # Per expert, as the base checkpoint names them (Mixtral's `w1`, `w2`, `w3`); the block's own name aside.
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            names = weights.keys()
+        return {name.split(".experts.")[1] for name in names if ".experts." in name}
+
+    assert stored_experts(tmp_path / "otter") == stored_experts(tmp_path / "base") != set()
+    reloaded_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "otter")
+    assert reloaded.config._experts_implementation == reloaded_base.config._experts_implementation
+    input_ids, attention_mask = random_batch(2, 7, "left")
+    with torch.no_grad():
+        assert torch.equal(
+            reloaded(input_ids, attention_mask=attention_mask).logits,
+            reloaded_base(input_ids, attention_mask=attention_mask).logits,
+        )
