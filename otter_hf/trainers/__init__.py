@@ -1,5 +1,6 @@
 """Trainers for Otter models, one `*_config.py` / `*_trainer.py` pair each as in TRL: reward modelling (TRL's
-RewardTrainer), the token-level reward head (GenARM), prefix/step value regression and draft heads.
+RewardTrainer), the token-level reward head (GenARM), prefix/step value regression, draft heads, and online RL
+with the Otter reward read from the policy's own frozen base (TRL's GRPOTrainer).
 
 `base_config.py` / `base_trainer.py` hold what the per-token trainers (value, token reward, draft) share, `utils.py`
 the model and dataset checks every trainer runs, `safeguards.py` the stop on a non-finite gradient,
@@ -10,6 +11,8 @@ optimizer, scheduler and generator states those checkpoints hold as safetensors.
 from ..data.self_distillation import build_self_distillation_dataset
 from .draft_config import OtterDraftConfig
 from .draft_trainer import DataCollatorForDraftHeads, OtterDraftTrainer, fit_draft_vocabulary
+from .grpo_config import OtterGRPOConfig
+from .grpo_trainer import OtterGRPOTrainer
 from .reward_config import OtterRewardConfig
 from .reward_trainer import OtterRewardTrainer
 from .token_reward_config import OtterTokenRewardConfig
@@ -22,6 +25,8 @@ __all__ = [
     "DataCollatorForValueRegression",
     "OtterDraftConfig",
     "OtterDraftTrainer",
+    "OtterGRPOConfig",
+    "OtterGRPOTrainer",
     "OtterRewardConfig",
     "OtterRewardTrainer",
     "OtterTokenRewardConfig",
