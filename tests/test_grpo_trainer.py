@@ -237,3 +237,20 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
             processing_class=tokenizer,
             peft_config=lora(),
         )
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.0])
+def test_the_inserted_stream_runs_only_to_read_the_reward(tmp_path, beta):
+    otter = make_otter(make_base(BASE))
+    trainer = trainer_for(tmp_path, otter, beta=beta, max_steps=2)
+    forwards = {"with the inserted stream": 0, "base alone": 0}
+
+    def count(backbone, inputs):
+        forwards["with the inserted stream" if backbone.otter_enabled else "base alone"] += 1
+
+    otter.base_model.register_forward_pre_hook(count)
+    trainer.train()
+    # One scoring forward per step (the 4 completions fit one batch): the reference's when beta > 0, the reward's own
+    # otherwise; generation (one forward per token) and the training forward run the base alone.
+    assert forwards["with the inserted stream"] == 2
+    assert forwards["base alone"] > 2 * 2
