@@ -71,7 +71,6 @@ import torch
 # Sibling benchmark scripts (their folder is on sys.path when this script runs).
 from alignment_metrics import distinct_n, mean_and_standard_error, win_outcomes
 from guided_decoding import SeparateRewardModelProcessor
-from matplotlib.figure import Figure
 from reward_quality import (
     LEARNING_RATES,
     SCORING_BATCH_SIZE,
@@ -487,6 +486,9 @@ def reward_model_table(reward_models: dict, held_out_pairs: int) -> str:
 
 def plot_tradeoff(rows: list[dict], path: Path) -> None:
     """Gold reward against perplexity: one line per guided row through its weights, one point per other row."""
+    # Imported here: the other benchmarks import this module's models and judge without plotting.
+    from matplotlib.figure import Figure
+
     # A bare Figure draws with the Agg canvas: no pyplot, no display, no backend to select.
     figure = Figure(figsize=(7, 5))
     axes = figure.subplots()

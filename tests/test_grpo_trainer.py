@@ -1,6 +1,10 @@
 """OtterGRPOTrainer: the Otter reward read from the policy's own frozen base, in TRL's GRPO loop."""
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,9 +180,23 @@ def test_policy_without_an_adapter_is_refused(tmp_path):
         trainer_for(tmp_path, peft_config=None)
 
 
-def test_an_adapter_on_the_inserted_modules_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "target_modules", [["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear"], ids=["base-names", "all-linear"]
+)
+def test_the_adapter_leaves_the_inserted_modules_alone(tmp_path, target_modules):
+    # The inserted attention has an `o_proj` of its own, and "all-linear" names every linear module.
+    trainer = trainer_for(tmp_path, peft_config=LoraConfig(r=4, target_modules=target_modules), max_steps=1)
+    adapted = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert adapted and all("lora_" in name and "inserted_" not in name for name in adapted)
+    assert any(".self_attn.o_proj." in name for name in adapted)
+
+
+def test_an_adapter_training_inserted_parameters_is_refused(tmp_path):
     with pytest.raises(ValueError, match="inserted parameters.*must stay frozen"):
-        trainer_for(tmp_path, peft_config=LoraConfig(r=4, target_modules="all-linear"))
+        trainer_for(tmp_path, peft_config=LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["v_head"]))
+    wrapped = get_peft_model(make_otter(make_base(BASE)), LoraConfig(r=4, target_modules=["o_proj"]))
+    with pytest.raises(ValueError, match="inserted parameters.*must stay frozen"):
+        trainer_for(tmp_path, wrapped, peft_config=None)
 
 
 def test_a_pre_wrapped_peft_model_trains(tmp_path):
@@ -254,3 +272,24 @@ def test_the_inserted_stream_runs_only_to_read_the_reward(tmp_path, beta):
     # otherwise; generation (one forward per token) and the training forward run the base alone.
     assert forwards["with the inserted stream"] == 2
     assert forwards["base alone"] > 2 * 2
+
+
+@pytest.mark.slow
+def test_the_online_rl_page_runs_as_pasted(tmp_path):
+    from otter_hf import embedded_model
+
+    try:
+        embedded_model.embedded_base_model_path()
+    except FileNotFoundError:
+        pytest.skip("the page's example needs the embedded tokenizer: run the README's first set-up command")
+    repository = Path(__file__).resolve().parent.parent
+    page = (repository / "docs" / "online-rl.md").read_text()
+    (code,) = re.findall(r"^```python\n(.*?)```", page, re.DOTALL | re.MULTILINE)
+    environment = {**os.environ, "PYTHONPATH": str(repository), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    float(completed.stdout.strip().splitlines()[-1])  # the logged mean Otter reward
+    saved = os.listdir(tmp_path / "grpo-otter")
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved

@@ -19,7 +19,9 @@ TRL's `GRPOTrainer` a frozen copy of the Otter model as `reward_funcs=otter_hf.s
 as TRL keeps a frozen copy of the policy as its reference.
 """
 
+import copy
 import os
+import re
 
 import torch
 from accelerate.utils import is_peft_model
@@ -29,7 +31,7 @@ from trl.trainer.utils import pad
 
 from ..lifecycle.insertion import load_otter
 from ..modeling import sequence_classification_view
-from ..modeling.inserted_heads import is_inserted_parameter
+from ..modeling.inserted_heads import INSERTED_PARAMETER_PATTERN, is_inserted_parameter
 from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.sequence_classification import pool_last_token
 from .distributed import OtterTrainerMixin
@@ -119,6 +121,8 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
             sequence_classification_view(reward) if isinstance(reward, OtterForCausalLMMixin) else reward
             for reward in extra_rewards
         ]
+        if peft_config is not None:
+            peft_config = _excluding_inserted_modules(peft_config)
         # Set before the Trainer is built: its checkpoint hooks read them.
         self.otter_model = otter
         self._reward_view = sequence_classification_view(otter)
@@ -139,9 +143,9 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
         if trained_inserted:
             raise ValueError(
                 f"The adapter trains Otter's inserted parameters ({', '.join(trained_inserted[:3])}"
-                f"{', ...' if len(trained_inserted) > 3 else ''}), which are the reward and must stay frozen. Name the "
-                "base's modules in the adapter's `target_modules` (for example ['q_proj', 'k_proj', 'v_proj', "
-                "'o_proj']), not 'all-linear', and keep the inserted modules out of `modules_to_save`."
+                f"{', ...' if len(trained_inserted) > 3 else ''}), which are the reward and must stay frozen. Keep "
+                "the inserted modules out of `modules_to_save` and out of the adapter (pass `peft_config` to this "
+                "trainer rather than a `PeftModel` wrapped beforehand: it leaves them out)."
             )
         self.add_callback(StopOnNonFiniteGradientCallback)
 
@@ -248,6 +252,22 @@ def _load_policy(model, args, reward_path: str | None):
             "its own reward); pass its base, or leave `otter_reward_path` unset."
         )
     return load_otter(model, reward_path)
+
+
+def _excluding_inserted_modules(peft_config):
+    """A copy of `peft_config` that leaves Otter's inserted modules alone: the inserted attention has its own
+    `o_proj` and `qkv_proj`, which `target_modules` naming the base's would otherwise catch too."""
+    if not hasattr(peft_config, "exclude_modules"):
+        return peft_config
+    inserted = rf".*{INSERTED_PARAMETER_PATTERN.pattern}.*"
+    excluded = peft_config.exclude_modules
+    if excluded:
+        # PEFT matches a string as a regular expression on the whole module name, and a list by name suffix.
+        names = [excluded] if isinstance(excluded, str) else [rf"(.*\.)?{re.escape(name)}" for name in excluded]
+        inserted = "|".join(f"(?:{pattern})" for pattern in [*names, inserted])
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.exclude_modules = inserted
+    return peft_config
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, otter, reward_path: str | None) -> None:
