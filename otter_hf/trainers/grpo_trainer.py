@@ -123,6 +123,9 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
         ]
         if peft_config is not None:
             peft_config = _excluding_inserted_modules(peft_config)
+        # Every adapter parameter gets a gradient from the policy's forward: DDP need not search for unused ones.
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False
         # Set before the Trainer is built: its checkpoint hooks read them.
         self.otter_model = otter
         self._reward_view = sequence_classification_view(otter)
