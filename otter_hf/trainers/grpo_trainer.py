@@ -39,8 +39,6 @@ from .grpo_config import OtterGRPOConfig
 from .safeguards import StopOnNonFiniteGradientCallback
 from .utils import check_otter_model
 
-OTTER_REWARD_NAME = "otter_value"
-
 # Files a tokenizer saved beside a checkpoint is written to; one of them means the checkpoint names its tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -224,7 +222,8 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
             self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
         )
         values = []
-        with self._peft_model.disable_adapter():
+        # Under the same autocast as TRL's reference forward, so both ways of reading the reward give one number.
+        with self._peft_model.disable_adapter(), self.accelerator.autocast():
             for start in range(0, len(input_ids), batch_size):
                 rows = slice(start, start + batch_size)
                 values.append(self._reward_view(input_ids[rows], attention_mask=attention_mask[rows]).logits[:, 0])
@@ -295,4 +294,4 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, otter, reward_path: str
             )
 
 
-__all__ = ["OTTER_REWARD_NAME", "OtterGRPOTrainer"]
+__all__ = ["OtterGRPOTrainer"]
