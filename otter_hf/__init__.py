@@ -13,6 +13,8 @@ from .modeling import PEFT_EXCLUDE_MODULES, OtterCausalLMOutputWithValue, sequen
 from .trainers import (
     OtterDraftConfig,
     OtterDraftTrainer,
+    OtterGRPOConfig,
+    OtterGRPOTrainer,
     OtterRewardConfig,
     OtterRewardTrainer,
     OtterTokenRewardConfig,
@@ -30,6 +32,8 @@ __all__ = [
     "OtterCausalLMOutputWithValue",
     "OtterDraftConfig",
     "OtterDraftTrainer",
+    "OtterGRPOConfig",
+    "OtterGRPOTrainer",
     "OtterRewardConfig",
     "OtterRewardLogitsProcessor",
     "OtterRewardTrainer",

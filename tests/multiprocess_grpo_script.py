@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from otter_hf.trainers import OtterGRPOConfig, OtterGRPOTrainer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import make_base, make_otter, make_tokenizer  # noqa: E402
+# Launched as a script: the repository root makes the tests' helpers importable by package path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import make_base, make_otter, make_tokenizer  # noqa: E402
 
 PROMPTS = ["how was the movie ?", "how was the food ?", "tell me about your day .", "what do you think of my idea ?"]
 

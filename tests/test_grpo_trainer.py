@@ -1,20 +1,16 @@
 """OtterGRPOTrainer: the Otter reward read from the policy's own frozen base, in TRL's GRPO loop."""
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_base, make_otter, make_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from otter_hf import sequence_classification_view
 from otter_hf.trainers import OtterGRPOConfig, OtterGRPOTrainer
+from tests.helpers import make_base, make_otter, make_tokenizer
 
 PROMPTS = ["how was the movie ?", "how was the food ?", "tell me about your day .", "what do you think of my idea ?"]
 BASE = "llama-gqa-tied"
@@ -272,24 +268,3 @@ def test_the_inserted_stream_runs_only_to_read_the_reward(tmp_path, beta):
     # otherwise; generation (one forward per token) and the training forward run the base alone.
     assert forwards["with the inserted stream"] == 2
     assert forwards["base alone"] > 2 * 2
-
-
-@pytest.mark.slow
-def test_the_online_rl_page_runs_as_pasted(tmp_path):
-    from otter_hf import embedded_model
-
-    try:
-        embedded_model.embedded_base_model_path()
-    except FileNotFoundError:
-        pytest.skip("the page's example needs the embedded tokenizer: run the README's first set-up command")
-    repository = Path(__file__).resolve().parent.parent
-    page = (repository / "docs" / "online-rl.md").read_text()
-    (code,) = re.findall(r"^```python\n(.*?)```", page, re.DOTALL | re.MULTILINE)
-    environment = {**os.environ, "PYTHONPATH": str(repository), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    float(completed.stdout.strip().splitlines()[-1])  # the logged mean Otter reward
-    saved = os.listdir(tmp_path / "grpo-otter")
-    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved

@@ -31,7 +31,7 @@ from trl.trainer.utils import pad
 
 from ..lifecycle.insertion import load_otter
 from ..modeling import sequence_classification_view
-from ..modeling.inserted_heads import INSERTED_PARAMETER_PATTERN, is_inserted_parameter
+from ..modeling.inserted_heads import PEFT_EXCLUDE_MODULES, is_inserted_parameter
 from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.sequence_classification import pool_last_token
 from .distributed import OtterTrainerMixin
@@ -261,7 +261,7 @@ def _excluding_inserted_modules(peft_config):
     `o_proj` and `qkv_proj`, which `target_modules` naming the base's would otherwise catch too."""
     if not hasattr(peft_config, "exclude_modules"):
         return peft_config
-    inserted = rf".*{INSERTED_PARAMETER_PATTERN.pattern}.*"
+    inserted = PEFT_EXCLUDE_MODULES
     excluded = peft_config.exclude_modules
     if excluded:
         # PEFT matches a string as a regular expression on the whole module name, and a list by name suffix.
