@@ -353,3 +353,18 @@ def test_the_best_checkpoint_is_loaded_back_from_its_inserted_parameters(tmp_pat
     last = load_file(os.path.join(tmp_path, "checkpoint-3", "otter_model.safetensors"))
     assert max_difference(best, last) > 0  # the best is not simply the last
     assert max_difference(dict(model.otter_state_dict()), best) == 0.0
+
+
+def test_otter_grpo_trains_one_adapter_over_two_processes(tmp_path):
+    script = os.path.join(REPOSITORY, "tests", "multiprocess_grpo_script.py")
+    command = [*launch_command("accelerate"), script, str(tmp_path)]
+    result = launch(command)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    adapters = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(2)]
+    assert all(report["world_size"] == 2 and report["frozen_unchanged"] for report in reports)
+    assert len(reports[0]["otter_rewards"]) == 2
+    assert max_difference(adapters[0], adapters[1]) == 0.0  # DDP kept the two adapters equal
+    assert any(tensor.abs().sum() > 0 for name, tensor in adapters[0].items() if "lora_B" in name)  # it trained
+    checkpoint = os.listdir(tmp_path / "out" / "checkpoint-2")
+    assert "adapter_model.safetensors" in checkpoint and "otter_model.safetensors" not in checkpoint

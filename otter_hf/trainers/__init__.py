@@ -1,6 +1,6 @@
 """Trainers for Otter models, one `*_config.py` / `*_trainer.py` pair each as in TRL: reward modelling (TRL's
-RewardTrainer), the token-level reward head (GenARM), prefix/step value regression, draft heads and DExperts-style
-expert heads.
+RewardTrainer), the token-level reward head (GenARM), prefix/step value regression, draft heads, DExperts-style
+expert heads, and online RL with the Otter reward read from the policy's own frozen base (TRL's GRPOTrainer).
 
 `base_config.py` / `base_trainer.py` hold what the per-token trainers (value, token reward, draft) share, `utils.py`
 the model and dataset checks every trainer runs, `safeguards.py` the stop on a non-finite gradient,
@@ -13,6 +13,8 @@ from .draft_config import OtterDraftConfig
 from .draft_trainer import DataCollatorForDraftHeads, OtterDraftTrainer, fit_draft_vocabulary
 from .expert_config import OtterExpertConfig
 from .expert_trainer import DataCollatorForExpertHeads, OtterExpertTrainer, expert_corpora
+from .grpo_config import OtterGRPOConfig
+from .grpo_trainer import OtterGRPOTrainer
 from .reward_config import OtterRewardConfig
 from .reward_trainer import OtterRewardTrainer
 from .token_reward_config import OtterTokenRewardConfig
@@ -28,6 +30,8 @@ __all__ = [
     "OtterDraftTrainer",
     "OtterExpertConfig",
     "OtterExpertTrainer",
+    "OtterGRPOConfig",
+    "OtterGRPOTrainer",
     "OtterRewardConfig",
     "OtterRewardTrainer",
     "OtterTokenRewardConfig",

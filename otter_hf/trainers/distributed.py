@@ -120,9 +120,14 @@ class OtterTrainerMixin:
             return super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return
-        self._otter_model().save_otter(output_dir)
+        self.save_checkpoint_weights(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def save_checkpoint_weights(self, output_dir: str) -> None:
+        """The weights a checkpoint holds: the trained inserted parameters (a trainer whose trained weights are not
+        Otter's, such as a PEFT adapter, writes those instead)."""
+        self._otter_model().save_otter(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         with training_arguments_as_json():
