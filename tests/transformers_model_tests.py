@@ -70,12 +70,13 @@ def _unavailable(reason: str):
 
 def _extract(folder: Path) -> None:
     """Write the test package to `folder` (whole or not at all): the sdist's module and the stand-ins."""
+    # The sdists of every version fetched share this folder: take the installed version's.
     sdist_folder = folder.parent / "sdist"
-    archives = sorted(sdist_folder.glob("transformers-*.tar.gz"))
+    archives = sorted(sdist_folder.glob(f"transformers-{transformers.__version__}.tar.gz"))
     if not archives:
         sdist_folder.mkdir(parents=True, exist_ok=True)
         fetched = subprocess.run(fetch_command(sdist_folder), capture_output=True, text=True)
-        archives = sorted(sdist_folder.glob("transformers-*.tar.gz"))
+        archives = sorted(sdist_folder.glob(f"transformers-{transformers.__version__}.tar.gz"))
         if fetched.returncode != 0 or not archives:
             _unavailable(f"pip could not download the sdist ({fetched.stderr.strip().splitlines()[-1:]})")
     staging = Path(tempfile.mkdtemp(dir=folder.parent))
