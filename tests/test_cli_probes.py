@@ -34,7 +34,7 @@ def one_error_line(capsys, *argv, message: str) -> None:
 
 
 def generate(folders, *options):
-    return ["generate", folders / "otter", "--prompt", "w5 w6", "--max-new-tokens", 2, *options]
+    return ["generate", folders / "otter", "--prompt", "w5 w6", "--max-new-tokens", 8, *options]
 
 
 def test_huge_epochs_are_refused(capsys, folders, tmp_path):
@@ -154,4 +154,6 @@ def test_options_that_would_be_ignored_are_refused(capsys, folders, options, mes
 def test_the_guidance_options_work_alone(capsys, folders):
     for options in (["--token-reward-weight", "1"], ["--reward-weight", "2", "--top-k", "3", "--do-sample"]):
         status, out, err = run_cli(capsys, *generate(folders, *options))
-        assert status == 0 and out.strip(), err
+        # Accepted and run: text, or (the tiny random model may emit only ids its tokenizer has no text for) the
+        # error that says so, never a refusal of the options themselves.
+        assert (status == 0 and out.strip()) or "the model generated no text" in err, err

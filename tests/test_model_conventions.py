@@ -165,10 +165,19 @@ def test_gradient_checkpointing_with_trainable_base_parameters(base_name, use_re
         torch.testing.assert_close(checkpointed[name], gradient, msg=name)
 
 
+# Bases whose saved checkpoint the Otter class cannot load directly (`otter_hf.insert` takes the loaded base).
+BASE_LAYOUTS_NOT_MAPPED = {"mixtral-sparse"}
+
+
 def test_loading_a_base_checkpoint_gives_what_insert_gives(tmp_path, base_name):
     base = make_base(base_name)
     base.save_pretrained(tmp_path)
     otter_class = type(otter_hf.insert(make_base(base_name)))
+    if base_name in BASE_LAYOUTS_NOT_MAPPED:
+        # Mixtral's checkpoint renamings do not carry over to the Otter class: refused, never loaded half.
+        with pytest.raises(ValueError, match="left base weights unloaded"):
+            otter_class.from_pretrained(tmp_path, inserted_hidden_size=8)
+        return
     loaded, info = otter_class.from_pretrained(tmp_path, output_loading_info=True, inserted_hidden_size=8)
     torch.manual_seed(0)
     inserted = otter_hf.insert(base, inserted_hidden_size=8)

@@ -608,10 +608,25 @@ class OtterForCausalLMMixin:
         def newly_inserted(name: str) -> bool:
             return holds == "none" or (holds == "backbone" and name.startswith(heads))
 
-        loaded = load_verified(
-            cls, super().from_pretrained, pretrained_model_name_or_path, *args, newly_inserted=newly_inserted, **kwargs
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = load_verified(
+            cls,
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            *args,
+            newly_inserted=newly_inserted,
+            output_loading_info=True,
+            **kwargs,
         )
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        loaded = (model, loading_info) if wants_loading_info else model
+        base_missing = sorted(name for name in loading_info["missing_keys"] if not is_inserted_parameter(name))
+        if holds == "none" and base_missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a checkpoint of the base architecture, but loading it into "
+                f"{cls.__name__} left base weights unloaded ({', '.join(base_missing[:4])}, ...): its layout does not "
+                "map onto the Otter class here. Load the base and insert into it instead: "
+                "`otter_hf.insert(AutoModelForCausalLM.from_pretrained(path))`."
+            )
         if holds == "none":
             initialize_inserted_parameters(model, model.config.inserted_init)
             model.config.base_model_name_or_path = str(pretrained_model_name_or_path)
