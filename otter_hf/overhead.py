@@ -130,6 +130,11 @@ def same_size_base(base, otter):
     without key-value heads in its config (GPT-2) grows by feed-forward units alone. The base weights fill the
     leading rows and columns and random values the rest: the model is for timing and memory, not for its outputs.
     """
+    if otter.base_model.otter_layout.sparse_mlp is not None:
+        raise ValueError(
+            f"A same-size base of a mixture of experts ({base.config.model_type}) would have to choose between its "
+            "total and its active parameters; it is built for dense bases only."
+        )
     config = copy.deepcopy(base.config)
     num_layers = config.num_hidden_layers
     inserted_per_layer = (
