@@ -162,6 +162,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         "configuration_otter.py",
         "candidates.py",
         "expert_guidance.py",
+        "initialization.py",
         "inserted_heads.py",
         "inserted_layer.py",
         "inserted_stream.py",
