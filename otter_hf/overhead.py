@@ -314,7 +314,7 @@ def summarize_timings(times: dict[str, list[float]]) -> dict:
     others, and how far each model's repeats spread."""
     medians = {name: statistics.median(runs) for name, runs in times.items()}
     return {
-        **{f"{name}_seconds": round(median, 5) for name, median in medians.items()},
+        **{f"{name}_seconds": float(f"{median:.4g}") for name, median in medians.items()},
         **_ratios(medians),
         **{f"{name}_spread": _relative_spread(runs) for name, runs in times.items()},
     }
