@@ -26,7 +26,7 @@ def test_view_pools_the_value_at_the_last_real_token(base_name, padding):
     otter = make_otter(make_base(base_name))
     view = sequence_classification_view(otter)
     assert isinstance(view, OtterForSequenceClassificationMixin) and view.config.num_labels == 1
-    assert otter.config.num_labels != 1  # the causal LM's own config is left alone
+    assert view.config is not otter.config  # the view's config is its own copy
     assert all(a is b for a, b in zip(view.parameters(), otter.parameters()))
 
     input_ids, attention_mask = random_batch(3, 8, padding)
@@ -79,10 +79,19 @@ def test_auto_model_for_sequence_classification_resolves_an_otter_checkpoint(bas
         )
 
 
-def test_view_refuses_several_labels(tmp_path):
-    make_otter(make_base("llama-gqa-tied")).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="num_labels` must be 1"):
-        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_view_refuses_several_labels(tmp_path, num_labels):
+    otter = make_otter(make_base("llama-gqa-tied"))
+    # The placeholder two labels every config gets become the one label of the value head.
+    assert otter.config.num_labels == 1
+    otter.save_pretrained(tmp_path)
+    # Two labels are the placeholder's count too: asked for explicitly, they are refused, never silently dropped.
+    with pytest.raises(ValueError, match="num_labels` must be 1; got " + str(num_labels)):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=num_labels)
+    config_class = type(otter.config)
+    with pytest.raises(ValueError, match="num_labels` must be 1; got " + str(num_labels)):
+        config_class(**{**otter.config.to_dict(), "num_labels": num_labels})
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).config.num_labels == 1
     with pytest.raises(TypeError, match="Otter causal LM"):
         sequence_classification_view(make_base("llama-gqa-tied"))
 

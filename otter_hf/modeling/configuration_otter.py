@@ -18,6 +18,13 @@ MAX_INSERTED_SIZE_FACTOR = 4
 MAX_INSERTED_HEADS = 1024
 MAX_LAYERS = 1024
 
+# `PreTrainedConfig` gives every config two placeholder labels unless told otherwise.
+PLACEHOLDER_ID2LABEL = {0: "LABEL_0", 1: "LABEL_1"}
+ONE_LABEL_ONLY = (
+    "An Otter model scores with its single value head, so `num_labels` must be 1; got {num_labels}. Load it "
+    "without `num_labels`, or with `num_labels=1`."
+)
+
 
 def attention_head_size(config) -> int:
     # Qwen2 configs carry no `head_dim`; their heads split `hidden_size` evenly.
@@ -63,7 +70,15 @@ class OtterConfigMixin(OtterHeadOptions):
 
     def __post_init__(self, **kwargs):
         self._check_dtype()
+        requested_labels = kwargs.get("num_labels")
+        if requested_labels is not None and requested_labels != 1:
+            raise ValueError(ONE_LABEL_ONLY.format(num_labels=requested_labels))
         super().__post_init__(**kwargs)
+        # An Otter model scores with one value head: the two placeholder labels every config gets unless told
+        # otherwise become one, so a later request for other labels stands out (the sequence-classification view
+        # refuses it).
+        if self.id2label == PLACEHOLDER_ID2LABEL:
+            self.num_labels = 1
         if self.inserted_hidden_size is None:
             self.inserted_hidden_size = attention_head_size(self)
         if self.inserted_intermediate_size is None:

@@ -19,11 +19,9 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import can_return_tuple
 
+from .configuration_otter import ONE_LABEL_ONLY
 from .inserted_stream import CACHE_ARGUMENT_NAMES
 from .modeling_otter import OtterForCausalLMMixin
-
-# `PreTrainedConfig` gives every config two placeholder labels unless told otherwise.
-_DEFAULT_ID2LABEL = {0: "LABEL_0", 1: "LABEL_1"}
 
 
 def last_token_indices(
@@ -63,14 +61,11 @@ class OtterForSequenceClassificationMixin:
     """Turns an Otter causal LM with value head into its sequence-classification view."""
 
     def __init__(self, config):
-        # The value head has one output; a config that asks for other labels is a mistake worth stopping.
+        # An Otter config holds one label (`OtterConfigMixin`): other labels were asked for after it was built
+        # (`from_pretrained(..., num_labels=2)` sets them on the loaded config), and the single value head cannot
+        # give them.
         if config.num_labels != 1:
-            if config.id2label != _DEFAULT_ID2LABEL:
-                raise ValueError(
-                    f"An Otter sequence classifier scores with its single value head, so `num_labels` must be 1; "
-                    f"got {config.num_labels}. Load it without `num_labels`, or with `num_labels=1`."
-                )
-            config.num_labels = 1
+            raise ValueError(ONE_LABEL_ONLY.format(num_labels=config.num_labels))
         super().__init__(config)
 
     @classmethod
