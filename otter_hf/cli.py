@@ -513,7 +513,7 @@ def run_train(args) -> None:
 def run_generate(args) -> None:
     import torch
 
-    from .modeling.verification import check_guidance_weight
+    from .modeling.guidance_weight import check_guidance_weight
 
     _check_positive(args.max_new_tokens, "--max-new-tokens", MAX_TOKENS)
     _check_positive(args.top_k, "--top-k", MAX_TOKENS)

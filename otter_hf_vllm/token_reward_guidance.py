@@ -10,40 +10,25 @@ model's `compute_logits` then leaves the token reward logits of those rows, and 
 unguided batch.
 """
 
-import math
-import numbers
-
 import torch
 from vllm import SamplingParams
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from .otter_hf_files import load_otter_hf_file
+
 logger = init_logger(__name__)
 
 TOKEN_REWARD_WEIGHT = "token_reward_weight"
-# otter_hf's bound (`otter_hf.modeling.verification.MAX_GUIDANCE_WEIGHT`, which this package cannot import in vLLM's
-# environment): log-probabilities stay above -1e4, so `weight * log_softmax` plus the logits stays finite in float32,
-# the dtype the guidance is computed in, for a weight up to half float32's largest number over 1e4.
-MAX_GUIDANCE_WEIGHT = torch.finfo(torch.float32).max / (2 * 1e4)
+# otter_hf's bound and check on guidance weights, the same file (`otter_hf/modeling/guidance_weight.py`).
+_guidance_weight = load_otter_hf_file("guidance_weight")
+MAX_GUIDANCE_WEIGHT = _guidance_weight.MAX_GUIDANCE_WEIGHT
 
 
 def check_token_reward_weight(weight) -> None:
     """Raise a ValueError unless `weight` is a real number of magnitude at most `MAX_GUIDANCE_WEIGHT` (None: none)."""
-    if weight is None:
-        return
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise ValueError(f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {weight!r} ({type(weight).__name__}).")
-    try:
-        magnitude = abs(float(weight))
-    except OverflowError:  # an integer beyond any float
-        magnitude = math.inf
-    if not magnitude <= MAX_GUIDANCE_WEIGHT:  # also NaN
-        shown = repr(weight) if len(repr(weight)) <= 40 else f"{repr(weight)[:20]}..."
-        raise ValueError(
-            f"`{TOKEN_REWARD_WEIGHT}` must be a finite number, got {shown}; its magnitude must be at most "
-            f"{MAX_GUIDANCE_WEIGHT:.3g}, as a larger weight overflows `weight * log_softmax` in float32."
-        )
+    _guidance_weight.check_guidance_weight(TOKEN_REWARD_WEIGHT, weight)
 
 
 class TokenRewardLogitsHandoff:

@@ -46,7 +46,7 @@ def test_generate_refuses_guidance_that_is_not_a_finite_number(model, guidance, 
 def test_the_largest_guidance_weight_keeps_every_guided_score_finite(model):
     """At the bound, `weight * log_softmax` stays finite in float32 for log-probabilities down to -1e4, so decoding
     picks real tokens; just above it, the weight is refused."""
-    from otter_hf.modeling.verification import GUIDANCE_MAGNITUDE, MAX_GUIDANCE_WEIGHT
+    from otter_hf.modeling.guidance_weight import GUIDANCE_MAGNITUDE, MAX_GUIDANCE_WEIGHT
 
     log_probabilities = torch.tensor([-GUIDANCE_MAGNITUDE, -1.0, 0.0])
     scores = torch.tensor([-GUIDANCE_MAGNITUDE, 0.0, GUIDANCE_MAGNITUDE])

@@ -3,6 +3,7 @@ the vLLM plugin loads: the plugin's own modules hold only what is vLLM's (its at
 weight loading). These tests read the plugin's source, so they run without vLLM installed."""
 
 import ast
+import inspect
 from pathlib import Path
 
 import otter_hf_vllm
@@ -27,8 +28,14 @@ def test_the_vllm_plugin_writes_none_of_the_inserted_layers_maths():
 
 
 def test_the_vllm_plugin_runs_otter_hfs_inserted_modules():
-    loader = (PLUGIN / "inserted_layer.py").read_text()
-    assert '"modeling", "inserted_layer.py"' in loader
+    import otter_hf.modeling.inserted_layer
+    from otter_hf_vllm import inserted_layer as plugin_inserted_layer
+
+    # The very file, loaded on its own (not the otter_hf package's module object).
+    for name in ("OtterInsertedAttention", "OtterInsertedMLP", "InsertedRMSNorm", "inserted_layer"):
+        loaded = getattr(plugin_inserted_layer, name)
+        assert loaded is not getattr(otter_hf.modeling.inserted_layer, name)
+        assert inspect.getfile(loaded) == otter_hf.modeling.inserted_layer.__file__
     modeling = ast.parse((PLUGIN / "modeling.py").read_text())
     imported = {
         alias.name
@@ -39,3 +46,16 @@ def test_the_vllm_plugin_runs_otter_hfs_inserted_modules():
     assert {"OtterInsertedAttention", "OtterInsertedMLP", "InsertedRMSNorm", "inserted_layer"} <= imported
     defined = {node.name for node in modeling.body if isinstance(node, ast.ClassDef)}
     assert not defined & {"OtterInsertedAttention", "OtterInsertedMLP"}
+
+
+def test_the_vllm_plugin_checks_guidance_weights_with_otter_hfs_check():
+    from otter_hf.modeling import guidance_weight
+    from otter_hf_vllm.otter_hf_files import load_otter_hf_file
+
+    loaded = load_otter_hf_file("guidance_weight")
+    assert inspect.getfile(loaded.check_guidance_weight) == guidance_weight.__file__
+    assert loaded.MAX_GUIDANCE_WEIGHT == guidance_weight.MAX_GUIDANCE_WEIGHT
+    # The plugin's token reward guidance (it imports vLLM, so it is read here) takes the bound from that file.
+    source = (PLUGIN / "token_reward_guidance.py").read_text()
+    assert 'load_otter_hf_file("guidance_weight")' in source
+    assert not _calls(PLUGIN / "token_reward_guidance.py") & {"finfo", "isinstance"}

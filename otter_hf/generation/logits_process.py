@@ -9,8 +9,8 @@ from ..modeling.candidates import (
     check_within_sliding_window,
     score_candidates,
 )
+from ..modeling.guidance_weight import check_guidance_weight
 from ..modeling.loop_inputs import padding_position_ids
-from ..modeling.verification import check_guidance_weight
 
 
 class OtterRewardLogitsProcessor(LogitsProcessor):
@@ -35,7 +35,7 @@ class OtterRewardLogitsProcessor(LogitsProcessor):
         model: the Otter model whose value head gives the reward. It may be the model that runs `generate()`,
             or it may guide a base model that shares its original weights.
         weight (`float`): the reward weight `w`, a number of magnitude at most
-            `otter_hf.modeling.verification.MAX_GUIDANCE_WEIGHT`. With 0 the processor leaves the scores untouched
+            `otter_hf.modeling.guidance_weight.MAX_GUIDANCE_WEIGHT`. With 0 the processor leaves the scores untouched
             (guidance off).
         top_k (`int`, *optional*, defaults to 10): how many candidates are rescored per step.
         pad_token_id (`int`, *optional*): the left-padding token; defaults to the model's generation config.

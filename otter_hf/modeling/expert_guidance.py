@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from transformers import LogitsProcessor
 
-from .verification import check_guidance_weight
+from .guidance_weight import check_guidance_weight
 
 # A larger weight leaves nothing of the base model's logits and overflows float16 scores; DExperts uses 0.5 to 3.2.
 MAX_EXPERT_WEIGHT = 1000.0

@@ -42,8 +42,8 @@ from .candidates import (
     check_within_sliding_window,
     score_candidates,
 )
+from .guidance_weight import check_guidance_weight
 from .loop_inputs import cache_field, pop_cache, pop_prepared_inputs
-from .verification import check_guidance_weight
 
 # What generate() appends after the processors a user passes: the reward goes in between, exactly where
 # `OtterRewardLogitsProcessor` sits when passed in `logits_processor`.
