@@ -1,14 +1,16 @@
 """Otter for OLMo 2 checkpoints: `Olmo2ForCausalLM` with parameters inserted into every layer, and its
 sequence-classification view.
 
-What differs from Llama, each declared in the layout below: no norm before the attention or the MLP, which read
+What differs from Llama, each declared in OLMo 3's layout, which this one reuses: no norm before the attention or the MLP, which read
 the raw residual stream (the inserted stream enters their inserted projections raw too), and a norm on each
 module's output (its statistics normalise the inserted update, as Gemma's sandwich norms); RMSNorm applying its
 weight in float32 before the cast back; q/k norms over the whole query and key projections rather than per head
 (the inserted heads read their statistics with their own weights, `ProjectionNorm`); rotary tables in float32
-(the rotated heads are cast back, as the base does); every layer attends to every position. The layout is
-`otter_olmo3.py`'s, whose sliding layers OLMo 2 does not have.
+(the rotated heads are cast back, as the base does); every layer attends to every position. OLMo 3's sliding
+layers are its attention modules' own windows, which OLMo 2's do not have.
 """
+
+import dataclasses
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.olmo2.configuration_olmo2 import Olmo2Config
@@ -19,9 +21,8 @@ from transformers.models.olmo2.modeling_olmo2 import (
 )
 
 from .configuration_otter import OtterConfigMixin
-from .inserted_layer import InsertedOlmoRMSNorm
-from .inserted_stream import OtterLayout
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin
+from .otter_olmo3 import OtterOlmo3Model
 from .sequence_classification import OtterForSequenceClassificationMixin
 
 
@@ -33,15 +34,8 @@ class OtterOlmo2Config(OtterConfigMixin, Olmo2Config):
 
 class OtterOlmo2Model(OtterModelMixin, Olmo2Model):
     config_class = OtterOlmo2Config
-    otter_layout = OtterLayout(
-        eager_attention_fn=eager_attention_forward,
-        norm=InsertedOlmoRMSNorm,
-        attention_norm=None,
-        attention_output_norm="post_attention_layernorm",
-        mlp_norm=None,
-        mlp_output_norm="post_feedforward_layernorm",
-        query_key_projection_norms=("q_norm", "k_norm"),
-    )
+    # OLMo 3's layout (post-norms only, q/k norms over the whole projection) with OLMo 2's attention function.
+    otter_layout = dataclasses.replace(OtterOlmo3Model.otter_layout, eager_attention_fn=eager_attention_forward)
 
 
 class OtterOlmo2ForCausalLMWithValueHead(OtterForCausalLMMixin, Olmo2ForCausalLM):
