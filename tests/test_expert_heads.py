@@ -7,7 +7,6 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 
 import otter_hf
 from otter_hf.generation import ExpertGuidanceLogitsProcessor, expert_guidance
@@ -50,18 +49,6 @@ def reference_dexperts_greedy(otter, input_ids, attention_mask, steps: int, weig
     return input_ids
 
 
-def test_weight_zero_generates_exactly_what_the_base_model_does(base_name):
-    base = make_base(base_name)
-    otter = make_otter(base, expert_heads=True)
-    torch.nn.init.normal_(otter.expert_head.proj.weight, std=1.0)
-    input_ids, attention_mask = random_batch(3, 5, "left")
-    for settings in (GREEDY, dict(max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)):
-        expected = base.generate(input_ids, attention_mask=attention_mask, **settings)
-        assert torch.equal(
-            otter.generate(input_ids, attention_mask=attention_mask, expert_weight=0, **settings), expected
-        )
-
-
 @pytest.mark.parametrize("base_name", ARCHITECTURE_BASES)
 def test_steered_greedy_picks_what_dexperts_formula_picks(base_name):
     otter = make_expert_otter(base_name)
@@ -73,67 +60,6 @@ def test_steered_greedy_picks_what_dexperts_formula_picks(base_name):
     assert torch.equal(
         towards_anti_expert, reference_dexperts_greedy(otter, input_ids, attention_mask, NEW_TOKENS, -WEIGHT)
     )
-
-
-def test_sampling_warpers_act_on_the_steered_scores():
-    otter = make_expert_otter("llama-gqa-tied")
-    input_ids, attention_mask = random_batch(2, 5, "left")
-    greedy = otter.generate(input_ids, attention_mask=attention_mask, expert_weight=WEIGHT, **GREEDY)
-    # top_k=1 after the steering keeps only the steered best token; before it, the base model's best token.
-    sampled = otter.generate(
-        input_ids,
-        attention_mask=attention_mask,
-        expert_weight=WEIGHT,
-        do_sample=True,
-        top_k=1,
-        temperature=0.7,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-    )
-    assert torch.equal(sampled, greedy)
-
-
-def test_beam_search_scores_with_the_steered_policy():
-    otter = make_expert_otter("qwen2-bias")
-    input_ids, attention_mask = random_batch(2, 5, "left")
-    settings = dict(max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
-    steered = otter.generate(
-        input_ids,
-        attention_mask=attention_mask,
-        expert_weight=WEIGHT,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **settings,
-    )
-    plain = otter.generate(
-        input_ids, attention_mask=attention_mask, output_scores=True, return_dict_in_generate=True, **settings
-    )
-    assert steered.sequences.shape == plain.sequences.shape == (4, 5 + NEW_TOKENS)
-    assert not torch.equal(steered.sequences_scores, plain.sequences_scores)
-    single_beam = otter.generate(input_ids, attention_mask=attention_mask, expert_weight=WEIGHT, num_beams=1, **GREEDY)
-    assert torch.equal(single_beam, reference_dexperts_greedy(otter, input_ids, attention_mask, NEW_TOKENS, WEIGHT))
-
-
-class CollectingStreamer(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.reshape(-1).clone())
-
-    def end(self):
-        pass
-
-
-def test_streamer_receives_the_steered_tokens():
-    otter = make_expert_otter("mistral-sliding")
-    input_ids, attention_mask = random_batch(1, 5)
-    streamer = CollectingStreamer()
-    generated = otter.generate(
-        input_ids, attention_mask=attention_mask, expert_weight=WEIGHT, streamer=streamer, **GREEDY
-    )
-    assert torch.equal(torch.cat(streamer.chunks), generated[0])
-    assert not torch.equal(generated, otter.generate(input_ids, attention_mask=attention_mask, **GREEDY))
 
 
 def test_the_processor_in_a_custom_loop_decodes_what_generate_does():

@@ -7,6 +7,7 @@ from transformers.generation.streamers import BaseStreamer
 from otter_hf.generation import reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
 from tests.helpers import make_base, make_otter, random_batch
+from tests.test_expert_heads import make_expert_otter, reference_dexperts_greedy
 
 WEIGHT = 2.0
 NEW_TOKENS = 6
@@ -51,27 +52,38 @@ def test_guided_greedy_adds_the_weighted_reward_log_probs_of_the_same_forward(ba
     assert not torch.equal(generated, unguided)
 
 
-def test_weight_zero_generates_exactly_what_the_base_model_does(base_name):
-    base = make_base(base_name)
-    otter = make_otter(base, token_reward_head=True)
-    torch.nn.init.normal_(otter.token_reward_head.proj.weight, std=1.0)
+# The per-token guidances of `generate()` share their decoding machinery: each keyword with its heads and its
+# reference decoding spelled out.
+PER_TOKEN_GUIDANCES = {
+    "token_reward_weight": (make_token_otter, reference_guided_greedy),
+    "expert_weight": (make_expert_otter, reference_dexperts_greedy),
+}
+
+
+@pytest.mark.parametrize("keyword", PER_TOKEN_GUIDANCES)
+def test_weight_zero_generates_exactly_what_the_base_model_does(base_name, keyword):
+    make_guided_otter, _ = PER_TOKEN_GUIDANCES[keyword]
+    otter = make_guided_otter(base_name)
+    base = make_base(base_name)  # seeded: the same weights as the one inserted into
     input_ids, attention_mask = random_batch(3, 5, "left")
     for settings in (GREEDY, dict(max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)):
         expected = base.generate(input_ids, attention_mask=attention_mask, **settings)
         assert torch.equal(
-            otter.generate(input_ids, attention_mask=attention_mask, token_reward_weight=0, **settings), expected
+            otter.generate(input_ids, attention_mask=attention_mask, **{keyword: 0}, **settings), expected
         )
 
 
-def test_sampling_warpers_act_on_the_guided_scores():
-    otter = make_token_otter("llama-gqa-tied")
+@pytest.mark.parametrize("keyword", PER_TOKEN_GUIDANCES)
+def test_sampling_warpers_act_on_the_guided_scores(keyword):
+    make_guided_otter, _ = PER_TOKEN_GUIDANCES[keyword]
+    otter = make_guided_otter("llama-gqa-tied")
     input_ids, attention_mask = random_batch(2, 5, "left")
-    greedy = otter.generate(input_ids, attention_mask=attention_mask, token_reward_weight=WEIGHT, **GREEDY)
+    greedy = otter.generate(input_ids, attention_mask=attention_mask, **{keyword: WEIGHT}, **GREEDY)
     # top_k=1 after the guidance keeps only the guided best token; before it, the base model's best token.
     sampled = otter.generate(
         input_ids,
         attention_mask=attention_mask,
-        token_reward_weight=WEIGHT,
+        **{keyword: WEIGHT},
         do_sample=True,
         top_k=1,
         temperature=0.7,
@@ -81,14 +93,16 @@ def test_sampling_warpers_act_on_the_guided_scores():
     assert torch.equal(sampled, greedy)
 
 
-def test_beam_search_scores_with_the_guided_policy():
-    otter = make_token_otter("qwen2-bias")
+@pytest.mark.parametrize("keyword", PER_TOKEN_GUIDANCES)
+def test_beam_search_scores_with_the_guided_policy(keyword):
+    make_guided_otter, reference_greedy = PER_TOKEN_GUIDANCES[keyword]
+    otter = make_guided_otter("qwen2-bias")
     input_ids, attention_mask = random_batch(2, 5, "left")
     settings = dict(max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
     guided = otter.generate(
         input_ids,
         attention_mask=attention_mask,
-        token_reward_weight=WEIGHT,
+        **{keyword: WEIGHT},
         output_scores=True,
         return_dict_in_generate=True,
         **settings,
@@ -99,10 +113,8 @@ def test_beam_search_scores_with_the_guided_policy():
     assert guided.sequences.shape == unguided.sequences.shape == (4, 5 + NEW_TOKENS)
     assert not torch.equal(guided.sequences_scores, unguided.sequences_scores)
     # One beam is one guided greedy path: beam search with a single beam repeats it.
-    single_beam = otter.generate(
-        input_ids, attention_mask=attention_mask, token_reward_weight=WEIGHT, num_beams=1, **GREEDY
-    )
-    assert torch.equal(single_beam, reference_guided_greedy(otter, input_ids, attention_mask, NEW_TOKENS, WEIGHT))
+    single_beam = otter.generate(input_ids, attention_mask=attention_mask, **{keyword: WEIGHT}, num_beams=1, **GREEDY)
+    assert torch.equal(single_beam, reference_greedy(otter, input_ids, attention_mask, NEW_TOKENS, WEIGHT))
 
 
 class CollectingStreamer(BaseStreamer):
@@ -116,14 +128,17 @@ class CollectingStreamer(BaseStreamer):
         pass
 
 
-def test_streamer_receives_the_guided_tokens():
-    otter = make_token_otter("mistral-sliding")
+@pytest.mark.parametrize("keyword", PER_TOKEN_GUIDANCES)
+def test_streamer_receives_the_guided_tokens(keyword):
+    make_guided_otter, _ = PER_TOKEN_GUIDANCES[keyword]
+    otter = make_guided_otter("mistral-sliding")
     input_ids, attention_mask = random_batch(1, 5)
     streamer = CollectingStreamer()
     generated = otter.generate(
-        input_ids, attention_mask=attention_mask, token_reward_weight=WEIGHT, streamer=streamer, **GREEDY
+        input_ids, attention_mask=attention_mask, **{keyword: WEIGHT}, streamer=streamer, **GREEDY
     )
     assert torch.equal(torch.cat(streamer.chunks), generated[0])
+    assert not torch.equal(generated, otter.generate(input_ids, attention_mask=attention_mask, **GREEDY))
 
 
 def test_the_hooks_are_gone_after_generate():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -128,6 +129,27 @@ def test_reward_trainer_refuses_a_model_that_is_not_otter(tmp_path, tiny_tokeniz
             train_dataset=conversational_pairs(4),
             processing_class=tiny_tokenizer,
         )
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "config_class", "heads", "insert_option"),
+    [
+        ("OtterTokenRewardTrainer", "OtterTokenRewardConfig", {"token_reward_head": True}, "token_reward_head=True"),
+        ("OtterExpertTrainer", "OtterExpertConfig", {"expert_heads": True}, "expert_heads=True"),
+        ("OtterDraftTrainer", "OtterDraftConfig", {"num_recurrent_drafts": 2}, "num_recurrent_drafts=5"),
+    ],
+)
+def test_head_trainers_refuse_a_model_without_their_heads_or_its_classification_view(
+    trainer_class, config_class, heads, insert_option, tmp_path, tiny_tokenizer
+):
+    trainer_class, config_class = getattr(otter_hf, trainer_class), getattr(otter_hf, config_class)
+    dataset = Dataset.from_dict({"text": ["i love this movie"]})
+    args = config_class(str(tmp_path), report_to=[])
+    with pytest.raises(ValueError, match=f"no .* to train: .*{re.escape(insert_option)}"):
+        trainer_class(make_otter(make_base("llama-gqa-tied")), args, train_dataset=dataset)
+    view = sequence_classification_view(otter_hf.insert(make_base("llama-gqa-tied"), **heads))
+    with pytest.raises(ValueError, match="not of its sequence-classification view"):
+        trainer_class(view, args, train_dataset=dataset, processing_class=tiny_tokenizer)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ from collections import defaultdict
 from transformers import AutoTokenizer, Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
+from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .distributed import OtterTrainerMixin
 from .safeguards import StopOnNonFiniteGradientCallback
-from .utils import check_dataset_not_empty
+from .utils import check_dataset_not_empty, check_otter_model
 
 
 class OtterTokenTrainer(OtterTrainerMixin, Trainer):
@@ -15,13 +16,15 @@ class OtterTokenTrainer(OtterTrainerMixin, Trainer):
     `compute_loss` with no `labels` input.
 
     Subclasses set `config_class` (an `OtterTokenConfig`), `data_collator_class`
-    (built from the tokenizer's pad token id by `build_data_collator`) and `run_name_suffix` (for the default
-    output folder), and define `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
+    (built from the tokenizer's pad token id by `build_data_collator`), `run_name_suffix` (for the default
+    output folder) and `heads_to_insert` (what the model needs, for the error when it lacks every head in
+    `heads_in_loss`), and define `_prepare_dataset(dataset, processing_class, args, dataset_name)`.
     """
 
     config_class: type
     data_collator_class: type
     run_name_suffix: str
+    heads_to_insert: str
 
     def __init__(
         self,
@@ -33,8 +36,10 @@ class OtterTokenTrainer(OtterTrainerMixin, Trainer):
         data_collator=None,
         **kwargs,
     ):
+        self._check_model(model)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        self._check_datasets(train_dataset, eval_dataset)
         run_name = (model.name_or_path or "otter").rstrip("/").split("/")[-1]
         args = args or self.config_class(f"{run_name}-{self.run_name_suffix}")
         self.prepare_trainable_parameters(model, args)
@@ -75,6 +80,21 @@ class OtterTokenTrainer(OtterTrainerMixin, Trainer):
         # Batch metrics appended by compute_loss, averaged into the next log line (as TRL's trainers do).
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(StopOnNonFiniteGradientCallback)
+
+    def _check_model(self, model) -> None:
+        trainer_name = type(self).__name__
+        check_otter_model(model, trainer_name)
+        # The view returns the pooled value alone, none of the per-token outputs these losses read.
+        if isinstance(model, OtterForSequenceClassificationMixin):
+            raise ValueError(
+                f"{trainer_name} trains heads of an Otter causal LM, not of its sequence-classification view; pass "
+                "the causal LM (`AutoModelForCausalLM.from_pretrained`)."
+            )
+        if all(getattr(model, head, None) is None for head in self.heads_in_loss):
+            raise ValueError(f"This Otter model has no {self.heads_to_insert}.")
+
+    def _check_datasets(self, train_dataset, eval_dataset) -> None:
+        """Checks a subclass makes on the datasets before any of them is prepared."""
 
     def _check_and_prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
         check_dataset_not_empty(dataset, dataset_name)

@@ -39,7 +39,7 @@ from trl.trainer.utils import pad
 
 from .base_trainer import OtterTokenTrainer
 from .draft_config import OtterDraftConfig
-from .utils import DRAFT_COLUMNS_HELP, check_otter_model
+from .utils import DRAFT_COLUMNS_HELP
 
 
 def draft_head_loss(
@@ -193,6 +193,10 @@ class OtterDraftTrainer(OtterTokenTrainer):
     data_collator_class = DataCollatorForDraftHeads
     run_name_suffix = "Draft"
     heads_in_loss = ("draft_heads", "recurrent_draft_head")
+    heads_to_insert = (
+        "draft heads to train: insert a recurrent draft head with `otter_hf.insert(base_model, "
+        "num_recurrent_drafts=5)` or Medusa-style heads with `num_draft_heads=4`"
+    )
     runs_heads_outside_forward = True
 
     def loss_reads_inserted_layers(self, model) -> bool:
@@ -209,15 +213,12 @@ class OtterDraftTrainer(OtterTokenTrainer):
         data_collator=None,
         **kwargs,
     ):
-        check_otter_model(model, type(self).__name__)
-        if getattr(model, "draft_heads", None) is None and getattr(model, "recurrent_draft_head", None) is None:
-            raise ValueError(
-                "This Otter model has no draft heads to train. Insert a recurrent draft head with "
-                "`otter_hf.insert(base_model, num_recurrent_drafts=5)` or Medusa-style heads with "
-                "`num_draft_heads=4`."
-            )
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
+        head = getattr(model, "recurrent_draft_head", None)
+        if head is not None and not head.is_vocabulary_fitted():
+            fit_draft_vocabulary(model, self.train_dataset)
+
+    def _check_datasets(self, train_dataset, eval_dataset) -> None:
         datasets = {"train": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update(eval_dataset)
@@ -225,11 +226,6 @@ class OtterDraftTrainer(OtterTokenTrainer):
             datasets["eval"] = eval_dataset
         for name, dataset in datasets.items():
             self._check_columns(dataset, name)
-
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
-        head = getattr(model, "recurrent_draft_head", None)
-        if head is not None and not head.is_vocabulary_fitted():
-            fit_draft_vocabulary(model, self.train_dataset)
 
     @staticmethod
     def _check_columns(dataset, dataset_name: str) -> None:

@@ -25,11 +25,10 @@ from trl.data_utils import get_dataset_column_names, is_conversational, maybe_ex
 from trl.trainer.dpo_trainer import common_prefix_length
 from trl.trainer.utils import pad
 
-from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .base_trainer import OtterTokenTrainer
 from .expert_config import OtterExpertConfig
 from .token_reward_trainer import tokenize_preference_row
-from .utils import check_otter_model, check_preference_columns, check_rows_kept, num_rows
+from .utils import check_preference_columns, check_rows_kept, num_rows
 
 TOKENIZED_COLUMNS = {"input_ids", "completion_mask", "expert"}
 LANGUAGE_MODELLING_COLUMNS = ({"text"}, {"messages"}, {"prompt", "completion"})
@@ -178,24 +177,7 @@ class OtterExpertTrainer(OtterTokenTrainer):
     data_collator_class = DataCollatorForExpertHeads
     run_name_suffix = "Experts"
     heads_in_loss = ("expert_head", "anti_expert_head")
-
-    def __init__(
-        self,
-        model,
-        args: OtterExpertConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        data_collator=None,
-        **kwargs,
-    ):
-        check_otter_model(model, type(self).__name__)
-        if isinstance(model, OtterForSequenceClassificationMixin) or getattr(model, "expert_head", None) is None:
-            raise ValueError(
-                "OtterExpertTrainer trains the expert heads of an Otter causal LM; build one with "
-                "`otter_hf.insert(base, expert_heads=True)`."
-            )
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
+    heads_to_insert = "expert heads to train: build one with `otter_hf.insert(base, expert_heads=True)`"
 
     @staticmethod
     def _prepare_dataset(dataset, processing_class, args: OtterExpertConfig, dataset_name: str):

@@ -14,10 +14,9 @@ from trl.data_utils import get_dataset_column_names, is_conversational, maybe_ex
 from trl.trainer.dpo_trainer import DataCollatorForPreference, common_prefix_length
 from trl.trainer.utils import selective_log_softmax
 
-from ..modeling.sequence_classification import OtterForSequenceClassificationMixin
 from .base_trainer import OtterTokenTrainer
 from .token_reward_config import OtterTokenRewardConfig
-from .utils import TOKEN_REWARD_COLUMNS_HELP, check_otter_model, check_preference_columns, check_rows_kept, num_rows
+from .utils import TOKEN_REWARD_COLUMNS_HELP, check_preference_columns, check_rows_kept, num_rows
 
 TOKENIZED_COLUMNS = {"prompt_ids", "chosen_ids", "rejected_ids"}
 
@@ -101,24 +100,7 @@ class OtterTokenRewardTrainer(OtterTokenTrainer):
     config_class = OtterTokenRewardConfig
     run_name_suffix = "TokenReward"
     heads_in_loss = ("token_reward_head",)
-
-    def __init__(
-        self,
-        model,
-        args: OtterTokenRewardConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        data_collator=None,
-        **kwargs,
-    ):
-        check_otter_model(model, type(self).__name__)
-        if isinstance(model, OtterForSequenceClassificationMixin) or getattr(model, "token_reward_head", None) is None:
-            raise ValueError(
-                "OtterTokenRewardTrainer trains the token-level reward head of an Otter causal LM; build one with "
-                "`otter_hf.insert(base, token_reward_head=True)`."
-            )
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, data_collator, **kwargs)
+    heads_to_insert = "token-level reward head to train: build one with `otter_hf.insert(base, token_reward_head=True)`"
 
     def build_data_collator(self, pad_token_id: int, args: OtterTokenRewardConfig):
         return DataCollatorForPreference(pad_token_id=pad_token_id, max_length=args.max_length)
