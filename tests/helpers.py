@@ -17,10 +17,16 @@ from tokenizers.pre_tokenizers import Whitespace, WhitespaceSplit
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -31,6 +37,8 @@ from transformers import (
     Olmo2ForCausalLM,
     Olmo3Config,
     Olmo3ForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
@@ -277,6 +285,88 @@ BASE_MODELS = {
             num_attention_heads=4,
             num_key_value_heads=1,
             tie_word_embeddings=False,
+        ),
+    ),
+    # attention sinks, a sliding layer (window shorter than the test sequences) then a full one, rotary tables over
+    # half a head, q/k/v/o biases, a mixture of experts in every layer (4 experts, top-2, a router with a bias,
+    # experts with biases and a clamped SwiGLU, gate and up interleaved)
+    "gptoss-sinks-sliding": (
+        GptOssConfig,
+        GptOssForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            # gpt-oss's YaRN rotary embeddings, stretched over the tiny context
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=32
+            ),
+            # small enough for the clamp to bite on the tiny model's gate and up values
+            swiglu_limit=0.05,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # a dense MLP in layer 0 (`first_k_dense_replace`), then a mixture of experts with a shared expert (4 routed
+    # experts, top-2, sigmoid router), q/k norms on every head, rotary embeddings on half of each head, q/k/v biases
+    "glm4moe-dense-shared": (
+        Glm4MoeConfig,
+        Glm4MoeForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            use_qk_norm=True,
+            attention_bias=True,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # a mixture of experts in every layer (4 experts, top-2), q/k norms over the whole projections
+    "olmoe-sparse-qk-norm": (
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Granite's multipliers around a mixture of experts in every layer (4 experts, top-2) at `block_sparse_moe`
+    "granitemoe-multipliers": (
+        GraniteMoeConfig,
+        GraniteMoeForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.4,
+            attention_multiplier=0.5,
+            logits_scaling=2.5,
+            tie_word_embeddings=True,
         ),
     ),
 }

@@ -29,6 +29,9 @@ def matrix_name(request):
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
 def test_original_output_is_bit_identical(matrix_name, dtype_name, attn_implementation):
+    model_class = BASE_MODELS[matrix_name][1]
+    if attn_implementation == "sdpa" and not model_class._supports_sdpa:
+        pytest.skip(f"transformers runs {model_class.__name__} without sdpa (gpt-oss: sdpa has no attention sinks)")
     base = make_half_precision_base(matrix_name, DTYPES[dtype_name], attn_implementation)
     otter = make_otter(base, noise=0.01, token_reward_head=True)
     # float16's range is float32's / 2^112: random inserted weights overflow it at Gemma's padded positions, and an

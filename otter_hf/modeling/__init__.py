@@ -8,13 +8,17 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from . import (
     otter_gemma3,
+    otter_glm4_moe,
     otter_gpt2,
+    otter_gpt_oss,
     otter_granite,
+    otter_granitemoe,
     otter_llama,
     otter_mistral,
     otter_mixtral,
     otter_olmo2,
     otter_olmo3,
+    otter_olmoe,
     otter_phi3,
     otter_qwen2,
     otter_qwen2_moe,
@@ -43,6 +47,10 @@ ARCHITECTURE_MODULES = (
     otter_qwen3_moe,
     otter_mixtral,
     otter_qwen2_moe,
+    otter_gpt_oss,
+    otter_glm4_moe,
+    otter_olmoe,
+    otter_granitemoe,
 )
 
 

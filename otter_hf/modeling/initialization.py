@@ -45,6 +45,9 @@ def initialize_inserted_parameters(model, method: str) -> None:
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
+        if isinstance(module, OtterInsertedAttention) and layout.attention_sinks is not None:
+            # N(0, std) as the base family starts its own sinks (PyTorch has no default for them); copied below.
+            nn.init.normal_(getattr(module, layout.attention_sinks), std=std)
     for head in INSERTED_HEADS:
         if getattr(model, head.attribute) is not None:
             getattr(model, head.attribute).initialize(method, model.config)
@@ -52,6 +55,8 @@ def initialize_inserted_parameters(model, method: str) -> None:
         for layer in model.otter_decoder_layers():
             copy_source = functools.partial(layout.copy_source, layer)
             _copy_attention(layer.inserted_attn, copy_source, model.config)
+            if layout.attention_sinks is not None:
+                _copy_sinks(layer, layout, model.config)
             _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
 
@@ -123,10 +128,19 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config, readout: MlpReado
         _copy_rows(input_proj, index * units, source, 0, units)
     if readout.reads_output:
         weight = inserted.down_proj.weight
-        down = torch.eye(readout.units_width, dtype=weight.dtype, device=weight.device), None
+        identity = torch.eye(readout.units_width, dtype=weight.dtype, device=weight.device)
+        down = identity, (None if inserted.down_proj.bias is None else identity.new_zeros(readout.units_width))
     else:
         down = copy_source("down")
     _copy_rows(inserted.down_proj, 0, down, 0, config.inserted_hidden_size)
+
+
+def _copy_sinks(layer: nn.Module, layout, config) -> None:
+    """Each inserted query head takes the sink logit of the original head it copies, so that it attends as its
+    source does (gpt-oss)."""
+    query_sources, _ = copied_head_sources(config)
+    original = layer.get_parameter(f"{layout.attention}.{layout.attention_sinks}")
+    getattr(layer.inserted_attn, layout.attention_sinks).copy_(original[query_sources])
 
 
 def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ...]:

@@ -191,6 +191,29 @@ class HalfRotation:
         return torch.cat([rotated.to(states.dtype), passed], dim=-1)
 
 
+class HalfTablesRotation(HalfRotation):
+    """Rotary embeddings whose tables cover half a head (gpt-oss: `cos`, `sin` of width `head_dim / 2`, the first
+    half of each head rotated against the second): the same rotation as `HalfRotation` with the tables repeated
+    over both halves."""
+
+    @staticmethod
+    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return HalfRotation.tables(torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1))
+
+
+@dataclass(frozen=True)
+class InterleavedGatedUnits:
+    """A family's gated activation that reads the gate and up values interleaved in one tensor, `[g0, u0, g1, u1,
+    ...]`, and returns the units (gpt-oss's experts, `_apply_gate`: a SwiGLU with clamped inputs, its `alpha` and
+    `limit` from the config). The inserted MLP computes its gate and up values as two blocks and hands them over
+    interleaved, so its units take the family's own activation."""
+
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.activation(torch.stack((gate, up), dim=-1).flatten(-2))
+
+
 # -- projections over both streams ----------------------------------------------------------------------------
 
 
@@ -289,15 +312,19 @@ class OtterInsertedMLP(nn.Module):
         original_units: int,
         inserted_units: int,
         bias: bool,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        act_fn: Callable[[torch.Tensor], torch.Tensor] | None,
         norm: type,
         gated: bool = True,
         linear: LinearFactory = joined_linear,
         prefix: str = "",
+        gated_units: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.gated = gated
         self.norm = norm
+        # How gate and up values make the units where the family's rule is not `act_fn(gate) * up` (gpt-oss's
+        # clamped SwiGLU); `act_fn` is then unused.
+        self.gated_units = gated_units
         # The names of the checkpoint layout: `gate_up_proj` for a gated MLP, `up_proj` otherwise.
         input_projection = "gate_up_proj" if gated else "up_proj"
         input_size = 2 * inserted_units if gated else inserted_units
@@ -315,7 +342,7 @@ class OtterInsertedMLP(nn.Module):
         normed = capture.mlp_norm.normed
         if self.gated:
             gate, up = self.gate_up_proj(normed, inserted_normed).chunk(2, dim=-1)
-            units = self.act_fn(gate) * up
+            units = self.act_fn(gate) * up if self.gated_units is None else self.gated_units(gate, up)
         else:
             units = self.act_fn(self.up_proj(normed, inserted_normed))
         output = self.down_proj(capture.original_units, units)
@@ -338,11 +365,13 @@ def inserted_layer(
 
 __all__ = [
     "HalfRotation",
+    "HalfTablesRotation",
     "InsertedGemmaRMSNorm",
     "InsertedHeadsAttention",
     "InsertedLayerNorm",
     "InsertedOlmoRMSNorm",
     "InsertedRMSNorm",
+    "InterleavedGatedUnits",
     "JoinedLinear",
     "LayerCapture",
     "NormCapture",

@@ -67,7 +67,7 @@ LINEAR_COPY_SOURCES = {
 }
 
 
-def always_rotates(attention: nn.Module) -> bool:
+def always(attention: nn.Module) -> bool:
     return True
 
 
@@ -90,24 +90,28 @@ class SparseMlp:
 
     Its experts are fused 3-D parameters, so no module receives their units; the inserted down projection reads
     the block's output (width `hidden_size`) in their place, and the inserted units take the activation at
-    `activation`.
+    `activation`: `act(gate) * up`, or, where the family combines gate and up otherwise (gpt-oss's clamped
+    SwiGLU), the rule `gated_units` builds from the module at `activation`.
     """
 
     block_class: type
     path: str = "mlp"
     activation: str = "mlp.experts.act_fn"
+    gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
 class MlpReadout:
     """Where the inserted MLP of one decoder layer reads the original units: the input of the module at
     `units_path` (a down projection: the units themselves), or its output where `reads_output` (a sparse block);
-    `units_width` wide. `activation` is the module the inserted units take their activation from."""
+    `units_width` wide. `activation` is the module the inserted units take their activation from, `gated_units`
+    (where given) the rule that builds from it how gate and up make the units."""
 
     units_path: str
     reads_output: bool
     units_width: int
     activation: str
+    gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ class OtterLayout:
     rotary: type | None = HalfRotation
     # Whether a base attention module applies the rotary embeddings it receives (SmolLM3 skips them in some
     # layers); the inserted heads of its layer do as it does.
-    rotates: Callable[[nn.Module], bool] = always_rotates
+    rotates: Callable[[nn.Module], bool] = always
     # How the inserted stream is normalised with the original stream's statistics, and the config field of eps.
     norm: type = InsertedRMSNorm
     norm_eps: str = "rms_norm_eps"
@@ -149,12 +153,20 @@ class OtterLayout:
     gated_mlp: bool = True
     # The mixture-of-experts block of a sparse family (None: every layer is dense).
     sparse_mlp: SparseMlp | None = None
-    # Norms the base attention applies to every query and key head (Qwen3, Gemma 3), by path in the attention.
+    # Norms the base attention applies to every query and key head (Qwen3, Gemma 3), by path in the attention, and
+    # whether a base attention module has them (GLM-4-MoE's `use_qk_norm`); the inserted heads of its layer do as
+    # it does.
     query_key_norms: tuple[str, str] | None = None
+    applies_query_key_norms: Callable[[nn.Module], bool] = always
     # Norms the base attention applies over its whole query and key projections (OLMo 2/3), by path in the
     # attention: the inserted heads read their statistics and take their own weights (`ProjectionNorm`).
     query_key_projection_norms: tuple[str, str] | None = None
     sliding_window: Callable[[nn.Module], int | None] = attention_sliding_window
+    # The base attention's per-head sink logits, by attribute name (gpt-oss's `sinks`): a softmax column of their
+    # own that takes attention mass from every position. The inserted heads hold sinks of their own under the same
+    # name on the inserted attention, which the base's attention functions read from the module they are handed
+    # (eager) or as `s_aux` (kernels); copy-initialisation copies each source head's.
+    attention_sinks: str | None = None
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
     # value, output, gate, up or down. In a sparse layer (`sparse_mlp`) gate and up are the first units of the
     # shared expert where the family has one, else of expert 0, and down is not read: the inserted down
@@ -186,7 +198,11 @@ class OtterLayout:
         sparse = self.sparse_mlp
         if sparse is not None and isinstance(layer.get_submodule(sparse.path), sparse.block_class):
             return MlpReadout(
-                sparse.path, reads_output=True, units_width=config.hidden_size, activation=sparse.activation
+                sparse.path,
+                reads_output=True,
+                units_width=config.hidden_size,
+                activation=sparse.activation,
+                gated_units=sparse.gated_units,
             )
         return MlpReadout(
             self.mlp_output, reads_output=False, units_width=config.intermediate_size, activation=self.mlp_activation
@@ -259,7 +275,7 @@ class TransformersHeadsAttention:
     def query_key_norms(self) -> tuple[Callable, Callable] | None:
         if self.projection_norm_captures is not None:
             return tuple(ProjectionNorm(self.layout.norm, captured) for captured in self.projection_norm_captures)
-        if self.layout.query_key_norms is None:
+        if self.layout.query_key_norms is None or not self.layout.applies_query_key_norms(self.base_attention):
             return None
         return tuple(self.base_attention.get_submodule(path) for path in self.layout.query_key_norms)
 
@@ -271,6 +287,9 @@ class TransformersHeadsAttention:
         if cache is not None:
             ensure_inserted_cache_layers(cache, config)
             key, value = cache.update(key, value, config.num_hidden_layers + self.layer_index)
+        sinks = self.layout.attention_sinks
+        if sinks is not None:
+            kwargs = {**kwargs, "s_aux": getattr(self.heads, sinks)}
         heads, _ = self.stream.attention_fn(
             self.heads,
             query,

@@ -178,20 +178,26 @@ class OtterModelMixin:
         )
         # The attention functions of transformers read these from the module they are handed.
         layer.inserted_attn.is_causal = True
+        if layout.attention_sinks is not None:
+            self._capture_point(layer, f"{layout.attention}.{layout.attention_sinks}", layer_path, parameter=True)
+            sinks = nn.Parameter(torch.empty(config.inserted_num_attention_heads))
+            setattr(layer.inserted_attn, layout.attention_sinks, sinks)
+        activation = self._capture_point(layer, mlp.activation, layer_path)
         layer.inserted_mlp = OtterInsertedMLP(
             config.hidden_size,
             config.inserted_hidden_size,
             original_units=mlp.units_width,
             inserted_units=config.inserted_intermediate_size,
             bias=has_bias["up"],
-            act_fn=self._capture_point(layer, mlp.activation, layer_path),
+            act_fn=None if mlp.gated_units else activation,
             norm=layout.norm,
             gated=layout.gated_mlp,
+            gated_units=mlp.gated_units(activation) if mlp.gated_units else None,
         )
 
-    def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "") -> nn.Module:
+    def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "", parameter: bool = False):
         try:
-            return parent.get_submodule(path)
+            return parent.get_parameter(path) if parameter else parent.get_submodule(path)
         except AttributeError:
             full_path = f"{parent_path}.{path}" if parent_path else path
             raise ValueError(
@@ -247,6 +253,9 @@ class OtterModelMixin:
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        sinks = self.otter_layout.attention_sinks
+        if sinks is not None and isinstance(module, OtterInsertedAttention):
+            init.normal_(getattr(module, sinks), mean=0.0, std=self.config.initializer_range)  # as the base's sinks
         if getattr(module, "inserted_weight", None) is None:
             return
         if isinstance(module, nn.Embedding):
@@ -1014,10 +1023,13 @@ class OtterMoeForCausalLMMixin(OtterForCausalLMMixin):
     auxiliary load-balancing loss from settings its `__init__` keeps, which the Otter `__init__` (building the
     Otter backbone in place of the base's) sets the same way."""
 
+    # The config field of the number of routed experts (Granite-MoE's is `num_local_experts`).
+    num_experts_field = "num_experts"
+
     def __init__(self, config):
         super().__init__(config)
         self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_experts
+        self.num_experts = getattr(config, self.num_experts_field)
         self.num_experts_per_tok = config.num_experts_per_tok
 
 
