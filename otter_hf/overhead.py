@@ -66,6 +66,23 @@ REAL_SHAPED_BASES = {
         "GPT-2 (124M)",
         dict(hidden_size=768, n_inner=3072, num_attention_heads=12, tie_word_embeddings=True),
     ),
+    # A mixture of experts: each token runs through 8 experts as in the real model, chosen among 16 rather than 128
+    # so that the random weights fit in memory (2.8 GB in float32).
+    "qwen3_moe": (
+        "Qwen3-30B-A3B",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=16,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -118,6 +135,25 @@ _LAYER_INDEX = re.compile(r"\.\d+\.")
 def _parameter_count(config) -> int:
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+def active_base_parameters(otter) -> int:
+    """The base parameters one token runs through: all of them in a dense model; in a mixture of experts all but
+    the routed experts it is not sent to (each sparse block's fused experts count for `num_experts_per_tok` of
+    their number; routers and shared experts run for every token)."""
+    sparse = otter.base_model.otter_layout.sparse_mlp
+    total = otter.num_base_parameters()
+    if sparse is None:
+        return total
+    skipped = 0
+    for layer in otter.otter_decoder_layers():
+        block = layer.get_submodule(sparse.path)
+        if isinstance(block, sparse.block_class):
+            experts = block.experts
+            num_experts = experts.gate_up_proj.shape[0]
+            unused_share = 1 - otter.config.num_experts_per_tok / num_experts
+            skipped += round(sum(parameter.numel() for parameter in experts.parameters()) * unused_share)
+    return total - skipped
 
 
 def same_size_base(base, otter):
@@ -200,10 +236,6 @@ def _peak_memory(model_path, dtype, with_otter, insertion_options, prefill_token
         ).result()
 
 
-# The three models timed, in the order each repeat runs them.
-MODELS = ("base", "same_size", "otter")
-
-
 def measure_overhead(
     base_path: str,
     *,
@@ -221,8 +253,11 @@ def measure_overhead(
     torch.set_num_threads(threads)
     base = _load(base_path, dtype)
     otter = insert(base, **insertion_options).eval()
-    same_size = same_size_base(base, otter)
+    # A mixture of experts has no same-size base (see `same_size_base`): Otter is timed against the base alone.
+    sparse = otter.base_model.otter_layout.sparse_mlp is not None
+    same_size = None if sparse else same_size_base(base, otter)
     models = {"base": base, "same_size": same_size, "otter": otter}
+    models = {name: model for name, model in models.items() if model is not None}
     generator = torch.Generator().manual_seed(0)
     vocab_size = base.config.vocab_size
     prefill_ids = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator)
@@ -231,11 +266,11 @@ def measure_overhead(
         for batch in decode_batch_sizes
     }
 
-    prefill_times = {name: [] for name in MODELS}
-    decode_times = {batch: {name: [] for name in MODELS} for batch in decode_batch_sizes}
+    prefill_times = {name: [] for name in models}
+    decode_times = {batch: {name: [] for name in models} for batch in decode_batch_sizes}
     for model in models.values():
         prefill(model, prefill_ids)  # warm-up
-    for _ in tqdm(range(repeats), desc="Timing base, same-size base and Otter"):
+    for _ in tqdm(range(repeats), desc=f"Timing {', '.join(models)}"):
         # Alternating the models spreads any drift of the machine over all of them.
         for name, model in models.items():
             start = time.perf_counter()
@@ -257,19 +292,18 @@ def measure_overhead(
     }
     memory_workload = dict(prefill_tokens=prefill_tokens, decode_steps=decode_steps)
     with tempfile.TemporaryDirectory() as scratch:
-        # The same-size base is loaded from a checkpoint as the base is, so that loading leaves the same traces. Its
-        # query heads need not divide the hidden size, which save_pretrained and a config reload refuse: its weights
-        # are written by safetensors (and its generation config, which loading reads) and its config goes to the child
-        # process as an object.
-        save_model(same_size, os.path.join(scratch, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        same_size.generation_config.save_pretrained(scratch)
-        peaks = {
-            "base": _peak_memory(base_path, dtype, False, insertion_options, **memory_workload),
-            "same_size": _peak_memory(scratch, dtype, False, {}, **memory_workload, config=same_size.config),
-            "otter": _peak_memory(base_path, dtype, True, insertion_options, **memory_workload),
-        }
-    config, same_size_config = otter.config, same_size.config
-    width_attribute = _FEED_FORWARD_WIDTH.get(same_size_config.model_type, "intermediate_size")
+        peaks = {"base": _peak_memory(base_path, dtype, False, insertion_options, **memory_workload)}
+        if same_size is not None:
+            # The same-size base is loaded from a checkpoint as the base is, so that loading leaves the same traces.
+            # Its query heads need not divide the hidden size, which save_pretrained and a config reload refuse: its
+            # weights are written by safetensors (and its generation config, which loading reads) and its config
+            # goes to the child process as an object.
+            save_model(same_size, os.path.join(scratch, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+            same_size.generation_config.save_pretrained(scratch)
+            peaks["same_size"] = _peak_memory(scratch, dtype, False, {}, **memory_workload, config=same_size.config)
+        peaks["otter"] = _peak_memory(base_path, dtype, True, insertion_options, **memory_workload)
+    config = otter.config
+    active_parameters = active_base_parameters(otter)
     return {
         "base_model": base_path,
         "dtype": str(dtype).removeprefix("torch."),
@@ -284,12 +318,10 @@ def measure_overhead(
         "base_parameters": otter.num_base_parameters(),
         "inserted_parameters": otter.num_inserted_parameters(),
         "inserted_parameter_fraction": round(otter.inserted_parameter_fraction(), 4),
-        "same_size_base": {
-            "parameters": same_size.num_parameters(),
-            "num_attention_heads": same_size_config.num_attention_heads,
-            "num_key_value_heads": getattr(same_size_config, "num_key_value_heads", None),
-            "feed_forward_width": getattr(same_size_config, width_attribute),
-        },
+        # Per token: a mixture of experts runs only some of its base parameters, and all the inserted ones.
+        "active_base_parameters": active_parameters,
+        "inserted_parameter_fraction_of_active": round(otter.num_inserted_parameters() / active_parameters, 4),
+        "same_size_base": None if same_size is None else _same_size_summary(same_size),
         **timings,
         "noisy_timings": [name for name, summary in timings.items() if is_noisy(summary)],
         "peak_memory": {
@@ -298,6 +330,16 @@ def measure_overhead(
             **{f"{name}_bytes": peak for name, peak in peaks.items()},
             **_ratios(peaks),
         },
+    }
+
+
+def _same_size_summary(same_size) -> dict:
+    config = same_size.config
+    return {
+        "parameters": same_size.num_parameters(),
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "feed_forward_width": getattr(config, _FEED_FORWARD_WIDTH.get(config.model_type, "intermediate_size")),
     }
 
 

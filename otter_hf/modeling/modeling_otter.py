@@ -27,7 +27,7 @@ from torch import nn
 from transformers import LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightConverter
+from transformers.core_model_loading import WeightConverter, WeightRenaming
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -1033,7 +1033,7 @@ class OtterMoeForCausalLMMixin(OtterForCausalLMMixin):
         self.num_experts_per_tok = config.num_experts_per_tok
 
 
-def keep_base_checkpoint_format(config_class: type) -> None:
+def keep_base_checkpoint_format(config_class: type, renamings: bool = False) -> None:
     """Save and load an Otter architecture's original weights in its base's checkpoint layout.
 
     transformers converts the checkpoints of some families as it loads them (a mixture of experts' per-expert
@@ -1042,11 +1042,14 @@ def keep_base_checkpoint_format(config_class: type) -> None:
     does, and both load the same way: stacked into fresh tensors, whose memory alignment (which the rounding of
     some CPU kernels depends on) is the base's, so the original logits stay bit-identical after a reload.
 
-    The base's renamings of legacy module names are left out: the Otter model saves under today's names, and a
-    renaming's pattern can match an inserted module too (Mixtral's `.mlp.` matches `inserted_mlp.`).
+    The base's renamings of legacy module names are left out unless `renamings`: a renaming's pattern can match an
+    inserted module too (Mixtral's `.mlp.` matches `inserted_mlp.`). A family whose renamings name only parameters
+    of its own blocks (Granite-MoE's `block_sparse_moe.input_linear.weight`) keeps them, so that its experts are
+    stored under the names the base checkpoint gives them.
     """
     mapping = get_checkpoint_conversion_mapping(config_class.base_model_type) or []
-    converters = [transform for transform in mapping if isinstance(transform, WeightConverter)]
-    if converters:
+    kept = (WeightConverter, WeightRenaming) if renamings else WeightConverter
+    transforms = [transform for transform in mapping if isinstance(transform, kept)]
+    if transforms:
         # Overwriting: the class is defined again when its file loads as a checkpoint's remote code.
-        register_checkpoint_conversion_mapping(config_class.model_type, converters, overwrite=True)
+        register_checkpoint_conversion_mapping(config_class.model_type, transforms, overwrite=True)

@@ -30,8 +30,8 @@ class OtterGraniteMoeConfig(OtterConfigMixin, GraniteMoeConfig):
     base_model_type = "granitemoe"
 
 
-# Saved as Granite-MoE checkpoints are.
-keep_base_checkpoint_format(OtterGraniteMoeConfig)
+# Saved as Granite-MoE checkpoints are: its renamings name only the sparse block's own parameters.
+keep_base_checkpoint_format(OtterGraniteMoeConfig, renamings=True)
 
 
 def granitemoe_copy_source(layer: nn.Module, role: str):
