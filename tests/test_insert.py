@@ -63,11 +63,19 @@ def test_copy_init_makes_the_inserted_stream_follow_the_copied_dimensions(base_n
 
 
 def test_copied_heads_attend_as_their_sources(base_name):
+    assert_copied_heads_attend_as_their_sources(make_base(base_name))
+
+
+def test_copied_heads_skip_the_query_key_norms_their_layer_does_not_apply():
+    # GLM-4-MoE's per-head q/k norms are optional (`use_qk_norm`); the tiny config has them.
+    assert_copied_heads_attend_as_their_sources(make_base("glm4moe-dense-shared", use_qk_norm=False))
+
+
+def assert_copied_heads_attend_as_their_sources(base):
     # At insertion each inserted head computes what its source head does: the same q/k norms, rotation (or none,
-    # in a layer whose base attention skips it), scale, window and mask. Two key/value heads make the query heads
-    # copy original heads 0 and 2 where the base has groups of two, and norm weights away from one tell slices
-    # apart.
-    base = make_base(base_name)
+    # in a layer whose base attention skips it), scale, window, sinks and mask. Two key/value heads make the query
+    # heads copy original heads 0 and 2 where the base has groups of two, and norm weights away from one tell
+    # slices apart.
     with torch.no_grad():
         for name, parameter in base.named_parameters():
             if "norm" in name:

@@ -134,3 +134,52 @@ def test_a_checkpoint_stores_the_experts_as_the_base_checkpoint_and_reloads_exac
             reloaded(input_ids, attention_mask=attention_mask).logits,
             reloaded_base(input_ids, attention_mask=attention_mask).logits,
         )
+
+
+def copied_units_and_normed_inputs(otter, units: int):
+    """Per decoder layer, the inserted units and the sparse block's normalised input of one forward of a
+    copy-initialised model with `units` inserted units."""
+    captured = []
+    for layer in otter.otter_decoder_layers():
+        record = {}
+        captured.append(record)
+        layer.post_attention_layernorm.register_forward_hook(
+            lambda module, args, output, record=record: record.update(normed=output)
+        )
+        layer.inserted_mlp.down_proj.register_forward_pre_hook(
+            lambda module, args, record=record: record.update(units=args[1])
+        )
+    input_ids, attention_mask = random_batch(2, 7)
+    with torch.no_grad():
+        otter(input_ids, attention_mask=attention_mask)
+    assert all(record["units"].shape[-1] == units for record in captured)
+    return captured
+
+
+def test_gpt_oss_copied_units_take_the_experts_clamped_swiglu_with_their_biases():
+    # gpt-oss stores expert 0's gate and up values interleaved in `gate_up_proj [E, H, 2I]`, with biases, and
+    # clamps them in its SwiGLU (the tiny config's limit bites); a copied unit computes expert 0's unit.
+    base = make_base("gptoss-sinks-sliding")
+    otter = otter_hf.insert(base, inserted_hidden_size=16, inserted_intermediate_size=8)
+    for layer, record in zip(otter.otter_decoder_layers(), copied_units_and_normed_inputs(otter, 8)):
+        experts = layer.mlp.experts
+        gate_up = record["normed"] @ experts.gate_up_proj[0] + experts.gate_up_proj_bias[0]
+        assert (gate_up.abs() > experts.limit).any()
+        torch.testing.assert_close(record["units"], experts._apply_gate(gate_up)[..., :8])
+
+
+def test_glm4_moe_copies_the_shared_experts_in_sparse_layers_and_the_mlp_in_dense_ones():
+    base = make_base("glm4moe-dense-shared")
+    otter = otter_hf.insert(base, inserted_hidden_size=16, inserted_intermediate_size=8)
+    dense, sparse = otter.otter_decoder_layers()  # `first_k_dense_replace=1`
+    assert type(dense.mlp).__name__ == "Glm4MoeMLP" and type(sparse.mlp).__name__ == "Glm4MoeMoE"
+    for layer, record in zip((dense, sparse), copied_units_and_normed_inputs(otter, 8)):
+        source = layer.mlp.shared_experts if layer is sparse else layer.mlp
+        normed = record["normed"]
+        expected = source.act_fn(source.gate_proj(normed)) * source.up_proj(normed)
+        torch.testing.assert_close(record["units"], expected[..., :8])
+
+
+def test_olmoe_refuses_a_config_that_clamps_queries_keys_and_values():
+    with pytest.raises(ValueError, match=r"olmoe.*clip_qkv=8\.0.*self_attn"):
+        otter_hf.insert(make_base("olmoe-sparse-qk-norm", clip_qkv=8.0))
