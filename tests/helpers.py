@@ -341,7 +341,7 @@ BASE_MODELS = {
         OlmoeForCausalLM,
         dict(
             hidden_size=64,
-            intermediate_size=32,
+            intermediate_size=64,
             num_experts=4,
             num_experts_per_tok=2,
             num_hidden_layers=2,

@@ -1,12 +1,12 @@
 """Otter for OLMo 2 checkpoints: `Olmo2ForCausalLM` with parameters inserted into every layer, and its
 sequence-classification view.
 
-What differs from Llama, each declared in OLMo 3's layout, which this one reuses: no norm before the attention or the MLP, which read
-the raw residual stream (the inserted stream enters their inserted projections raw too), and a norm on each
-module's output (its statistics normalise the inserted update, as Gemma's sandwich norms); RMSNorm applying its
-weight in float32 before the cast back; q/k norms over the whole query and key projections rather than per head
-(the inserted heads read their statistics with their own weights, `ProjectionNorm`); rotary tables in float32
-(the rotated heads are cast back, as the base does); every layer attends to every position. OLMo 3's sliding
+What differs from Llama, each declared in OLMo 3's layout, which this one reuses: no norm before the attention or
+the MLP, which read the raw residual stream (the inserted stream enters their inserted projections raw too), and a
+norm on each module's output (its statistics normalise the inserted update, as Gemma's sandwich norms); RMSNorm
+applying its weight in float32 before the cast back; q/k norms over the whole query and key projections rather than
+per head (the inserted heads read their statistics with their own weights, `ProjectionNorm`); rotary tables in
+float32 (the rotated heads are cast back, as the base does); every layer attends to every position. OLMo 3's sliding
 layers are its attention modules' own windows, which OLMo 2's do not have.
 """
 
