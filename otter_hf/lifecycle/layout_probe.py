@@ -8,14 +8,20 @@ base model itself:
 - the copy-initialised inserted stream follows the original dimensions it copies, layer after layer, as it does on
   every registered architecture (`tests/test_insert.py`): a norm rule, rotation, multiplier or window the layout
   got wrong shows here as a layer where the two part;
+- each copy-initialised inserted head computes what its source head does, and the inserted units of a dense
+  layer what the units they copy do (the stream itself follows without them: at insertion their output weights
+  are zero), so a rotation, q/k norm, window or activation the layout applies otherwise shows here;
 - the LM head's output, processed as the derived causal LM does for draft heads, is the base's logits.
 
 Anything else raises `LayoutNotDerived`, naming where the layout and the base part.
 """
 
+import contextlib
+
 import torch
 
 from ..modeling.derived_layout import LayoutNotDerived
+from ..modeling.initialization import copied_head_sources
 from ..modeling.inserted_stream import CapturePointMissed
 
 PROBE_TOKENS = 8
@@ -37,7 +43,8 @@ def check_probe_forward(otter, base) -> None:
         with torch.no_grad():
             expected = base(input_ids).logits
             try:
-                output = otter(input_ids, output_hidden_states=True)
+                with _recording_copies(otter) as copies:
+                    output = otter(input_ids, output_hidden_states=True)
             except CapturePointMissed as missed:
                 raise LayoutNotDerived(missed.path, "this capture point did not fire on the probe forward") from None
             except Exception as error:  # whatever the base's forward raised with the derived layout attached
@@ -46,7 +53,15 @@ def check_probe_forward(otter, base) -> None:
                 ) from None
             if not torch.equal(output.logits, expected):
                 raise LayoutNotDerived("logits", "the original logits on the probe forward differ from the base's")
-            _check_following(output, len(otter.otter_decoder_layers()), base.dtype)
+            _check_following(output, len(otter.otter_decoder_layers()))
+            for point, (copied, source) in copies.items():
+                _check_close(
+                    copied,
+                    source,
+                    point,
+                    base.dtype,
+                    "the copy-initialised inserted copy computes otherwise than its source",
+                )
             reproduced = otter.logits_from_hidden(output.hidden_states[-1])
             if not torch.allclose(reproduced, output.logits, rtol=1e-4, atol=1e-5):
                 raise LayoutNotDerived(
@@ -57,18 +72,72 @@ def check_probe_forward(otter, base) -> None:
         otter.train(otter_was_training)
 
 
-def _check_following(output, num_layers: int, dtype: torch.dtype) -> None:
+def _relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.float(), reference.float()
+    return ((value - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
+def _check_close(value, reference, point: str, dtype: torch.dtype, what: str) -> None:
+    difference = _relative_difference(value, reference)
+    if not difference <= FOLLOWING_TOLERANCE.get(dtype, HALF_PRECISION_FOLLOWING_TOLERANCE):
+        raise LayoutNotDerived(
+            point,
+            f"{what} (relative difference {difference:.2g}): the derived norm rule, rotation, q/k norms, window, "
+            "activation or multipliers do not compute as this base does",
+        )
+
+
+@contextlib.contextmanager
+def _recording_copies(otter):
+    """Record, per decoder layer, the inserted heads and units beside the original ones they copy: point -> (copied,
+    source) pairs, filled by the forward run inside."""
+    layout, config = otter.base_model.otter_layout, otter.config
+    query_sources, _ = copied_head_sources(config)
+    head_dim = otter.otter_decoder_layers()[0].inserted_attn.head_dim
+    seen, handles = {}, []
+
+    def record(key, position):
+        return lambda module, args: seen.__setitem__(key, args[position])
+
+    for index, layer in enumerate(otter.otter_decoder_layers()):
+        for key, module, position in (
+            ((index, "original heads"), layer.get_submodule(layout.attention_output), 0),
+            ((index, "inserted heads"), layer.inserted_attn.o_proj, 1),
+            ((index, "inserted units"), layer.inserted_mlp.down_proj, 1),
+        ):
+            handles.append(module.register_forward_pre_hook(record(key, position)))
+        readout = layout.mlp_readout(layer, config)
+        if not readout.reads_output:
+            units_module = layer.get_submodule(readout.units_path)
+            handles.append(units_module.register_forward_pre_hook(record((index, "original units"), 0)))
+    copies = {}
+    try:
+        yield copies
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index in range(len(otter.otter_decoder_layers())):
+        inserted, original = seen[index, "inserted heads"], seen[index, "original heads"]
+        for head, source in enumerate(query_sources):
+            copies[f"layers.{index}.{layout.attention} head {head}"] = (
+                inserted[..., head * head_dim : (head + 1) * head_dim],
+                original[..., source * head_dim : (source + 1) * head_dim],
+            )
+        if (index, "original units") in seen:
+            units = seen[index, "inserted units"]
+            copies[f"layers.{index}.{layout.mlp}"] = (units, seen[index, "original units"][..., : units.shape[-1]])
+
+
+def _check_following(output, num_layers: int) -> None:
     original_states, inserted_states = output.hidden_states, output.inserted_hidden_states
     if original_states is None or inserted_states is None or len(original_states) != len(inserted_states):
         raise LayoutNotDerived("hidden_states", "the base returns no hidden state per layer to compare with")
-    tolerance = FOLLOWING_TOLERANCE.get(dtype, HALF_PRECISION_FOLLOWING_TOLERANCE)
     for index, (original, inserted) in enumerate(zip(original_states, inserted_states)):
-        copied = original[..., : inserted.shape[-1]].float()
-        difference = (inserted.float() - copied).norm() / copied.norm().clamp_min(torch.finfo(torch.float32).tiny)
-        if not difference <= tolerance:
-            point = "embed_tokens" if index == 0 else "norm" if index == num_layers else f"layers.{index - 1}"
-            raise LayoutNotDerived(
-                point,
-                f"the copy-initialised inserted stream parts from the dimensions it copies here (relative difference "
-                f"{difference.item():.2g}): the derived norm rule, rotation or multipliers do not compute as this base",
-            )
+        point = "embed_tokens" if index == 0 else "norm" if index == num_layers else f"layers.{index - 1}"
+        _check_close(
+            inserted,
+            original[..., : inserted.shape[-1]],
+            point,
+            original.dtype,
+            "the copy-initialised inserted stream parts from the dimensions it copies here",
+        )
