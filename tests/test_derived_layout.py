@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.helium import modeling_helium
+from transformers.models.arcee import modeling_arcee
 
 import otter_hf
 from otter_hf.modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
@@ -21,10 +21,11 @@ from tests.test_remote_code import LOAD_WITHOUT_OTTER_HF
 TINY = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16
 )
-# Unregistered families the derived layout covers, each with a feature of its own: Llama's layout (Helium), norms on
-# the modules' outputs and q/k norms per head (EXAONE 4), Gemma's norm, sandwich norms and softcapping (Gemma 2).
+# Unregistered families the derived layout covers, each with a feature of its own: Llama's layout with an MLP without
+# a gate (Arcee), norms on the modules' outputs and q/k norms per head (EXAONE 4), Gemma's norm, sandwich norms and
+# softcapping (Gemma 2).
 DERIVED = {
-    "helium": "InsertedRMSNorm pre-norms",
+    "arcee": "InsertedRMSNorm pre-norms, rotary, MLP without a gate",
     "exaone4": "norms on the modules' outputs, rotary, q/k norms per head",
     "gemma2": "InsertedGemmaRMSNorm sandwich norms",
 }
@@ -84,10 +85,10 @@ def test_a_derived_mixture_of_experts_reads_its_sparse_blocks():
 
 
 def test_a_derived_checkpoint_loads_as_remote_code_without_otter_hf(tmp_path):
-    otter, _ = insert_derived(tiny_base("helium"))
+    otter, _ = insert_derived(tiny_base("arcee"))
     otter.save_pretrained(tmp_path / "saved")
     auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "derived_layout.OtterHeliumForCausalLMWithValueHead"
+    assert auto_map["AutoModelForCausalLM"] == "derived_layout.OtterArceeForCausalLMWithValueHead"
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
         output = otter(input_ids, attention_mask=attention_mask)
@@ -118,9 +119,9 @@ def test_a_derived_checkpoint_loads_as_remote_code_without_otter_hf(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report.pop("otter_hf_imported") is False
     result = report[str(tmp_path / "saved")]
-    assert result["causal_lm_class"].endswith("derived_layout.OtterHeliumForCausalLMWithValueHead")
+    assert result["causal_lm_class"].endswith("derived_layout.OtterArceeForCausalLMWithValueHead")
     assert result["logits_equal"] and result["value_close"] and result["only_inserted_trainable"]
-    assert result["sequence_classifier_class"] == "OtterHeliumForSequenceClassification"
+    assert result["sequence_classifier_class"] == "OtterArceeForSequenceClassification"
 
 
 def test_a_base_without_a_capture_point_is_refused_naming_it():
@@ -131,30 +132,53 @@ def test_a_base_without_a_capture_point_is_refused_naming_it():
 def test_a_capture_point_that_does_not_fire_is_refused_naming_it(monkeypatch):
     # A base computing its down projection without calling the module: the same output, a capture point never fired.
     def mlp_without_down_proj_call(self, states):
-        units = self.act_fn(self.gate_proj(states)) * self.up_proj(states)
+        units = self.act_fn(self.up_proj(states))
         return torch.nn.functional.linear(units, self.down_proj.weight, self.down_proj.bias)
 
-    monkeypatch.setattr(modeling_helium.HeliumMLP, "forward", mlp_without_down_proj_call)
+    monkeypatch.setattr(modeling_arcee.ArceeMLP, "forward", mlp_without_down_proj_call)
     with pytest.raises(ValueError, match=r"`layers\.0\.mlp\.down_proj`: this capture point did not fire"):
-        otter_hf.insert(tiny_base("helium"))
+        otter_hf.insert(tiny_base("arcee"))
 
 
 def test_a_base_whose_output_the_probe_does_not_reproduce_is_refused():
     # A module of this base object changed after it was built: the derived classes build the family's own module.
-    base = tiny_base("helium")
+    base = tiny_base("arcee")
     base.model.layers[1].mlp.act_fn = torch.nn.GELU()
     with pytest.raises(ValueError, match=r"`logits`: the original logits on the probe forward differ"):
         otter_hf.insert(base)
 
 
-def test_a_rotation_the_inserted_heads_do_not_repeat_is_refused(monkeypatch):
-    # The base rotates the other way round from the rotation the derived layout applies: its own output is intact,
-    # the capture points all fire, and only the inserted stream would be wrong, so the probe refuses it.
-    rotate = modeling_helium.apply_rotary_pos_emb
-    monkeypatch.setattr(
-        modeling_helium, "apply_rotary_pos_emb", lambda q, k, cos, sin, *args, **kwargs: rotate(q, k, cos, -sin)
-    )
-    with pytest.raises(
-        ValueError, match=r"`layers\.0\.self_attn head 0`: the copy-initialised inserted copy computes otherwise"
-    ):
+def test_a_rotation_the_inserted_heads_do_not_repeat_is_refused():
+    # Helium rotates interleaved channel pairs, where the derived layout rotates half against half: its own output is
+    # intact and every capture point fires, only the inserted heads would be wrong, so the probe refuses it.
+    with pytest.raises(ValueError, match=r"'helium'.*`layers\.0\.self_attn query head 0`: the copy-initialised"):
         otter_hf.insert(tiny_base("helium"))
+
+
+def test_a_derived_checkpoint_loads_in_a_fresh_process_with_otter_hf(tmp_path):
+    # Nothing registers `otter_arcee` in a fresh process until otter_hf reads the checkpoint's model_type.
+    otter, _ = insert_derived(tiny_base("arcee"))
+    otter.save_pretrained(tmp_path / "saved")
+    input_ids, attention_mask = random_batch(2, 7, "left")
+    with torch.no_grad():
+        expected = otter(input_ids, attention_mask=attention_mask)
+    save_file({"input_ids": input_ids, "attention_mask": attention_mask, "logits": expected.logits}, tmp_path / "x")
+    script = (
+        "import sys, torch; from safetensors.torch import load_file\n"
+        "from otter_hf.lifecycle.loading import load_model\n"
+        "from otter_hf.modeling import sequence_classification_view\n"
+        "model = load_model(sys.argv[1], otter_only=False).eval(); tensors = load_file(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    logits = model(tensors['input_ids'], attention_mask=tensors['attention_mask']).logits\n"
+        "assert torch.equal(logits, tensors['logits']), 'logits differ'\n"
+        "print(type(sequence_classification_view(model)).__name__)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "saved"), str(tmp_path / "x")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "OtterArceeForSequenceClassification"

@@ -6,11 +6,11 @@ base model itself:
 - the original logits are bit-identical to the base's (`torch.equal`);
 - every capture point fired: the forward completes without `CapturePointMissed`;
 - the copy-initialised inserted stream follows the original dimensions it copies, layer after layer, as it does on
-  every registered architecture (`tests/test_insert.py`): a norm rule, rotation, multiplier or window the layout
-  got wrong shows here as a layer where the two part;
-- each copy-initialised inserted head computes what its source head does, and the inserted units of a dense
-  layer what the units they copy do (the stream itself follows without them: at insertion their output weights
-  are zero), so a rotation, q/k norm, window or activation the layout applies otherwise shows here;
+  every registered architecture (`tests/test_insert.py`);
+- each copy-initialised inserted head's rotated (and normalised) query and key are its source head's, its output
+  is its source's, and the inserted units of a dense layer are the units they copy: the stream follows without
+  them (at insertion their output weights are zero), so a rotation, q/k norm, window or activation the layout
+  applies otherwise shows only here;
 - the LM head's output, processed as the derived causal LM does for draft heads, is the base's logits.
 
 Anything else raises `LayoutNotDerived`, naming where the layout and the base part.
@@ -19,12 +19,13 @@ Anything else raises `LayoutNotDerived`, naming where the layout and the base pa
 import contextlib
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..modeling.derived_layout import LayoutNotDerived
 from ..modeling.initialization import copied_head_sources
 from ..modeling.inserted_stream import CapturePointMissed
 
-PROBE_TOKENS = 8
+PROBE_TOKENS = 32
 # The largest relative difference between the copy-initialised inserted stream and the dimensions it copies:
 # rounding in the base's dtype, far below what a wrong norm rule or rotation makes (of the order of one).
 FOLLOWING_TOLERANCE = {torch.float32: 1e-3}
@@ -43,7 +44,7 @@ def check_probe_forward(otter, base) -> None:
         with torch.no_grad():
             expected = base(input_ids).logits
             try:
-                with _recording_copies(otter) as copies:
+                with _recording_copies(otter) as copies, _recording_queries_and_keys(otter) as rotated:
                     output = otter(input_ids, output_hidden_states=True)
             except CapturePointMissed as missed:
                 raise LayoutNotDerived(missed.path, "this capture point did not fire on the probe forward") from None
@@ -54,7 +55,7 @@ def check_probe_forward(otter, base) -> None:
             if not torch.equal(output.logits, expected):
                 raise LayoutNotDerived("logits", "the original logits on the probe forward differ from the base's")
             _check_following(output, len(otter.otter_decoder_layers()))
-            for point, (copied, source) in copies.items():
+            for point, (copied, source) in {**rotated, **copies}.items():
                 _check_close(
                     copied,
                     source,
@@ -126,6 +127,46 @@ def _recording_copies(otter):
         if (index, "original units") in seen:
             units = seen[index, "inserted units"]
             copies[f"layers.{index}.{layout.mlp}"] = (units, seen[index, "original units"][..., : units.shape[-1]])
+
+
+@contextlib.contextmanager
+def _recording_queries_and_keys(otter):
+    """Record the queries and keys every attention of the forward run inside hands the attention function (rotated
+    and normalised), base and inserted heads alike: point -> (copied, source) pairs, filled after the forward.
+
+    The attention outputs alone would hide a wrong rotation on a small random model, whose attention is nearly
+    uniform; the rotated queries and keys differ by the order of one."""
+    layout, config = otter.base_model.otter_layout, otter.config
+    implementation = config._attn_implementation
+    attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, layout.eager_attention_fn)
+    seen = {}
+
+    def recording(module, query, key, value, *args, **kwargs):
+        seen[id(module)] = (query, key)
+        return attention_function(module, query, key, value, *args, **kwargs)
+
+    # transformers' per-instance overrides of the attention functions, restored as they were.
+    overrides = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    ALL_ATTENTION_FUNCTIONS[implementation] = recording
+    pairs = {}
+    try:
+        yield pairs
+    finally:
+        ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+        ALL_ATTENTION_FUNCTIONS._local_mapping.update(overrides)
+    query_sources, key_sources = copied_head_sources(config)
+    for index, layer in enumerate(otter.otter_decoder_layers()):
+        point = f"layers.{index}.{layout.attention}"
+        if id(layer.get_submodule(layout.attention)) not in seen:
+            raise LayoutNotDerived(point, "the attention does not call transformers' attention function")
+        (query, key), (inserted_query, inserted_key) = (
+            seen[id(layer.get_submodule(layout.attention))],
+            seen[id(layer.inserted_attn)],
+        )
+        for head, source in enumerate(query_sources):
+            pairs[f"{point} query head {head}"] = (inserted_query[:, head], query[:, source])
+        for head, source in enumerate(key_sources):
+            pairs[f"{point} key head {head}"] = (inserted_key[:, head], key[:, source])
 
 
 def _check_following(output, num_layers: int) -> None:

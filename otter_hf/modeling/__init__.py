@@ -79,10 +79,12 @@ def sequence_classification_view(model: OtterForCausalLMMixin):
     """
     if isinstance(model, OtterForSequenceClassificationMixin):
         return model
-    if type(model) not in _VIEWS_BY_CAUSAL_LM:
+    # A derived architecture's view is in its Auto classes, as every architecture's is.
+    view = getattr(type(model), "auto_map_classes", {}).get("AutoModelForSequenceClassification")
+    if not isinstance(model, OtterForCausalLMMixin) or view is None:
         supported = ", ".join(sorted(causal_lm.__name__ for causal_lm in _VIEWS_BY_CAUSAL_LM))
         raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
-    return _VIEWS_BY_CAUSAL_LM[type(model)].from_causal_lm(model)
+    return view.from_causal_lm(model)
 
 
 # Every architecture's classes, exported by name: `from otter_hf.modeling import OtterLlamaConfig`.

@@ -377,6 +377,15 @@ def derived_architecture(model_type: str) -> tuple[type, type, type, type]:
     return config_class, backbone, causal_lm, view
 
 
+def derived_architecture_of(otter_model_type: str) -> tuple[type, type, type, type] | None:
+    """`derived_architecture` for the Otter `model_type` a derived checkpoint records (`otter_<base model_type>`);
+    None where it names no base causal LM of this transformers."""
+    base_model_type = otter_model_type.removeprefix("otter_")
+    if base_model_type == otter_model_type or derived_class_names(base_model_type) is None:
+        return None
+    return derived_architecture(base_model_type)
+
+
 def register_with_auto_classes(causal_lm: type, view: type) -> None:
     """Register an Otter architecture's config and classes with the Auto classes, and have its saved checkpoints
     carry their code and an `auto_map` for trust_remote_code without otter_hf."""
