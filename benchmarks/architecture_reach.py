@@ -114,7 +114,10 @@ def refusal_kind(message: str) -> str:
     point = re.search(r"does not fit it at `([^`]+)`", message)
     if point is None:
         return message.split(". ")[1][:80] if ". " in message else message[:80]
-    return re.sub(r"^layers\.\d+(\.|$)", r"layers.N\1", point.group(1))
+    kind = re.sub(r"^layers\.\d+(\.|$)", r"layers.N\1", point.group(1))
+    if kind == "forward":  # by what the base's forward raised
+        kind += " " + re.search(r"probe forward failed \((\w+)", message).group(1)
+    return kind
 
 
 def check_inserted(base, input_ids) -> str | None:

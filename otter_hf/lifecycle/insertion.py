@@ -73,7 +73,11 @@ def derived_otter_class(base: PreTrainedModel) -> type[PreTrainedModel]:
             f"{type(base).__name__}."
         )
     try:
-        probe = _build_from_base(otter_class, otter_class.config_class.from_base_config(base.config), base)
+        try:
+            config = otter_class.config_class.from_base_config(base.config)
+        except (AttributeError, TypeError) as error:  # a config without the sizes an Otter config reads
+            raise LayoutNotDerived("config", str(error)) from None
+        probe = _build_from_base(otter_class, config, base)
         initialize_inserted_parameters(probe, "copy")
         check_probe_forward(probe, base)
     except LayoutNotDerived as error:

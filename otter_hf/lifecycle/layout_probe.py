@@ -48,6 +48,8 @@ def check_probe_forward(otter, base) -> None:
                     output = otter(input_ids, output_hidden_states=True)
             except CapturePointMissed as missed:
                 raise LayoutNotDerived(missed.path, "this capture point did not fire on the probe forward") from None
+            except LayoutNotDerived:
+                raise
             except Exception as error:  # whatever the base's forward raised with the derived layout attached
                 raise LayoutNotDerived(
                     "forward", f"the probe forward failed ({type(error).__name__}: {error})"

@@ -175,7 +175,7 @@ def _query_key_norms(attention: nn.Module, config, path: str) -> dict:
 def _expert_copy_source(layer: nn.Module, role: str):
     """Copy-initialisation's sources in a sparse layer: gate and up are the first units of the shared expert where
     the block has one, else of expert 0; the attention's are Llama's."""
-    if role not in ("gate", "up"):
+    if role not in ("gate", "up") or not _has(layer.mlp, "experts"):  # a dense layer beside the sparse ones
         return linear_copy_source(layer, role)
     shared = next(
         (getattr(layer.mlp, name) for name in ("shared_expert", "shared_experts") if _has(layer.mlp, name)), None
