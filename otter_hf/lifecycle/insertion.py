@@ -77,8 +77,11 @@ def derived_otter_class(base: PreTrainedModel) -> type[PreTrainedModel]:
             config = otter_class.config_class.from_base_config(base.config)
         except (AttributeError, TypeError) as error:  # a config without the sizes an Otter config reads
             raise LayoutNotDerived("config", str(error)) from None
-        probe = _build_from_base(otter_class, config, base)
-        initialize_inserted_parameters(probe, "copy")
+        try:
+            probe = _build_from_base(otter_class, config, base)
+            initialize_inserted_parameters(probe, "copy")
+        except (RuntimeError, ValueError) as error:  # the base's weights do not take the derived layout's shapes
+            raise LayoutNotDerived("build", f"{type(error).__name__}: {error}") from None
         check_probe_forward(probe, base)
     except LayoutNotDerived as error:
         raise ValueError(
