@@ -152,7 +152,8 @@ def check_inserted(base, input_ids) -> str | None:
 
 def sweep_type(model_type: str) -> dict:
     result = {
-        "registered": model_type in OTTER_CLASSES_BY_BASE_MODEL_TYPE,
+        # By the config's own model_type, which a few mapping entries share with another family (gpt-sw3: gpt2).
+        "registered": CONFIG_MAPPING[model_type].model_type in OTTER_CLASSES_BY_BASE_MODEL_TYPE,
         "sequence_classification": model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     }
     try:
