@@ -76,7 +76,7 @@ TINY_SIZES = {
 # Longer than any sequence here, so that sliding layers attend as full ones in the comparisons.
 SLIDING_WINDOW = 64
 MAX_PARAMETERS = 20_000_000
-SECONDS_PER_TYPE = 120
+SECONDS_PER_TYPE = 600
 PROMPT_LENGTH = 6
 
 

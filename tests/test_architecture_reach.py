@@ -18,7 +18,8 @@ EXPECTED = {
 @pytest.mark.slow
 def test_the_sweep_finds_exact_derived_and_refused_types():
     results = {model_type: sweep_type(model_type) for model_type in EXPECTED}
-    assert {name: (result["status"], result.get("reason")) for name, result in results.items()} == EXPECTED
+    found = {name: (result["status"], result.get("reason")) for name, result in results.items()}
+    assert found == EXPECTED, results
     counts = summary(results)
     assert (counts["built"], counts["exact"], counts["exact_registered"], counts["exact_derived"]) == (6, 3, 1, 2)
     assert counts["refused"] == {reason: 1 for status, reason in EXPECTED.values() if status == "refused"}
