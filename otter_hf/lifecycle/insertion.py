@@ -80,6 +80,8 @@ def derived_otter_class(base: PreTrainedModel) -> type[PreTrainedModel]:
         try:
             probe = _build_from_base(otter_class, config, base)
             initialize_inserted_parameters(probe, "copy")
+        except LayoutNotDerived:
+            raise
         except (RuntimeError, ValueError) as error:  # the base's weights do not take the derived layout's shapes
             raise LayoutNotDerived("build", f"{type(error).__name__}: {error}") from None
         check_probe_forward(probe, base)
