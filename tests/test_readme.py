@@ -1,6 +1,7 @@
 """The README: its two set-up commands, and its table of architectures is the registry's (its code blocks run in
 tests/test_docs.py)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def section(title: str) -> str:
 def test_the_architecture_table_lists_every_registered_architecture():
     table = architecture_table()
     assert table in README, f"README.md's architecture table is out of date; it should read:\n{table}"
+
+
+def test_the_readme_says_how_many_more_types_the_derived_layout_covers():
+    reach = json.loads((REPOSITORY / "benchmarks" / "results" / "architecture_reach.json").read_text())
+    assert f"layout is exact on {reach['exact_derived']} more types" in " ".join(README.split())
 
 
 def test_the_readme_holds_two_set_up_commands():

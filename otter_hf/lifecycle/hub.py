@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE
+from ..modeling.derived_layout import derived_architecture_of
 from ..modeling.modeling_otter import OtterForCausalLMMixin
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, reading_checkpoint
 from .model_cards import otter_model_card
@@ -199,7 +200,10 @@ def _is_otter_only_save(folder: str) -> bool:
 
 def _load_otter_config(folder: str, otter_only: bool):
     saved = _read_json(os.path.join(folder, OTTER_CONFIG_NAME if otter_only else "config.json"))
-    if saved.get("model_type") not in OTTER_MODEL_TYPES:
+    model_type = saved.get("model_type")
+    if model_type not in OTTER_MODEL_TYPES and not (
+        isinstance(model_type, str) and derived_architecture_of(model_type)
+    ):
         raise ValueError(
             f"{folder} holds a {saved.get('model_type')!r} model, not an Otter model; insert Otter parameters first "
             "(`otter_hf.insert` or `otter-hf insert`)."

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import os
+import warnings
 
 import torch
 from accelerate import init_empty_weights
@@ -17,10 +18,12 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TYPES
 from ..modeling.configuration_otter import OtterConfigMixin
+from ..modeling.derived_layout import LayoutNotDerived, derived_architecture, derived_class_names, describe_layout
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
 from ..modeling.verification import check_inserted_state_dict, verify_inserted_weights
 from .hub import otter_files
+from .layout_probe import check_probe_forward
 
 INSERTION_OPTIONS = frozenset(
     field.name for field in dataclasses.fields(OtterConfigMixin) if not field.name.startswith("base_model_")
@@ -37,20 +40,65 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def otter_class_for(base_config) -> type[PreTrainedModel]:
-    model_type = getattr(base_config, "model_type", None)
-    if isinstance(base_config, OtterConfigMixin):
+def otter_class_for(base: PreTrainedModel) -> type[PreTrainedModel]:
+    """The Otter causal LM for `base`: its architecture's registered one, else one with the layout derived from the
+    base's module names once a probe forward shows it fits (`derived_otter_class`)."""
+    model_type = getattr(base.config, "model_type", None)
+    if isinstance(base.config, OtterConfigMixin):
         raise ValueError(
             f"This model already is an Otter model ({model_type!r}, inserted into "
-            f"{base_config.base_model_name_or_path or 'its base model'}); Otter parameters are inserted once. Train "
+            f"{base.config.base_model_name_or_path or 'its base model'}); Otter parameters are inserted once. Train "
             "or use it as it is, or insert into its base model."
         )
-    if model_type not in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
+    if model_type in OTTER_CLASSES_BY_BASE_MODEL_TYPE:
+        return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
+    return derived_otter_class(base)
+
+
+def derived_otter_class(base: PreTrainedModel) -> type[PreTrainedModel]:
+    """The Otter causal LM whose layout is derived from `base`'s module names (`derived_layout.py`), after a probe
+    forward on `base` shows it fits (`layout_probe.py`); warns naming it. A ValueError names the capture point where
+    the layout and the base part."""
+    model_type = base.config.model_type
+    refusal = (
+        f"Otter does not support the {model_type!r} architecture yet; supported base architectures: "
+        f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
+    )
+    if derived_class_names(model_type) is None:
+        raise ValueError(f"{refusal} transformers has no causal LM class for it to derive an Otter layout from.")
+    otter_class = derived_architecture(model_type)[2]
+    if type(base) is not otter_class.derived_from:
         raise ValueError(
-            f"Otter does not support the {model_type!r} architecture yet; supported base architectures: "
-            f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
+            f"{refusal} A layout is derived for transformers' own {otter_class.derived_from.__name__}; this base is a "
+            f"{type(base).__name__}."
         )
-    return OTTER_CLASSES_BY_BASE_MODEL_TYPE[model_type]
+    try:
+        try:
+            config = otter_class.config_class.from_base_config(base.config)
+        except (AttributeError, TypeError) as error:  # a config without the sizes an Otter config reads
+            raise LayoutNotDerived("config", str(error)) from None
+        try:
+            probe = _build_from_base(otter_class, config, base)
+            initialize_inserted_parameters(probe, "copy")
+        except LayoutNotDerived:
+            raise
+        except (RuntimeError, ValueError) as error:  # the base's weights do not take the derived layout's shapes
+            raise LayoutNotDerived("build", f"{type(error).__name__}: {error}") from None
+        check_probe_forward(probe, base)
+    except LayoutNotDerived as error:
+        raise ValueError(
+            f"{refusal} The layout derived from its module names does not fit it at {error}. See "
+            "otter_hf/modeling/README.md to add the architecture."
+        ) from None
+    warnings.warn(
+        f"No Otter architecture is registered for {model_type!r}: using {otter_class.__name__}, whose layout is "
+        f"derived from the base's module names ({describe_layout(probe.base_model.otter_layout)}). A probe forward "
+        "showed the original logits bit-identical, every capture point firing and the copy-initialised inserted "
+        "stream following the dimensions it copies. Its checkpoints load with otter_hf installed or with "
+        "trust_remote_code=True.",
+        stacklevel=3,
+    )
+    return otter_class
 
 
 def check_model_path(path) -> None:
@@ -116,7 +164,7 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
             raise TypeError("Pass the initialisation once: `init` or `inserted_init`, not both.")
         insertion_options["inserted_init"] = init
     base = _load_base(base, options)
-    otter_class = otter_class_for(base.config)
+    otter_class = otter_class_for(base)
     config = otter_class.config_class.from_base_config(
         base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
     )
@@ -166,7 +214,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
                 f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`."
             )
     base = _load_base(base, load_options)
-    otter_class = otter_class_for(base.config)
+    otter_class = otter_class_for(base)
     config_class = otter_class.config_class
     if saved.get("model_type") != config_class.model_type:
         raise ValueError(

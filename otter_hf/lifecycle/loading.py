@@ -5,8 +5,10 @@ import contextlib
 import os
 
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from ..modeling.derived_layout import derived_architecture_of
 from .insertion import check_model_path, load_otter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -19,6 +21,10 @@ def load_model(path: str, otter_only: bool):
     with reading_weights_of(path):
         if otter_only or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))):
             return load_otter(None, path)
+        # A checkpoint of a derived layout names its classes by the base's model_type: make and register them.
+        model_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
+        if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+            derived_architecture_of(model_type)
         return AutoModelForCausalLM.from_pretrained(path)
 
 

@@ -4,8 +4,6 @@
 exports of this package and of `otter_hf`, the CLI's help and the tests' parametrisation all read it.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from . import (
     otter_gemma3,
     otter_glm4_moe,
@@ -26,6 +24,7 @@ from . import (
     otter_qwen3_moe,
     otter_smollm3,
 )
+from .derived_layout import register_with_auto_classes
 from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
 from .modeling_otter import OtterCausalLMOutputWithValue, OtterForCausalLMMixin, is_inserted_parameter
 from .sequence_classification import OtterForSequenceClassificationMixin
@@ -77,20 +76,7 @@ SUPPORTED_BASE_MODEL_TYPES = tuple(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
 _VIEWS_BY_CAUSAL_LM = dict(OTTER_ARCHITECTURES)
 
 for _causal_lm, _view in OTTER_ARCHITECTURES:
-    _config_class = _causal_lm.config_class
-    AutoConfig.register(_config_class.model_type, _config_class)
-    AutoModel.register(_config_class, _causal_lm.backbone_class)
-    AutoModelForCausalLM.register(_config_class, _causal_lm)
-    AutoModelForSequenceClassification.register(_config_class, _view)
-    # Saved checkpoints carry the code of these classes and an `auto_map`, for trust_remote_code without otter_hf.
-    _config_class.register_for_auto_class()
-    _causal_lm.auto_map_classes = {
-        "AutoModel": _causal_lm.backbone_class,
-        "AutoModelForCausalLM": _causal_lm,
-        "AutoModelForSequenceClassification": _view,
-    }
-    for _auto_class, _model_class in _causal_lm.auto_map_classes.items():
-        _model_class.register_for_auto_class(_auto_class)
+    register_with_auto_classes(_causal_lm, _view)
 
 
 def sequence_classification_view(model: OtterForCausalLMMixin):
@@ -101,10 +87,12 @@ def sequence_classification_view(model: OtterForCausalLMMixin):
     """
     if isinstance(model, OtterForSequenceClassificationMixin):
         return model
-    if type(model) not in _VIEWS_BY_CAUSAL_LM:
+    # A derived architecture's view is in its Auto classes, as every architecture's is.
+    view = getattr(type(model), "auto_map_classes", {}).get("AutoModelForSequenceClassification")
+    if not isinstance(model, OtterForCausalLMMixin) or view is None:
         supported = ", ".join(sorted(causal_lm.__name__ for causal_lm in _VIEWS_BY_CAUSAL_LM))
         raise TypeError(f"Expected an Otter causal LM with value head ({supported}); got {type(model).__name__}.")
-    return _VIEWS_BY_CAUSAL_LM[type(model)].from_causal_lm(model)
+    return view.from_causal_lm(model)
 
 
 # Every architecture's classes, exported by name: `from otter_hf.modeling import OtterLlamaConfig`.

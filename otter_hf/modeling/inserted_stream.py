@@ -314,6 +314,7 @@ class CapturePointMissed(RuntimeError):
     """A base module the inserted stream reads was not called as the architecture's layout says."""
 
     def __init__(self, path: str):
+        self.path = path
         super().__init__(
             f"Otter reads the base model at `{path}`, but that module was not called during this forward "
             f"(transformers {transformers.__version__}): this transformers version computes the layer differently "
