@@ -19,7 +19,10 @@ from . import (
     otter_qwen2,
     otter_qwen2_moe,
     otter_qwen3,
+    otter_qwen3_5,
+    otter_qwen3_5_moe,
     otter_qwen3_moe,
+    otter_qwen3_next,
     otter_smollm3,
 )
 from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
@@ -43,6 +46,9 @@ ARCHITECTURE_MODULES = (
     otter_qwen3_moe,
     otter_mixtral,
     otter_qwen2_moe,
+    otter_qwen3_5,
+    otter_qwen3_5_moe,
+    otter_qwen3_next,
 )
 
 

@@ -51,8 +51,9 @@ def initialize_inserted_parameters(model, method: str) -> None:
     if method == "copy":
         for layer in model.otter_decoder_layers():
             copy_source = functools.partial(layout.copy_source, layer)
-            _copy_attention(layer.inserted_attn, copy_source, model.config)
-            _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
+            if layer.inserted_attn is not None:  # not a linear-attention layer
+                _copy_attention(layer.inserted_attn, copy_source, model.config)
+                _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
 
 
@@ -89,7 +90,10 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
     row = 0
-    for role, sources in (("query", query_sources), ("key", kv_sources), ("value", kv_sources)):
+    roles = [("query", query_sources), ("key", kv_sources), ("value", kv_sources)]
+    if inserted.output_gate:  # each copied head gates its output with its source head's gate
+        roles.append(("query_gate", query_sources))
+    for role, sources in roles:
         for source in sources:
             _copy_rows(inserted.qkv_proj, row, copy_source(role), source * head_dim, head_dim)
             row += head_dim
@@ -130,7 +134,7 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config, readout: MlpReado
 
 
 def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ...]:
-    if layout.query_key_projection_norms is None:
+    if layout.query_key_projection_norms is None or not layout.has_inserted_heads(layer):
         return ()
     return tuple(layer.get_submodule(f"{layout.attention}.{path}") for path in layout.query_key_projection_norms)
 

@@ -6,7 +6,7 @@ the inserted heads attend) and the inserted modules turn it into the inserted st
 with `g` the inserted stream (see `otter-design.md`):
 
     g_n = w' * g / rms(h)                       (the original stream's statistics, the inserted weight)
-    q', k', v' = A [h_n, g_n];  g += O [heads, heads']
+    q', k', v' = A [h_n, g_n];  g += O [heads, heads']    (in a layer with softmax attention)
     u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
 
 Where transformers and vLLM differ (their attention kernels and caches, their linear layers, how weights load),
@@ -64,10 +64,12 @@ class InsertedHeadsAttention(Protocol):
 class LayerCapture:
     """What the inserted layer reads from one base decoder layer's forward."""
 
-    attention_norm: NormCapture | RawInput
-    attention: InsertedHeadsAttention
+    # None in a linear-attention layer (Gated DeltaNet), which has no inserted heads: the inserted stream passes it
+    # on residually, and its inserted MLP reads the original stream the linear attention has updated.
+    attention_norm: NormCapture | RawInput | None
+    attention: InsertedHeadsAttention | None
     # The input of the attention output projection: the original heads' outputs.
-    original_heads: torch.Tensor
+    original_heads: torch.Tensor | None
     mlp_norm: NormCapture | RawInput
     # The input of the MLP down projection: the original units.
     original_units: torch.Tensor
@@ -229,6 +231,8 @@ class OtterInsertedAttention(nn.Module):
     Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream only,
     reads the original heads' outputs and the inserted heads' outputs. The heads attend as the base heads do:
     their q/k norms, rotation, scale, window, mask, attention kernel and cache (the capture's `attention`).
+    With `output_gate` (Qwen3.5, Qwen3-Next: the base multiplies each head's output by `sigmoid` of a gate its query
+    projection computes), the inserted heads compute their own gates too, after the values in `qkv_proj`.
     """
 
     def __init__(
@@ -244,14 +248,16 @@ class OtterInsertedAttention(nn.Module):
         norm: type,
         linear: LinearFactory = joined_linear,
         prefix: str = "",
+        output_gate: bool = False,
     ):
         super().__init__()
         self.head_dim = head_dim
+        self.output_gate = output_gate
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.num_key_value_groups = num_heads // num_key_value_heads
         self.norm = norm
-        qkv_size = (num_heads + 2 * num_key_value_heads) * head_dim
+        qkv_size = (num_heads * (2 if output_gate else 1) + 2 * num_key_value_heads) * head_dim
         self.qkv_proj = linear(hidden_size, inserted_hidden_size, qkv_size, qkv_bias, f"{prefix}.qkv_proj")
         self.o_proj = linear(
             num_original_heads * head_dim, num_heads * head_dim, inserted_hidden_size, output_bias, f"{prefix}.o_proj"
@@ -263,6 +269,9 @@ class OtterInsertedAttention(nn.Module):
         inserted_normed = inserted_input(self.norm, capture.attention_norm, inserted)
         qkv = self.qkv_proj(capture.attention_norm.normed, inserted_normed)
         qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
+        gate = None
+        if self.output_gate:
+            qkv, gate = qkv.split([self.num_heads + 2 * self.num_key_value_heads, self.num_heads], dim=-2)
         query_key, value = qkv.split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=-2)
         if attention.query_key_norms is not None:
             query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
@@ -272,6 +281,8 @@ class OtterInsertedAttention(nn.Module):
             query_key = HalfRotation.rotate(query_key, attention.rotary_tables)
         query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
         heads = attention.attend(query, key, value)
+        if gate is not None:
+            heads = heads * torch.sigmoid(gate.flatten(-2))
         output = self.o_proj(capture.original_heads, heads)
         if capture.attention_output_norm is not None:
             output = self.norm.normalize(capture.attention_output_norm, output)
@@ -325,13 +336,15 @@ class OtterInsertedMLP(nn.Module):
 
 
 def inserted_layer(
-    attention: OtterInsertedAttention, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
+    attention: OtterInsertedAttention | None, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
 ) -> torch.Tensor:
     """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture;
-    each update scaled as the base scales its own."""
+    each update scaled as the base scales its own. A linear-attention layer (`attention` None) passes `g` on to its
+    MLP unchanged."""
     multiplier = capture.residual_multiplier
-    update = attention(inserted, capture)
-    inserted = inserted + (update if multiplier is None else update * multiplier)
+    if attention is not None:
+        update = attention(inserted, capture)
+        inserted = inserted + (update if multiplier is None else update * multiplier)
     update = mlp(inserted, capture)
     return inserted + (update if multiplier is None else update * multiplier)
 
