@@ -182,9 +182,10 @@ class OtterLayout:
     query_key_projection_norms: tuple[str, str] | None = None
     sliding_window: Callable[[nn.Module], int | None] = attention_sliding_window
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
-    # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer (`sparse_mlp`) gate and up are the first units of the
-    # shared expert where the family has one, else of expert 0, and down is not read: the inserted down
-    # projection's original-stream block starts as the identity on the first dimensions of the block output.
+    # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer
+    # (`sparse_mlp`) gate and up are the first units of the shared expert where the family has one, else of
+    # expert 0, and down is not read: the inserted down projection's original-stream block starts as the identity
+    # on the first dimensions of the block output.
     copy_source: Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]] = linear_copy_source
     # Config fields of multipliers the base applies outside its modules (Granite): to the token embeddings, and to
     # every update of the residual stream. The inserted stream takes them alike.
