@@ -9,6 +9,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from .inserted_stream import inserted_cache_layer_indices
+
 # Attention implementations that take an additive float 4D mask as it is.
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -27,6 +29,15 @@ def check_guidance_model(model, top_k: int) -> None:
         raise ValueError(
             f"Scoring candidates needs a custom 4D attention mask, which attn_implementation="
             f"{config._attn_implementation!r} does not take; load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    recurrent_layers = config.num_hidden_layers - len(inserted_cache_layer_indices(config))
+    if recurrent_layers:
+        raise ValueError(
+            f"Reward-guided decoding (`reward_weight`, ARGS) scores the top-k candidates as extra tokens that share "
+            f"the cached prefix through a 4D attention mask; {recurrent_layers} layers of this {config.model_type} "
+            "model are linear-attention layers (Gated DeltaNet), whose recurrent state would run the candidates one "
+            "after another. Guide with the token-level reward head instead (`token_reward_weight`, one forward per "
+            "step), or decode without guidance."
         )
     if not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
         raise ValueError(
