@@ -1,11 +1,13 @@
 """Hybrid bases (Gated DeltaNet linear-attention layers mixed with full attention: Qwen3.5, Qwen3.5-MoE,
-Qwen3-Next): inserted heads only in the full-attention layers, the inserted MLP in every layer, inserted keys and
-values cached for the full layers beside the base's recurrent states, through generate()'s crops and reorders."""
+Qwen3-Next): inserted heads only in the full-attention layers, a readout of the linear attention's output and the
+inserted MLP in the others, inserted keys and values cached for the full layers beside the base's recurrent
+states, through generate()'s crops and reorders."""
 
 import pytest
 import torch
 from transformers import DynamicCache, DynamicLayer
 
+from otter_hf.modeling.inserted_layer import OtterInsertedAttention, OtterLinearAttentionReadout
 from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
 from otter_hf.trainers import OtterRewardConfig, OtterRewardTrainer
 from tests.helpers import BASE_MODELS, conversational_pairs, make_base, make_otter, random_batch, trainer_config
@@ -22,18 +24,18 @@ def hybrid_name(request):
     return request.param
 
 
-def test_linear_attention_layers_get_the_inserted_mlp_only_and_pass_the_stream_on(hybrid_name):
+def test_linear_attention_layers_get_a_readout_and_the_inserted_mlp_but_no_heads(hybrid_name):
     otter = make_otter(make_base(hybrid_name))
     layer_types = otter.config.layer_types
     assert {"linear_attention", "full_attention"} <= set(layer_types)
     linear_layers = [index for index, kind in enumerate(layer_types) if kind == "linear_attention"]
     for index, layer in enumerate(otter.otter_decoder_layers()):
         linear = index in linear_layers
-        assert (layer.inserted_attn is None) == linear
+        assert isinstance(layer.inserted_attn, OtterLinearAttentionReadout if linear else OtterInsertedAttention)
         # Nothing reads the attention norm of a linear layer: it holds no inserted weight to leave untrained.
         assert hasattr(layer.input_layernorm, "inserted_weight") != linear
-        assert layer.inserted_mlp is not None
-    # With its inserted MLP's update zeroed, a linear layer leaves the inserted stream as it found it.
+    # A linear layer adds to the inserted stream its readout of the linear attention's output and its MLP's update:
+    # with both zeroed it leaves the inserted stream as it found it.
     backbone, entering, leaving = otter.base_model, {}, {}
     for index, layer in enumerate(otter.otter_decoder_layers()):
         # Registered after Otter's own hooks: they see the inserted stream before and after the inserted layer.
@@ -43,11 +45,14 @@ def test_linear_attention_layers_get_the_inserted_mlp_only_and_pass_the_stream_o
         layer.register_forward_hook(
             lambda module, args, output, index=index: leaving.update({index: backbone._inserted_stream.hidden})
         )
-        if index in linear_layers:
-            with torch.no_grad():
-                layer.inserted_mlp.down_proj.weight.zero_()
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
+        otter(input_ids, attention_mask=attention_mask)
+        assert not any(torch.equal(leaving[index], entering[index]) for index in range(len(layer_types)))
+        for index in linear_layers:
+            layer = otter.otter_decoder_layers()[index]
+            layer.inserted_attn.o_proj.weight.zero_()
+            layer.inserted_mlp.down_proj.weight.zero_()
         otter(input_ids, attention_mask=attention_mask)
     for index in range(len(layer_types)):
         assert torch.equal(leaving[index], entering[index]) == (index in linear_layers)

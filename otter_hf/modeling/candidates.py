@@ -30,6 +30,15 @@ def check_guidance_model(model, top_k: int) -> None:
             f"Scoring candidates needs a custom 4D attention mask, which attn_implementation="
             f"{config._attn_implementation!r} does not take; load the model with attn_implementation='sdpa' or 'eager'."
         )
+    if not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
+        raise ValueError(
+            f"`top_k` must be an integer between 1 and the vocabulary size ({config.vocab_size}), got {top_k!r}."
+        )
+
+
+def check_candidates_can_share_the_prefix(config) -> None:
+    """Refuse to score candidates on a hybrid base: its linear-attention layers' recurrent state would run the
+    candidates one after another, where the 4D mask lets each see only the prefix and itself."""
     recurrent_layers = config.num_hidden_layers - len(inserted_cache_layer_indices(config))
     if recurrent_layers:
         raise ValueError(
@@ -38,10 +47,6 @@ def check_guidance_model(model, top_k: int) -> None:
             "model are linear-attention layers (Gated DeltaNet), whose recurrent state would run the candidates one "
             "after another. Guide with the token-level reward head instead (`token_reward_weight`, one forward per "
             "step), or decode without guidance."
-        )
-    if not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
-        raise ValueError(
-            f"`top_k` must be an integer between 1 and the vocabulary size ({config.vocab_size}), got {top_k!r}."
         )
 
 

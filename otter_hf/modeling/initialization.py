@@ -7,7 +7,7 @@ from torch import nn
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP
+from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout
 from .inserted_stream import MlpReadout
 
 
@@ -41,7 +41,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
             if inserted_bias is not None:
                 nn.init.zeros_(inserted_bias)
     for module in model.modules():
-        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
+        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -51,7 +51,12 @@ def initialize_inserted_parameters(model, method: str) -> None:
     if method == "copy":
         for layer in model.otter_decoder_layers():
             copy_source = functools.partial(layout.copy_source, layer)
-            if layer.inserted_attn is not None:  # not a linear-attention layer
+            if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
+                # The identity on the first dimensions of the linear attention's output, as the copied heads pass on
+                # the first dimensions of what the original attention adds.
+                readout = layer.inserted_attn.o_proj.weight
+                readout.copy_(torch.eye(*readout.shape, dtype=readout.dtype, device=readout.device))
+            else:
                 _copy_attention(layer.inserted_attn, copy_source, model.config)
                 _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))

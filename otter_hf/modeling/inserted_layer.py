@@ -6,7 +6,8 @@ the inserted heads attend) and the inserted modules turn it into the inserted st
 with `g` the inserted stream (see `otter-design.md`):
 
     g_n = w' * g / rms(h)                       (the original stream's statistics, the inserted weight)
-    q', k', v' = A [h_n, g_n];  g += O [heads, heads']    (in a layer with softmax attention)
+    q', k', v' = A [h_n, g_n];  g += O [heads, heads']    (a layer with softmax attention)
+    g += R mix                                   (a linear-attention layer: its output `mix`, no inserted heads)
     u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
 
 Where transformers and vLLM differ (their attention kernels and caches, their linear layers, how weights load),
@@ -64,8 +65,7 @@ class InsertedHeadsAttention(Protocol):
 class LayerCapture:
     """What the inserted layer reads from one base decoder layer's forward."""
 
-    # None in a linear-attention layer (Gated DeltaNet), which has no inserted heads: the inserted stream passes it
-    # on residually, and its inserted MLP reads the original stream the linear attention has updated.
+    # None in a linear-attention layer (Gated DeltaNet), which has no inserted heads (see `linear_output`).
     attention_norm: NormCapture | RawInput | None
     attention: InsertedHeadsAttention | None
     # The input of the attention output projection: the original heads' outputs.
@@ -78,6 +78,8 @@ class LayerCapture:
     mlp_output_norm: NormCapture | None = None
     # What the base multiplies each module's output by before adding it to its stream (Granite), None for 1.
     residual_multiplier: float | None = None
+    # A linear-attention layer's output, what it adds to the original stream (None in a softmax-attention layer).
+    linear_output: torch.Tensor | None = None
 
 
 # -- norms ------------------------------------------------------------------------------------------------------
@@ -289,6 +291,20 @@ class OtterInsertedAttention(nn.Module):
         return output
 
 
+class OtterLinearAttentionReadout(nn.Module):
+    """The inserted stream's update in a linear-attention layer, which has no inserted heads: a projection of what
+    the base's linear attention adds to the original stream, `g += R mix` (read as a sparse block's output is: its
+    recurrent internals stay the base's). Copy-initialised as the identity on the first dimensions, it keeps the
+    inserted stream following the dimensions it copies."""
+
+    def __init__(self, hidden_size: int, inserted_hidden_size: int):
+        super().__init__()
+        self.o_proj = nn.Linear(hidden_size, inserted_hidden_size, bias=False)
+
+    def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
+        return self.o_proj(capture.linear_output)
+
+
 class OtterInsertedMLP(nn.Module):
     """The inserted units of one layer, and their update of the inserted stream: gate and up (or up alone, for an
     MLP without a gate) read both streams, down reads the original units and the inserted ones."""
@@ -336,15 +352,17 @@ class OtterInsertedMLP(nn.Module):
 
 
 def inserted_layer(
-    attention: OtterInsertedAttention | None, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
+    attention: OtterInsertedAttention | OtterLinearAttentionReadout,
+    mlp: OtterInsertedMLP,
+    inserted: torch.Tensor,
+    capture: LayerCapture,
 ) -> torch.Tensor:
-    """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture;
-    each update scaled as the base scales its own. A linear-attention layer (`attention` None) passes `g` on to its
-    MLP unchanged."""
+    """One decoder layer of the inserted stream: `g + attention(g)` (the inserted heads' update, or a
+    linear-attention layer's readout), then `+ mlp(...)`, from one layer's capture; each update scaled as the base
+    scales its own."""
     multiplier = capture.residual_multiplier
-    if attention is not None:
-        update = attention(inserted, capture)
-        inserted = inserted + (update if multiplier is None else update * multiplier)
+    update = attention(inserted, capture)
+    inserted = inserted + (update if multiplier is None else update * multiplier)
     update = mlp(inserted, capture)
     return inserted + (update if multiplier is None else update * multiplier)
 
@@ -361,6 +379,7 @@ __all__ = [
     "NormCapture",
     "OtterInsertedAttention",
     "OtterInsertedMLP",
+    "OtterLinearAttentionReadout",
     "ProjectionNorm",
     "RawInput",
     "check_joined_weight",

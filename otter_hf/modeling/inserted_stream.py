@@ -42,6 +42,7 @@ from .inserted_layer import (
     LayerCapture,
     NormCapture,
     OtterInsertedAttention,
+    OtterLinearAttentionReadout,
     ProjectionNorm,
     RawInput,
 )
@@ -168,8 +169,9 @@ class OtterLayout:
     # The mixture-of-experts block of a sparse family (None: every layer is dense).
     sparse_mlp: SparseMlp | None = None
     # The linear-attention module of a hybrid family (Gated DeltaNet: `linear_attn`), by path in a decoder layer.
-    # A layer holding it has no `attention` module; it gets no inserted heads, only the inserted MLP, and the
-    # inserted stream passes its token mixing residually (see "Linear-attention layers" in README.md).
+    # A layer holding it has no `attention` module and gets no inserted heads: the inserted stream reads the
+    # module's output (`OtterLinearAttentionReadout`), then runs its inserted MLP (see "Linear-attention layers"
+    # in README.md).
     linear_attention: str | None = None
     # Whether the base attention gates each head's output with `sigmoid` of a gate its query projection computes
     # (Qwen3.5, Qwen3-Next); the inserted heads then gate theirs too, and copy-initialisation reads role
@@ -425,7 +427,7 @@ class InsertedStream:
     ) -> LayerCapture:
         """What the decoder layer that just ran handed the capture points, as the inserted layer reads it; the
         original units come from `units_path` (its `MlpReadout`), the layout's `mlp_output` unless given. A
-        linear-attention layer (no `inserted_attn`) hands over its MLP's capture points only."""
+        linear-attention layer hands over its linear attention's output and its MLP's capture points."""
 
         def output_norm(path: str | None) -> NormCapture | None:
             return self.take(path, layer_path) if path is not None else None
@@ -433,8 +435,10 @@ class InsertedStream:
         def input_norm(path: str | None, module: str) -> NormCapture | RawInput:
             return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
 
-        attention_norm = heads = original_heads = attention_output_norm = None
-        if layer.inserted_attn is not None:
+        attention_norm = heads = original_heads = attention_output_norm = linear_output = None
+        if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
+            linear_output = self.take(layout.linear_attention, layer_path)
+        else:
             attention, attention_kwargs = self.take(layout.attention, layer_path)
             projection_norms = layout.query_key_projection_norms
             if projection_norms is not None:
@@ -464,4 +468,5 @@ class InsertedStream:
             residual_multiplier=getattr(self.config, layout.residual_multiplier)
             if layout.residual_multiplier
             else None,
+            linear_output=linear_output,
         )

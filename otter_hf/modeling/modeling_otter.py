@@ -41,7 +41,14 @@ from .configuration_otter import OtterConfigMixin, attention_head_size
 from .expert_guidance import check_expert_weight, expert_guidance
 from .initialization import initialize_inserted_parameters
 from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
-from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, RawInput, inserted_layer
+from .inserted_layer import (
+    NormCapture,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterLinearAttentionReadout,
+    RawInput,
+    inserted_layer,
+)
 from .inserted_stream import (
     CACHE_ARGUMENT_NAMES,
     CapturePointMissed,
@@ -154,7 +161,14 @@ class OtterModelMixin:
                 f"{'softmax' if layout.has_inserted_heads(layer) else 'linear'}-attention layer, but the config's "
                 "`layer_types` make it the other kind: the layers and the config do not belong together."
             )
-        layer.inserted_attn = self._inserted_attention(layer, layer_path) if layout.has_inserted_heads(layer) else None
+        if layout.has_inserted_heads(layer):
+            layer.inserted_attn = self._inserted_attention(layer, layer_path)
+        else:
+            # The inserted stream reads what the linear attention adds to the original stream.
+            self._capture_point(layer, layout.linear_attention, layer_path).register_forward_hook(
+                functools.partial(self._capture_output, layout.linear_attention)
+            )
+            layer.inserted_attn = OtterLinearAttentionReadout(config.hidden_size, config.inserted_hidden_size)
         mlp = layout.mlp_readout(layer, config)
         units_module = self._capture_point(layer, mlp.units_path, layer_path)
         if mlp.reads_output:
