@@ -7,8 +7,8 @@ Otter only observes it, at the module boundaries an architecture's `OtterLayout`
 - the token (and position) embeddings: their inputs, which the inserted stream embeds with its own columns;
 - each norm: its input gives the statistics (`rms(h)`, or mean and variance) that normalise the inserted stream
   too, its output is the normalised original stream `h_n`;
-- the attention module's call: the mask, rotary embeddings and cache the layer uses (a linear-attention layer of a
-  hybrid family has none: it gets no inserted heads, and the inserted stream passes it residually);
+- the attention module's call: the mask, rotary embeddings and cache the layer uses; a hybrid family's
+  linear-attention layer has no inserted heads, and its linear attention's output is read instead;
 - the input of the attention output projection: the original heads;
 - the input of the MLP down projection: the original units; in a sparse (mixture-of-experts) layer, whose experts
   are fused parameters with no down projection module, the output of the sparse block instead;
