@@ -5,6 +5,7 @@ states, through generate()'s crops and reorders."""
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, DynamicLayer
 
 from otter_hf.modeling.inserted_layer import OtterInsertedAttention, OtterLinearAttentionReadout
@@ -107,6 +108,10 @@ def test_assisted_decoding_crops_the_inserted_keys_with_the_recurrent_states(hyb
 
     monkeypatch.setattr(DynamicCache, "crop", counted_crop)
     base = make_base(hybrid_name)
+    if getattr(base, "_is_stateful", False):
+        pytest.skip(
+            f"transformers {transformers.__version__} refuses assisted generation to hybrids, the base included"
+        )
     otter = make_otter(base)
     prompt, _ = random_batch(1, 8)
     prompt = torch.cat([prompt, prompt[:, :4]], dim=-1)  # a repeated stretch for the prompt lookup to draft from
