@@ -62,6 +62,25 @@ REAL_SHAPED_BASES = {
             layer_types=["sliding_attention"] * 5 + ["full_attention"],
         ),
     ),
+    # Gated DeltaNet hybrid: Qwen3.5's layer pattern (three linear-attention layers to one full-attention layer, cut
+    # at the sixth) and head sizes (the config class's defaults: gated full-attention heads 256 wide, rotated on a
+    # quarter; linear-attention key and value heads 128 wide, twice as many value heads as key heads), at
+    # Qwen3-0.6B's width with half the config's head counts.
+    "qwen3_5_text": (
+        "a Qwen3.5-style hybrid 1024 wide",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_num_key_heads=8,
+            linear_num_value_heads=16,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            tie_word_embeddings=True,
+        ),
+    ),
     "gpt2": (
         "GPT-2 (124M)",
         dict(hidden_size=768, n_inner=3072, num_attention_heads=12, tie_word_embeddings=True),

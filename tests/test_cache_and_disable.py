@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
 from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 
@@ -12,16 +13,24 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
     input_ids, attention_mask = random_batch(2, 9)
     with torch.no_grad():
         cache = otter(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
-    num_layers = otter.config.num_hidden_layers
-    assert len(cache.layers) == 2 * num_layers
-    inserted_keys = cache.layers[num_layers].keys
-    assert inserted_keys.shape[1] == otter.config.inserted_num_key_value_heads
-    assert inserted_keys.shape[2] == cache.layers[0].keys.shape[2]
+    # One inserted layer per layer with inserted heads: every layer but a hybrid's linear-attention ones.
+    inserted_layers = inserted_cache_layer_indices(otter.config)
+    assert len(cache.layers) == otter.config.num_hidden_layers + len(inserted_layers)
+    for layer, inserted_layer in inserted_layers.items():
+        inserted_keys = cache.layers[inserted_layer].keys
+        assert inserted_keys.shape[1] == otter.config.inserted_num_key_value_heads
+        assert inserted_keys.shape[2] == cache.layers[layer].keys.shape[2]
 
 
-# Sliding-window caches cannot be cropped.
+# Sliding-window caches cannot be cropped, nor linear-attention states outside generate()'s assisted decoding
+# (tests/test_linear_attention.py crops those).
 @pytest.mark.parametrize(
-    "base_name", [name for name, (_, _, sizes) in BASE_MODELS.items() if "sliding_window" not in sizes]
+    "base_name",
+    [
+        name
+        for name, (_, _, sizes) in BASE_MODELS.items()
+        if "sliding_window" not in sizes and "linear_attention" not in sizes.get("layer_types", ())
+    ],
 )
 def test_cropping_the_cache_crops_the_inserted_heads(base_name):
     base = make_base(base_name)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import otter_hf
 from otter_hf.lifecycle.hub import push_to_hub
 from otter_hf.modeling import sequence_classification_view
+from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
 from tests.helpers import ARCHITECTURE_BASES, FakeHub, make_base, make_otter, random_batch
 
 # Runs in a fresh interpreter with otter_hf made unimportable, offline.
@@ -58,6 +59,7 @@ for repo, tensors_path in json.loads(sys.argv[1]).items():
             tensors["input_ids"], attention_mask=tensors["attention_mask"], token_reward_weight=2.0, **GUIDED_DECODING
         )
         result["guided_equal"] = torch.equal(guided, tensors["guided_ids"])
+    if "args_guided_ids" in tensors:
         args_guided = model.generate(
             tensors["input_ids"],
             attention_mask=tensors["attention_mask"],
@@ -93,7 +95,12 @@ with open(sys.argv[2], "w") as file:  # not stdout: transformers' trust_remote_c
 """
 
 
-def _expected_outputs(model, path) -> None:
+def has_no_linear_attention(config) -> bool:
+    return len(inserted_cache_layer_indices(config)) == config.num_hidden_layers
+
+
+def expected_outputs(model, path) -> None:
+    """Save what a reload of `model` must give at `path`: its outputs on a batch, and its guided generations."""
     input_ids, attention_mask = random_batch(2, 7, "left")
     with torch.no_grad():
         output = model(input_ids, attention_mask=attention_mask)
@@ -113,7 +120,8 @@ def _expected_outputs(model, path) -> None:
             min_new_tokens=4,
             do_sample=False,
         )
-        # ARGS guidance too: its decoding loop ships with the checkpoint's code.
+    if model.config.token_reward_head and has_no_linear_attention(model.config):
+        # ARGS guidance too: its decoding loop ships with the checkpoint's code (refused where linear attention is).
         expected["args_guided_ids"] = model.generate(
             input_ids,
             attention_mask=attention_mask,
@@ -134,6 +142,29 @@ def _expected_outputs(model, path) -> None:
             do_sample=False,
         )
     save_file(expected, str(path))
+
+
+def load_without_otter_hf(repos: dict[str, str], tmp_path, hub_cache_dir: str | None = None) -> dict:
+    """Load each checkpoint of `repos` (folder or repository id -> its `expected_outputs` file) with
+    trust_remote_code in a fresh interpreter where otter_hf cannot be imported, offline; its report."""
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": hub_cache_dir or str(tmp_path / "hub"),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "PYTHONPATH": "",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_OTTER_HF, json.dumps(repos), str(tmp_path / "report.json")],
+        env=environment,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,  # transformers asks on a terminal; without one it refuses
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads((tmp_path / "report.json").read_text())
 
 
 def test_saved_checkpoint_carries_its_code_and_auto_map(tmp_path):
@@ -201,33 +232,15 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         )
         folder = tmp_path / f"saved-{name}"
         otter.save_pretrained(folder)
-        _expected_outputs(otter, tmp_path / f"{name}.safetensors")
+        expected_outputs(otter, tmp_path / f"{name}.safetensors")
         repos[str(folder)] = str(tmp_path / f"{name}.safetensors")
     otter = make_otter(make_base("qwen2-bias"))
     monkeypatch.setattr("otter_hf.lifecycle.hub.HfApi", hub)
     push_to_hub(otter, "user/otter-qwen2")
-    _expected_outputs(otter, tmp_path / "qwen2.safetensors")
+    expected_outputs(otter, tmp_path / "qwen2.safetensors")
     repos["user/otter-qwen2"] = str(tmp_path / "qwen2.safetensors")
 
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": hub.cache_dir,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "PYTHONPATH": "",
-    }
-    completed = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_OTTER_HF, json.dumps(repos), str(tmp_path / "report.json")],
-        env=environment,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,  # transformers asks on a terminal; without one it refuses
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-
+    report = load_without_otter_hf(repos, tmp_path, hub.cache_dir)
     assert report.pop("otter_hf_imported") is False
     assert report.pop("transformers_version") == transformers.__version__
     for repo, result in report.items():
@@ -260,7 +273,7 @@ def test_a_checkpoint_loads_under_another_transformers_version_through_its_remot
     for name in ARCHITECTURE_BASES:
         otter = make_otter(make_base(name), token_reward_head=name == "llama-gqa-tied")
         otter.save_pretrained(tmp_path / f"saved-{name}")
-        _expected_outputs(otter, tmp_path / f"{name}.safetensors")
+        expected_outputs(otter, tmp_path / f"{name}.safetensors")
         repos[str(tmp_path / f"saved-{name}")] = str(tmp_path / f"{name}.safetensors")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     completed = subprocess.run(

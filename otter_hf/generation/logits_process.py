@@ -5,6 +5,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from ..modeling.candidates import (
     candidate_attention_mask,
+    check_candidates_can_share_the_prefix,
     check_guidance_model,
     check_within_sliding_window,
     score_candidates,
@@ -54,6 +55,8 @@ class OtterRewardLogitsProcessor(LogitsProcessor):
     def __init__(self, model, weight: float, top_k: int = 10, pad_token_id: int | None = None):
         check_guidance_weight("weight", weight)
         check_guidance_model(model, top_k)
+        if weight != 0:
+            check_candidates_can_share_the_prefix(model.config)
         self.model = model
         self.weight = float(weight)
         self.top_k = top_k

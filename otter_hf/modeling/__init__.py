@@ -21,7 +21,10 @@ from . import (
     otter_qwen2,
     otter_qwen2_moe,
     otter_qwen3,
+    otter_qwen3_5,
+    otter_qwen3_5_moe,
     otter_qwen3_moe,
+    otter_qwen3_next,
     otter_smollm3,
 )
 from .derived_layout import register_with_auto_classes
@@ -50,6 +53,9 @@ ARCHITECTURE_MODULES = (
     otter_glm4_moe,
     otter_olmoe,
     otter_granitemoe,
+    otter_qwen3_5,
+    otter_qwen3_5_moe,
+    otter_qwen3_next,
 )
 
 

@@ -9,6 +9,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from .inserted_stream import inserted_cache_layer_indices
+
 # Attention implementations that take an additive float 4D mask as it is.
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -31,6 +33,20 @@ def check_guidance_model(model, top_k: int) -> None:
     if not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
         raise ValueError(
             f"`top_k` must be an integer between 1 and the vocabulary size ({config.vocab_size}), got {top_k!r}."
+        )
+
+
+def check_candidates_can_share_the_prefix(config) -> None:
+    """Refuse to score candidates on a hybrid base: its linear-attention layers' recurrent state would run the
+    candidates one after another, where the 4D mask lets each see only the prefix and itself."""
+    recurrent_layers = config.num_hidden_layers - len(inserted_cache_layer_indices(config))
+    if recurrent_layers:
+        raise ValueError(
+            f"Reward-guided decoding (`reward_weight`, ARGS) scores the top-k candidates as extra tokens that share "
+            f"the cached prefix through a 4D attention mask; {recurrent_layers} layers of this {config.model_type} "
+            "model are linear-attention layers (Gated DeltaNet), whose recurrent state would run the candidates one "
+            "after another. Guide with the token-level reward head instead (`token_reward_weight`, one forward per "
+            "step), or decode without guidance."
         )
 
 

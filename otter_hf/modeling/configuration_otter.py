@@ -113,6 +113,9 @@ class OtterConfigMixin(OtterHeadOptions):
                 f"`inserted_num_key_value_heads` ({self.inserted_num_key_value_heads}): each inserted key/value "
                 "head serves a whole group of inserted query heads."
             )
+        # A family with experts only (Qwen3.5-MoE) names no `intermediate_size`: its shared expert's is the size
+        # copy-initialisation copies from.
+        original_units = getattr(self, "intermediate_size", None) or self.shared_expert_intermediate_size
         if self.inserted_init not in INIT_METHODS:
             raise ValueError(f"`inserted_init` must be one of {INIT_METHODS}, got {self.inserted_init!r}.")
         if self.inserted_init == "copy":
@@ -121,15 +124,15 @@ class OtterConfigMixin(OtterHeadOptions):
                     f"inserted_init='copy' copies {self.inserted_hidden_size} of the {self.hidden_size} original "
                     "hidden dimensions; choose `inserted_hidden_size` <= `hidden_size` or inserted_init='normal'."
                 )
-            if self.inserted_intermediate_size > self.intermediate_size:
+            if self.inserted_intermediate_size > original_units:
                 raise ValueError(
-                    f"inserted_init='copy' copies {self.inserted_intermediate_size} of the {self.intermediate_size} "
+                    f"inserted_init='copy' copies {self.inserted_intermediate_size} of the {original_units} "
                     "original FFN units; choose `inserted_intermediate_size` <= `intermediate_size` or "
                     "inserted_init='normal'."
                 )
         bounds = {
             "inserted_hidden_size": MAX_INSERTED_SIZE_FACTOR * self.hidden_size,
-            "inserted_intermediate_size": MAX_INSERTED_SIZE_FACTOR * max(self.intermediate_size, self.hidden_size),
+            "inserted_intermediate_size": MAX_INSERTED_SIZE_FACTOR * max(original_units, self.hidden_size),
             "inserted_num_attention_heads": MAX_INSERTED_HEADS,
             "inserted_num_key_value_heads": MAX_INSERTED_HEADS,
         }

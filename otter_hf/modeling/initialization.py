@@ -7,7 +7,7 @@ from torch import nn
 
 from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP
+from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout
 from .inserted_stream import MlpReadout
 
 
@@ -41,7 +41,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
             if inserted_bias is not None:
                 nn.init.zeros_(inserted_bias)
     for module in model.modules():
-        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP)):
+        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout)):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -54,10 +54,16 @@ def initialize_inserted_parameters(model, method: str) -> None:
     if method == "copy":
         for layer in model.otter_decoder_layers():
             copy_source = functools.partial(layout.copy_source, layer)
-            _copy_attention(layer.inserted_attn, copy_source, model.config)
-            if layout.attention_sinks is not None:
-                _copy_sinks(layer, layout, model.config)
-            _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
+            if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
+                # The identity on the first dimensions of the linear attention's output, as the copied heads pass on
+                # the first dimensions of what the original attention adds.
+                readout = layer.inserted_attn.o_proj.weight
+                readout.copy_(torch.eye(*readout.shape, dtype=readout.dtype, device=readout.device))
+            else:
+                _copy_attention(layer.inserted_attn, copy_source, model.config)
+                if layout.attention_sinks is not None:
+                    _copy_sinks(layer, layout, model.config)
+                _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
 
 
@@ -94,7 +100,10 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
     row = 0
-    for role, sources in (("query", query_sources), ("key", kv_sources), ("value", kv_sources)):
+    roles = [("query", query_sources), ("key", kv_sources), ("value", kv_sources)]
+    if inserted.output_gate:  # each copied head gates its output with its source head's gate
+        roles.append(("query_gate", query_sources))
+    for role, sources in roles:
         for source in sources:
             _copy_rows(inserted.qkv_proj, row, copy_source(role), source * head_dim, head_dim)
             row += head_dim
@@ -144,7 +153,7 @@ def _copy_sinks(layer: nn.Module, layout, config) -> None:
 
 
 def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ...]:
-    if layout.query_key_projection_norms is None:
+    if layout.query_key_projection_norms is None or not layout.has_inserted_heads(layer):
         return ()
     return tuple(layer.get_submodule(f"{layout.attention}.{path}") for path in layout.query_key_projection_norms)
 

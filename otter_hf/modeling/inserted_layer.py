@@ -6,7 +6,8 @@ the inserted heads attend) and the inserted modules turn it into the inserted st
 with `g` the inserted stream (see `otter-design.md`):
 
     g_n = w' * g / rms(h)                       (the original stream's statistics, the inserted weight)
-    q', k', v' = A [h_n, g_n];  g += O [heads, heads']
+    q', k', v' = A [h_n, g_n];  g += O [heads, heads']    (a layer with softmax attention)
+    g += R mix                                   (a linear-attention layer: its output `mix`, no inserted heads)
     u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
 
 Where transformers and vLLM differ (their attention kernels and caches, their linear layers, how weights load),
@@ -64,10 +65,11 @@ class InsertedHeadsAttention(Protocol):
 class LayerCapture:
     """What the inserted layer reads from one base decoder layer's forward."""
 
-    attention_norm: NormCapture | RawInput
-    attention: InsertedHeadsAttention
+    # None in a linear-attention layer (Gated DeltaNet), which has no inserted heads (see `linear_output`).
+    attention_norm: NormCapture | RawInput | None
+    attention: InsertedHeadsAttention | None
     # The input of the attention output projection: the original heads' outputs.
-    original_heads: torch.Tensor
+    original_heads: torch.Tensor | None
     mlp_norm: NormCapture | RawInput
     # The input of the MLP down projection: the original units.
     original_units: torch.Tensor
@@ -76,6 +78,8 @@ class LayerCapture:
     mlp_output_norm: NormCapture | None = None
     # What the base multiplies each module's output by before adding it to its stream (Granite), None for 1.
     residual_multiplier: float | None = None
+    # A linear-attention layer's output, what it adds to the original stream (None in a softmax-attention layer).
+    linear_output: torch.Tensor | None = None
 
 
 # -- norms ------------------------------------------------------------------------------------------------------
@@ -252,6 +256,8 @@ class OtterInsertedAttention(nn.Module):
     Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream only,
     reads the original heads' outputs and the inserted heads' outputs. The heads attend as the base heads do:
     their q/k norms, rotation, scale, window, mask, attention kernel and cache (the capture's `attention`).
+    With `output_gate` (Qwen3.5, Qwen3-Next: the base multiplies each head's output by `sigmoid` of a gate its query
+    projection computes), the inserted heads compute their own gates too, after the values in `qkv_proj`.
     """
 
     def __init__(
@@ -267,14 +273,16 @@ class OtterInsertedAttention(nn.Module):
         norm: type,
         linear: LinearFactory = joined_linear,
         prefix: str = "",
+        output_gate: bool = False,
     ):
         super().__init__()
         self.head_dim = head_dim
+        self.output_gate = output_gate
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.num_key_value_groups = num_heads // num_key_value_heads
         self.norm = norm
-        qkv_size = (num_heads + 2 * num_key_value_heads) * head_dim
+        qkv_size = (num_heads * (2 if output_gate else 1) + 2 * num_key_value_heads) * head_dim
         self.qkv_proj = linear(hidden_size, inserted_hidden_size, qkv_size, qkv_bias, f"{prefix}.qkv_proj")
         self.o_proj = linear(
             num_original_heads * head_dim, num_heads * head_dim, inserted_hidden_size, output_bias, f"{prefix}.o_proj"
@@ -286,6 +294,9 @@ class OtterInsertedAttention(nn.Module):
         inserted_normed = inserted_input(self.norm, capture.attention_norm, inserted)
         qkv = self.qkv_proj(capture.attention_norm.normed, inserted_normed)
         qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
+        gate = None
+        if self.output_gate:
+            qkv, gate = qkv.split([self.num_heads + 2 * self.num_key_value_heads, self.num_heads], dim=-2)
         query_key, value = qkv.split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=-2)
         if attention.query_key_norms is not None:
             query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
@@ -295,10 +306,26 @@ class OtterInsertedAttention(nn.Module):
             query_key = HalfRotation.rotate(query_key, attention.rotary_tables)
         query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
         heads = attention.attend(query, key, value)
+        if gate is not None:
+            heads = heads * torch.sigmoid(gate.flatten(-2))
         output = self.o_proj(capture.original_heads, heads)
         if capture.attention_output_norm is not None:
             output = self.norm.normalize(capture.attention_output_norm, output)
         return output
+
+
+class OtterLinearAttentionReadout(nn.Module):
+    """The inserted stream's update in a linear-attention layer, which has no inserted heads: a projection of what
+    the base's linear attention adds to the original stream, `g += R mix` (read as a sparse block's output is: its
+    recurrent internals stay the base's). Copy-initialised as the identity on the first dimensions, it keeps the
+    inserted stream following the dimensions it copies."""
+
+    def __init__(self, hidden_size: int, inserted_hidden_size: int):
+        super().__init__()
+        self.o_proj = nn.Linear(hidden_size, inserted_hidden_size, bias=False)
+
+    def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
+        return self.o_proj(capture.linear_output)
 
 
 class OtterInsertedMLP(nn.Module):
@@ -352,10 +379,14 @@ class OtterInsertedMLP(nn.Module):
 
 
 def inserted_layer(
-    attention: OtterInsertedAttention, mlp: OtterInsertedMLP, inserted: torch.Tensor, capture: LayerCapture
+    attention: OtterInsertedAttention | OtterLinearAttentionReadout,
+    mlp: OtterInsertedMLP,
+    inserted: torch.Tensor,
+    capture: LayerCapture,
 ) -> torch.Tensor:
-    """One decoder layer of the inserted stream: `g + attention(g)`, then `+ mlp(...)`, from one layer's capture;
-    each update scaled as the base scales its own."""
+    """One decoder layer of the inserted stream: `g + attention(g)` (the inserted heads' update, or a
+    linear-attention layer's readout), then `+ mlp(...)`, from one layer's capture; each update scaled as the base
+    scales its own."""
     multiplier = capture.residual_multiplier
     update = attention(inserted, capture)
     inserted = inserted + (update if multiplier is None else update * multiplier)
@@ -377,6 +408,7 @@ __all__ = [
     "NormCapture",
     "OtterInsertedAttention",
     "OtterInsertedMLP",
+    "OtterLinearAttentionReadout",
     "ProjectionNorm",
     "RawInput",
     "check_joined_weight",

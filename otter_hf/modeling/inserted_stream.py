@@ -7,7 +7,8 @@ Otter only observes it, at the module boundaries an architecture's `OtterLayout`
 - the token (and position) embeddings: their inputs, which the inserted stream embeds with its own columns;
 - each norm: its input gives the statistics (`rms(h)`, or mean and variance) that normalise the inserted stream
   too, its output is the normalised original stream `h_n`;
-- the attention module's call: the mask, rotary embeddings and cache the layer uses;
+- the attention module's call: the mask, rotary embeddings and cache the layer uses; a hybrid family's
+  linear-attention layer has no inserted heads, and its linear attention's output is read instead;
 - the input of the attention output projection: the original heads;
 - the input of the MLP down projection: the original units; in a sparse (mixture-of-experts) layer, whose experts
   are fused parameters with no down projection module, the output of the sparse block instead;
@@ -29,6 +30,7 @@ from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     STATIC_LAYER_TYPE_MAPPING,
     Cache,
+    CacheLayerMixin,
     DynamicCache,
     StaticCache,
     get_layer_types_and_kwargs,
@@ -40,6 +42,7 @@ from .inserted_layer import (
     LayerCapture,
     NormCapture,
     OtterInsertedAttention,
+    OtterLinearAttentionReadout,
     ProjectionNorm,
     RawInput,
 )
@@ -77,6 +80,22 @@ def first_expert_copy_source(experts: nn.Module, role: str) -> tuple[torch.Tenso
     units = experts.gate_up_proj.shape[1] // 2
     start = {"gate": 0, "up": units}[role]
     return experts.gate_up_proj[0, start : start + units], None
+
+
+def gated_query_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Llama's projections, where the query projection computes each head's query and then its output gate
+    (Qwen3.5, Qwen3-Next: rows `[q_0, gate_0, q_1, gate_1, ...]`, `head_dim` each): role query reads the queries,
+    query_gate the gates."""
+    if role not in ("query", "query_gate"):
+        return linear_copy_source(layer, role)
+    weight, bias = linear_copy_source(layer, "query")
+    head_dim = layer.get_submodule(LINEAR_COPY_SOURCES["query"].rpartition(".")[0]).head_dim
+    part = 0 if role == "query" else 1
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(-1, 2, head_dim, *tensor.shape[1:])[:, part].reshape(-1, *tensor.shape[1:])
+
+    return rows(weight), None if bias is None else rows(bias)
 
 
 def attention_sliding_window(attention: nn.Module) -> int | None:
@@ -153,6 +172,15 @@ class OtterLayout:
     gated_mlp: bool = True
     # The mixture-of-experts block of a sparse family (None: every layer is dense).
     sparse_mlp: SparseMlp | None = None
+    # The linear-attention module of a hybrid family (Gated DeltaNet: `linear_attn`), by path in a decoder layer.
+    # A layer holding it has no `attention` module and gets no inserted heads: the inserted stream reads the
+    # module's output (`OtterLinearAttentionReadout`), then runs its inserted MLP (see "Linear-attention layers"
+    # in README.md).
+    linear_attention: str | None = None
+    # Whether the base attention gates each head's output with `sigmoid` of a gate its query projection computes
+    # (Qwen3.5, Qwen3-Next); the inserted heads then gate theirs too, and copy-initialisation reads role
+    # `query_gate`.
+    attention_output_gate: bool = False
     # Norms the base attention applies to every query and key head (Qwen3, Gemma 3), by path in the attention, and
     # whether a base attention module has them (GLM-4-MoE's `use_qk_norm`); the inserted heads of its layer do as
     # it does.
@@ -168,29 +196,37 @@ class OtterLayout:
     # (eager) or as `s_aux` (kernels); copy-initialisation copies each source head's.
     attention_sinks: str | None = None
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
-    # value, output, gate, up or down. In a sparse layer (`sparse_mlp`) gate and up are the first units of the
-    # shared expert where the family has one, else of expert 0, and down is not read: the inserted down
-    # projection's original-stream block starts as the identity on the first dimensions of the block output.
+    # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer
+    # (`sparse_mlp`) gate and up are the first units of the shared expert where the family has one, else of
+    # expert 0, and down is not read: the inserted down projection's original-stream block starts as the identity
+    # on the first dimensions of the block output.
     copy_source: Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor | None]] = linear_copy_source
     # Config fields of multipliers the base applies outside its modules (Granite): to the token embeddings, and to
     # every update of the residual stream. The inserted stream takes them alike.
     embedding_multiplier: str | None = None
     residual_multiplier: str | None = None
 
-    def raw_input_modules(self) -> tuple[str, ...]:
-        """The modules of a decoder layer that the base feeds raw `h`, no norm before them."""
-        return tuple(
-            module
-            for norm, module in ((self.attention_norm, self.attention), (self.mlp_norm, self.mlp))
-            if norm is None
-        )
+    def has_inserted_heads(self, layer: nn.Module) -> bool:
+        """Whether `layer` has softmax attention, and so inserted heads (not a linear-attention layer)."""
+        if self.linear_attention is None:
+            return True
+        try:
+            layer.get_submodule(self.linear_attention)
+        except AttributeError:
+            return True
+        return False
 
-    def norm_paths(self) -> tuple[str, ...]:
-        return tuple(
-            path
-            for path in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm)
-            if path is not None
-        )
+    def raw_input_modules(self, layer: nn.Module) -> tuple[str, ...]:
+        """The modules of `layer` the inserted stream reads that the base feeds raw `h`, no norm before them."""
+        modules = ((self.attention_norm, self.attention), (self.mlp_norm, self.mlp))
+        if not self.has_inserted_heads(layer):
+            modules = modules[1:]
+        return tuple(module for norm, module in modules if norm is None)
+
+    def norm_paths(self, layer: nn.Module) -> tuple[str, ...]:
+        """The norms of `layer` the inserted stream reads (a linear-attention layer's attention norms are not)."""
+        attention_norms = (self.attention_norm, self.attention_output_norm) if self.has_inserted_heads(layer) else ()
+        return tuple(path for path in (*attention_norms, self.mlp_norm, self.mlp_output_norm) if path is not None)
 
     def mlp_readout(self, layer: nn.Module, config) -> MlpReadout:
         """Where `layer`'s original units are read: its down projection's input in a dense layer, its sparse
@@ -209,20 +245,36 @@ class OtterLayout:
         )
 
 
-def ensure_inserted_cache_layers(cache: Cache, config) -> None:
-    """Give the inserted heads their own cache layers, `num_hidden_layers + i` for decoder layer `i`, of the kind
-    of layer `i`'s (dynamic or static, sliding or full; a static layer with the same length).
+def inserted_cache_layer_indices(config) -> dict[int, int]:
+    """Decoder layer index -> the cache layer of its inserted keys and values: `num_hidden_layers + k` for the k-th
+    layer that caches keys and values. A linear-attention layer (its cache layer holds a recurrent state, no keys)
+    has no inserted heads, so no inserted cache layer."""
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    key_value_layers = [index for index, layer_type in enumerate(layer_types) if _caches_keys_and_values(layer_type)]
+    return {layer: config.num_hidden_layers + rank for rank, layer in enumerate(key_value_layers)}
 
-    Keeping them beside the original layers (rather than inside them) leaves the original keys and values
-    exactly as the base model stores them, while `crop`, `reorder_cache` and friends still reach both.
+
+def _caches_keys_and_values(layer_type: str) -> bool:
+    return issubclass(DYNAMIC_LAYER_TYPE_MAPPING[layer_type], CacheLayerMixin)
+
+
+def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int) -> None:
+    """Give the inserted heads their own cache layers (`inserted_cache_layer_indices`, `num_inserted_layers` of
+    them), each of the kind of its decoder layer's (dynamic or static, sliding or full; a static layer with the same
+    length).
+
+    Keeping them beside the original layers (rather than inside them) leaves the original keys and values, and a
+    hybrid's recurrent states, exactly as the base model stores them, while `crop`, `reorder_cache` and friends
+    still reach both.
     """
     if isinstance(cache, DynamicCache):
         if cache.layer_class_to_replicate is not None:
             return  # a cache without a config grows by itself to any layer index
         new_layer = functools.partial(_layer_of_type, DYNAMIC_LAYER_TYPE_MAPPING)
     elif isinstance(cache, StaticCache):
-        # The cache's length is its full-attention layers' (a sliding layer holds at most its window).
-        max_cache_len = max(layer.max_cache_len for layer in cache.layers)
+        # The cache's length is its full-attention layers' (a sliding layer holds at most its window; a
+        # linear-attention layer holds a recurrent state, no length).
+        max_cache_len = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
         new_layer = functools.partial(_layer_of_type, STATIC_LAYER_TYPE_MAPPING, max_cache_len=max_cache_len)
     else:
         raise ValueError(
@@ -233,11 +285,15 @@ def ensure_inserted_cache_layers(cache: Cache, config) -> None:
     num_layers = config.num_hidden_layers
     if len(cache.layers) == num_layers:
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        cache.layers.extend(new_layer(layer_type, kwargs) for layer_type, kwargs in zip(layer_types, layer_kwargs))
-    elif len(cache.layers) != 2 * num_layers:
+        cache.layers.extend(
+            new_layer(layer_type, kwargs)
+            for layer_type, kwargs in zip(layer_types, layer_kwargs)
+            if _caches_keys_and_values(layer_type)
+        )
+    elif len(cache.layers) != num_layers + num_inserted_layers:
         raise ValueError(
             f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
-            f"{num_layers} (a fresh cache) or {2 * num_layers} (one it has already filled)."
+            f"{num_layers} (a fresh cache) or {num_layers + num_inserted_layers} (one it has already filled)."
         )
 
 
@@ -255,7 +311,8 @@ class TransformersHeadsAttention:
     heads: OtterInsertedAttention
     base_attention: nn.Module
     attention_kwargs: dict
-    layer_index: int
+    # The cache layer of these heads' keys and values (`inserted_cache_layer_indices`).
+    cache_index: int
     stream: "InsertedStream"
     layout: "OtterLayout"
     # What the base attention's projection-wide q/k norms saw, where the layout names them.
@@ -285,8 +342,8 @@ class TransformersHeadsAttention:
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
         if cache is not None:
-            ensure_inserted_cache_layers(cache, config)
-            key, value = cache.update(key, value, config.num_hidden_layers + self.layer_index)
+            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
+            key, value = cache.update(key, value, self.cache_index)
         sinks = self.layout.attention_sinks
         if sinks is not None:
             kwargs = {**kwargs, "s_aux": getattr(self.heads, sinks)}
@@ -326,8 +383,18 @@ class CapturePointMissed(RuntimeError):
 class InsertedStream:
     """The inserted stream `g` through one forward of the base model, and what the running layer has captured."""
 
-    def __init__(self, config, compute_grad: bool, record_hidden_states: bool, norm_eps: float, attention_fn: Callable):
+    def __init__(
+        self,
+        config,
+        compute_grad: bool,
+        record_hidden_states: bool,
+        norm_eps: float,
+        attention_fn: Callable,
+        inserted_cache_indices: dict[int, int],
+    ):
         self.config = config
+        # Decoder layer index -> the cache layer of its inserted keys and values (`inserted_cache_layer_indices`).
+        self.inserted_cache_indices = inserted_cache_indices
         # Whether the inserted computation builds a graph (the base runs without one while training).
         self.compute_grad = compute_grad
         # Read once per forward rather than at every capture: the norms' eps, the attention implementation.
@@ -379,8 +446,8 @@ class InsertedStream:
         self, layout: "OtterLayout", layer: nn.Module, layer_path: str, index: int, units_path: str | None = None
     ) -> LayerCapture:
         """What the decoder layer that just ran handed the capture points, as the inserted layer reads it; the
-        original units come from `units_path` (its `MlpReadout`), the layout's `mlp_output` unless given."""
-        attention, attention_kwargs = self.take(layout.attention, layer_path)
+        original units come from `units_path` (its `MlpReadout`), the layout's `mlp_output` unless given. A
+        linear-attention layer hands over its linear attention's output and its MLP's capture points."""
 
         def output_norm(path: str | None) -> NormCapture | None:
             return self.take(path, layer_path) if path is not None else None
@@ -388,20 +455,38 @@ class InsertedStream:
         def input_norm(path: str | None, module: str) -> NormCapture | RawInput:
             return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
 
-        projection_norms = layout.query_key_projection_norms
-        if projection_norms is not None:
-            projection_norms = tuple(self.take(f"{layout.attention}.{path}", layer_path) for path in projection_norms)
+        attention_norm = heads = original_heads = attention_output_norm = linear_output = None
+        if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
+            linear_output = self.take(layout.linear_attention, layer_path)
+        else:
+            attention, attention_kwargs = self.take(layout.attention, layer_path)
+            projection_norms = layout.query_key_projection_norms
+            if projection_norms is not None:
+                projection_norms = tuple(
+                    self.take(f"{layout.attention}.{path}", layer_path) for path in projection_norms
+                )
+            attention_norm = input_norm(layout.attention_norm, layout.attention)
+            heads = TransformersHeadsAttention(
+                layer.inserted_attn,
+                attention,
+                attention_kwargs,
+                self.inserted_cache_indices[index],
+                self,
+                layout,
+                projection_norms,
+            )
+            original_heads = self.take(layout.attention_output, layer_path)
+            attention_output_norm = output_norm(layout.attention_output_norm)
         return LayerCapture(
-            attention_norm=input_norm(layout.attention_norm, layout.attention),
-            attention=TransformersHeadsAttention(
-                layer.inserted_attn, attention, attention_kwargs, index, self, layout, projection_norms
-            ),
-            original_heads=self.take(layout.attention_output, layer_path),
+            attention_norm=attention_norm,
+            attention=heads,
+            original_heads=original_heads,
             mlp_norm=input_norm(layout.mlp_norm, layout.mlp),
             original_units=self.take(units_path or layout.mlp_output, layer_path),
-            attention_output_norm=output_norm(layout.attention_output_norm),
+            attention_output_norm=attention_output_norm,
             mlp_output_norm=output_norm(layout.mlp_output_norm),
             residual_multiplier=getattr(self.config, layout.residual_multiplier)
             if layout.residual_multiplier
             else None,
+            linear_output=linear_output,
         )

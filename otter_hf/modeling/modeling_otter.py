@@ -41,8 +41,22 @@ from .configuration_otter import OtterConfigMixin, attention_head_size
 from .expert_guidance import check_expert_weight, expert_guidance
 from .initialization import initialize_inserted_parameters
 from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
-from .inserted_layer import NormCapture, OtterInsertedAttention, OtterInsertedMLP, RawInput, inserted_layer
-from .inserted_stream import CACHE_ARGUMENT_NAMES, CapturePointMissed, InsertedStream, OtterLayout, raw_input_key
+from .inserted_layer import (
+    NormCapture,
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterLinearAttentionReadout,
+    RawInput,
+    inserted_layer,
+)
+from .inserted_stream import (
+    CACHE_ARGUMENT_NAMES,
+    CapturePointMissed,
+    InsertedStream,
+    OtterLayout,
+    inserted_cache_layer_indices,
+    raw_input_key,
+)
 from .persistence import (
     base_weights_fingerprint,
     replace_files,
@@ -112,6 +126,7 @@ class OtterModelMixin:
         config, layout = self.config, self.otter_layout
         self.otter_enabled = True
         self._inserted_stream: InsertedStream | None = None
+        self._inserted_cache_indices = inserted_cache_layer_indices(config)
         embeddings = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
         for path in embeddings:
             embedding = self._capture_point(self, path)
@@ -132,17 +147,56 @@ class OtterModelMixin:
     def _attach_inserted_layer(self, layer: nn.Module, index: int) -> None:
         config, layout = self.config, self.otter_layout
         layer_path = f"{layout.layers}.{index}"
-        for path in layout.norm_paths():
+        for path in layout.norm_paths(layer):
             norm = self._capture_point(layer, path, layer_path)
             self._attach_inserted_norm(norm)
             norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
-            self._capture_attention_call, with_kwargs=True
-        )
-        for path in layout.raw_input_modules():
+        for path in layout.raw_input_modules(layer):
             self._capture_point(layer, path, layer_path).register_forward_pre_hook(
                 functools.partial(self._capture_raw_input, raw_input_key(path)), with_kwargs=True
             )
+        if layout.has_inserted_heads(layer) != (index in self._inserted_cache_indices):
+            raise ValueError(
+                f"{type(self).__name__}: decoder layer {index} is a "
+                f"{'softmax' if layout.has_inserted_heads(layer) else 'linear'}-attention layer, but the config's "
+                "`layer_types` make it the other kind: the layers and the config do not belong together."
+            )
+        if layout.has_inserted_heads(layer):
+            layer.inserted_attn = self._inserted_attention(layer, layer_path)
+        else:
+            # The inserted stream reads what the linear attention adds to the original stream.
+            self._capture_point(layer, layout.linear_attention, layer_path).register_forward_hook(
+                functools.partial(self._capture_output, layout.linear_attention)
+            )
+            layer.inserted_attn = OtterLinearAttentionReadout(config.hidden_size, config.inserted_hidden_size)
+        mlp = layout.mlp_readout(layer, config)
+        units_module = self._capture_point(layer, mlp.units_path, layer_path)
+        if mlp.reads_output:
+            units_module.register_forward_hook(functools.partial(self._capture_output, mlp.units_path))
+        else:
+            units_module.register_forward_pre_hook(functools.partial(self._capture_input, mlp.units_path))
+        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path))
+
+        has_bias = layout.copy_source(layer, "up")[1] is not None
+        activation = self._capture_point(layer, mlp.activation, layer_path)
+        layer.inserted_mlp = OtterInsertedMLP(
+            config.hidden_size,
+            config.inserted_hidden_size,
+            original_units=mlp.units_width,
+            inserted_units=config.inserted_intermediate_size,
+            bias=has_bias,
+            act_fn=None if mlp.gated_units else activation,
+            norm=layout.norm,
+            gated=layout.gated_mlp,
+            gated_units=mlp.gated_units(activation) if mlp.gated_units else None,
+        )
+
+    def _inserted_attention(self, layer: nn.Module, layer_path: str) -> OtterInsertedAttention:
+        """The inserted heads of a layer with softmax attention, and the capture points they read."""
+        config, layout = self.config, self.otter_layout
+        self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
+            self._capture_attention_call, with_kwargs=True
+        )
         head_dim = attention_head_size(config)
         if layout.query_key_projection_norms is not None:
             # The inserted heads' own weights over their width, on the norms whose statistics they read.
@@ -155,17 +209,9 @@ class OtterModelMixin:
         self._capture_point(layer, layout.attention_output, layer_path).register_forward_pre_hook(
             functools.partial(self._capture_input, layout.attention_output)
         )
-        mlp = layout.mlp_readout(layer, config)
-        units_module = self._capture_point(layer, mlp.units_path, layer_path)
-        if mlp.reads_output:
-            units_module.register_forward_hook(functools.partial(self._capture_output, mlp.units_path))
-        else:
-            units_module.register_forward_pre_hook(functools.partial(self._capture_input, mlp.units_path))
-        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path))
-
         # The inserted projections take biases where their base counterparts have them.
-        has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output", "up")}
-        layer.inserted_attn = OtterInsertedAttention(
+        has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output")}
+        inserted_attn = OtterInsertedAttention(
             config.hidden_size,
             config.inserted_hidden_size,
             num_original_heads=config.num_attention_heads,
@@ -175,25 +221,15 @@ class OtterModelMixin:
             qkv_bias=has_bias["query"],
             output_bias=has_bias["output"],
             norm=layout.norm,
+            output_gate=layout.attention_output_gate,
         )
         # The attention functions of transformers read these from the module they are handed.
-        layer.inserted_attn.is_causal = True
+        inserted_attn.is_causal = True
         if layout.attention_sinks is not None:
             self._capture_point(layer, f"{layout.attention}.{layout.attention_sinks}", layer_path, parameter=True)
             sinks = nn.Parameter(torch.empty(config.inserted_num_attention_heads))
-            setattr(layer.inserted_attn, layout.attention_sinks, sinks)
-        activation = self._capture_point(layer, mlp.activation, layer_path)
-        layer.inserted_mlp = OtterInsertedMLP(
-            config.hidden_size,
-            config.inserted_hidden_size,
-            original_units=mlp.units_width,
-            inserted_units=config.inserted_intermediate_size,
-            bias=has_bias["up"],
-            act_fn=None if mlp.gated_units else activation,
-            norm=layout.norm,
-            gated=layout.gated_mlp,
-            gated_units=mlp.gated_units(activation) if mlp.gated_units else None,
-        )
+            setattr(inserted_attn, layout.attention_sinks, sinks)
+        return inserted_attn
 
     def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "", parameter: bool = False):
         try:
@@ -294,6 +330,7 @@ class OtterModelMixin:
             attention_fn=ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, self.otter_layout.eager_attention_fn
             ),
+            inserted_cache_indices=self._inserted_cache_indices,
         )
         base_needs_grad = stream.compute_grad and any(
             parameter.requires_grad for name, parameter in self.named_parameters() if not is_inserted_parameter(name)

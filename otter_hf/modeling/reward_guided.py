@@ -38,6 +38,7 @@ from transformers.generation import (
 
 from .candidates import (
     candidate_attention_mask,
+    check_candidates_can_share_the_prefix,
     check_guidance_model,
     check_within_sliding_window,
     score_candidates,
@@ -131,6 +132,7 @@ def reward_guided_generate(
                 **model_kwargs,
             )
 
+    check_candidates_can_share_the_prefix(model.config)
     cache = pop_cache(model_kwargs)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() > 0:
         raise ValueError(
