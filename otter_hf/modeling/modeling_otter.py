@@ -348,6 +348,11 @@ class OtterModelMixin:
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.hidden)
         capture = stream.layer_capture(self.otter_layout, layer, layer_path, index, units_path)
+        # A base split over several devices (`device_map`) hands each layer the original stream on its own device;
+        # the inserted stream follows it there.
+        device = capture.original_heads.device
+        if stream.hidden.device != device:
+            stream.hidden = stream.hidden.to(device)
         with stream.grad_mode():
             stream.hidden = inserted_layer(layer.inserted_attn, layer.inserted_mlp, stream.hidden, capture)
         stream.captured.clear()
@@ -368,7 +373,7 @@ class OtterModelMixin:
             return
         capture = self._norm_capture(norm, args[0], output, stream)
         with stream.grad_mode():
-            stream.final_inserted = self.otter_layout.norm.normalize(capture, stream.hidden)
+            stream.final_inserted = self.otter_layout.norm.normalize(capture, stream.hidden.to(output.device))
         stream.final_original = output
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.final_inserted)
