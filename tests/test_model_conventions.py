@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -137,6 +138,40 @@ def test_lm_labels_on_a_frozen_model_are_refused_with_the_way_to_train():
     otter.lm_head.weight.requires_grad_(True)  # a trainable base parameter: the loss trains it
     otter(input_ids=input_ids, labels=input_ids).loss.backward()
     assert otter.lm_head.weight.grad is not None
+
+
+def test_a_loss_on_the_frozen_base_output_alone_names_the_trainer_that_fits():
+    base = make_base("llama-gqa-tied")
+    otter = make_otter(base)
+    input_ids, attention_mask = random_batch(2, 6)
+    outputs = otter(input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        assert torch.equal(outputs.logits, base(input_ids=input_ids, attention_mask=attention_mask).logits)
+    with pytest.raises(ValueError, match="SFTTrainer .* `OtterExpertTrainer` for SFT data"):
+        outputs.logits.logsumexp(-1).mean().backward(retain_graph=True)
+    outputs.value.mean().backward()  # a loss on the inserted heads trains them
+    assert otter.v_head.summary.weight.grad is not None
+    backbone_only = otter.model(input_ids=input_ids, attention_mask=attention_mask)  # as TRL's fused LM head runs it
+    with pytest.raises(ValueError, match="SFTTrainer"):
+        otter.lm_head(backbone_only.last_hidden_state).mean().backward()
+
+
+def test_trl_sft_trainer_on_an_otter_model_fails_with_one_clear_error(tmp_path, tiny_tokenizer):
+    from trl import SFTConfig, SFTTrainer
+
+    otter = make_otter(make_base("llama-gqa-tied"))
+    rows = Dataset.from_dict({"text": ["the cat sat on the mat"] * 4})
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        bf16=False,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(otter, args=config, train_dataset=rows, processing_class=tiny_tokenizer)
+    with pytest.raises(ValueError, match="`OtterExpertTrainer` for SFT data"):
+        trainer.train()
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

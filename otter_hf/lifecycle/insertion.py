@@ -4,12 +4,13 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import itertools
 import json
 import os
 import warnings
 
 import torch
-from accelerate import init_empty_weights
+from accelerate import dispatch_model, init_empty_weights
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from ..modeling.configuration_otter import OtterConfigMixin
 from ..modeling.derived_layout import LayoutNotDerived, derived_architecture, derived_class_names, describe_layout
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
-from ..modeling.verification import check_inserted_state_dict, verify_inserted_weights
+from ..modeling.verification import check_inserted_state_dict, check_weights_in_memory, verify_inserted_weights
 from .hub import otter_files
 from .layout_probe import check_probe_forward
 
@@ -164,6 +165,7 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
             raise TypeError("Pass the initialisation once: `init` or `inserted_init`, not both.")
         insertion_options["inserted_init"] = init
     base = _load_base(base, options)
+    check_weights_in_memory(base, "insert Otter parameters into this base model")
     otter_class = otter_class_for(base)
     config = otter_class.config_class.from_base_config(
         base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
@@ -214,6 +216,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
                 f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`."
             )
     base = _load_base(base, load_options)
+    check_weights_in_memory(base, "attach Otter parameters to this base model")
     otter_class = otter_class_for(base)
     config_class = otter_class.config_class
     if saved.get("model_type") != config_class.model_type:
@@ -274,6 +277,7 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
     """An Otter model holding `base`'s own weight tensors, its inserted parameters allocated but not initialised."""
     # Only the inserted parameters get fresh memory: the original ones are created on the meta device and
     # then replaced by the base tensors themselves.
+    placement = InsertedPlacement(base)
     with _naming_allocation_failures(config, base.device):
         with init_empty_weights(include_buffers=False):
             model = otter_class._from_config(
@@ -295,12 +299,55 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
                 if parameter.is_meta:
                     in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
                     dtype = torch.float32 if in_fp32 else base.dtype
-                    setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=base.device, dtype=dtype)))
+                    device = placement.device_for(f"{module_name}.{name}" if module_name else name)
+                    setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
     model.tie_weights()
+    placement.dispatch(model)
     model.freeze_base_parameters()
     model.train(base.training)
     model.generation_config = copy.deepcopy(base.generation_config)
     return model
+
+
+class InsertedPlacement:
+    """Where each inserted parameter of an Otter model built from `base` lives: on the device of the base module it
+    is attached to (a decoder layer's inserted heads and units on that layer's device, an inserted norm weight on its
+    norm's), and the inserted heads beside the LM head, whose device reads the final streams. A base split over
+    several devices by a `device_map` gives an Otter model split the same way."""
+
+    def __init__(self, base: PreTrainedModel):
+        self.device_map = getattr(base, "hf_device_map", None)
+        self.module_devices = {}
+        for module_name, module in base.named_modules():
+            tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if tensor is not None:
+                self.module_devices[module_name] = tensor.device
+        output_embeddings = base.get_output_embeddings()
+        self.head_device = output_embeddings.weight.device if output_embeddings is not None else base.device
+
+    def device_for(self, parameter_name: str) -> torch.device:
+        """The device of the closest base module above `parameter_name` (the root itself aside: the inserted heads
+        hang there)."""
+        module_name = parameter_name
+        while "." in module_name:
+            module_name = module_name.rpartition(".")[0]
+            if module_name in self.module_devices:
+                return self.module_devices[module_name]
+        return self.head_device
+
+    def dispatch(self, model: PreTrainedModel) -> None:
+        """Give `model` the hooks that move activations between the devices of a base split by a `device_map` (the
+        base's own hooks stay on the base modules, which the Otter model does not reuse)."""
+        if not self.device_map or len(set(self.device_map.values())) < 2:
+            return
+        heads = {
+            name: self.head_device
+            for name, module in model.named_children()
+            if name != model.base_model_prefix
+            and name not in self.device_map
+            and any(True for _ in module.parameters())
+        }
+        dispatch_model(model, device_map={**self.device_map, **heads})
 
 
 @contextlib.contextmanager

@@ -394,6 +394,11 @@ class OtterModelMixin:
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.hidden)
         capture = stream.layer_capture(self.otter_layout, layer, layer_path, index, units_path)
+        # A base split over several devices (`device_map`) hands each layer the original stream on its own device;
+        # the inserted stream follows it there.
+        device = capture.original_heads.device
+        if stream.hidden.device != device:
+            stream.hidden = stream.hidden.to(device)
         with stream.grad_mode():
             stream.hidden = inserted_layer(layer.inserted_attn, layer.inserted_mlp, stream.hidden, capture)
         stream.captured.clear()
@@ -414,7 +419,7 @@ class OtterModelMixin:
             return
         capture = self._norm_capture(norm, args[0], output, stream)
         with stream.grad_mode():
-            stream.final_inserted = self.otter_layout.norm.normalize(capture, stream.hidden)
+            stream.final_inserted = self.otter_layout.norm.normalize(capture, stream.hidden.to(output.device))
         stream.final_original = output
         if stream.hidden_states is not None:
             stream.hidden_states.append(stream.final_inserted)
@@ -433,6 +438,7 @@ class OtterModelMixin:
         output_class = (
             OtterMoeModelOutputWithPast if isinstance(outputs, MoeModelOutputWithPast) else OtterModelOutputWithPast
         )
+        outputs.last_hidden_state = refusing_gradient(self, outputs.last_hidden_state)
         return output_class(
             **outputs,
             inserted_last_hidden_state=stream.final_inserted,
@@ -566,6 +572,43 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     # `logits_to_keep=1`) torch folds the matmul into 2D only when the weight requires grad; the frozen LM head
     # would take a batched matmul that rounds differently. The same values, laid out as the base's fold lays them.
     return (args[0].contiguous(), *args[1:])
+
+
+FROZEN_OUTPUT_LOSS_REFUSED = (
+    "This loss reaches only the base model's output (the original logits or hidden states), which no trainable "
+    "parameter of this Otter model changes: its base is frozen and the inserted parameters never touch it. TRL's "
+    "SFTTrainer and other language-modelling losses fine-tune the base: run them on the base model, or make base "
+    "parameters trainable with a PEFT adapter (`exclude_modules=otter_hf.PEFT_EXCLUDE_MODULES`). To train the "
+    "inserted parameters use otter_hf's trainers: `OtterExpertTrainer` for SFT data (the language-modelling loss on "
+    "the expert heads), `OtterRewardTrainer` for preference pairs, `OtterValueTrainer`, `OtterTokenRewardTrainer`, "
+    "`OtterDraftTrainer`."
+)
+
+
+class _RefuseFrozenOutputGradient(torch.autograd.Function):
+    """The identity on an output of the frozen base, whose backward raises `FROZEN_OUTPUT_LOSS_REFUSED`.
+
+    Without it, a loss built on the base's output alone (TRL's `SFTTrainer` computes its loss from the backbone's
+    hidden states and the LM head) fails in `backward()` with torch's "element 0 of tensors does not require grad",
+    which says nothing about the cause. It hangs off an inserted parameter, so such a loss requires grad and reaches
+    it; losses on the inserted heads' outputs never do."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise ValueError(FROZEN_OUTPUT_LOSS_REFUSED)
+
+
+def refusing_gradient(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """`output` of the base computation, unchanged, which raises a clear error if a loss on it is differentiated
+    while the base is frozen (see `_RefuseFrozenOutputGradient`)."""
+    if not torch.is_grad_enabled() or output.requires_grad:
+        return output
+    anchor = next((p for name, p in model.named_parameters() if is_inserted_parameter(name) and p.requires_grad), None)
+    return output if anchor is None else _RefuseFrozenOutputGradient.apply(output, anchor)
 
 
 def _refuse_assisted_decoding(generate_kwargs: dict, weight_name: str) -> None:
@@ -900,6 +943,8 @@ class OtterForCausalLMMixin:
                 head_outputs[head.output_field] = module.predict(streams)
             elif not head.computed_by_default:
                 raise ValueError(f"`{head.request_argument}=True` needs {head.description}.")
+        # The heads have read the logits; a loss on the returned ones alone reaches no trainable parameter.
+        outputs.logits = refusing_gradient(self, outputs.logits)
         return _causal_lm_output_class(outputs)(
             **outputs,
             inserted_hidden_states=tuple(stream.hidden_states) if record_hidden_states else None,

@@ -66,6 +66,33 @@ def check_finite_inserted_weights(named_tensors: Iterable[tuple[str, torch.Tenso
         )
 
 
+def check_weights_in_memory(model: torch.nn.Module, action: str) -> None:
+    """Raise a ValueError naming the modules of `model` whose weights are on the meta device: offloaded to disk or
+    CPU by a `device_map` (accelerate keeps them outside the model and loads them per forward), or never loaded.
+
+    An Otter model reads its base weights outside the base modules' forwards (the fingerprint, copy-initialisation,
+    the capture hooks that run after accelerate has offloaded a module again), so offloaded weights would be read as
+    empty tensors; `action` says what is refused."""
+    offloaded = {name.rpartition(".")[0] or name for name, tensor in model.named_parameters() if tensor.is_meta}
+    if not offloaded:
+        return
+    device_map = getattr(model, "hf_device_map", None) or {}
+    # Named as the device map names them (`model.layers.1`), else by the modules holding the weights.
+    offloaded_blocks = [
+        block or "the whole model"
+        for block in device_map
+        if any(block == "" or name == block or name.startswith(f"{block}.") for name in offloaded)
+    ]
+    where = _names(offloaded_blocks or offloaded, limit=4)
+    raise ValueError(
+        f"Cannot {action}: the weights of {where} are not in memory (on the meta device: offloaded to disk or CPU by "
+        "a `device_map`, or never loaded), and an Otter model reads its base weights outside the forwards that "
+        'accelerate\'s offloading hooks wrap. Load it with every weight on a device: `device_map` "auto" with '
+        "`max_memory` room for the whole model (several GPUs split it layer by layer), or an explicit map without "
+        '"disk" (and without "cpu" beside GPUs), or no `device_map`.'
+    )
+
+
 def check_inserted_state_dict(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str) -> None:
     """Raise a ValueError naming the inserted tensors of `loaded` that are missing, unexpected, of another shape or
     dtype than the model's (`expected`), or non-finite."""
@@ -226,6 +253,7 @@ def load_verified(
         _reread_config_of_an_earlier_save(path, kwargs)
         _verify_headers_before_loading(model_class, path, kwargs, newly_inserted)
         model, loading_info = load(path, *args, output_loading_info=True, **kwargs)
+    check_weights_in_memory(model, f"load {path} with this `device_map`")
     is_inserted = model.otter_state_dict().keys()
     missing = [name for name in loading_info["missing_keys"] if name in is_inserted and not newly_inserted(name)]
     unexpected = [name for name in loading_info["unexpected_keys"] if is_inserted_parameter(name)]
