@@ -395,8 +395,8 @@ class OtterModelMixin:
             stream.hidden_states.append(stream.hidden)
         capture = stream.layer_capture(self.otter_layout, layer, layer_path, index, units_path)
         # A base split over several devices (`device_map`) hands each layer the original stream on its own device;
-        # the inserted stream follows it there.
-        device = capture.original_heads.device
+        # the inserted stream follows it there (the original units: every layer has them, not every layer heads).
+        device = capture.original_units.device
         if stream.hidden.device != device:
             stream.hidden = stream.hidden.to(device)
         with stream.grad_mode():
