@@ -19,6 +19,7 @@ from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TY
 from ..modeling.configuration_otter import OtterConfigMixin
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
+from ..modeling.quantization import check_supported_quantization, with_inserted_modules_skipped
 from ..modeling.verification import check_inserted_state_dict, verify_inserted_weights
 from .hub import otter_files
 
@@ -117,6 +118,7 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
         insertion_options["inserted_init"] = init
     base = _load_base(base, options)
     otter_class = otter_class_for(base.config)
+    check_supported_quantization(getattr(base.config, "quantization_config", None))
     config = otter_class.config_class.from_base_config(
         base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
     )
@@ -185,7 +187,7 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
         raise ValueError(
             f"The base model's sizes differ from the ones these inserted weights were made for ({details})."
         )
-    if expected_fingerprint and base_weights_fingerprint(base.named_parameters()) != expected_fingerprint:
+    if expected_fingerprint and base_weights_fingerprint(base.named_parameters(), base) != expected_fingerprint:
         raise ValueError(
             "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
             f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}). "
@@ -231,7 +233,8 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
             model = otter_class._from_config(
                 config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
             )
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+        adopted = _adopt_replaced_modules(model, base)
+        missing, unexpected = model.load_state_dict(_state_outside(base, adopted), strict=False, assign=True)
         if unexpected:
             raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
         # The base's non-persistent buffers too (rotary frequencies), as they are: a base cast with `.to(dtype)`
@@ -248,11 +251,53 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
                     in_fp32 = module_name.split(".")[0] in model._keep_in_fp32_modules_strict
                     dtype = torch.float32 if in_fp32 else base.dtype
                     setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=base.device, dtype=dtype)))
+    if adopted:
+        model.base_model.register_capture_hooks()
     model.tie_weights()
     model.freeze_base_parameters()
     model.train(base.training)
     model.generation_config = copy.deepcopy(base.generation_config)
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        # Saved whole, the model then reloads quantized as it is: the base quantized, the inserted modules not.
+        model.hf_quantizer = quantizer
+        model.config.quantization_config = with_inserted_modules_skipped(quantizer.quantization_config, model)
     return model
+
+
+def _state_outside(base, adopted: list[str]) -> dict[str, torch.Tensor]:
+    """The parameters and persistent buffers of `base` outside the `adopted` modules, as `base.state_dict()` names
+    them. Read from the modules rather than by `state_dict()`, which repacks the weights of a bitsandbytes 4-bit
+    layer that has run on the CPU (its outputs change after it)."""
+    state = {}
+    for module_name, module in base.named_modules(remove_duplicate=False):
+        if any(module_name == name or module_name.startswith(f"{name}.") for name in adopted):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                state[prefix + name] = parameter.detach()
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                state[prefix + name] = buffer.detach()
+    return state
+
+
+def _adopt_replaced_modules(model, base) -> list[str]:
+    """Put into `model` (built on the meta device) the base modules that a quantizer replaced by its own (quanto's
+    `QLinear` for an `nn.Linear`), which a state dict cannot rebuild; returns their names."""
+    adopted = []
+    for name, module in list(model.named_modules()):
+        if not name or not type(module).__module__.startswith("torch.nn."):
+            continue
+        try:
+            base_module = base.get_submodule(name)
+        except AttributeError:
+            continue  # an inserted module
+        if type(base_module) is not type(module):
+            model.set_submodule(name, base_module)
+            adopted.append(name)
+    return adopted
 
 
 @contextlib.contextmanager

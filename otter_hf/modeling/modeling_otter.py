@@ -112,16 +112,18 @@ class OtterModelMixin:
         config, layout = self.config, self.otter_layout
         self.otter_enabled = True
         self._inserted_stream: InsertedStream | None = None
-        embeddings = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
-        for path in embeddings:
+        for path in self._embedding_paths():
             embedding = self._capture_point(self, path)
             embedding.inserted_weight = nn.Parameter(torch.empty(embedding.num_embeddings, config.inserted_hidden_size))
-            embedding.register_forward_hook(self._embed_inserted)
-        final_norm = self._capture_point(self, layout.final_norm)
-        self._attach_inserted_norm(final_norm)
-        final_norm.register_forward_hook(self._normalize_final_streams)
+        self._attach_inserted_norm(self._capture_point(self, layout.final_norm))
         for index, layer in enumerate(self.otter_decoder_layers()):
             self._attach_inserted_layer(layer, index)
+        self._capture_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.register_capture_hooks()
+
+    def _embedding_paths(self) -> list[str]:
+        layout = self.otter_layout
+        return [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
 
     def _attach_inserted_norm(self, norm: nn.Module, size: int | None = None) -> None:
         size = size or self.config.inserted_hidden_size
@@ -133,35 +135,15 @@ class OtterModelMixin:
         config, layout = self.config, self.otter_layout
         layer_path = f"{layout.layers}.{index}"
         for path in layout.norm_paths():
-            norm = self._capture_point(layer, path, layer_path)
-            self._attach_inserted_norm(norm)
-            norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
-            self._capture_attention_call, with_kwargs=True
-        )
-        for path in layout.raw_input_modules():
-            self._capture_point(layer, path, layer_path).register_forward_pre_hook(
-                functools.partial(self._capture_raw_input, raw_input_key(path)), with_kwargs=True
-            )
+            self._attach_inserted_norm(self._capture_point(layer, path, layer_path))
         head_dim = attention_head_size(config)
         if layout.query_key_projection_norms is not None:
             # The inserted heads' own weights over their width, on the norms whose statistics they read.
             inserted_heads = (config.inserted_num_attention_heads, config.inserted_num_key_value_heads)
             for path, heads in zip(layout.query_key_projection_norms, inserted_heads):
-                path = f"{layout.attention}.{path}"
-                norm = self._capture_point(layer, path, layer_path)
+                norm = self._capture_point(layer, f"{layout.attention}.{path}", layer_path)
                 self._attach_inserted_norm(norm, heads * head_dim)
-                norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        self._capture_point(layer, layout.attention_output, layer_path).register_forward_pre_hook(
-            functools.partial(self._capture_input, layout.attention_output)
-        )
         mlp = layout.mlp_readout(layer, config)
-        units_module = self._capture_point(layer, mlp.units_path, layer_path)
-        if mlp.reads_output:
-            units_module.register_forward_hook(functools.partial(self._capture_output, mlp.units_path))
-        else:
-            units_module.register_forward_pre_hook(functools.partial(self._capture_input, mlp.units_path))
-        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path))
 
         # The inserted projections take biases where their base counterparts have them.
         has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output", "up")}
@@ -188,6 +170,54 @@ class OtterModelMixin:
             norm=layout.norm,
             gated=layout.gated_mlp,
         )
+
+    def register_capture_hooks(self) -> None:
+        """Hook the capture points of the layout, replacing the hooks registered before.
+
+        Run again after base modules were replaced by others (a quantizer swaps `nn.Linear` for its own layers when
+        it loads a base): the hooks of the replaced modules went with them.
+        """
+        layout = self.otter_layout
+        for handle in self._capture_hooks:
+            handle.remove()
+        hooks = self._capture_hooks = []
+
+        def hook(parent: nn.Module, path: str, parent_path: str, function: Callable, *, pre: bool, **options):
+            module = self._capture_point(parent, path, parent_path)
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            hooks.append(register(function, **options))
+
+        for path in self._embedding_paths():
+            hook(self, path, "", self._embed_inserted, pre=False)
+        hook(self, layout.final_norm, "", self._normalize_final_streams, pre=False)
+        for index, layer in enumerate(self.otter_decoder_layers()):
+            layer_path = f"{layout.layers}.{index}"
+            for path in layout.norm_paths():
+                hook(layer, path, layer_path, functools.partial(self._capture_norm, path), pre=False)
+            hook(layer, layout.attention, layer_path, self._capture_attention_call, pre=True, with_kwargs=True)
+            for path in layout.raw_input_modules():
+                capture = functools.partial(self._capture_raw_input, raw_input_key(path))
+                hook(layer, path, layer_path, capture, pre=True, with_kwargs=True)
+            for path in layout.query_key_projection_norms or ():
+                path = f"{layout.attention}.{path}"
+                hook(layer, path, layer_path, functools.partial(self._capture_norm, path), pre=False)
+            capture_heads = functools.partial(self._capture_input, layout.attention_output)
+            hook(layer, layout.attention_output, layer_path, capture_heads, pre=True)
+            mlp = layout.mlp_readout(layer, self.config)
+            if mlp.reads_output:
+                hook(
+                    layer,
+                    mlp.units_path,
+                    layer_path,
+                    functools.partial(self._capture_output, mlp.units_path),
+                    pre=False,
+                )
+            else:
+                hook(
+                    layer, mlp.units_path, layer_path, functools.partial(self._capture_input, mlp.units_path), pre=True
+                )
+            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path)
+            hooks.append(layer.register_forward_hook(run_layer))
 
     def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "") -> nn.Module:
         try:
@@ -748,7 +778,7 @@ class OtterForCausalLMMixin:
 
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(
-            (name, parameter) for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
+            ((name, parameter) for name, parameter in self.named_parameters() if not is_inserted_parameter(name)), self
         )
 
     @contextlib.contextmanager
