@@ -19,7 +19,11 @@ from ..modeling import OTTER_CLASSES_BY_BASE_MODEL_TYPE, SUPPORTED_BASE_MODEL_TY
 from ..modeling.configuration_otter import OtterConfigMixin
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
-from ..modeling.quantization import check_supported_quantization, with_inserted_modules_skipped
+from ..modeling.quantization import (
+    check_supported_quantization,
+    quantization_method,
+    with_inserted_modules_skipped,
+)
 from ..modeling.verification import check_inserted_state_dict, verify_inserted_weights
 from .hub import otter_files
 
@@ -167,8 +171,14 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
             raise ValueError(
                 f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`."
             )
+    saved_quantization = saved.get("quantization_config")
+    if saved_quantization is not None and isinstance(base, (str, os.PathLike)):
+        # The base quantized as it was when the inserted weights were trained, unless the caller says otherwise.
+        load_options.setdefault("quantization_config", saved_quantization)
     base = _load_base(base, load_options)
     otter_class = otter_class_for(base.config)
+    base_quantization = getattr(base.config, "quantization_config", None)
+    check_supported_quantization(base_quantization)
     config_class = otter_class.config_class
     if saved.get("model_type") != config_class.model_type:
         raise ValueError(
@@ -190,8 +200,8 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     if expected_fingerprint and base_weights_fingerprint(base.named_parameters(), base) != expected_fingerprint:
         raise ValueError(
             "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
-            f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}). "
-            "Load the matching base checkpoint."
+            f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}"
+            f"{_quantization_hint(saved_quantization, base_quantization)}). Load the matching base checkpoint."
         )
 
     insertion_options = {key: saved[key] for key in INSERTION_OPTIONS if key in saved}
@@ -206,6 +216,21 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     model = _build_from_base(otter_class, config, base)
     _load_inserted_weights(model, inserted_weights, source=weights_path)
     return model
+
+
+def _quantization_hint(saved, loaded) -> str:
+    """Why a fingerprint differs when the base is quantized otherwise than the one the weights were trained on:
+    a quantized weight counts with its dequantized values."""
+    saved_method, loaded_method = quantization_method(saved), quantization_method(loaded)
+    if saved_method == loaded_method:
+        return ""
+    trained_on = f"quantized with {saved_method}" if saved_method else "unquantized"
+    given = f"quantized with {loaded_method}" if loaded_method else "unquantized"
+    return (
+        f", {trained_on}, and this base is {given}: load it as they were trained on (pass the base's path and "
+        "load_otter quantizes it as recorded), or pass `skip_base_fingerprint_check=True` to run them on this base "
+        "unchecked"
+    )
 
 
 def _read_otter_config(path: str) -> dict:

@@ -50,6 +50,7 @@ from .persistence import (
     save_remote_code,
     weight_files_of,
 )
+from .quantization import check_supported_quantization, quantization_method, with_inserted_modules_skipped
 from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
@@ -633,6 +634,17 @@ class OtterForCausalLMMixin:
             options = {name: kwargs.pop(name) for name in list(kwargs) if name in option_names}
             base_settings = {key: value for key, value in saved.items() if key not in _CHECKPOINT_BOOKKEEPING}
             kwargs["config"] = cls.config_class(**{**base_settings, **options})
+        check_supported_quantization(saved.get("quantization_config"))
+        if kwargs.get("quantization_config") is not None:
+            # Quantizing the base only: otter_hf, not the user, keeps the inserted modules out of the quantizer's reach.
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                config = cls.config_class.from_dict(
+                    {k: v for k, v in saved.items() if k not in _CHECKPOINT_BOOKKEEPING}
+                )
+            with torch.device("meta"):
+                skeleton = cls(config)
+            kwargs["quantization_config"] = with_inserted_modules_skipped(kwargs["quantization_config"], skeleton)
         heads = tuple(f"{head.attribute}." for head in INSERTED_HEADS)
 
         def newly_inserted(name: str) -> bool:
@@ -665,6 +677,8 @@ class OtterForCausalLMMixin:
             for head in INSERTED_HEADS:
                 if getattr(model, head.attribute) is not None:
                     getattr(model, head.attribute).initialize(model.config.inserted_init, model.config)
+        # A quantizer replaces base modules (quanto's `QLinear` for `nn.Linear`) after the hooks were registered.
+        model.base_model.register_capture_hooks()
         # Loading swaps in fresh parameters, which come back trainable.
         model.freeze_base_parameters()
         return loaded
@@ -1013,6 +1027,14 @@ class OtterForCausalLMMixin:
         `otter_hf.modeling.persistence`.
         """
         check_finite_inserted_weights(self.otter_state_dict().items(), f"save {save_directory}")
+        quantizer = getattr(self, "hf_quantizer", None)
+        if quantizer is not None and not quantizer.is_serializable():
+            method = quantization_method(quantizer.quantization_config)
+            raise ValueError(
+                f"The base is quantized with {method}, which transformers cannot save whole. Save the inserted "
+                f"weights with `model.save_otter(directory)`: they record the base and its quantization, and "
+                "`otter_hf.load_otter(base_path, directory)` loads the base quantized the same way."
+            )
         if kwargs.get("push_to_hub"):
             save_remote_code(self, save_directory)
             return super().save_pretrained(save_directory, *args, **kwargs)

@@ -97,6 +97,12 @@ def dequantized(tensor: torch.Tensor, owner: nn.Module | None = None) -> torch.T
         import bitsandbytes as bnb
 
         if kind == "Params4bit":
+            if getattr(tensor.quant_state, "packing_format_for_cpu", False):
+                raise ValueError(
+                    "This bitsandbytes 4-bit weight was repacked for bitsandbytes' CPU kernels by a forward on the "
+                    "CPU, and its values cannot be read back exactly from that layout. Insert into the base before "
+                    "running it on the CPU, or run bitsandbytes 4-bit on a GPU, where weights keep their layout."
+                )
             return bnb.functional.dequantize_4bit(tensor.data, tensor.quant_state)
         scales = tensor.SCB if tensor.SCB is not None else owner.state.SCB
         return bnb.functional.int8_vectorwise_dequant(tensor.data, scales)
