@@ -38,6 +38,13 @@ SERIALIZABLE = ("bnb-8bit", "torchao-int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def longer_test_backends(backends) -> list:
+    """`backends` as parameters of a longer test: torchao's runs by default, the others with -m slow."""
+    return [
+        backend if backend == "torchao-int8" else pytest.param(backend, marks=pytest.mark.slow) for backend in backends
+    ]
+
+
 def quantization_config(backend: str):
     package, make_config = BACKENDS[backend]
     pytest.importorskip(package, reason=f"{package} is not installed (pip install {package.replace('.', '-')})")
@@ -118,7 +125,7 @@ def test_copy_initialisation_dequantizes_the_rows_it_copies(base_folder, backend
     assert copied.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", longer_test_backends(sorted(BACKENDS)))
 def test_reward_trainer_trains_the_inserted_parameters_on_a_quantized_base(tmp_path, base_folder, backend):
     base = load_quantized(base_folder, backend)
     inputs = random_batch(2, 8)
@@ -147,7 +154,7 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
-@pytest.mark.parametrize("backend", SAVED)
+@pytest.mark.parametrize("backend", longer_test_backends(SAVED))
 def test_save_otter_records_the_quantization_and_load_otter_rebuilds_it(tmp_path, base_folder, backend):
     model = noisy(otter_hf.insert(load_quantized(base_folder, backend)))
     inputs = random_batch(2, 8, "right")
@@ -165,7 +172,7 @@ def test_save_otter_records_the_quantization_and_load_otter_rebuilds_it(tmp_path
         otter_hf.load_otter(unquantized, tmp_path / "otter")
 
 
-@pytest.mark.parametrize("backend", SERIALIZABLE)
+@pytest.mark.parametrize("backend", longer_test_backends(SERIALIZABLE))
 def test_a_whole_save_reloads_with_the_base_quantized_and_the_inserted_modules_not(tmp_path, base_folder, backend):
     model = noisy(otter_hf.insert(load_quantized(base_folder, backend)))
     inputs = random_batch(2, 8)
@@ -186,7 +193,7 @@ def test_quanto_model_saved_whole_is_refused_with_the_way_to_save_it(tmp_path, b
     assert not (tmp_path / "whole" / "config.json").exists()
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", longer_test_backends(sorted(BACKENDS)))
 def test_loading_with_a_quantization_config_quantizes_the_base_only(tmp_path, base_folder, backend):
     model = noisy(otter_hf.insert(AutoModelForCausalLM.from_pretrained(base_folder)))
     model.save_pretrained(tmp_path / "float")

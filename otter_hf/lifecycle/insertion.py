@@ -173,8 +173,11 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
             )
     saved_quantization = saved.get("quantization_config")
     if saved_quantization is not None and isinstance(base, (str, os.PathLike)):
-        # The base quantized as it was when the inserted weights were trained, unless the caller says otherwise.
+        # The base quantized as it was when the inserted weights were trained (from weights of the same dtype),
+        # unless the caller says otherwise.
         load_options.setdefault("quantization_config", saved_quantization)
+        if saved.get("dtype") is not None:
+            load_options.setdefault("dtype", saved["dtype"])
     base = _load_base(base, load_options)
     otter_class = otter_class_for(base.config)
     base_quantization = getattr(base.config, "quantization_config", None)
