@@ -28,8 +28,8 @@ refuses a scratch folder, or any entry of one, that is a symbolic link, and a jo
 file names; a load that finds such a scratch folder refuses to load and says what to do. A load also refuses a
 folder whose entries are links leading out of it (a Hub cache snapshot's links into its `blobs` are followed).
 
-Like the modeling files, this file imports only torch, transformers, safetensors and the standard library, as it
-ships next to checkpoints for `trust_remote_code`.
+Like the modeling files, this file imports only torch, transformers, safetensors, the standard library and its
+sibling `quantization.py`, as it ships next to checkpoints for `trust_remote_code`.
 """
 
 import contextlib
