@@ -8,11 +8,12 @@ inserted parameters are plain float parameters, trainable like an adapter's. Loa
 `quantization_config` quantizes the base modules only: otter_hf adds the inserted modules to the quantizer's list
 of modules it leaves alone (`with_inserted_modules_skipped`), whatever the user's config lists.
 
-Like the modeling files, this file imports only torch and transformers (the quantization backends only when a
-tensor of theirs is met), as it ships next to checkpoints for `trust_remote_code`.
+Like the modeling files, this file imports only torch and transformers (a quantization backend is used only when a
+tensor of its is met, and so loaded), as it ships next to checkpoints for `trust_remote_code`.
 """
 
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -94,8 +95,9 @@ def dequantized(tensor: torch.Tensor, owner: nn.Module | None = None) -> torch.T
         return tensor
     kind = type(tensor).__name__
     if kind in ("Int8Params", "Params4bit"):
-        import bitsandbytes as bnb
-
+        # Loaded, as its tensor exists; not imported by name, which would make transformers require the package
+        # wherever this file runs as a checkpoint's remote code.
+        bnb = sys.modules["bitsandbytes"]
         if kind == "Params4bit":
             if getattr(tensor.quant_state, "packing_format_for_cpu", False):
                 raise ValueError(
