@@ -207,6 +207,7 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         "loop_inputs.py",
         "modeling_otter.py",
         "persistence.py",
+        "quantization.py",
         "reward_guided.py",
         "sequence_classification.py",
         "token_reward_guidance.py",

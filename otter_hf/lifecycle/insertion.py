@@ -22,6 +22,11 @@ from ..modeling.configuration_otter import OtterConfigMixin
 from ..modeling.derived_layout import LayoutNotDerived, derived_architecture, derived_class_names, describe_layout
 from ..modeling.initialization import initialize_inserted_parameters
 from ..modeling.persistence import OTTER_CONFIG_NAME, OTTER_WEIGHTS_NAME, base_weights_fingerprint, reading_checkpoint
+from ..modeling.quantization import (
+    check_supported_quantization,
+    quantization_method,
+    with_inserted_modules_skipped,
+)
 from ..modeling.verification import check_inserted_state_dict, check_weights_in_memory, verify_inserted_weights
 from .hub import otter_files
 from .layout_probe import check_probe_forward
@@ -167,6 +172,7 @@ def insert(base, *, init: str | None = None, **options) -> PreTrainedModel:
     base = _load_base(base, options)
     check_weights_in_memory(base, "insert Otter parameters into this base model")
     otter_class = otter_class_for(base)
+    check_supported_quantization(getattr(base.config, "quantization_config", None))
     config = otter_class.config_class.from_base_config(
         base.config, base_model_name_or_path=base.name_or_path or None, **insertion_options
     )
@@ -215,9 +221,18 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
             raise ValueError(
                 f"The inserted weights in {otter_directory} name no base model; pass the base model as `base`."
             )
+    saved_quantization = saved.get("quantization_config")
+    if saved_quantization is not None and isinstance(base, (str, os.PathLike)):
+        # The base quantized as it was when the inserted weights were trained (from weights of the same dtype),
+        # unless the caller says otherwise.
+        load_options.setdefault("quantization_config", saved_quantization)
+        if saved.get("dtype") is not None:
+            load_options.setdefault("dtype", saved["dtype"])
     base = _load_base(base, load_options)
     check_weights_in_memory(base, "attach Otter parameters to this base model")
     otter_class = otter_class_for(base)
+    base_quantization = getattr(base.config, "quantization_config", None)
+    check_supported_quantization(base_quantization)
     config_class = otter_class.config_class
     if saved.get("model_type") != config_class.model_type:
         raise ValueError(
@@ -236,11 +251,11 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
         raise ValueError(
             f"The base model's sizes differ from the ones these inserted weights were made for ({details})."
         )
-    if expected_fingerprint and base_weights_fingerprint(base.named_parameters()) != expected_fingerprint:
+    if expected_fingerprint and base_weights_fingerprint(base.named_parameters(), base) != expected_fingerprint:
         raise ValueError(
             "The base model's weights differ from the ones these inserted weights were trained on (fingerprint "
-            f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}). "
-            "Load the matching base checkpoint."
+            f"mismatch; they were made for {saved.get('base_model_name_or_path') or 'another checkpoint'}"
+            f"{_quantization_hint(saved_quantization, base_quantization)}). Load the matching base checkpoint."
         )
 
     insertion_options = {key: saved[key] for key in INSERTION_OPTIONS if key in saved}
@@ -255,6 +270,21 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     model = _build_from_base(otter_class, config, base)
     _load_inserted_weights(model, inserted_weights, source=weights_path)
     return model
+
+
+def _quantization_hint(saved, loaded) -> str:
+    """Why a fingerprint differs when the base is quantized otherwise than the one the weights were trained on:
+    a quantized weight counts with its dequantized values."""
+    saved_method, loaded_method = quantization_method(saved), quantization_method(loaded)
+    if saved_method == loaded_method:
+        return ""
+    trained_on = f"quantized with {saved_method}" if saved_method else "unquantized"
+    given = f"quantized with {loaded_method}" if loaded_method else "unquantized"
+    return (
+        f", {trained_on}, and this base is {given}: load it as they were trained on (pass the base's path and "
+        "load_otter quantizes it as recorded), or pass `skip_base_fingerprint_check=True` to run them on this base "
+        "unchecked"
+    )
 
 
 def _read_otter_config(path: str) -> dict:
@@ -283,7 +313,8 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
             model = otter_class._from_config(
                 config, attn_implementation=base.config._attn_implementation, dtype=base.dtype
             )
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+        adopted = _adopt_replaced_modules(model, base)
+        missing, unexpected = model.load_state_dict(_state_outside(base, adopted), strict=False, assign=True)
         if unexpected:
             raise ValueError(f"The base model has parameters an Otter model does not expect: {sorted(unexpected)[:5]}")
         # The base's non-persistent buffers too (rotary frequencies), as they are: a base cast with `.to(dtype)`
@@ -301,11 +332,18 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
                     dtype = torch.float32 if in_fp32 else base.dtype
                     device = placement.device_for(f"{module_name}.{name}" if module_name else name)
                     setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
+    if adopted:
+        model.base_model.register_capture_hooks()
     model.tie_weights()
     placement.dispatch(model)
     model.freeze_base_parameters()
     model.train(base.training)
     model.generation_config = copy.deepcopy(base.generation_config)
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        # Saved whole, the model then reloads quantized as it is: the base quantized, the inserted modules not.
+        model.hf_quantizer = quantizer
+        model.config.quantization_config = with_inserted_modules_skipped(quantizer.quantization_config, model)
     return model
 
 
@@ -348,6 +386,41 @@ class InsertedPlacement:
             and any(True for _ in module.parameters())
         }
         dispatch_model(model, device_map={**self.device_map, **heads})
+
+
+def _state_outside(base, adopted: list[str]) -> dict[str, torch.Tensor]:
+    """The parameters and persistent buffers of `base` outside the `adopted` modules, as `base.state_dict()` names
+    them. Read from the modules rather than by `state_dict()`, which repacks the weights of a bitsandbytes 4-bit
+    layer that has run on the CPU (its outputs change after it)."""
+    state = {}
+    for module_name, module in base.named_modules(remove_duplicate=False):
+        if any(module_name == name or module_name.startswith(f"{name}.") for name in adopted):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                state[prefix + name] = parameter.detach()
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                state[prefix + name] = buffer.detach()
+    return state
+
+
+def _adopt_replaced_modules(model, base) -> list[str]:
+    """Put into `model` (built on the meta device) the base modules that a quantizer replaced by its own (quanto's
+    `QLinear` for an `nn.Linear`), which a state dict cannot rebuild; returns their names."""
+    adopted = []
+    for name, module in list(model.named_modules()):
+        if not name or not type(module).__module__.startswith("torch.nn."):
+            continue
+        try:
+            base_module = base.get_submodule(name)
+        except AttributeError:
+            continue  # an inserted module
+        if type(base_module) is not type(module):
+            model.set_submodule(name, base_module)
+            adopted.append(name)
+    return adopted
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
 from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout
 from .inserted_stream import MlpReadout
+from .quantization import dequantized, owner_of
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
         size = inserted_weight.shape[-1]
         if isinstance(module, nn.Embedding):  # token or position embedding: its inserted columns
             if method == "copy":
-                inserted_weight.copy_(module.weight[:, :size])
+                inserted_weight.copy_(dequantized(module.weight, module)[:, :size])
             else:
                 # nn.Embedding's own default is N(0, 1).
                 nn.init.normal_(inserted_weight, std=std if method == "normal" else 1.0)
@@ -53,7 +54,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
             getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
         for layer in model.otter_decoder_layers():
-            copy_source = functools.partial(layout.copy_source, layer)
+            copy_source = functools.cache(functools.partial(_float_copy_source, layout, layer))
             if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
                 # The identity on the first dimensions of the linear attention's output, as the copied heads pass on
                 # the first dimensions of what the original attention adds.
@@ -65,6 +66,12 @@ def initialize_inserted_parameters(model, method: str) -> None:
                     _copy_sinks(layer, layout, model.config)
                 _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
+
+
+def _float_copy_source(layout, layer, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The architecture's `copy_source` of `role`, its weight dequantized where the base is quantized."""
+    weight, bias = layout.copy_source(layer, role)
+    return dequantized(weight, owner_of(weight, layer)), bias
 
 
 def copied_head_sources(config) -> tuple[list[int], list[int]]:

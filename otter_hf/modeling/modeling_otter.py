@@ -64,6 +64,7 @@ from .persistence import (
     save_remote_code,
     weight_files_of,
 )
+from .quantization import check_supported_quantization, quantization_method, with_inserted_modules_skipped
 from .reward_guided import reward_guided_generate
 from .token_reward_guidance import token_reward_guidance
 from .verification import check_finite_inserted_weights, check_generation_arguments, load_verified
@@ -127,16 +128,18 @@ class OtterModelMixin:
         self.otter_enabled = True
         self._inserted_stream: InsertedStream | None = None
         self._inserted_cache_indices = inserted_cache_layer_indices(config)
-        embeddings = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
-        for path in embeddings:
+        for path in self._embedding_paths():
             embedding = self._capture_point(self, path)
             embedding.inserted_weight = nn.Parameter(torch.empty(embedding.num_embeddings, config.inserted_hidden_size))
-            embedding.register_forward_hook(self._embed_inserted)
-        final_norm = self._capture_point(self, layout.final_norm)
-        self._attach_inserted_norm(final_norm)
-        final_norm.register_forward_hook(self._normalize_final_streams)
+        self._attach_inserted_norm(self._capture_point(self, layout.final_norm))
         for index, layer in enumerate(self.otter_decoder_layers()):
             self._attach_inserted_layer(layer, index)
+        self._capture_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.register_capture_hooks()
+
+    def _embedding_paths(self) -> list[str]:
+        layout = self.otter_layout
+        return [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
 
     def _attach_inserted_norm(self, norm: nn.Module, size: int | None = None) -> None:
         size = size or self.config.inserted_hidden_size
@@ -148,13 +151,7 @@ class OtterModelMixin:
         config, layout = self.config, self.otter_layout
         layer_path = f"{layout.layers}.{index}"
         for path in layout.norm_paths(layer):
-            norm = self._capture_point(layer, path, layer_path)
-            self._attach_inserted_norm(norm)
-            norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        for path in layout.raw_input_modules(layer):
-            self._capture_point(layer, path, layer_path).register_forward_pre_hook(
-                functools.partial(self._capture_raw_input, raw_input_key(path)), with_kwargs=True
-            )
+            self._attach_inserted_norm(self._capture_point(layer, path, layer_path))
         if layout.has_inserted_heads(layer) != (index in self._inserted_cache_indices):
             raise ValueError(
                 f"{type(self).__name__}: decoder layer {index} is a "
@@ -165,18 +162,9 @@ class OtterModelMixin:
             layer.inserted_attn = self._inserted_attention(layer, layer_path)
         else:
             # The inserted stream reads what the linear attention adds to the original stream.
-            self._capture_point(layer, layout.linear_attention, layer_path).register_forward_hook(
-                functools.partial(self._capture_output, layout.linear_attention)
-            )
+            self._capture_point(layer, layout.linear_attention, layer_path)
             layer.inserted_attn = OtterLinearAttentionReadout(config.hidden_size, config.inserted_hidden_size)
         mlp = layout.mlp_readout(layer, config)
-        units_module = self._capture_point(layer, mlp.units_path, layer_path)
-        if mlp.reads_output:
-            units_module.register_forward_hook(functools.partial(self._capture_output, mlp.units_path))
-        else:
-            units_module.register_forward_pre_hook(functools.partial(self._capture_input, mlp.units_path))
-        layer.register_forward_hook(functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path))
-
         has_bias = layout.copy_source(layer, "up")[1] is not None
         activation = self._capture_point(layer, mlp.activation, layer_path)
         layer.inserted_mlp = OtterInsertedMLP(
@@ -192,23 +180,15 @@ class OtterModelMixin:
         )
 
     def _inserted_attention(self, layer: nn.Module, layer_path: str) -> OtterInsertedAttention:
-        """The inserted heads of a layer with softmax attention, and the capture points they read."""
+        """The inserted heads of a layer with softmax attention."""
         config, layout = self.config, self.otter_layout
-        self._capture_point(layer, layout.attention, layer_path).register_forward_pre_hook(
-            self._capture_attention_call, with_kwargs=True
-        )
         head_dim = attention_head_size(config)
         if layout.query_key_projection_norms is not None:
             # The inserted heads' own weights over their width, on the norms whose statistics they read.
             inserted_heads = (config.inserted_num_attention_heads, config.inserted_num_key_value_heads)
             for path, heads in zip(layout.query_key_projection_norms, inserted_heads):
-                path = f"{layout.attention}.{path}"
-                norm = self._capture_point(layer, path, layer_path)
+                norm = self._capture_point(layer, f"{layout.attention}.{path}", layer_path)
                 self._attach_inserted_norm(norm, heads * head_dim)
-                norm.register_forward_hook(functools.partial(self._capture_norm, path))
-        self._capture_point(layer, layout.attention_output, layer_path).register_forward_pre_hook(
-            functools.partial(self._capture_input, layout.attention_output)
-        )
         # The inserted projections take biases where their base counterparts have them.
         has_bias = {role: layout.copy_source(layer, role)[1] is not None for role in ("query", "output")}
         inserted_attn = OtterInsertedAttention(
@@ -230,6 +210,51 @@ class OtterModelMixin:
             sinks = nn.Parameter(torch.empty(config.inserted_num_attention_heads))
             setattr(inserted_attn, layout.attention_sinks, sinks)
         return inserted_attn
+
+    def register_capture_hooks(self) -> None:
+        """Hook the capture points of the layout, replacing the hooks registered before.
+
+        Run again after base modules were replaced by others (a quantizer swaps `nn.Linear` for its own layers when
+        it loads a base): the hooks of the replaced modules went with them.
+        """
+        layout = self.otter_layout
+        for handle in self._capture_hooks:
+            handle.remove()
+        hooks = self._capture_hooks = []
+
+        def hook(parent: nn.Module, path: str, parent_path: str, function: Callable, *, pre: bool, **options):
+            module = self._capture_point(parent, path, parent_path)
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            hooks.append(register(function, **options))
+
+        for path in self._embedding_paths():
+            hook(self, path, "", self._embed_inserted, pre=False)
+        hook(self, layout.final_norm, "", self._normalize_final_streams, pre=False)
+        for index, layer in enumerate(self.otter_decoder_layers()):
+            layer_path = f"{layout.layers}.{index}"
+            for path in layout.norm_paths(layer):
+                hook(layer, path, layer_path, functools.partial(self._capture_norm, path), pre=False)
+            for path in layout.raw_input_modules(layer):
+                capture = functools.partial(self._capture_raw_input, raw_input_key(path))
+                hook(layer, path, layer_path, capture, pre=True, with_kwargs=True)
+            if layout.has_inserted_heads(layer):
+                hook(layer, layout.attention, layer_path, self._capture_attention_call, pre=True, with_kwargs=True)
+                for path in layout.query_key_projection_norms or ():
+                    path = f"{layout.attention}.{path}"
+                    hook(layer, path, layer_path, functools.partial(self._capture_norm, path), pre=False)
+                capture_heads = functools.partial(self._capture_input, layout.attention_output)
+                hook(layer, layout.attention_output, layer_path, capture_heads, pre=True)
+            else:
+                capture_linear = functools.partial(self._capture_output, layout.linear_attention)
+                hook(layer, layout.linear_attention, layer_path, capture_linear, pre=False)
+            mlp = layout.mlp_readout(layer, self.config)
+            if mlp.reads_output:
+                capture_units = functools.partial(self._capture_output, mlp.units_path)
+            else:
+                capture_units = functools.partial(self._capture_input, mlp.units_path)
+            hook(layer, mlp.units_path, layer_path, capture_units, pre=not mlp.reads_output)
+            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path)
+            hooks.append(layer.register_forward_hook(run_layer))
 
     def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "", parameter: bool = False):
         try:
@@ -692,6 +717,17 @@ class OtterForCausalLMMixin:
             options = {name: kwargs.pop(name) for name in list(kwargs) if name in option_names}
             base_settings = {key: value for key, value in saved.items() if key not in _CHECKPOINT_BOOKKEEPING}
             kwargs["config"] = cls.config_class(**{**base_settings, **options})
+        check_supported_quantization(saved.get("quantization_config"))
+        if kwargs.get("quantization_config") is not None:
+            # Quantizing the base only: otter_hf, not the user, keeps the inserted modules out of the quantizer's reach.
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                config = cls.config_class.from_dict(
+                    {k: v for k, v in saved.items() if k not in _CHECKPOINT_BOOKKEEPING}
+                )
+            with torch.device("meta"):
+                skeleton = cls(config)
+            kwargs["quantization_config"] = with_inserted_modules_skipped(kwargs["quantization_config"], skeleton)
         heads = tuple(f"{head.attribute}." for head in INSERTED_HEADS)
 
         def newly_inserted(name: str) -> bool:
@@ -724,6 +760,8 @@ class OtterForCausalLMMixin:
             for head in INSERTED_HEADS:
                 if getattr(model, head.attribute) is not None:
                     getattr(model, head.attribute).initialize(model.config.inserted_init, model.config)
+        # A quantizer replaces base modules (quanto's `QLinear` for `nn.Linear`) after the hooks were registered.
+        model.base_model.register_capture_hooks()
         # Loading swaps in fresh parameters, which come back trainable.
         model.freeze_base_parameters()
         return loaded
@@ -837,7 +875,7 @@ class OtterForCausalLMMixin:
 
     def base_weights_fingerprint(self) -> str:
         return base_weights_fingerprint(
-            (name, parameter) for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
+            ((name, parameter) for name, parameter in self.named_parameters() if not is_inserted_parameter(name)), self
         )
 
     @contextlib.contextmanager
@@ -1074,6 +1112,14 @@ class OtterForCausalLMMixin:
         `otter_hf.modeling.persistence`.
         """
         check_finite_inserted_weights(self.otter_state_dict().items(), f"save {save_directory}")
+        quantizer = getattr(self, "hf_quantizer", None)
+        if quantizer is not None and not quantizer.is_serializable():
+            method = quantization_method(quantizer.quantization_config)
+            raise ValueError(
+                f"The base is quantized with {method}, which transformers cannot save whole. Save the inserted "
+                f"weights with `model.save_otter(directory)`: they record the base and its quantization, and "
+                "`otter_hf.load_otter(base_path, directory)` loads the base quantized the same way."
+            )
         if kwargs.get("push_to_hub"):
             save_remote_code(self, save_directory)
             return super().save_pretrained(save_directory, *args, **kwargs)

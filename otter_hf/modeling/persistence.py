@@ -28,8 +28,8 @@ refuses a scratch folder, or any entry of one, that is a symbolic link, and a jo
 file names; a load that finds such a scratch folder refuses to load and says what to do. A load also refuses a
 folder whose entries are links leading out of it (a Hub cache snapshot's links into its `blobs` are followed).
 
-Like the modeling files, this file imports only torch, transformers, safetensors and the standard library, as it
-ships next to checkpoints for `trust_remote_code`.
+Like the modeling files, this file imports only torch, transformers, safetensors, the standard library and its
+sibling `quantization.py`, as it ships next to checkpoints for `trust_remote_code`.
 """
 
 import contextlib
@@ -45,8 +45,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
+
+from .quantization import dequantized, is_quantized_tensor
 
 try:
     import fcntl
@@ -64,15 +67,21 @@ SCRATCH_PREFIX = ".otter-save-"
 _NEW, _PREVIOUS, _JOURNAL, _LOCK = "new", "previous", "journal.json", "lock"
 
 
-def base_weights_fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """Digest of a model's original parameters (pass only those), cheap even for large models.
+def base_weights_fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]], model: nn.Module) -> str:
+    """Digest of the original parameters of `model` (pass only those, by their names in `model`), cheap even for
+    large models.
 
     It hashes every name and shape plus an evenly strided sample of each tensor rounded to bfloat16, so the
-    same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while other weights do not.
+    same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while other weights do not. A quantized
+    tensor counts with its dequantized values: the same checkpoint quantized the same way gives the same
+    fingerprint, its unquantized weights another.
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
-        flat = tensor.detach().reshape(-1)
+        if is_quantized_tensor(tensor):
+            tensor = dequantized(tensor, model.get_submodule(name.rpartition(".")[0]))
+        tensor = tensor.detach()
+        flat = tensor.reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())

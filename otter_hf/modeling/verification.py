@@ -281,6 +281,10 @@ def _verify_headers_before_loading(model_class, path, kwargs: dict, newly_insert
         overrides = {key: kwargs[key] for key in WEIGHT_DEFINING_CONFIG_FIELDS if key in kwargs}
         config = model_class.config_class.from_pretrained(folder, **overrides)
     header = read_safetensors_headers(folder, kwargs.get("variant"))
+    if header is not None and getattr(config, "quantization_config", None) is not None:
+        # A quantized base is stored in its quantizer's layout (packed 4-bit weights, scales), which transformers'
+        # quantizer checks; the inserted tensors are float, checked here.
+        header = {name: tensor for name, tensor in header.items() if is_inserted_parameter(name)}
     prefix = f"{model_class.base_model_prefix}."
     if header and not any(name.startswith(prefix) for name in header):
         # A save of the backbone alone: transformers loads it under the prefix, and so it is compared.
