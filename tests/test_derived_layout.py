@@ -76,9 +76,9 @@ def test_a_derived_layout_keeps_the_original_output_and_trains(model_type, tmp_p
 
 
 def test_a_derived_mixture_of_experts_reads_its_sparse_blocks():
-    base = tiny_base("olmoe", num_experts=4, num_experts_per_tok=2)
+    base = tiny_base("flex_olmo", num_experts=4, num_experts_per_tok=2)
     otter, warning = insert_derived(base)
-    assert "sparse OlmoeSparseMoeBlock" in warning
+    assert "sparse FlexOlmoSparseMoeBlock" in warning
     input_ids, _ = random_batch(2, 5)
     with torch.no_grad():
         assert torch.equal(otter(input_ids).logits, base(input_ids).logits)
