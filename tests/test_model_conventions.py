@@ -154,6 +154,11 @@ def test_a_loss_on_the_frozen_base_output_alone_names_the_trainer_that_fits():
     backbone_only = otter.model(input_ids=input_ids, attention_mask=attention_mask)  # as TRL's fused LM head runs it
     with pytest.raises(ValueError, match="SFTTrainer"):
         otter.lm_head(backbone_only.last_hidden_state).mean().backward()
+    # The logits stay a tensor of their own that code may edit in place (masking a token), gradients on.
+    edited = otter(input_ids=input_ids, attention_mask=attention_mask)
+    edited.logits[:, -1, 0] = -torch.inf
+    assert torch.isinf(edited.logits[:, -1, 0]).all()
+    edited.value.mean().backward()
 
 
 def test_trl_sft_trainer_on_an_otter_model_fails_with_one_clear_error(tmp_path, tiny_tokenizer):

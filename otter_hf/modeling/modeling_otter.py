@@ -620,7 +620,9 @@ class _RefuseFrozenOutputGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return output.view_as(output)
+        # A copy: torch forbids editing in place a view made inside a custom Function, and code edits logits in
+        # place (masking a token's score). Only forwards with gradients on pay for it; generate() runs without.
+        return output.clone()
 
     @staticmethod
     def backward(ctx, *grad_outputs):
