@@ -18,6 +18,12 @@ def _outputs(model, input_ids, attention_mask):
         return model(input_ids, attention_mask=attention_mask)
 
 
+# Families whose own transformers model gives other logits after `save_pretrained` and `from_pretrained` (its CPU
+# kernels over the experts, read back at other memory alignments, round differently: 1.5e-8 on this config); the
+# weights still come back equal, checked below.
+BASES_NOT_RELOADED_BIT_EXACT = {"qwen3_5moe-full-linear-sparse"}
+
+
 def test_save_pretrained_round_trip_is_exact(base_name, tmp_path):
     otter = make_otter(make_base(base_name))
     input_ids, attention_mask = random_batch(2, 9, "left")
@@ -33,7 +39,10 @@ def test_save_pretrained_round_trip_is_exact(base_name, tmp_path):
     assert saved.keys() == reloaded.keys()
     assert all(torch.equal(saved[name], reloaded[name]) for name in saved)
     output = _outputs(loaded, input_ids, attention_mask)
-    assert torch.equal(output.logits, expected.logits)
+    if base_name in BASES_NOT_RELOADED_BIT_EXACT:
+        torch.testing.assert_close(output.logits, expected.logits, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(output.logits, expected.logits)
     # Same weights, but safetensors maps them at other memory alignments, which may change BLAS rounding.
     real = attention_mask.bool()
     torch.testing.assert_close(output.value[real], expected.value[real], atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from otter_hf.generation import reward_guided_generate
 from otter_hf.modeling.loop_inputs import padding_position_ids
-from tests.helpers import make_base, make_otter, random_batch
+from tests.helpers import EOS, make_base, make_otter, random_batch
 from tests.test_expert_heads import make_expert_otter, reference_dexperts_greedy
 
 WEIGHT = 2.0
@@ -22,7 +22,8 @@ def make_token_otter(base_name: str):
 
 
 def reference_guided_greedy(otter, input_ids, attention_mask, steps: int, weight: float):
-    """Guided greedy decoding spelled out: full forwards without a cache, logits + weight * log pi_r."""
+    """Guided greedy decoding spelled out: full forwards without a cache, logits + weight * log pi_r, never the end
+    of sequence."""
     for _ in range(steps):
         position_ids = padding_position_ids(attention_mask.bool())
         with torch.no_grad():
@@ -34,6 +35,7 @@ def reference_guided_greedy(otter, input_ids, attention_mask, steps: int, weight
                 output_token_reward_logits=True,
             )
         scores = outputs.logits[:, -1] + weight * outputs.token_reward_logits[:, -1].log_softmax(-1)
+        scores[:, EOS] = -torch.inf  # never the end of sequence, as `min_new_tokens` keeps it
         input_ids = torch.cat([input_ids, scores.argmax(-1, keepdim=True)], dim=-1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
     return input_ids

@@ -461,7 +461,8 @@ class OtterModelMixin:
         with self.inserted_stream(record_hidden_states=record) as stream:
             outputs = super().forward(*args, return_dict=True, **kwargs)
         output_class = (
-            OtterMoeModelOutputWithPast if isinstance(outputs, MoeModelOutputWithPast) else OtterModelOutputWithPast
+            # The field, not the class: some families return router logits in an output class of their own.
+            OtterMoeModelOutputWithPast if hasattr(outputs, "router_logits") else OtterModelOutputWithPast
         )
         outputs.last_hidden_state = refusing_gradient(self, outputs.last_hidden_state)
         return output_class(
