@@ -82,6 +82,20 @@ def first_expert_copy_source(experts: nn.Module, role: str) -> tuple[torch.Tenso
     return experts.gate_up_proj[0, start : start + units], None
 
 
+def shared_expert_copy_source(block_class: type, shared_expert: str = "shared_expert", default=linear_copy_source):
+    """A family's copy source whose sparse layers (a `block_class` MLP) copy the gate and up units of the block's
+    shared expert (at `shared_expert`), `default` elsewhere. A sparse layer's down is not read: the inserted down
+    projection starts as the identity on the block output."""
+
+    def copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if role in ("gate", "up") and isinstance(layer.mlp, block_class):
+            projection = layer.mlp.get_submodule(f"{shared_expert}.{role}_proj")
+            return projection.weight, projection.bias
+        return default(layer, role)
+
+    return copy_source
+
+
 def gated_query_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Llama's projections, where the query projection computes each head's query and then its output gate
     (Qwen3.5, Qwen3-Next: rows `[q_0, gate_0, q_1, gate_1, ...]`, `head_dim` each): role query reads the queries,

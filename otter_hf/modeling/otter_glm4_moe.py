@@ -25,7 +25,7 @@ from transformers.models.glm4_moe.modeling_glm4_moe import (
 )
 
 from .configuration_otter import OtterConfigMixin
-from .inserted_stream import OtterLayout, SparseMlp, linear_copy_source
+from .inserted_stream import OtterLayout, SparseMlp, shared_expert_copy_source
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin, keep_base_checkpoint_format
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -40,15 +40,6 @@ class OtterGlm4MoeConfig(OtterConfigMixin, Glm4MoeConfig):
 keep_base_checkpoint_format(OtterGlm4MoeConfig)
 
 
-def glm4_moe_copy_source(layer: nn.Module, role: str):
-    """Llama's projections, except a sparse layer's gate and up: the shared experts'. A sparse layer's down is not
-    read (the inserted down projection starts as the identity on the block output)."""
-    if role in ("gate", "up") and isinstance(layer.mlp, Glm4MoeMoE):
-        projection = layer.mlp.shared_experts.get_submodule(f"{role}_proj")
-        return projection.weight, projection.bias
-    return linear_copy_source(layer, role)
-
-
 def has_query_key_norms(attention: nn.Module) -> bool:
     return attention.use_qk_norm
 
@@ -60,7 +51,7 @@ class OtterGlm4MoeModel(OtterModelMixin, Glm4MoeModel):
         query_key_norms=("q_norm", "k_norm"),
         applies_query_key_norms=has_query_key_norms,
         sparse_mlp=SparseMlp(Glm4MoeMoE),
-        copy_source=glm4_moe_copy_source,
+        copy_source=shared_expert_copy_source(Glm4MoeMoE, "shared_experts"),
     )
 
 

@@ -12,7 +12,6 @@ in the layers `layer_types` marks as sliding.
 """
 
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeForCausalLM,
@@ -22,7 +21,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 )
 
 from .configuration_otter import OtterConfigMixin
-from .inserted_stream import OtterLayout, SparseMlp, linear_copy_source
+from .inserted_stream import OtterLayout, SparseMlp, shared_expert_copy_source
 from .modeling_otter import OtterModelMixin, OtterMoeForCausalLMMixin, keep_base_checkpoint_format
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -37,21 +36,12 @@ class OtterQwen2MoeConfig(OtterConfigMixin, Qwen2MoeConfig):
 keep_base_checkpoint_format(OtterQwen2MoeConfig)
 
 
-def qwen2_moe_copy_source(layer: nn.Module, role: str):
-    """Llama's projections, except a sparse layer's gate and up: the shared expert's. A sparse layer's down is not
-    read (the inserted down projection starts as the identity on the block output)."""
-    if role in ("gate", "up") and isinstance(layer.mlp, Qwen2MoeSparseMoeBlock):
-        projection = layer.mlp.shared_expert.get_submodule(f"{role}_proj")
-        return projection.weight, projection.bias
-    return linear_copy_source(layer, role)
-
-
 class OtterQwen2MoeModel(OtterModelMixin, Qwen2MoeModel):
     config_class = OtterQwen2MoeConfig
     otter_layout = OtterLayout(
         eager_attention_fn=eager_attention_forward,
         sparse_mlp=SparseMlp(Qwen2MoeSparseMoeBlock),
-        copy_source=qwen2_moe_copy_source,
+        copy_source=shared_expert_copy_source(Qwen2MoeSparseMoeBlock),
     )
 
 

@@ -10,7 +10,6 @@ Copy-initialisation copies the shared expert's first units.
 """
 
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
     Qwen3_5MoeForCausalLM,
@@ -21,7 +20,7 @@ from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import InsertedGemmaRMSNorm
-from .inserted_stream import OtterLayout, SparseMlp, gated_query_copy_source
+from .inserted_stream import OtterLayout, SparseMlp, gated_query_copy_source, shared_expert_copy_source
 from .modeling_otter import OtterModelMixin, OtterMoeForCausalLMMixin, keep_base_checkpoint_format
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -36,15 +35,6 @@ class OtterQwen3_5MoeTextConfig(OtterConfigMixin, Qwen3_5MoeTextConfig):
 keep_base_checkpoint_format(OtterQwen3_5MoeTextConfig)
 
 
-def qwen3_5_moe_copy_source(layer: nn.Module, role: str):
-    """The gated query's projections (`gated_query_copy_source`), and the shared expert's gate and up. The down
-    projection is not read (the inserted down projection starts as the identity on the block output)."""
-    if role in ("gate", "up") and isinstance(layer.mlp, Qwen3_5MoeSparseMoeBlock):
-        projection = layer.mlp.shared_expert.get_submodule(f"{role}_proj")
-        return projection.weight, projection.bias
-    return gated_query_copy_source(layer, role)
-
-
 class OtterQwen3_5MoeTextModel(OtterModelMixin, Qwen3_5MoeTextModel):
     config_class = OtterQwen3_5MoeTextConfig
     otter_layout = OtterLayout(
@@ -54,7 +44,7 @@ class OtterQwen3_5MoeTextModel(OtterModelMixin, Qwen3_5MoeTextModel):
         linear_attention="linear_attn",
         attention_output_gate=True,
         sparse_mlp=SparseMlp(Qwen3_5MoeSparseMoeBlock),
-        copy_source=qwen3_5_moe_copy_source,
+        copy_source=shared_expert_copy_source(Qwen3_5MoeSparseMoeBlock, default=gated_query_copy_source),
     )
 
 

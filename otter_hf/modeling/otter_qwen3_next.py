@@ -8,7 +8,6 @@ The layout of Qwen3.5-MoE (`otter_qwen3_5_moe.py`): Gated DeltaNet layers mixed 
 """
 
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
 from transformers.models.qwen3_next.modeling_qwen3_next import (
     Qwen3NextForCausalLM,
@@ -19,7 +18,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import InsertedGemmaRMSNorm
-from .inserted_stream import OtterLayout, SparseMlp, gated_query_copy_source
+from .inserted_stream import OtterLayout, SparseMlp, gated_query_copy_source, shared_expert_copy_source
 from .modeling_otter import OtterModelMixin, OtterMoeForCausalLMMixin, keep_base_checkpoint_format
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -34,16 +33,6 @@ class OtterQwen3NextConfig(OtterConfigMixin, Qwen3NextConfig):
 keep_base_checkpoint_format(OtterQwen3NextConfig)
 
 
-def qwen3_next_copy_source(layer: nn.Module, role: str):
-    """The gated query's projections (`gated_query_copy_source`), and in a sparse layer the shared expert's gate
-    and up. A sparse layer's down is not read (the inserted down projection starts as the identity on the block
-    output)."""
-    if role in ("gate", "up") and isinstance(layer.mlp, Qwen3NextSparseMoeBlock):
-        projection = layer.mlp.shared_expert.get_submodule(f"{role}_proj")
-        return projection.weight, projection.bias
-    return gated_query_copy_source(layer, role)
-
-
 class OtterQwen3NextModel(OtterModelMixin, Qwen3NextModel):
     config_class = OtterQwen3NextConfig
     otter_layout = OtterLayout(
@@ -53,7 +42,7 @@ class OtterQwen3NextModel(OtterModelMixin, Qwen3NextModel):
         linear_attention="linear_attn",
         attention_output_gate=True,
         sparse_mlp=SparseMlp(Qwen3NextSparseMoeBlock),
-        copy_source=qwen3_next_copy_source,
+        copy_source=shared_expert_copy_source(Qwen3NextSparseMoeBlock, default=gated_query_copy_source),
     )
 
 
