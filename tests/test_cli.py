@@ -170,10 +170,12 @@ def test_python_m_otter_hf_reports_a_user_mistake_without_traceback(tmp_path):
         timeout=120,
     )
     assert completed.returncode == 2
-    assert (
-        completed.stderr == f"otter-hf: error: No folder at {tmp_path / 'missing'}: "
-        "save the model with `save_pretrained` or `save_otter` first.\n"
-    )
+    # Lines other than otter-hf's own come from packages transformers imports at start-up (torchao, bitsandbytes).
+    assert "Traceback" not in completed.stderr
+    assert [line for line in completed.stderr.splitlines() if line.startswith("otter-hf")] == [
+        f"otter-hf: error: No folder at {tmp_path / 'missing'}: "
+        "save the model with `save_pretrained` or `save_otter` first."
+    ]
 
 
 def test_push_uploads_the_folder_with_its_card_in_one_commit(capsys, fake_hub, base_folder, tmp_path):

@@ -128,7 +128,9 @@ def test_ctrl_c_during_the_start_up_imports_is_one_line(tmp_path):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
     assert result.returncode == 130, result.stderr[-2000:]
-    assert result.stderr == "otter-hf: interrupted\n"
+    # Lines other than otter-hf's own come from packages imported before transformers (torchao, bitsandbytes).
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("otter-hf")] == ["otter-hf: interrupted"]
 
 
 def test_an_empty_generation_is_an_error_not_a_silent_success(capsys, folders, monkeypatch):
