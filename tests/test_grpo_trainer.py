@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from otter_hf import sequence_classification_view
 from otter_hf.trainers import OtterGRPOConfig, OtterGRPOTrainer
+from otter_hf.trainers.grpo_trainer import turn_closing_ids
 from tests.helpers import make_base, make_otter, make_tokenizer
 
 PROMPTS = ["how was the movie ?", "how was the food ?", "tell me about your day .", "what do you think of my idea ?"]
@@ -268,3 +269,52 @@ def test_the_inserted_stream_runs_only_to_read_the_reward(tmp_path, beta):
     # otherwise; generation (one forward per token) and the training forward run the base alone.
     assert forwards["with the inserted stream"] == 2
     assert forwards["base alone"] > 2 * 2
+
+
+def conversational_prompts() -> Dataset:
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": prompt}]} for prompt in PROMPTS])
+
+
+def words_only(tokenizer) -> dict:
+    """Generation settings that keep completions to words and the end of turn: TRL's reward models decode the
+    completion and tokenize the text again, which drops other special tokens and ids the tokenizer lacks. The end
+    of turn is made likelier, so that some completions end with it and others are cut off by the length limit."""
+    others = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+    others |= set(range(len(tokenizer), make_base(BASE).config.vocab_size))
+    return {"suppress_tokens": sorted(others), "sequence_bias": [[[tokenizer.eos_token_id], 3.0]]}
+
+
+def test_turn_closing_ids_are_what_the_template_writes_after_an_answer():
+    tokenizer = make_tokenizer()
+    prompt = [{"role": "user", "content": PROMPTS[0]}]
+    assert turn_closing_ids(tokenizer, prompt) == [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.0])
+def test_conversational_reward_equals_trls_reward_model_on_the_closed_turn(tmp_path, beta):
+    """With conversational prompts TRL's reward models score each completion as a closed assistant turn; the Otter
+    reward scores the same tokens, whether or not the completion generated the end of turn itself."""
+    tokenizer = make_tokenizer()
+    otter = make_otter(make_base(BASE))
+    reference = sequence_classification_view(make_otter(make_base(BASE))).eval()
+    scored_by_trl = []
+    reference.register_forward_hook(lambda module, inputs, output: scored_by_trl.append(output.logits[:, 0]))
+    trainer = OtterGRPOTrainer(
+        model=otter,
+        reward_funcs=reference,
+        reward_processing_classes=[None, tokenizer],
+        args=config(tmp_path, beta=beta, max_steps=1, generation_kwargs=words_only(tokenizer)),
+        train_dataset=conversational_prompts(),
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
+    recorder = Recorder(trainer)
+    trainer.train()
+    (batch,), (rewards,) = recorder.batches, recorder.rewards
+    (expected,) = scored_by_trl
+    torch.testing.assert_close(torch.tensor(rewards), expected.float(), rtol=1e-5, atol=1e-6)
+    assert len(set(rewards)) > 1
+    assert recorder.separate_reward_forwards == (0 if beta > 0 else 1)
+    # Both kinds of completion were scored: cut off by the length limit (closed by the reward) and ended by the model.
+    ended = (batch["completion_ids"] == tokenizer.eos_token_id).any(dim=1)
+    assert ended.any() and not ended.all(), batch["completion_ids"]

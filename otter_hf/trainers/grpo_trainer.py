@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import pad
 
 from ..lifecycle.insertion import load_otter
@@ -46,10 +47,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
     """TRL's [`~trl.GRPOTrainer`] whose first reward is the Otter value of the policy's own frozen base.
 
-    The reward of a completion is the value head's prediction at its last token (the end-of-sequence token when it
-    has one), read from the inserted stream of the base under the policy's adapter: the sequence value
-    `OtterRewardTrainer` trains, and the number `otter_hf.sequence_classification_view(model)` gives for the same
-    token ids. Other `reward_funcs` (functions, reward models, checkpoint paths) combine with it as in TRL.
+    The reward of a completion is the value head's prediction at its last token, read from the inserted stream of
+    the base under the policy's adapter: the sequence value `OtterRewardTrainer` trains. It is scored on what TRL's
+    reward models score: for conversational prompts, the completion closed as the chat template closes an assistant
+    turn (SmolLM2's `<|im_end|>` and a newline, those of them the completion did not generate), as in the
+    preference pairs the reward was trained on; for plain-text prompts, the completion as generated. Other
+    `reward_funcs` (functions, reward models, checkpoint paths) combine with it as in TRL.
 
     Args:
         model (`str`, Otter model or `PeftModel`):
@@ -129,6 +132,7 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
         self._reward_view = sequence_classification_view(otter)
         self._values_from_reference = None
         self._rollout_token_ids = None
+        self._turn_closing_ids = None  # set from the first prompts: the chat template's end of an assistant turn
         super().__init__(
             model=model,
             reward_funcs=[otter_value, *extra_rewards],
@@ -153,6 +157,12 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
     # -- where the inserted stream runs ------------------------------------------------------------------------
 
     def _generate(self, prompts: list):
+        if self._turn_closing_ids is None:
+            self._turn_closing_ids = (
+                turn_closing_ids(self._tokenizer, prompts[0], **self.chat_template_kwargs)
+                if is_conversational({"prompt": prompts[0]})
+                else []
+            )
         with self.otter_model.otter_disabled():
             generated = super()._generate(prompts)
         self._rollout_token_ids = generated[0], generated[1]  # prompt ids, completion ids: what the reward reads
@@ -170,15 +180,42 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
             value = self.otter_model.v_head(outputs.inserted_last_hidden_state)
             values.append(pool_last_token(value, inputs_kwargs.get("attention_mask")))
 
+        # The turn's closing tokens follow each completion, so the completion's own log-probabilities are those of
+        # the sequence without them; the extra positions are dropped from what TRL gets back.
+        input_ids, attention_mask, closing_width = self._with_turn_closed(input_ids, attention_mask)
         hook = self.otter_model.base_model.register_forward_hook(read_value, with_kwargs=True)
         try:
-            result = super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            logps, entropies, *rest = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep + closing_width, *args, **kwargs
             )
         finally:
             hook.remove()
         self._values_from_reference = torch.cat(values)
-        return result
+        kept = slice(0, logits_to_keep)
+        return (logps[:, kept], None if entropies is None else entropies[:, kept], *rest)
+
+    def _with_turn_closed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """`input_ids` (left-padded prompts, right-padded completions) with the turn's closing tokens each completion
+        lacks written after its last token, `attention_mask` covering them, and the number of columns added."""
+        closings = [self._closing_to_append(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
+        closing_width = max(map(len, closings), default=0)
+        if closing_width == 0:
+            return input_ids, attention_mask, 0
+        columns = (input_ids.shape[0], closing_width)
+        input_ids = torch.cat([input_ids, input_ids.new_full(columns, self._tokenizer.pad_token_id)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(columns)], dim=1)
+        ends = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # each row's last attended position
+        for row, (end, closing) in enumerate(zip(ends.tolist(), closings)):
+            input_ids[row, end + 1 : end + 1 + len(closing)] = torch.tensor(closing, dtype=input_ids.dtype)
+            attention_mask[row, end + 1 : end + 1 + len(closing)] = 1
+        return input_ids, attention_mask, closing_width
+
+    def _closing_to_append(self, token_ids: list[int]) -> list[int]:
+        """The turn's closing tokens that `token_ids` does not end with already (a completion that generated the
+        end-of-turn token lacks only what follows it)."""
+        closing = self._turn_closing_ids or []
+        generated = next((size for size in range(len(closing), 0, -1) if token_ids[-size:] == closing[:size]), 0)
+        return closing[generated:]
 
     def _reads_reward_in_this_forward(self) -> bool:
         """Whether this log-probability forward is the reference's on the bare base, which then also gives the
@@ -206,11 +243,12 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
     @torch.no_grad()
     def otter_values(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
         """The Otter reward of each completion: the value at its last token under the bare base, on the sequences
-        TRL builds (left-padded prompt, right-padded completion), in one adapter-disabled forward per batch."""
+        TRL builds (left-padded prompt, right-padded completion, closed as the chat template closes a turn), in one
+        adapter-disabled forward per batch."""
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
         prompts = [torch.tensor(ids) for ids in prompt_ids]
-        completions = [torch.tensor(ids) for ids in completion_ids]
+        completions = [torch.tensor(ids + self._closing_to_append(ids)) for ids in completion_ids]
         sides = (("left", prompts), ("right", completions))
         input_ids = torch.cat([pad(rows, pad_id, side, self.pad_to_multiple_of) for side, rows in sides], dim=1)
         attention_mask = torch.cat(
@@ -233,6 +271,21 @@ class OtterGRPOTrainer(OtterTrainerMixin, GRPOTrainer):
 
     def save_checkpoint_weights(self, output_dir: str) -> None:
         self._peft_model.save_pretrained(output_dir)
+
+
+def turn_closing_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], **chat_template_kwargs) -> list[int]:
+    """The token ids the chat template writes after an assistant message's content, the message ending the
+    conversation `prompt` starts (SmolLM2: `<|im_end|>` and a newline), rendered as TRL renders what its reward
+    models score."""
+    marker = "OtterCompletionMarker"
+    conversation = {"messages": [*prompt, {"role": "assistant", "content": marker}]}
+    text = apply_chat_template(conversation, tokenizer, **chat_template_kwargs)["text"]
+    if marker not in text:
+        raise ValueError(
+            "The tokenizer's chat template drops the assistant's message, so the Otter reward cannot score a "
+            "completion as a closed turn: give the trainer a tokenizer whose template renders assistant turns."
+        )
+    return tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
 
 
 def _load_policy(model, args, reward_path: str | None):
