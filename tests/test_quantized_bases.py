@@ -148,6 +148,76 @@ def test_reward_trainer_trains_the_inserted_parameters_on_a_quantized_base(tmp_p
     assert torch.equal(outputs(model, *inputs).logits, expected)
 
 
+def trainer_runs(model_for, tmp_path):
+    """Each other Otter trainer on `model_for(insert options)`, two steps on its own kind of data."""
+    from trl.data_utils import unpair_preference_dataset
+
+    from otter_hf.trainers import (
+        OtterDraftTrainer,
+        OtterExpertConfig,
+        OtterExpertTrainer,
+        OtterTokenRewardConfig,
+        OtterTokenRewardTrainer,
+        OtterValueConfig,
+        OtterValueTrainer,
+    )
+    from tests.helpers import draft_config
+    from tests.test_draft_trainer import self_distilled
+    from tests.test_expert_heads import text_corpora
+
+    tokenizer = tiny_tokenizer()
+
+    def value():
+        model = model_for({})
+        args = trainer_config(OtterValueConfig, tmp_path, max_steps=2)
+        dataset = unpair_preference_dataset(conversational_pairs(8))
+        return model, OtterValueTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+    def token_reward():
+        model = model_for({"token_reward_head": True})
+        args = trainer_config(OtterTokenRewardConfig, tmp_path, max_steps=2)
+        return model, OtterTokenRewardTrainer(
+            model, args=args, train_dataset=conversational_pairs(8), processing_class=tokenizer
+        )
+
+    def expert():
+        model = model_for({"expert_heads": True})
+        args = trainer_config(OtterExpertConfig, tmp_path, max_steps=2)
+        return model, OtterExpertTrainer(model, args=args, train_dataset=text_corpora(), processing_class=tokenizer)
+
+    def draft():
+        model = model_for({"num_draft_heads": 2})
+        dataset = self_distilled(model, tokenizer)
+        return model, OtterDraftTrainer(
+            model, draft_config(tmp_path, max_steps=2), train_dataset=dataset, processing_class=tokenizer
+        )
+
+    return {"value": value, "token_reward": token_reward, "expert": expert, "draft": draft}
+
+
+@pytest.mark.parametrize("trainer_name", ["value", "token_reward", "expert", "draft"])
+def test_every_other_trainer_trains_the_inserted_parameters_on_a_quantized_base(tmp_path, base_folder, trainer_name):
+    inputs = random_batch(2, 8)
+    bases = []
+
+    def model_for(options):
+        bases.append(load_quantized(base_folder, "torchao-int8"))
+        torch.manual_seed(0)
+        return otter_hf.insert(bases[-1], **options)
+
+    model, trainer = trainer_runs(model_for, tmp_path)[trainer_name]()
+    expected = outputs(bases[-1], *inputs).logits
+    before = {name: parameter.detach().clone() for name, parameter in model.otter_named_parameters()}
+    trainer.train()
+    model.eval()
+    changed = [name for name, parameter in model.otter_named_parameters() if not torch.equal(parameter, before[name])]
+    assert changed  # each trainer freezes what it does not fit (the value head, for the head trainers)
+    layer = model.model.layers[0]
+    assert is_quantized_module(layer.self_attn.o_proj) and is_quantized_module(layer.mlp.down_proj)
+    assert not any(is_quantized_tensor(parameter) for parameter in model.otter_parameters())
+    assert torch.equal(outputs(model, *inputs).logits, expected)
+
+
 def tiny_tokenizer():
     from tests.helpers import make_tokenizer
 
