@@ -96,7 +96,8 @@ def assert_copied_heads_attend_as_their_sources(base):
     with torch.no_grad():
         otter(input_ids, attention_mask=attention_mask)
     query_sources, _ = copied_head_sources(otter.config)
-    head_dim = layer.inserted_attn.head_dim
+    # A head's output is as wide as its values (narrower than its queries and keys in DeepSeek's latent attention).
+    head_dim = layer.inserted_attn.value_head_dim
     assert len(original_heads) == len(inserted_heads) == len(attention_layers) > 0
     for original, inserted in zip(original_heads, inserted_heads):
         for head, source in enumerate(query_sources):

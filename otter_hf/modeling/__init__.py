@@ -5,6 +5,8 @@ exports of this package and of `otter_hf`, the CLI's help and the tests' paramet
 """
 
 from . import (
+    otter_deepseek_v2,
+    otter_deepseek_v3,
     otter_gemma3,
     otter_glm4_moe,
     otter_gpt2,
@@ -12,6 +14,7 @@ from . import (
     otter_granite,
     otter_granitemoe,
     otter_llama,
+    otter_llama4_text,
     otter_mistral,
     otter_mixtral,
     otter_olmo2,
@@ -56,6 +59,9 @@ ARCHITECTURE_MODULES = (
     otter_qwen3_5,
     otter_qwen3_5_moe,
     otter_qwen3_next,
+    otter_deepseek_v3,
+    otter_deepseek_v2,
+    otter_llama4_text,
 )
 
 

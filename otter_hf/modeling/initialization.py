@@ -5,7 +5,6 @@ import functools
 import torch
 from torch import nn
 
-from .configuration_otter import attention_head_size
 from .inserted_heads import INSERTED_HEADS, initialize_linear
 from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout
 from .inserted_stream import MlpReadout
@@ -64,7 +63,9 @@ def initialize_inserted_parameters(model, method: str) -> None:
                 _copy_attention(layer.inserted_attn, copy_source, model.config)
                 if layout.attention_sinks is not None:
                     _copy_sinks(layer, layout, model.config)
-                _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config)
+                _copy_projection_norms(
+                    _query_key_projection_norms(layer, layout), model.config, layer.inserted_attn.head_dim
+                )
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
 
 
@@ -102,7 +103,6 @@ def _copy_rows(target: nn.Linear, target_row: int, source: tuple, source_row: in
 def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> None:
     """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
     at first the inserted stream follows the copied dimensions of the original one."""
-    head_dim = attention_head_size(config)
     query_sources, kv_sources = copied_head_sources(config)
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
@@ -111,8 +111,12 @@ def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> No
     if inserted.output_gate:  # each copied head gates its output with its source head's gate
         roles.append(("query_gate", query_sources))
     for role, sources in roles:
+        # Values and the gates over the heads' outputs are `value_head_dim` wide (narrower in DeepSeek's latent
+        # attention).
+        head_dim = inserted.head_dim if role in ("query", "key") else inserted.value_head_dim
+        source_weights = copy_source(role)
         for source in sources:
-            _copy_rows(inserted.qkv_proj, row, copy_source(role), source * head_dim, head_dim)
+            _copy_rows(inserted.qkv_proj, row, source_weights, source * head_dim, head_dim)
             row += head_dim
     _copy_rows(inserted.o_proj, 0, copy_source("output"), 0, config.inserted_hidden_size)
 
@@ -165,10 +169,9 @@ def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ..
     return tuple(layer.get_submodule(f"{layout.attention}.{path}") for path in layout.query_key_projection_norms)
 
 
-def _copy_projection_norms(norms: tuple[nn.Module, ...], config) -> None:
+def _copy_projection_norms(norms: tuple[nn.Module, ...], config, head_dim: int) -> None:
     """A projection-wide query or key norm's inserted weight: the slices of its heads' sources, so that a copied
     head is normalised as its source is."""
-    head_dim = attention_head_size(config)
     for norm, sources in zip(norms, copied_head_sources(config)):
         norm.inserted_weight.copy_(
             torch.cat([norm.weight[source * head_dim : (source + 1) * head_dim] for source in sources])

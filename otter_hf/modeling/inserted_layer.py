@@ -51,8 +51,9 @@ class InsertedHeadsAttention(Protocol):
     """How the inserted heads of one layer attend, as the base heads of that layer do. Queries, keys and values
     come token-major: `(..., tokens, heads, head_dim)`."""
 
-    # The rotation's tables for these positions (`HalfRotation.tables`), None where the layer rotates nothing.
-    rotary_tables: tuple[torch.Tensor, torch.Tensor] | None
+    # The rotation's tables for these positions (its rule's `tables`: `HalfRotation`'s unless the inserted attention
+    # was built with another rule), None where the layer rotates nothing.
+    rotary_tables: Any
     # The query and key norms of the inserted heads, each applied to `(..., tokens, heads, head_dim)`: the base
     # attention's per-head norms (Qwen3, Gemma 3) or `ProjectionNorm`s (OLMo 2/3), None where it has none.
     query_key_norms: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None
@@ -73,6 +74,9 @@ class LayerCapture:
     mlp_norm: NormCapture | RawInput
     # The input of the MLP down projection: the original units.
     original_units: torch.Tensor
+    # What the inserted heads read beside `h_n` where the base attention compresses its input first (DeepSeek's
+    # latent attention: the normalised query and key/value latents), joined after `h_n`.
+    attention_latents: tuple[torch.Tensor, ...] = ()
     # Norms on a module's output (Gemma's sandwich norms): only the statistics are read.
     attention_output_norm: NormCapture | None = None
     mlp_output_norm: NormCapture | None = None
@@ -218,6 +222,52 @@ class InterleavedGatedUnits:
         return self.activation(torch.stack((gate, up), dim=-1).flatten(-2))
 
 
+class TrailingRotation:
+    """Rotary embeddings on the last `cos.shape[-1]` channels of each head, the rest passed (DeepSeek-V3's latent
+    attention: a head is `[nope, rope]`). `interleaved`: the rotated channels are pairs `(x0, x1), (x2, x3), ...`
+    each turned by one angle, and leave de-interleaved (DeepSeek-V3's `rope_interleave`); otherwise Llama's
+    halves."""
+
+    def __init__(self, interleaved: bool):
+        self.interleaved = interleaved
+
+    def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.interleaved:
+            return HalfRotation.tables(cos, sin)
+        # The tables are `cat(angles, angles)`: the first half holds each pair's angle.
+        half = cos.shape[-1] // 2
+        return cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2)
+
+    def rotate(self, states: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = tables
+        rotary_dim = 2 * cos.shape[-1] if self.interleaved else cos.shape[-1]
+        passed, rotated = states.split([states.shape[-1] - rotary_dim, rotary_dim], dim=-1)
+        if self.interleaved:
+            even, odd = rotated[..., 0::2], rotated[..., 1::2]
+            rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+        else:
+            rotated = HalfRotation.rotate(rotated, tables)
+        return torch.cat([passed, rotated.to(states.dtype)], dim=-1)
+
+
+class ComplexRotation:
+    """Rotary embeddings as complex factors (`freqs_cis`, Llama 4 and DeepSeek-V2): the last `2 * F` channels of
+    each head, as `F` pairs, are multiplied by the tables in float32 and cast back; the channels before them pass."""
+
+    @staticmethod
+    def tables(freqs_cis: torch.Tensor) -> torch.Tensor:
+        """`(..., tokens, F)` complex factors, broadcast over the heads of token-major states."""
+        return freqs_cis.unsqueeze(-2)
+
+    @staticmethod
+    def rotate(states: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        rotary_dim = 2 * tables.shape[-1]
+        passed, rotated = states.split([states.shape[-1] - rotary_dim, rotary_dim], dim=-1)
+        pairs = torch.view_as_complex(rotated.float().contiguous().view(*rotated.shape[:-1], -1, 2))
+        rotated = torch.view_as_real(pairs * tables).flatten(-2).type_as(states)
+        return rotated if rotary_dim == states.shape[-1] else torch.cat([passed, rotated], dim=-1)
+
+
 # -- projections over both streams ----------------------------------------------------------------------------
 
 
@@ -253,11 +303,13 @@ def joined_linear(original_size: int, inserted_size: int, output_size: int, bias
 class OtterInsertedAttention(nn.Module):
     """The inserted attention heads of one layer, and their update of the inserted stream.
 
-    Queries, keys and values read both streams (`[h_n, g_n]`); the output, added to the inserted stream only,
-    reads the original heads' outputs and the inserted heads' outputs. The heads attend as the base heads do:
-    their q/k norms, rotation, scale, window, mask, attention kernel and cache (the capture's `attention`).
-    With `output_gate` (Qwen3.5, Qwen3-Next: the base multiplies each head's output by `sigmoid` of a gate its query
-    projection computes), the inserted heads compute their own gates too, after the values in `qkv_proj`.
+    Queries, keys and values read both streams (`[h_n, g_n]`, with the base attention's latents after `h_n` where
+    it has them); the output, added to the inserted stream only, reads the original heads' outputs and the inserted
+    heads' outputs. The heads attend as the base heads do: their q/k norms, rotation, scale, window, mask,
+    attention kernel and cache (the capture's `attention`). Values may be narrower than queries and keys
+    (`value_head_dim`, DeepSeek's latent attention). With `output_gate` (Qwen3.5, Qwen3-Next: the base multiplies
+    each head's output by `sigmoid` of a gate its query projection computes), the inserted heads compute their own
+    gates too, after the values in `qkv_proj`.
     """
 
     def __init__(
@@ -274,44 +326,71 @@ class OtterInsertedAttention(nn.Module):
         linear: LinearFactory = joined_linear,
         prefix: str = "",
         output_gate: bool = False,
+        value_head_dim: int | None = None,
+        latent_size: int = 0,
+        rotary=HalfRotation,
+        norms_after_rotation: bool = False,
     ):
         super().__init__()
         self.head_dim = head_dim
+        self.value_head_dim = value_head_dim or head_dim
         self.output_gate = output_gate
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.num_key_value_groups = num_heads // num_key_value_heads
         self.norm = norm
-        qkv_size = (num_heads * (2 if output_gate else 1) + 2 * num_key_value_heads) * head_dim
-        self.qkv_proj = linear(hidden_size, inserted_hidden_size, qkv_size, qkv_bias, f"{prefix}.qkv_proj")
+        # The rotation rule for the tables the capture hands in, and whether the q/k norms follow it (Llama 4).
+        self.rotary = rotary
+        self.norms_after_rotation = norms_after_rotation
+        # Queries and keys, values, then the output gates (as wide as the heads' outputs).
+        self.qkv_sizes = [
+            (num_heads + num_key_value_heads) * head_dim,
+            num_key_value_heads * self.value_head_dim,
+            num_heads * self.value_head_dim if output_gate else 0,
+        ]
+        self.qkv_proj = linear(
+            hidden_size + latent_size, inserted_hidden_size, sum(self.qkv_sizes), qkv_bias, f"{prefix}.qkv_proj"
+        )
         self.o_proj = linear(
-            num_original_heads * head_dim, num_heads * head_dim, inserted_hidden_size, output_bias, f"{prefix}.o_proj"
+            num_original_heads * self.value_head_dim,
+            num_heads * self.value_head_dim,
+            inserted_hidden_size,
+            output_bias,
+            f"{prefix}.o_proj",
         )
 
     def forward(self, inserted: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
         """The attention's update of the inserted stream."""
         attention = capture.attention
         inserted_normed = inserted_input(self.norm, capture.attention_norm, inserted)
-        qkv = self.qkv_proj(capture.attention_norm.normed, inserted_normed)
-        qkv = qkv.view(*qkv.shape[:-1], -1, self.head_dim)
-        gate = None
-        if self.output_gate:
-            qkv, gate = qkv.split([self.num_heads + 2 * self.num_key_value_heads, self.num_heads], dim=-2)
-        query_key, value = qkv.split([self.num_heads + self.num_key_value_heads, self.num_key_value_heads], dim=-2)
-        if attention.query_key_norms is not None:
-            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
-            query_norm, key_norm = attention.query_key_norms
-            query_key = torch.cat([query_norm(query), key_norm(key)], dim=-2)
+        original = capture.attention_norm.normed
+        if capture.attention_latents:
+            original = torch.cat([original, *capture.attention_latents], dim=-1)
+        qkv = self.qkv_proj(original, inserted_normed)
+        query_key, value, gate = qkv.split(self.qkv_sizes, dim=-1)
+        query_key = query_key.view(*query_key.shape[:-1], -1, self.head_dim)
+        value = value.view(*value.shape[:-1], -1, self.value_head_dim)
+        if not self.norms_after_rotation:
+            query_key = self._normalize_queries_and_keys(query_key, attention)
         if attention.rotary_tables is not None:
-            query_key = HalfRotation.rotate(query_key, attention.rotary_tables)
+            query_key = self.rotary.rotate(query_key, attention.rotary_tables)
+        if self.norms_after_rotation:
+            query_key = self._normalize_queries_and_keys(query_key, attention)
         query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
         heads = attention.attend(query, key, value)
-        if gate is not None:
-            heads = heads * torch.sigmoid(gate.flatten(-2))
+        if self.output_gate:
+            heads = heads * torch.sigmoid(gate)
         output = self.o_proj(capture.original_heads, heads)
         if capture.attention_output_norm is not None:
             output = self.norm.normalize(capture.attention_output_norm, output)
         return output
+
+    def _normalize_queries_and_keys(self, query_key: torch.Tensor, attention: InsertedHeadsAttention) -> torch.Tensor:
+        if attention.query_key_norms is None:
+            return query_key
+        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
+        query_norm, key_norm = attention.query_key_norms
+        return torch.cat([query_norm(query), key_norm(key)], dim=-2)
 
 
 class OtterLinearAttentionReadout(nn.Module):
@@ -395,6 +474,7 @@ def inserted_layer(
 
 
 __all__ = [
+    "ComplexRotation",
     "HalfRotation",
     "HalfTablesRotation",
     "InsertedGemmaRMSNorm",
@@ -411,6 +491,7 @@ __all__ = [
     "OtterLinearAttentionReadout",
     "ProjectionNorm",
     "RawInput",
+    "TrailingRotation",
     "check_joined_weight",
     "inserted_input",
     "inserted_layer",

@@ -36,6 +36,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from .configuration_otter import attention_head_size
 from .inserted_layer import (
     HalfRotation,
     InsertedRMSNorm,
@@ -112,6 +113,22 @@ def gated_query_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, 
     return rows(weight), None if bias is None else rows(bias)
 
 
+def no_latents(layer: nn.Module) -> tuple[str, ...]:
+    return ()
+
+
+def equal_head_dims(config) -> tuple[int, int]:
+    head_dim = attention_head_size(config)
+    return head_dim, head_dim
+
+
+def optional_submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at `path`, or None where the module sets that attribute to None or leaves it unset in this
+    layer (Llama 4 has q/k norms in its rotating layers only)."""
+    parent, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(parent) if parent else module, name, None)
+
+
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
@@ -156,9 +173,12 @@ class OtterLayout:
     """
 
     # The architecture's own eager attention, and how the inserted heads take the rotary embeddings the base
-    # attention receives (None: positions are embedded).
+    # attention receives (None: positions are embedded): a rule with `tables(*position_embeddings)` and
+    # `rotate(states, tables)`, or `rotary_for_config(config)` where a config field chooses it (DeepSeek-V3's
+    # `rope_interleave`).
     eager_attention_fn: Callable
-    rotary: type | None = HalfRotation
+    rotary: object | None = HalfRotation
+    rotary_for_config: Callable | None = None
     # Whether a base attention module applies the rotary embeddings it receives (SmolLM3 skips them in some
     # layers); the inserted heads of its layer do as it does.
     rotates: Callable[[nn.Module], bool] = always
@@ -203,12 +223,22 @@ class OtterLayout:
     # Norms the base attention applies over its whole query and key projections (OLMo 2/3), by path in the
     # attention: the inserted heads read their statistics and take their own weights (`ProjectionNorm`).
     query_key_projection_norms: tuple[str, str] | None = None
+    # Whether those q/k norms follow the rotation rather than precede it (Llama 4's L2 norm).
+    query_key_norms_after_rotation: bool = False
     sliding_window: Callable[[nn.Module], int | None] = attention_sliding_window
     # The base attention's per-head sink logits, by attribute name (gpt-oss's `sinks`): a softmax column of their
     # own that takes attention mass from every position. The inserted heads hold sinks of their own under the same
     # name on the inserted attention, which the base's attention functions read from the module they are handed
     # (eager) or as `s_aux` (kernels); copy-initialisation copies each source head's.
     attention_sinks: str | None = None
+    # A factor the base attention applies to its queries by position, as a rule `(attention, positions) -> factor
+    # (tokens,) or None` (Llama 4's attention temperature tuning in its layers without rotary embeddings).
+    query_scale: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
+    # Latent attention (DeepSeek): (decoder layer) -> the paths of the modules whose outputs the inserted heads
+    # read beside `h_n` (the normalised query and key/value latents); and (config) -> the query/key and the value
+    # head sizes of the inserted heads.
+    attention_latents: Callable[[nn.Module], tuple[str, ...]] = no_latents
+    head_dims: Callable[[object], tuple[int, int]] = equal_head_dims
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
     # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer
     # (`sparse_mlp`) gate and up are the first units of the shared expert where the family has one, else of
@@ -219,6 +249,12 @@ class OtterLayout:
     # every update of the residual stream. The inserted stream takes them alike.
     embedding_multiplier: str | None = None
     residual_multiplier: str | None = None
+    # The config field of a dense layer's MLP units (Llama 4's dense layers: `intermediate_size_mlp`).
+    dense_units: str = "intermediate_size"
+
+    def rotation(self, config):
+        """The rotation rule of the inserted heads for `config` (None: positions are embedded)."""
+        return self.rotary_for_config(config) if self.rotary_for_config is not None else self.rotary
 
     def has_inserted_heads(self, layer: nn.Module) -> bool:
         """Whether `layer` has softmax attention, and so inserted heads (not a linear-attention layer)."""
@@ -255,7 +291,10 @@ class OtterLayout:
                 gated_units=sparse.gated_units,
             )
         return MlpReadout(
-            self.mlp_output, reads_output=False, units_width=config.intermediate_size, activation=self.mlp_activation
+            self.mlp_output,
+            reads_output=False,
+            units_width=getattr(config, self.dense_units),
+            activation=self.mlp_activation,
         )
 
 
@@ -333,14 +372,11 @@ class TransformersHeadsAttention:
     projection_norm_captures: tuple[NormCapture, NormCapture] | None = None
 
     @property
-    def rotary(self) -> type:
-        return self.layout.rotary
-
-    @property
-    def rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.layout.rotary is None or not self.layout.rotates(self.base_attention):
+    def rotary_tables(self):
+        rotary = self.layout.rotation(self.stream.config)
+        if rotary is None or not self.layout.rotates(self.base_attention):
             return None
-        return self.stream.rotary_tables(self.layout.rotary, self.attention_kwargs)
+        return self.stream.rotary_tables(rotary, self.attention_kwargs)
 
     @property
     def query_key_norms(self) -> tuple[Callable, Callable] | None:
@@ -348,15 +384,25 @@ class TransformersHeadsAttention:
             return tuple(ProjectionNorm(self.layout.norm, captured) for captured in self.projection_norm_captures)
         if self.layout.query_key_norms is None or not self.layout.applies_query_key_norms(self.base_attention):
             return None
-        return tuple(self.base_attention.get_submodule(path) for path in self.layout.query_key_norms)
+        norms = tuple(optional_submodule(self.base_attention, path) for path in self.layout.query_key_norms)
+        return None if None in norms else norms
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         kwargs, config = self.attention_kwargs, self.stream.config
         # transformers' attention functions and caches take (batch, heads, positions, head_dim).
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        past_length = 0
         if cache is not None:
             ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
+            past_length = cache.get_seq_length(self.cache_index)
+        if self.layout.query_scale is not None:
+            # The positions as the base counts them: after what its cache layer (like this inserted one) holds.
+            positions = torch.arange(query.shape[-2], device=query.device) + past_length
+            scale = self.layout.query_scale(self.base_attention, positions)
+            if scale is not None:
+                query = (query * scale[:, None]).to(query.dtype)
+        if cache is not None:
             key, value = cache.update(key, value, self.cache_index)
         sinks = self.layout.attention_sinks
         if sinks is not None:
@@ -379,6 +425,11 @@ class TransformersHeadsAttention:
 def raw_input_key(module: str) -> str:
     """Where the raw input of a module without a norm before it is captured."""
     return f"{module} (input)"
+
+
+def latent_key(module: str) -> str:
+    """Where the output of a latent the inserted heads read is captured."""
+    return f"{module} (output)"
 
 
 class CapturePointMissed(RuntimeError):
@@ -436,12 +487,14 @@ class InsertedStream:
             eps = self._norm_eps_tensors[device] = torch.tensor(self._norm_eps, dtype=torch.float32, device=device)
         return eps
 
-    def rotary_tables(self, rotary: type, attention_kwargs: dict) -> tuple:
-        """The rotation's tables for the rotary embeddings a base attention module received."""
-        cos, sin = attention_kwargs["position_embeddings"]
-        cached = self._rotary_tables.get(id(cos))
-        if cached is None or cached[0] is not cos:
-            cached = self._rotary_tables[id(cos)] = (cos, rotary.tables(cos, sin))
+    def rotary_tables(self, rotary, attention_kwargs: dict):
+        """The rotation's tables for the rotary embeddings a base attention module received: `(cos, sin)`, or one
+        tensor of complex factors (Llama 4, DeepSeek-V2)."""
+        embeddings = attention_kwargs["position_embeddings"]
+        embeddings = (embeddings,) if isinstance(embeddings, torch.Tensor) else tuple(embeddings)
+        cached = self._rotary_tables.get(id(embeddings[0]))
+        if cached is None or cached[0] is not embeddings[0]:
+            cached = self._rotary_tables[id(embeddings[0])] = (embeddings[0], rotary.tables(*embeddings))
         return cached[1]
 
     def grad_mode(self):
@@ -470,6 +523,7 @@ class InsertedStream:
             return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
 
         attention_norm = heads = original_heads = attention_output_norm = linear_output = None
+        attention_latents = ()
         if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
             linear_output = self.take(layout.linear_attention, layer_path)
         else:
@@ -491,12 +545,16 @@ class InsertedStream:
             )
             original_heads = self.take(layout.attention_output, layer_path)
             attention_output_norm = output_norm(layout.attention_output_norm)
+            attention_latents = tuple(
+                self.take(latent_key(path), layer_path) for path in layout.attention_latents(layer)
+            )
         return LayerCapture(
             attention_norm=attention_norm,
             attention=heads,
             original_heads=original_heads,
             mlp_norm=input_norm(layout.mlp_norm, layout.mlp),
             original_units=self.take(units_path or layout.mlp_output, layer_path),
+            attention_latents=attention_latents,
             attention_output_norm=attention_output_norm,
             mlp_output_norm=output_norm(layout.mlp_output_norm),
             residual_multiplier=getattr(self.config, layout.residual_multiplier)

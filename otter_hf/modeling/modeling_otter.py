@@ -37,7 +37,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
-from .configuration_otter import OtterConfigMixin, attention_head_size
+from .configuration_otter import OtterConfigMixin
 from .expert_guidance import check_expert_weight, expert_guidance
 from .initialization import initialize_inserted_parameters
 from .inserted_heads import INSERTED_HEADS, FinalStreams, OtterTokenRewardHead, is_inserted_parameter
@@ -55,6 +55,7 @@ from .inserted_stream import (
     InsertedStream,
     OtterLayout,
     inserted_cache_layer_indices,
+    latent_key,
     raw_input_key,
 )
 from .persistence import (
@@ -182,7 +183,11 @@ class OtterModelMixin:
     def _inserted_attention(self, layer: nn.Module, layer_path: str) -> OtterInsertedAttention:
         """The inserted heads of a layer with softmax attention."""
         config, layout = self.config, self.otter_layout
-        head_dim = attention_head_size(config)
+        head_dim, value_head_dim = layout.head_dims(config)
+        # Latent attention's inserted heads read the latents beside `h_n`, each as wide as its norm.
+        latent_size = sum(
+            self._capture_point(layer, path, layer_path).weight.shape[0] for path in layout.attention_latents(layer)
+        )
         if layout.query_key_projection_norms is not None:
             # The inserted heads' own weights over their width, on the norms whose statistics they read.
             inserted_heads = (config.inserted_num_attention_heads, config.inserted_num_key_value_heads)
@@ -202,6 +207,10 @@ class OtterModelMixin:
             output_bias=has_bias["output"],
             norm=layout.norm,
             output_gate=layout.attention_output_gate,
+            value_head_dim=value_head_dim,
+            latent_size=latent_size,
+            rotary=layout.rotation(config),
+            norms_after_rotation=layout.query_key_norms_after_rotation,
         )
         # The attention functions of transformers read these from the module they are handed.
         inserted_attn.is_causal = True
@@ -239,6 +248,8 @@ class OtterModelMixin:
                 hook(layer, path, layer_path, capture, pre=True, with_kwargs=True)
             if layout.has_inserted_heads(layer):
                 hook(layer, layout.attention, layer_path, self._capture_attention_call, pre=True, with_kwargs=True)
+                for path in layout.attention_latents(layer):
+                    hook(layer, path, layer_path, functools.partial(self._capture_output, latent_key(path)), pre=False)
                 for path in layout.query_key_projection_norms or ():
                     path = f"{layout.attention}.{path}"
                     hook(layer, path, layer_path, functools.partial(self._capture_norm, path), pre=False)
@@ -405,8 +416,13 @@ class OtterModelMixin:
 
     def _capture_output(self, path: str, module: nn.Module, args: tuple, output) -> None:
         if self._inserted_stream is not None:
-            # A block returning a tuple (some sparse blocks add their router logits) has its output first.
-            self._inserted_stream.captured[path] = output[0] if isinstance(output, tuple) else output
+            # A block returning a tuple (some sparse blocks add their router logits) has its output first, and
+            # one flattening its tokens (Llama 4's) has it in the shape of its input (a module called with keyword
+            # arguments alone, as Qwen3.5's linear attention, does not flatten).
+            output = output[0] if isinstance(output, tuple) else output
+            if args and output.dim() != args[0].dim():
+                output = output.view(*args[0].shape[:-1], output.shape[-1])
+            self._inserted_stream.captured[path] = output
 
     def _run_inserted_layer(
         self, layer_path: str, index: int, units_path: str, layer: nn.Module, args: tuple, output
