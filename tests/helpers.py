@@ -510,7 +510,7 @@ BASE_MODELS = {
         dict(
             hidden_size=64,
             intermediate_size=32,
-            intermediate_size_mlp=96,
+            intermediate_size_mlp=64,
             num_local_experts=4,
             num_experts_per_tok=1,
             interleave_moe_layer_step=2,

@@ -22,14 +22,15 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
         assert inserted_keys.shape[2] == cache.layers[layer].keys.shape[2]
 
 
-# Sliding-window caches cannot be cropped, nor linear-attention states outside generate()'s assisted decoding
-# (tests/test_linear_attention.py crops those).
+# Sliding-window caches (and chunked ones, which cache as sliding ones) cannot be cropped, nor linear-attention
+# states outside generate()'s assisted decoding (tests/test_linear_attention.py crops those).
 @pytest.mark.parametrize(
     "base_name",
     [
         name
         for name, (_, _, sizes) in BASE_MODELS.items()
-        if "sliding_window" not in sizes and "linear_attention" not in sizes.get("layer_types", ())
+        if not {"sliding_window", "attention_chunk_size"} & set(sizes)
+        and "linear_attention" not in sizes.get("layer_types", ())
     ],
 )
 def test_cropping_the_cache_crops_the_inserted_heads(base_name):

@@ -8,11 +8,11 @@ from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_genera
 from otter_hf.modeling.loop_inputs import padding_position_ids
 from tests.helpers import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
-# Sliding windows widened so prompt, new tokens and candidates fit in them (beyond, guidance refuses to run).
-# Hybrid bases refuse to score candidates (tests/test_linear_attention.py): their recurrent states cannot share the
-# prefix through a 4D mask.
+# Sliding windows (and Llama 4's attention chunks) widened so prompt, new tokens and candidates fit in them (beyond,
+# guidance refuses to run). Hybrid bases refuse to score candidates (tests/test_linear_attention.py): their recurrent
+# states cannot share the prefix through a 4D mask.
 GUIDED_BASES = {
-    name: {"sliding_window": 16} if "sliding_window" in sizes else {}
+    name: {window: 16 for window in ("sliding_window", "attention_chunk_size") if window in sizes}
     for name, (_, _, sizes) in BASE_MODELS.items()
     if "linear_attention" not in sizes.get("layer_types", ())
 }

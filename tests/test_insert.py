@@ -109,6 +109,15 @@ def assert_copied_heads_attend_as_their_sources(base):
             )
 
 
+@pytest.mark.parametrize("base_name", ["deepseekv3-latent-attention", "deepseekv2-latent-attention"])
+def test_latent_attention_needs_a_key_and_value_per_head(base_name):
+    # The latent is expanded into one key and value per query head, which the inserted heads copy one by one.
+    base = make_base(base_name)
+    base.config.num_key_value_heads = 2
+    with pytest.raises(ValueError, match="num_key_value_heads=2 for num_attention_heads=4"):
+        otter_hf.insert(base)
+
+
 def test_copied_heads_follow_grouped_query_attention():
     otter = otter_hf.insert(make_base("llama-gqa-tied"), inserted_num_attention_heads=4, inserted_num_key_value_heads=2)
     query_sources, kv_sources = copied_head_sources(otter.config)

@@ -32,7 +32,7 @@ def test_router_logits_and_auxiliary_loss_are_the_base_ones(moe_name):
         output = otter(input_ids, **inputs)
     assert len(output.router_logits) == len(expected.router_logits) > 0
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(output.router_logits, expected.router_logits))
-    if expected.aux_loss is None:  # GLM-4-MoE's causal LM computes none
+    if expected.aux_loss is None:  # GLM-4-MoE's, DeepSeek's and Llama 4's causal LMs compute none
         assert output.aux_loss is None
     else:
         assert torch.equal(output.aux_loss, expected.aux_loss)
@@ -66,7 +66,7 @@ def test_sparse_layers_read_the_block_output_and_dense_layers_the_units(moe_name
         sparse = isinstance(layer.get_submodule(layout.sparse_mlp.path), layout.sparse_mlp.block_class)
         kinds.add(sparse)
         assert readout.reads_output == sparse
-        expected_width = config.hidden_size if sparse else config.intermediate_size
+        expected_width = config.hidden_size if sparse else getattr(config, layout.dense_units)
         down = layer.inserted_mlp.down_proj
         assert down.in_features == expected_width + config.inserted_intermediate_size
         # Copy-initialisation: the identity on the first inserted dimensions of the block output; the original
@@ -101,7 +101,8 @@ def test_copy_init_refuses_more_units_than_the_expert_it_copies_has(moe_name):
         for layer in base.model.layers
         if isinstance(layer.get_submodule(sparse.path), sparse.block_class)
     )
-    # Gate and up copy the shared expert where there is one, else expert 0.
+    # Gate and up copy the shared expert where there is one (DeepSeek's and GLM-4-MoE's `shared_experts`), else
+    # expert 0.
     shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
     experts = block.experts
     expert_units = getattr(experts, "intermediate_dim", None) or experts.intermediate_size  # gpt-oss's name

@@ -193,8 +193,10 @@ def test_a_checkpoint_ships_only_its_own_architectures_code(base_name, tmp_path)
         for node in ast.walk(ast.parse(Path(architecture_file).read_text()))
         if isinstance(node, ast.ImportFrom) and node.level == 1 and (node.module or "").startswith("otter_")
     }
+    # The latent-attention rules ship with the DeepSeek families.
+    latent = {"latent_attention.py"} if otter.config.base_model_type.startswith("deepseek") else set()
     # The architecture's file and what it imports (followed through relative imports, copied flat), nothing else.
-    assert shipped == sibling_architectures | {
+    assert shipped == sibling_architectures | latent | {
         os.path.basename(architecture_file),
         "configuration_otter.py",
         "candidates.py",

@@ -36,17 +36,22 @@ def speculative(model, input_ids, attention_mask, **kwargs):
 
 
 # Bases whose caches can be cropped (sliding-window caches cannot): Mistral's window applies to every layer, the
-# sliding layers of the others (Gemma 3, OLMo 3) are made global here.
+# sliding layers of the others (Gemma 3, OLMo 3) and Llama 4's chunked ones (cached as sliding) are made global here.
 # Sizes that keep these tiny models' greedy continuations clear of the end-of-sequence token for MAX_NEW_TOKENS.
 CONTINUING_SIZES = {
     "glm4moe-dense-shared": {"intermediate_size": 64},
     "qwen3next-linear-full-sparse-dense": {"intermediate_size": 64},
 }
+
+
+def _global_attention(sizes: dict) -> dict:
+    if "layer_types" in sizes:
+        return {"layer_types": ["full_attention"] * len(sizes["layer_types"])}
+    return {"attention_chunk_size": None} if "attention_chunk_size" in sizes else {}
+
+
 DRAFTING_BASES = {
-    name: {
-        **({"layer_types": ["full_attention"] * len(sizes["layer_types"])} if "layer_types" in sizes else {}),
-        **CONTINUING_SIZES.get(name, {}),
-    }
+    name: {**_global_attention(sizes), **CONTINUING_SIZES.get(name, {})}
     for name, (_, _, sizes) in BASE_MODELS.items()
     if name != "mistral-sliding"
 }

@@ -20,13 +20,18 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import ComplexRotation
 from .inserted_stream import OtterLayout, SparseMlp
+from .latent_attention import (
+    LatentAttentionConfigMixin,
+    deepseek_copy_source,
+    latent_attention_head_dims,
+    latent_attention_latents,
+)
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin, keep_base_checkpoint_format
-from .otter_deepseek_v3 import deepseek_copy_source, latent_attention_head_dims, latent_attention_latents
 from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
-class OtterDeepseekV2Config(OtterConfigMixin, DeepseekV2Config):
+class OtterDeepseekV2Config(LatentAttentionConfigMixin, OtterConfigMixin, DeepseekV2Config):
     model_type = "otter_deepseek_v2"
     base_model_type = "deepseek_v2"
 

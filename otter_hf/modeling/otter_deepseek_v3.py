@@ -23,9 +23,7 @@ What differs from Llama:
 DeepSeek-V2 (`otter_deepseek_v2.py`) is the same layout with complex rotary factors.
 """
 
-import torch
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3ForCausalLM,
@@ -36,96 +34,25 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import TrailingRotation
-from .inserted_stream import OtterLayout, SparseMlp, linear_copy_source
+from .inserted_stream import OtterLayout, SparseMlp
+from .latent_attention import (
+    LatentAttentionConfigMixin,
+    deepseek_copy_source,
+    latent_attention_head_dims,
+    latent_attention_latents,
+)
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin, keep_base_checkpoint_format
 from .sequence_classification import OtterForSequenceClassificationMixin
 
 
 @strict
-class OtterDeepseekV3Config(OtterConfigMixin, DeepseekV3Config):
+class OtterDeepseekV3Config(LatentAttentionConfigMixin, OtterConfigMixin, DeepseekV3Config):
     model_type = "otter_deepseek_v3"
     base_model_type = "deepseek_v3"
 
 
 # Saved with the experts per expert, as DeepSeek-V3 checkpoints are.
 keep_base_checkpoint_format(OtterDeepseekV3Config)
-
-
-def latent_attention_latents(layer: nn.Module) -> tuple[str, ...]:
-    """The latents the inserted heads read beside `h_n`: the normalised query latent (where queries are
-    compressed) and the normalised key/value latent."""
-    if layer.self_attn.q_a_layernorm is None:
-        return ("self_attn.kv_a_layernorm",)
-    return ("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm")
-
-
-def latent_attention_head_dims(config) -> tuple[int, int]:
-    return config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
-
-
-def latent_attention_copy_source(attention: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The `(weight [heads * head size, columns], bias)` that computes every base head's query, key or value from
-    `[h_n, query latent, key/value latent]` (the columns the inserted heads' original-stream block reads), head
-    after head as the base lays them out."""
-    heads, nope, rope = attention.num_heads, attention.qk_nope_head_dim, attention.qk_rope_head_dim
-    kv_rank, value_dim = attention.kv_lora_rank, attention.v_head_dim
-    query_rank = attention.q_lora_rank or 0
-    hidden = attention.kv_a_proj_with_mqa.in_features
-    kv_a = attention.kv_a_proj_with_mqa
-    # kv_b_proj's rows, head after head: the head's key (nope) rows, then its value rows.
-    kv_b = attention.kv_b_proj.weight.view(heads, nope + value_dim, kv_rank)
-
-    def columns(on_hidden=None, on_query_latent=None, on_kv_latent=None) -> torch.Tensor:
-        blocks = [on_hidden, on_query_latent, on_kv_latent]
-        widths = [hidden, query_rank, kv_rank]
-        reference = next(block for block in blocks if block is not None)
-        return torch.cat(
-            [
-                block if block is not None else reference.new_zeros(reference.shape[0], width)
-                for block, width in zip(blocks, widths)
-                if width
-            ],
-            dim=-1,
-        )
-
-    if role == "query":
-        if attention.q_lora_rank is None:
-            weight = columns(on_hidden=attention.q_proj.weight)
-        else:
-            weight = columns(on_query_latent=attention.q_b_proj.weight)
-        bias_rows = None
-    elif role == "key":
-        key_nope = columns(on_kv_latent=kv_b[:, :nope].reshape(heads * nope, kv_rank)).view(heads, nope, -1)
-        key_rope = columns(on_hidden=kv_a.weight[kv_rank:]).expand(heads, rope, -1)
-        weight = torch.cat([key_nope, key_rope], dim=1).reshape(heads * (nope + rope), -1)
-        bias_rows = None
-        if kv_a.bias is not None:
-            # The shared rotary key takes kv_a_proj_with_mqa's bias; the key latent is normalised after it.
-            bias_rows = torch.cat([kv_a.bias.new_zeros(heads, nope), kv_a.bias[kv_rank:].expand(heads, rope)], dim=1)
-            bias_rows = bias_rows.reshape(-1)
-    else:
-        weight = columns(on_kv_latent=kv_b[:, nope:].reshape(heads * value_dim, kv_rank))
-        bias_rows = None
-    if kv_a.bias is None:
-        return weight, None
-    # With `attention_bias` the inserted projection has a bias; only the rotary key rows take a nonzero one.
-    return weight, bias_rows if bias_rows is not None else weight.new_zeros(weight.shape[0])
-
-
-def deepseek_copy_source(sparse_block: type):
-    """Copy sources of a DeepSeek layer: the latent attention's heads, the output projection, a dense layer's MLP
-    and a sparse layer's shared experts (gate and up; its down is not read, the inserted down projection starts
-    as the identity on the block output)."""
-
-    def copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if role in ("query", "key", "value"):
-            return latent_attention_copy_source(layer.self_attn, role)
-        if role in ("gate", "up") and isinstance(layer.mlp, sparse_block):
-            projection = layer.mlp.shared_experts.get_submodule(f"{role}_proj")
-            return projection.weight, projection.bias
-        return linear_copy_source(layer, role)
-
-    return copy_source
 
 
 def deepseek_v3_rotation(config) -> TrailingRotation:
