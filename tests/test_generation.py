@@ -16,6 +16,8 @@ GUIDED_BASES = {
     for name, (_, _, sizes) in BASE_MODELS.items()
     if "linear_attention" not in sizes.get("layer_types", ())
 }
+# Candidates scored together would each take another temperature there (see the test of its refusal).
+GUIDED_BASES["llama4-nope-chunked-moe"]["attn_temperature_tuning"] = False
 WEIGHT, TOP_K = 3.0, 4
 
 
@@ -177,3 +179,10 @@ def test_clear_errors_for_unsupported_uses():
         sliding.generate(input_ids, max_new_tokens=2, **FAST_PATH)
     with pytest.raises(ValueError, match="sliding window of 4"):
         sliding.generate(input_ids, max_new_tokens=2, logits_processor=guided_processor(sliding))
+
+    tuned = make_otter(make_base("llama4-nope-chunked-moe", **GUIDED_BASES["llama4-nope-chunked-moe"]))
+    tuned.config.attn_temperature_tuning = True
+    with pytest.raises(ValueError, match="attn_temperature_tuning"):
+        tuned.generate(input_ids, max_new_tokens=2, **FAST_PATH)
+    with pytest.raises(ValueError, match="attn_temperature_tuning"):
+        tuned.generate(input_ids, max_new_tokens=2, logits_processor=guided_processor(tuned))

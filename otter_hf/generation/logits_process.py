@@ -5,6 +5,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from ..modeling.candidates import (
     candidate_attention_mask,
+    check_candidates_attend_by_position,
     check_candidates_can_share_the_prefix,
     check_guidance_model,
     check_within_sliding_window,
@@ -77,6 +78,7 @@ class OtterRewardLogitsProcessor(LogitsProcessor):
 
     def _candidate_values(self, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> torch.Tensor:
         check_within_sliding_window(self.model.config, input_ids.shape[1] + self.top_k)
+        check_candidates_attend_by_position(self.model.config)
         if not self._continues_cached_prefix(input_ids):
             self._cache = DynamicCache(config=self.model.config)
             self._cached_ids = input_ids[:, :0]

@@ -65,6 +65,20 @@ def check_within_sliding_window(config, total_length: int) -> None:
         )
 
 
+def check_candidates_attend_by_position(config) -> None:
+    """Candidates scored in one forward sit at the same position but at different indices of the forward's tokens;
+    a base that scales its queries by that index (Llama 4's attention temperature tuning in its layers without
+    rotary embeddings) would give each candidate another temperature than a forward of its own."""
+    no_rope_layers = getattr(config, "no_rope_layers", None) or []
+    if getattr(config, "attn_temperature_tuning", False) and 0 in no_rope_layers:
+        raise ValueError(
+            f"Reward-guided decoding scores its top-k candidates in one forward, but this {config.model_type} model "
+            "scales its queries by their index in the forward (`attn_temperature_tuning` in its layers without "
+            "rotary embeddings), so the candidates would not be scored as the tokens they stand for. Use "
+            "`token_reward_weight` guidance (one forward per token) or set `attn_temperature_tuning=False`."
+        )
+
+
 def candidate_attention_mask(
     padding_mask: torch.Tensor, num_new_tokens: int, num_candidates: int, dtype: torch.dtype
 ) -> torch.Tensor:

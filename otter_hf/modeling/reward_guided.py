@@ -38,6 +38,7 @@ from transformers.generation import (
 
 from .candidates import (
     candidate_attention_mask,
+    check_candidates_attend_by_position,
     check_candidates_can_share_the_prefix,
     check_guidance_model,
     check_within_sliding_window,
@@ -143,6 +144,7 @@ def reward_guided_generate(
         )
     attention_mask, padding_mask, position_ids = pop_prepared_inputs(input_ids, model_kwargs, "Reward-guided decoding")
     check_within_sliding_window(model.config, generation_config.max_length + reward_top_k)
+    check_candidates_attend_by_position(model.config)
 
     batch_size = input_ids.shape[0]
     device = input_ids.device
