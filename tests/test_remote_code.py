@@ -253,8 +253,9 @@ def test_checkpoints_load_with_trust_remote_code_without_otter_hf(tmp_path, monk
         assert result["causal_lm_class"].startswith("transformers_modules.")
         assert result["causal_lm_class"].endswith("ForCausalLMWithValueHead")
         assert result["logits_equal"] and result["value_close"], repo
-        assert result.get("guided_equal", "llama" not in repo), repo
-        assert result.get("args_guided_equal", "llama" not in repo), repo
+        # Only the Llama checkpoint has a token-level reward head, which the guided decodings need.
+        assert result.get("guided_equal", not repo.endswith("llama-gqa-tied")), repo
+        assert result.get("args_guided_equal", not repo.endswith("llama-gqa-tied")), repo
         assert result.get("expert_equal", "gemma3" not in repo), repo
         assert result["only_inserted_trainable"]
         assert result["config_class"].startswith("Otter") and result["config_class"].endswith("Config")
@@ -300,8 +301,9 @@ def test_a_checkpoint_loads_under_another_transformers_version_through_its_remot
     assert report.pop("transformers_version") != transformers.__version__
     for repo, result in report.items():
         assert result["logits_equal"] and result["value_close"], repo
-        assert result.get("guided_equal", "llama" not in repo), repo
-        assert result.get("args_guided_equal", "llama" not in repo), repo
+        # Only the Llama checkpoint has a token-level reward head, which the guided decodings need.
+        assert result.get("guided_equal", not repo.endswith("llama-gqa-tied")), repo
+        assert result.get("args_guided_equal", not repo.endswith("llama-gqa-tied")), repo
 
 
 def test_the_modeling_files_import_nothing_of_otter_hf_outside_them():
