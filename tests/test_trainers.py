@@ -54,8 +54,12 @@ def base_logits(model):
 # -- OtterRewardTrainer -----------------------------------------------------------------------------------------
 
 
-# The tiny GPT-2 (inserted heads of 16 dimensions) needs more steps to separate every pair.
-REWARD_TRAINING_OVERRIDES = {"gpt2-layernorm": {"max_steps": 24}}
+# The tiny GPT-2 (inserted heads of 16 dimensions) and the tiny Llama 4 (5 of 6 eval pairs ordered after the
+# default steps) need more steps to separate every pair.
+REWARD_TRAINING_OVERRIDES = {
+    "gpt2-layernorm": {"max_steps": 24},
+    "llama4-nope-chunked-moe": {"max_steps": 24},
+}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURE_BASES)

@@ -83,14 +83,17 @@ def first_expert_copy_source(experts: nn.Module, role: str) -> tuple[torch.Tenso
     return experts.gate_up_proj[0, start : start + units], None
 
 
-def shared_expert_copy_source(block_class: type, shared_expert: str = "shared_expert", default=linear_copy_source):
-    """A family's copy source whose sparse layers (a `block_class` MLP) copy the gate and up units of the block's
-    shared expert (at `shared_expert`), `default` elsewhere. A sparse layer's down is not read: the inserted down
-    projection starts as the identity on the block output."""
+def shared_expert_copy_source(
+    block_class: type, shared_expert: str = "shared_expert", default=linear_copy_source, mlp: str = "mlp"
+):
+    """A family's copy source whose sparse layers (a `block_class` MLP, at `mlp` in the decoder layer) copy the gate
+    and up units of the block's shared expert (at `shared_expert`), `default` elsewhere. A sparse layer's down is
+    not read: the inserted down projection starts as the identity on the block output."""
 
     def copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if role in ("gate", "up") and isinstance(layer.mlp, block_class):
-            projection = layer.mlp.get_submodule(f"{shared_expert}.{role}_proj")
+        block = layer.get_submodule(mlp)
+        if role in ("gate", "up") and isinstance(block, block_class):
+            projection = block.get_submodule(f"{shared_expert}.{role}_proj")
             return projection.weight, projection.bias
         return default(layer, role)
 

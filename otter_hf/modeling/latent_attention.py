@@ -7,13 +7,14 @@ channel group shared by all heads, then expands them per head. The inserted head
 head sizes reading `[h_n, query latent, key/value latent, g_n]`; every base head is a linear map of those inputs,
 so a copied head computes exactly what its source does.
 
-This file imports only torch, so it ships with a checkpoint as remote code.
+This file imports only torch and its siblings, so it ships with a checkpoint as remote code.
 """
 
 import torch
 from torch import nn
 
 from .inserted_stream import linear_copy_source
+from .quantization import dequantized
 
 
 class LatentAttentionConfigMixin:
@@ -42,17 +43,21 @@ def latent_attention_head_dims(config) -> tuple[int, int]:
     return config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
 
 
-def latent_attention_copy_source(attention: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _float_weight(projection: nn.Linear) -> torch.Tensor:
+    return dequantized(projection.weight, projection)
+
+
+def latent_head_weights(attention: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `(weight [heads * head size, columns], bias)` that computes every base head's query, key or value from
     `[h_n, query latent, key/value latent]` (the columns the inserted heads' original-stream block reads), head
-    after head as the base lays them out."""
+    after head as the base lays them out; from the projections' float values where the base is quantized."""
     heads, nope, rope = attention.num_heads, attention.qk_nope_head_dim, attention.qk_rope_head_dim
     kv_rank, value_dim = attention.kv_lora_rank, attention.v_head_dim
     query_rank = attention.q_lora_rank or 0
     hidden = attention.kv_a_proj_with_mqa.in_features
     kv_a = attention.kv_a_proj_with_mqa
     # kv_b_proj's rows, head after head: the head's key (nope) rows, then its value rows.
-    kv_b = attention.kv_b_proj.weight.view(heads, nope + value_dim, kv_rank)
+    kv_b = _float_weight(attention.kv_b_proj).view(heads, nope + value_dim, kv_rank)
 
     def columns(on_hidden=None, on_query_latent=None, on_kv_latent=None) -> torch.Tensor:
         blocks = [on_hidden, on_query_latent, on_kv_latent]
@@ -69,13 +74,13 @@ def latent_attention_copy_source(attention: nn.Module, role: str) -> tuple[torch
 
     if role == "query":
         if attention.q_lora_rank is None:
-            weight = columns(on_hidden=attention.q_proj.weight)
+            weight = columns(on_hidden=_float_weight(attention.q_proj))
         else:
-            weight = columns(on_query_latent=attention.q_b_proj.weight)
+            weight = columns(on_query_latent=_float_weight(attention.q_b_proj))
         bias_rows = None
     elif role == "key":
         key_nope = columns(on_kv_latent=kv_b[:, :nope].reshape(heads * nope, kv_rank)).view(heads, nope, -1)
-        key_rope = columns(on_hidden=kv_a.weight[kv_rank:]).expand(heads, rope, -1)
+        key_rope = columns(on_hidden=_float_weight(kv_a)[kv_rank:]).expand(heads, rope, -1)
         weight = torch.cat([key_nope, key_rope], dim=1).reshape(heads * (nope + rope), -1)
         bias_rows = None
         if kv_a.bias is not None:
@@ -91,17 +96,9 @@ def latent_attention_copy_source(attention: nn.Module, role: str) -> tuple[torch
     return weight, bias_rows if bias_rows is not None else weight.new_zeros(weight.shape[0])
 
 
-def deepseek_copy_source(sparse_block: type):
-    """Copy sources of a DeepSeek layer: the latent attention's heads, the output projection, a dense layer's MLP
-    and a sparse layer's shared experts (gate and up; its down is not read, the inserted down projection starts
-    as the identity on the block output)."""
-
-    def copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if role in ("query", "key", "value"):
-            return latent_attention_copy_source(layer.self_attn, role)
-        if role in ("gate", "up") and isinstance(layer.mlp, sparse_block):
-            projection = layer.mlp.shared_experts.get_submodule(f"{role}_proj")
-            return projection.weight, projection.bias
-        return linear_copy_source(layer, role)
-
-    return copy_source
+def latent_attention_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Llama's projections, except the query, key and value: the latent attention's heads
+    (`latent_head_weights`)."""
+    if role in ("query", "key", "value"):
+        return latent_head_weights(layer.self_attn, role)
+    return linear_copy_source(layer, role)

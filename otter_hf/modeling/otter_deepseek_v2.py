@@ -19,10 +19,10 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import ComplexRotation
-from .inserted_stream import OtterLayout, SparseMlp
+from .inserted_stream import OtterLayout, SparseMlp, shared_expert_copy_source
 from .latent_attention import (
     LatentAttentionConfigMixin,
-    deepseek_copy_source,
+    latent_attention_copy_source,
     latent_attention_head_dims,
     latent_attention_latents,
 )
@@ -48,7 +48,7 @@ class OtterDeepseekV2Model(OtterModelMixin, DeepseekV2Model):
         attention_latents=latent_attention_latents,
         head_dims=latent_attention_head_dims,
         sparse_mlp=SparseMlp(DeepseekV2Moe),
-        copy_source=deepseek_copy_source(DeepseekV2Moe),
+        copy_source=shared_expert_copy_source(DeepseekV2Moe, "shared_experts", default=latent_attention_copy_source),
     )
 
 

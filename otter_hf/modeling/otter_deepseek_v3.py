@@ -34,10 +34,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import TrailingRotation
-from .inserted_stream import OtterLayout, SparseMlp
+from .inserted_stream import OtterLayout, SparseMlp, shared_expert_copy_source
 from .latent_attention import (
     LatentAttentionConfigMixin,
-    deepseek_copy_source,
+    latent_attention_copy_source,
     latent_attention_head_dims,
     latent_attention_latents,
 )
@@ -67,7 +67,7 @@ class OtterDeepseekV3Model(OtterModelMixin, DeepseekV3Model):
         attention_latents=latent_attention_latents,
         head_dims=latent_attention_head_dims,
         sparse_mlp=SparseMlp(DeepseekV3MoE),
-        copy_source=deepseek_copy_source(DeepseekV3MoE),
+        copy_source=shared_expert_copy_source(DeepseekV3MoE, "shared_experts", default=latent_attention_copy_source),
     )
 
 

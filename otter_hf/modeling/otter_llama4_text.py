@@ -35,7 +35,7 @@ from transformers.models.llama4.modeling_llama4 import (
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_layer import ComplexRotation
-from .inserted_stream import OtterLayout, SparseMlp
+from .inserted_stream import OtterLayout, SparseMlp, shared_expert_copy_source
 from .modeling_otter import OtterForCausalLMMixin, OtterModelMixin
 from .sequence_classification import OtterForSequenceClassificationMixin
 
@@ -56,13 +56,9 @@ class OtterLlama4TextConfig(OtterConfigMixin, Llama4TextConfig):
     base_model_type = "llama4_text"
 
 
-def llama4_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Llama's projections under `feed_forward`, except a sparse layer's gate and up: the shared expert's (its
-    down is not read: the inserted down projection starts as the identity on the block output)."""
-    path = LLAMA4_COPY_SOURCES[role]
-    if role in ("gate", "up") and isinstance(layer.feed_forward, Llama4TextMoe):
-        path = f"feed_forward.shared_expert.{role}_proj"
-    projection = layer.get_submodule(path)
+def llama4_projection_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Llama's projections, with the MLP's under `feed_forward`."""
+    projection = layer.get_submodule(LLAMA4_COPY_SOURCES[role])
     return projection.weight, projection.bias
 
 
@@ -88,7 +84,7 @@ class OtterLlama4TextModel(OtterModelMixin, Llama4TextModel):
         mlp_activation="feed_forward.activation_fn",
         sparse_mlp=SparseMlp(Llama4TextMoe, path="feed_forward", activation="feed_forward.experts.act_fn"),
         dense_units="intermediate_size_mlp",
-        copy_source=llama4_copy_source,
+        copy_source=shared_expert_copy_source(Llama4TextMoe, default=llama4_projection_copy_source, mlp="feed_forward"),
     )
 
 
