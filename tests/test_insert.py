@@ -242,18 +242,6 @@ def test_loading_options_need_a_model_id():
         otter_hf.insert(make_base("llama-gqa-tied"), dtype=torch.bfloat16)
 
 
-def test_inputs_embeds_run_only_the_base_computation():
-    base = make_base("llama-gqa-tied")
-    otter = make_otter(base)
-    input_ids, _ = random_batch(1, 4)
-    embeddings = base.get_input_embeddings()(input_ids)
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="takes `input_ids`.*otter_disabled"):
-            otter(inputs_embeds=embeddings)
-        with otter.otter_disabled():
-            assert torch.equal(otter(inputs_embeds=embeddings).logits, base(inputs_embeds=embeddings).logits)
-
-
 def test_activation_checkpointing_gives_the_same_gradients():
     input_ids, attention_mask = random_batch(2, 6)
     gradients = []
