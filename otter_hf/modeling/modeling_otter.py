@@ -624,11 +624,28 @@ class OtterMoeCausalLMOutputWithValue(OtterCausalLMOutputWithValue, MoeCausalLMO
 
 
 def _causal_lm_output_class(outputs: ModelOutput) -> type:
-    """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts."""
-    return (
-        OtterMoeCausalLMOutputWithValue
-        if isinstance(outputs, MoeCausalLMOutputWithPast)
-        else OtterCausalLMOutputWithValue
+    """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts, or the
+    base's other fields (a vision-language model's image features) before the Otter ones."""
+    if isinstance(outputs, MoeCausalLMOutputWithPast):
+        return OtterMoeCausalLMOutputWithValue
+    if {field.name for field in dataclasses.fields(outputs)} <= _CAUSAL_LM_FIELDS:
+        return OtterCausalLMOutputWithValue
+    return _otter_output_class(type(outputs))
+
+
+_CAUSAL_LM_FIELDS = frozenset(field.name for field in dataclasses.fields(CausalLMOutputWithCrossAttentions))
+
+
+@functools.cache
+def _otter_output_class(base_output_class: type) -> type:
+    """`base_output_class` with the fields `OtterCausalLMOutputWithValue` adds, after the base's."""
+    otter_fields = [
+        (field.name, field.type, dataclasses.field(default=None))
+        for field in dataclasses.fields(OtterCausalLMOutputWithValue)
+        if field.name not in _CAUSAL_LM_FIELDS
+    ]
+    return dataclasses.make_dataclass(
+        f"Otter{base_output_class.__name__}WithValue", otter_fields, bases=(base_output_class,)
     )
 
 
@@ -803,7 +820,7 @@ class OtterForCausalLMMixin:
                 if getattr(model, head.attribute) is not None:
                     getattr(model, head.attribute).initialize(model.config.inserted_init, model.config)
         # A quantizer replaces base modules (quanto's `QLinear` for `nn.Linear`) after the hooks were registered.
-        model.base_model.register_capture_hooks()
+        model.otter_backbone.register_capture_hooks()
         # Loading swaps in fresh parameters, which come back trainable.
         model.freeze_base_parameters()
         return loaded
@@ -831,11 +848,11 @@ class OtterForCausalLMMixin:
         embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
         N(0, initializer_range)) and the rows of the token-level reward head and the expert heads (new rows zero:
         their policies start as the base policy for new tokens too)."""
-        inserted_trainable = self.base_model.get_input_embeddings().inserted_weight.requires_grad
+        inserted_trainable = self.otter_backbone.get_input_embeddings().inserted_weight.requires_grad
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         size = embeddings.num_embeddings
-        self.base_model._resize_inserted_embedding(size, mean_resizing)
-        self.base_model.get_input_embeddings().inserted_weight.requires_grad_(inserted_trainable)
+        self.otter_backbone._resize_inserted_embedding(size, mean_resizing)
+        self.otter_backbone.get_input_embeddings().inserted_weight.requires_grad_(inserted_trainable)
         # The heads with a row per vocabulary entry on the inserted stream: the token-level reward head, the experts.
         for head in INSERTED_HEADS:
             module = getattr(self, head.attribute)
@@ -890,7 +907,7 @@ class OtterForCausalLMMixin:
 
     def otter_decoder_layers(self) -> list[nn.Module]:
         """The decoder layers, first to last, each holding its `inserted_attn` and `inserted_mlp`."""
-        return self.base_model.otter_decoder_layers()
+        return self.otter_backbone.otter_decoder_layers()
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping), for
@@ -902,17 +919,23 @@ class OtterForCausalLMMixin:
         return self.process_logits(self.lm_head(hidden))
 
     @property
+    def otter_backbone(self) -> nn.Module:
+        """The Otter backbone, where the inserted stream runs: the base model (a vision-language model's language
+        model)."""
+        return self.base_model
+
+    @property
     def otter_enabled(self) -> bool:
         """Whether the inserted stream runs (False inside `otter_disabled()`)."""
-        return self.base_model.otter_enabled
+        return self.otter_backbone.otter_enabled
 
     def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
         """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
         original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
         if "past_key_values" in inputs and self._cache_argument != "past_key_values":
             inputs[self._cache_argument] = inputs.pop("past_key_values")  # the name this transformers reads
-        with self.base_model.inserted_stream() as stream:
-            outputs = self.base_model(**inputs)
+        with self.otter_backbone.inserted_stream() as stream:
+            outputs = self.otter_backbone(**inputs)
         return outputs.last_hidden_state, stream.final_inserted if stream is not None else None, outputs
 
     def base_weights_fingerprint(self) -> str:
@@ -923,7 +946,7 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        backbone = self.base_model
+        backbone = self.otter_backbone
         previous, backbone.otter_enabled = backbone.otter_enabled, False
         try:
             yield self
@@ -986,7 +1009,7 @@ class OtterForCausalLMMixin:
             "anti_expert_logits": output_anti_expert_logits,
         }
         record_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
-        with self.base_model.inserted_stream(record_hidden_states, inputs_need_grad) as stream:
+        with self.otter_backbone.inserted_stream(record_hidden_states, inputs_need_grad) as stream:
             outputs = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
