@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from . import (
     otter_gemma3,
+    otter_gemma3_vlm,
     otter_glm4_moe,
     otter_gpt2,
     otter_gpt_oss,
@@ -91,7 +92,7 @@ for _causal_lm, _view in OTTER_ARCHITECTURES:
 
 # Each supported vision-language architecture: a module defining the Otter text config and language model, the
 # vision-language config and the `...ForConditionalGeneration` class (see vision_language.py).
-VISION_LANGUAGE_MODULES = (otter_qwen3_vl,)
+VISION_LANGUAGE_MODULES = (otter_qwen3_vl, otter_gemma3_vlm)
 
 
 def _conditional_generation_class(module) -> type:

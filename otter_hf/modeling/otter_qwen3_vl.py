@@ -27,6 +27,7 @@ from .modeling_otter import OtterModelMixin
 from .vision_language import (
     OtterForConditionalGenerationMixin,
     OtterVisionLanguageConfigMixin,
+    keep_base_checkpoint_layout,
     register_text_backbone,
 )
 
@@ -54,6 +55,9 @@ class OtterQwen3VLConfig(OtterVisionLanguageConfigMixin, Qwen3VLConfig):
     base_model_type = "qwen3_vl"
     sub_configs = {"vision_config": Qwen3VLVisionConfig, "text_config": OtterQwen3VLTextConfig}
     sub_configs_defaults = sub_configs
+
+
+keep_base_checkpoint_layout(OtterQwen3VLConfig)
 
 
 class OtterQwen3VLForConditionalGeneration(OtterForConditionalGenerationMixin, Qwen3VLForConditionalGeneration):

@@ -18,6 +18,7 @@ import inspect
 
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_otter import OtterConfigMixin
 from .inserted_heads import INSERTED_HEADS
@@ -51,6 +52,16 @@ def register_text_backbone(config_class: type, backbone_class: type) -> None:
     `AutoModel.from_config(config.text_config)`. Run where the architecture's module loads, also as remote code."""
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(config_class, backbone_class, exist_ok=True)
+
+
+def keep_base_checkpoint_layout(config_class: type) -> None:
+    """Save and load an Otter vision-language checkpoint with its base's renamings of module paths (Gemma 3 stores
+    `language_model.model.*` for `model.language_model.*`), so the checkpoint holds the base's weights under the
+    base's names. The renamings are anchored at the base's top-level modules, which no inserted name starts with."""
+    mapping = get_checkpoint_conversion_mapping(config_class.base_model_type)
+    if mapping:
+        # Overwriting: the class is defined again when its file loads as a checkpoint's remote code.
+        register_checkpoint_conversion_mapping(config_class.model_type, mapping, overwrite=True)
 
 
 class OtterVisionLanguageConfigMixin:
@@ -95,6 +106,10 @@ class OtterForConditionalGenerationMixin(OtterForCausalLMMixin):
     # The base's vision-language model class (vision tower, projector, language model); `backbone_class` is the
     # Otter language model.
     vision_language_model_class: type
+    # transformers renames a vision-language checkpoint's weights as it loads them (Gemma 3's
+    # `language_model.model.*`), so the inserted weights are checked after loading, by what it reports missing or
+    # unexpected, rather than in the file's header beforehand.
+    checkpoint_names_are_renamed = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
