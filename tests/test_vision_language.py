@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForImageTextToText,
@@ -113,6 +115,16 @@ def family(request):
     return request.param
 
 
+# transformers 5.19 renames a Gemma 3 checkpoint's language-model weights so that it reports the inserted ones
+# unexpected: the load is refused (the inserted weights are checked after loading) rather than run without them.
+GEMMA3_RELOADS = version.parse(transformers.__version__) >= version.parse("5.25")
+
+
+def skip_unless_reloads(family):
+    if family == "gemma3" and not GEMMA3_RELOADS:
+        pytest.skip("Gemma 3 vision-language checkpoints reload from transformers 5.25 on (5.19 refuses them)")
+
+
 def image_inputs(family, batch_size=1, seed=0):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.tensor([PROMPT] * batch_size)
@@ -194,6 +206,7 @@ def test_generate_with_images_is_the_bases_and_takes_token_reward_guidance(famil
 
 
 def test_save_and_reload_through_the_auto_class(family, tmp_path):
+    skip_unless_reloads(family)
     otter = make_otter_vlm(make_base(family))
     otter.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
@@ -207,6 +220,7 @@ def test_save_and_reload_through_the_auto_class(family, tmp_path):
 
 
 def test_a_saved_checkpoint_loads_as_remote_code_without_otter_hf(family, tmp_path):
+    skip_unless_reloads(family)
     otter = make_otter_vlm(make_base(family))
     otter.save_pretrained(tmp_path / "model")
     inputs = image_inputs(family)
@@ -251,6 +265,7 @@ def test_inserting_into_a_vision_language_model_twice_is_refused():
 
 
 def test_a_checkpoint_missing_inserted_weights_is_refused(family, tmp_path):
+    skip_unless_reloads(family)
     otter = make_otter_vlm(make_base(family))
     otter.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
