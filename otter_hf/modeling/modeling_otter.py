@@ -389,7 +389,8 @@ class OtterModelMixin:
             inserted = self._multiply_embedding(inserted)
             stream.add_embedding(inserted)
         if tokens:
-            stream.token_embedding = (output, output._version, inserted)
+            # Inference tensors (torch.inference_mode) cannot change in place, and keep no version counter.
+            stream.token_embedding = (output, None if output.is_inference() else output._version, inserted)
 
     def _multiply_embedding(self, inserted: torch.Tensor) -> torch.Tensor:
         multiplier = self.otter_layout.embedding_multiplier  # Granite multiplies embeddings after the module
@@ -408,7 +409,7 @@ class OtterModelMixin:
             inserted = self._multiply_embedding(inputs_embeds[..., : self.config.inserted_hidden_size])
             if stream.token_embedding is not None and stream.token_embedding[0].shape == inputs_embeds.shape:
                 embedded, version, inserted_embedded = stream.token_embedding
-                if embedded._version != version:
+                if version is not None and embedded._version != version:
                     raise RuntimeError(
                         "The token embeddings of this forward were changed in place before the decoder received them, "
                         "so Otter cannot tell which rows still hold token embeddings. Build the decoder's "
