@@ -6,6 +6,8 @@ import torch
 from peft import PromptTuningConfig, get_peft_model
 
 import otter_hf
+from otter_hf.modeling import sequence_classification_view
+from otter_hf.modeling.sequence_classification import pool_last_token
 from tests.helpers import ARCHITECTURE_BASES, make_base, make_otter, random_batch
 
 
@@ -78,6 +80,19 @@ def test_the_backbone_takes_inputs_embeds_as_the_causal_lm_does():
         original, inserted, _ = otter.final_streams(inputs_embeds=embeddings)
     assert torch.equal(backbone_output.last_hidden_state, original)
     assert torch.equal(backbone_output.inserted_last_hidden_state, inserted)
+
+
+def test_the_sequence_classification_view_scores_inputs_embeds_as_the_causal_lm_values_them():
+    otter = make_otter(make_base("llama-gqa-tied"))
+    view = sequence_classification_view(otter)
+    input_ids, attention_mask = random_batch(2, 6, padding="left")
+    embeddings = _soft_embeddings(otter, input_ids)
+    with torch.no_grad():
+        scores = view(inputs_embeds=embeddings, attention_mask=attention_mask).logits
+        values = otter(inputs_embeds=embeddings, attention_mask=attention_mask).value
+        scores_of_ids = view(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(scores, pool_last_token(values, attention_mask).unsqueeze(-1))
+    assert not torch.equal(scores, scores_of_ids)  # the soft positions reach the score
 
 
 def test_generate_from_inputs_embeds_is_the_bases_and_continues_from_ids():
