@@ -48,8 +48,9 @@ ARCHITECTURE_KEYS = (
 
 
 def otter_class_for(base: PreTrainedModel) -> type[PreTrainedModel]:
-    """The Otter causal LM for `base`: its architecture's registered one, else one with the layout derived from the
-    base's module names once a probe forward shows it fits (`derived_otter_class`)."""
+    """The Otter class for `base` (a causal LM, or a vision-language `...ForConditionalGeneration`): its
+    architecture's registered one, else one with the layout derived from the base's module names once a probe forward
+    shows it fits (`derived_otter_class`)."""
     model_type = getattr(base.config, "model_type", None)
     if isinstance(base.config, (OtterConfigMixin, OtterVisionLanguageConfigMixin)):
         raise ValueError(
