@@ -252,14 +252,3 @@ def test_an_otter_checkpoint_missing_inserted_weights_is_refused_but_a_backbone_
     save_file({k: v for k, v in weights.items() if "inserted_mlp" not in k}, tmp_path / "full" / "model.safetensors")
     with pytest.raises(ValueError, match="missing model.layers.0.inserted_mlp"):
         type(otter).from_pretrained(tmp_path / "full")
-
-
-def test_inputs_embeds_are_refused_by_the_backbone_and_the_causal_lm():
-    otter = make_otter(make_base("llama-gqa-tied"))
-    input_ids, _ = random_batch(1, 4)
-    embeds = otter.get_input_embeddings()(input_ids)
-    for model in (otter, otter.base_model):
-        with pytest.raises(ValueError, match="otter_disabled"):
-            model(inputs_embeds=embeds)
-    with torch.no_grad(), otter.otter_disabled():
-        assert otter(inputs_embeds=embeds).value is None

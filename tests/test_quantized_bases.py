@@ -8,7 +8,13 @@ skipped when its package is not installed (none of them is a dependency of otter
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, QuantoConfig, TorchAoConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    BitsAndBytesConfig,
+    QuantoConfig,
+    TorchAoConfig,
+)
 
 import otter_hf
 from otter_hf.modeling.initialization import copied_head_sources
@@ -325,3 +331,35 @@ def test_an_unsupported_quantization_method_is_refused_by_name(base_folder):
     base.config.quantization_config = {"quant_method": "gptq", "bits": 4}
     with pytest.raises(ValueError, match="quantized with 'gptq'.*bitsandbytes, quanto, torchao"):
         otter_hf.insert(base)
+
+
+@pytest.mark.parametrize("backend", ["quanto-int8", "torchao-int8"])
+def test_a_quantized_vision_language_base_keeps_its_logits_and_reloads_quantized(tmp_path, backend):
+    """quanto replaces the language model's linear layers by its own, torchao keeps them: the capture hooks of the
+    Otter language model follow either, on insertion and on loading with a quantization config."""
+    from tests.test_vision_language import image_inputs
+    from tests.test_vision_language import make_base as make_vision_language_base
+
+    make_vision_language_base("qwen3_vl").save_pretrained(tmp_path / "base")
+    inputs = image_inputs("qwen3_vl")
+    quantized = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "base", quantization_config=quantization_config(backend)
+    )
+    with torch.no_grad():
+        expected = quantized(**inputs).logits
+    model = noisy(otter_hf.insert(quantized))
+    assert is_quantized_module(model.model.language_model.layers[0].self_attn.o_proj)
+    with torch.no_grad():
+        result = model(**inputs)
+    assert torch.equal(result.logits, expected) and torch.isfinite(result.value).all()
+
+    float_model = noisy(otter_hf.insert(AutoModelForImageTextToText.from_pretrained(tmp_path / "base")))
+    float_model.save_pretrained(tmp_path / "otter")
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "otter", quantization_config=quantization_config(backend)
+    )
+    layer = loaded.model.language_model.layers[0]
+    assert is_quantized_module(layer.self_attn.o_proj) and not is_quantized_module(layer.inserted_attn.o_proj)
+    with torch.no_grad():
+        reloaded = loaded(**inputs)
+    assert torch.equal(reloaded.logits, expected) and torch.isfinite(reloaded.value).all()

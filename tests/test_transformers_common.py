@@ -63,11 +63,6 @@ OTTER_EXCEPTIONS: dict[str, str] = {
         ),
         "the LM loss does not reach the inserted parameters: they never change the original logits",
     ),
-    **dict.fromkeys(
-        ("test_inputs_embeds", "test_inputs_embeds_matches_input_ids"),
-        "the inserted stream starts from its own embedding of `input_ids`; `inputs_embeds` is refused with an error "
-        "that says to run it inside `otter_disabled()`",
-    ),
     "test_model_weights_reload_no_missing_tied_weights": (
         "an Otter checkpoint whose inserted weights are missing is refused rather than run on fresh values (a base "
         "checkpoint, or a save of the backbone alone, loads with them newly initialised)"

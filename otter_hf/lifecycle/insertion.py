@@ -28,6 +28,7 @@ from ..modeling.quantization import (
     with_inserted_modules_skipped,
 )
 from ..modeling.verification import check_inserted_state_dict, check_weights_in_memory, verify_inserted_weights
+from ..modeling.vision_language import OtterVisionLanguageConfigMixin
 from .hub import otter_files
 from .layout_probe import check_probe_forward
 
@@ -47,10 +48,11 @@ ARCHITECTURE_KEYS = (
 
 
 def otter_class_for(base: PreTrainedModel) -> type[PreTrainedModel]:
-    """The Otter causal LM for `base`: its architecture's registered one, else one with the layout derived from the
-    base's module names once a probe forward shows it fits (`derived_otter_class`)."""
+    """The Otter class for `base` (a causal LM, or a vision-language `...ForConditionalGeneration`): its
+    architecture's registered one, else one with the layout derived from the base's module names once a probe forward
+    shows it fits (`derived_otter_class`)."""
     model_type = getattr(base.config, "model_type", None)
-    if isinstance(base.config, OtterConfigMixin):
+    if isinstance(base.config, (OtterConfigMixin, OtterVisionLanguageConfigMixin)):
         raise ValueError(
             f"This model already is an Otter model ({model_type!r}, inserted into "
             f"{base.config.base_model_name_or_path or 'its base model'}); Otter parameters are inserted once. Train "
@@ -333,7 +335,7 @@ def _build_from_base(otter_class, config, base) -> PreTrainedModel:
                     device = placement.device_for(f"{module_name}.{name}" if module_name else name)
                     setattr(module, name, nn.Parameter(torch.empty(parameter.shape, device=device, dtype=dtype)))
     if adopted:
-        model.base_model.register_capture_hooks()
+        model.otter_backbone.register_capture_hooks()
     model.tie_weights()
     placement.dispatch(model)
     model.freeze_base_parameters()

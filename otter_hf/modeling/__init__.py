@@ -4,10 +4,13 @@
 exports of this package and of `otter_hf`, the CLI's help and the tests' parametrisation all read it.
 """
 
+from transformers import AutoConfig, AutoModelForImageTextToText
+
 from . import (
     otter_deepseek_v2,
     otter_deepseek_v3,
     otter_gemma3,
+    otter_gemma3_vlm,
     otter_glm4_moe,
     otter_gpt2,
     otter_gpt_oss,
@@ -28,12 +31,14 @@ from . import (
     otter_qwen3_5_moe,
     otter_qwen3_moe,
     otter_qwen3_next,
+    otter_qwen3_vl,
     otter_smollm3,
 )
 from .derived_layout import register_with_auto_classes
 from .inserted_heads import INSERTED_HEADS, PEFT_EXCLUDE_MODULES
 from .modeling_otter import OtterCausalLMOutputWithValue, OtterForCausalLMMixin, is_inserted_parameter
 from .sequence_classification import OtterForSequenceClassificationMixin
+from .vision_language import OtterForConditionalGenerationMixin
 
 # Each supported architecture: a module defining its config, backbone, Otter causal LM and sequence-classification
 # view (see README.md beside this file). Adding an architecture adds its module here.
@@ -91,6 +96,33 @@ for _causal_lm, _view in OTTER_ARCHITECTURES:
     register_with_auto_classes(_causal_lm, _view)
 
 
+# Each supported vision-language architecture: a module defining the Otter text config and language model, the
+# vision-language config and the `...ForConditionalGeneration` class (see vision_language.py).
+VISION_LANGUAGE_MODULES = (otter_qwen3_vl, otter_gemma3_vlm)
+
+
+def _conditional_generation_class(module) -> type:
+    return next(
+        cls
+        for cls in (getattr(module, name) for name in module.__all__)
+        if isinstance(cls, type) and issubclass(cls, OtterForConditionalGenerationMixin)
+    )
+
+
+# Each supported vision-language architecture's Otter `...ForConditionalGeneration`.
+OTTER_VISION_LANGUAGE_ARCHITECTURES = tuple(_conditional_generation_class(module) for module in VISION_LANGUAGE_MODULES)
+
+for _conditional_generation in OTTER_VISION_LANGUAGE_ARCHITECTURES:
+    _config_class = _conditional_generation.config_class
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForImageTextToText.register(_config_class, _conditional_generation, exist_ok=True)
+    OTTER_CLASSES_BY_BASE_MODEL_TYPE[_config_class.base_model_type] = _conditional_generation
+    _config_class.register_for_auto_class()
+    _conditional_generation.auto_map_classes = {"AutoModelForImageTextToText": _conditional_generation}
+    _conditional_generation.register_for_auto_class("AutoModelForImageTextToText")
+SUPPORTED_BASE_MODEL_TYPES = tuple(sorted(OTTER_CLASSES_BY_BASE_MODEL_TYPE))
+
+
 def sequence_classification_view(model: OtterForCausalLMMixin):
     """The sequence-classification view of a loaded Otter causal LM, sharing its parameters.
 
@@ -108,8 +140,16 @@ def sequence_classification_view(model: OtterForCausalLMMixin):
 
 
 # Every architecture's classes, exported by name: `from otter_hf.modeling import OtterLlamaConfig`.
-ARCHITECTURE_CLASS_NAMES = tuple(name for module in ARCHITECTURE_MODULES for name in module.__all__)
-globals().update({name: getattr(module, name) for module in ARCHITECTURE_MODULES for name in module.__all__})
+ARCHITECTURE_CLASS_NAMES = tuple(
+    name for module in ARCHITECTURE_MODULES + VISION_LANGUAGE_MODULES for name in module.__all__
+)
+globals().update(
+    {
+        name: getattr(module, name)
+        for module in ARCHITECTURE_MODULES + VISION_LANGUAGE_MODULES
+        for name in module.__all__
+    }
+)
 
 __all__ = [
     "PEFT_EXCLUDE_MODULES",
@@ -117,6 +157,8 @@ __all__ = [
     "INSERTED_HEADS",
     "OTTER_ARCHITECTURES",
     "OTTER_CLASSES_BY_BASE_MODEL_TYPE",
+    "OTTER_VISION_LANGUAGE_ARCHITECTURES",
+    "VISION_LANGUAGE_MODULES",
     "SUPPORTED_BASE_MODEL_TYPES",
     "OtterCausalLMOutputWithValue",
     "is_inserted_parameter",

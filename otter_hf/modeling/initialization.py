@@ -14,7 +14,7 @@ from .quantization import dequantized, owner_of
 @torch.no_grad()
 def initialize_inserted_parameters(model, method: str) -> None:
     std = model.config.initializer_range
-    layout = model.base_model.otter_layout
+    layout = model.otter_backbone.otter_layout
     # Copied with the heads they normalise, below.
     projection_norms = {
         norm for layer in model.otter_decoder_layers() for norm in _query_key_projection_norms(layer, layout)

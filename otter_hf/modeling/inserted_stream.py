@@ -472,6 +472,10 @@ class InsertedStream:
         # id(cos) -> (cos, the rotation's tables): computed once for all layers that receive the same embeddings.
         self._rotary_tables: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.hidden: torch.Tensor | None = None
+        # The token embedding's output in this forward (and its version counter, to see changes in place) and the
+        # inserted stream's embedding of the same ids, until the decoder receives its input embeddings (which a
+        # vision-language model builds from them).
+        self.token_embedding: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
         # Capture point path -> what its hook recorded, for the decoder layer running now: a `NormCapture` for a
         # norm, the (module, keyword arguments) of the attention call, the input tensor of an output projection.
         self.captured: dict[str, NormCapture | tuple[nn.Module, dict] | torch.Tensor] = {}

@@ -72,11 +72,6 @@ from .verification import check_finite_inserted_weights, check_generation_argume
 
 logger = logging.get_logger(__name__)
 
-INPUTS_EMBEDS_REFUSED = (
-    "The inserted stream starts from its own token embedding, so an Otter model takes `input_ids`; run "
-    "`inputs_embeds` through the base computation alone, inside `with model.otter_disabled():`."
-)
-
 
 def _base_can_set_experts_implementation(otter_class: type) -> bool:
     """Whether the base class of `otter_class` runs its experts with a choice of kernels (`grouped_mm`).
@@ -237,7 +232,8 @@ class OtterModelMixin:
             hooks.append(register(function, **options))
 
         for path in self._embedding_paths():
-            hook(self, path, "", self._embed_inserted, pre=False)
+            embed = functools.partial(self._embed_inserted, path == layout.token_embedding)
+            hook(self, path, "", embed, pre=False)
         hook(self, layout.final_norm, "", self._normalize_final_streams, pre=False)
         for index, layer in enumerate(self.otter_decoder_layers()):
             layer_path = f"{layout.layers}.{index}"
@@ -344,12 +340,16 @@ class OtterModelMixin:
     # -- the inserted stream -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def inserted_stream(self, record_hidden_states: bool = False) -> Iterator[InsertedStream | None]:
+    def inserted_stream(
+        self, record_hidden_states: bool = False, inputs_need_grad: bool = False
+    ) -> Iterator[InsertedStream | None]:
         """Compute the inserted stream beside every base forward inside the block; yields it (None inside
         `otter_disabled()`, where the backbone is the base model alone).
 
         While autograd records, the base runs without it and only the inserted computation builds a graph: the
-        original stream depends on no inserted parameter, and the frozen base then stores no activations.
+        original stream depends on no inserted parameter, and the frozen base then stores no activations. It runs
+        with autograd where base parameters train, or where the inputs need gradients (`inputs_need_grad`:
+        trainable `inputs_embeds`, such as soft prompts).
         """
         if not self.otter_enabled:
             yield None
@@ -368,8 +368,13 @@ class OtterModelMixin:
             ),
             inserted_cache_indices=self._inserted_cache_indices,
         )
-        base_needs_grad = stream.compute_grad and any(
-            parameter.requires_grad for name, parameter in self.named_parameters() if not is_inserted_parameter(name)
+        base_needs_grad = stream.compute_grad and (
+            inputs_need_grad
+            or any(
+                parameter.requires_grad
+                for name, parameter in self.named_parameters()
+                if not is_inserted_parameter(name)
+            )
         )
         self._inserted_stream = stream
         try:
@@ -383,7 +388,7 @@ class OtterModelMixin:
         if stream.final_inserted is None:
             raise CapturePointMissed(self.otter_layout.final_norm)
 
-    def _embed_inserted(self, embedding: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _embed_inserted(self, tokens: bool, embedding: nn.Module, args: tuple, output: torch.Tensor) -> None:
         stream = self._inserted_stream
         if stream is None:
             return
@@ -392,10 +397,39 @@ class OtterModelMixin:
             scale = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings; the inserted ones alike
             if scale is not None:
                 inserted = inserted * scale.to(inserted.dtype)
-            multiplier = self.otter_layout.embedding_multiplier  # Granite multiplies them after the module
-            if multiplier is not None:
-                inserted = inserted * getattr(self.config, multiplier)
+            inserted = self._multiply_embedding(inserted)
             stream.add_embedding(inserted)
+        if tokens:
+            # Inference tensors (torch.inference_mode) cannot change in place, and keep no version counter.
+            stream.token_embedding = (output, None if output.is_inference() else output._version, inserted)
+
+    def _multiply_embedding(self, inserted: torch.Tensor) -> torch.Tensor:
+        multiplier = self.otter_layout.embedding_multiplier  # Granite multiplies embeddings after the module
+        return inserted if multiplier is None else inserted * getattr(self.config, multiplier)
+
+    def _enter_inputs_embeds(self, stream: InsertedStream, inputs_embeds: torch.Tensor) -> None:
+        """Start the inserted stream from the `inputs_embeds` the decoder receives (see README.md, "Inputs
+        embeddings").
+
+        At a position whose embedding this forward computed from a token id with the token embedding (a
+        vision-language model embeds its text, then puts image features in place of some rows), the inserted stream
+        starts from that token's inserted embedding; everywhere else from the first `inserted_hidden_size`
+        dimensions of the embedding, which is what the token's inserted embedding is at copy-initialisation.
+        """
+        with stream.grad_mode():
+            inserted = self._multiply_embedding(inputs_embeds[..., : self.config.inserted_hidden_size])
+            if stream.token_embedding is not None and stream.token_embedding[0].shape == inputs_embeds.shape:
+                embedded, version, inserted_embedded = stream.token_embedding
+                if version is not None and embedded._version != version:
+                    raise RuntimeError(
+                        "The token embeddings of this forward were changed in place before the decoder received them, "
+                        "so Otter cannot tell which rows still hold token embeddings. Build the decoder's "
+                        "`inputs_embeds` out of place (`embeddings.masked_scatter(mask, features)`, as transformers' "
+                        "vision-language models do)."
+                    )
+                from_token = (inputs_embeds == embedded).all(dim=-1, keepdim=True)
+                inserted = torch.where(from_token, inserted_embedded, inserted.to(inserted_embedded.dtype))
+        stream.hidden, stream.token_embedding = inserted, None
 
     def _capture_norm(self, path: str, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
         stream = self._inserted_stream
@@ -469,12 +503,18 @@ class OtterModelMixin:
     def forward(self, *args, **kwargs):
         """The architecture's own forward; run on its own, the backbone adds the inserted stream to its output
         (after the base's fields, so a tuple output keeps the base's positions)."""
-        if self._inserted_stream is not None or not self.otter_enabled:
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if self._inserted_stream is not None:
+            if inputs_embeds is not None:
+                self._enter_inputs_embeds(self._inserted_stream, inputs_embeds)
             return super().forward(*args, **kwargs)
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError(INPUTS_EMBEDS_REFUSED)
+        if not self.otter_enabled:
+            return super().forward(*args, **kwargs)
         record = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
-        with self.inserted_stream(record_hidden_states=record) as stream:
+        inputs_need_grad = inputs_embeds is not None and inputs_embeds.requires_grad
+        with self.inserted_stream(record_hidden_states=record, inputs_need_grad=inputs_need_grad) as stream:
+            if inputs_embeds is not None:
+                self._enter_inputs_embeds(stream, inputs_embeds)
             outputs = super().forward(*args, return_dict=True, **kwargs)
         output_class = (
             # The field, not the class: some families return router logits in an output class of their own.
@@ -601,11 +641,28 @@ class OtterMoeCausalLMOutputWithValue(OtterCausalLMOutputWithValue, MoeCausalLMO
 
 
 def _causal_lm_output_class(outputs: ModelOutput) -> type:
-    """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts."""
-    return (
-        OtterMoeCausalLMOutputWithValue
-        if isinstance(outputs, MoeCausalLMOutputWithPast)
-        else OtterCausalLMOutputWithValue
+    """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts, or the
+    base's other fields (a vision-language model's image features) before the Otter ones."""
+    if isinstance(outputs, MoeCausalLMOutputWithPast):
+        return OtterMoeCausalLMOutputWithValue
+    if {field.name for field in dataclasses.fields(outputs)} <= _CAUSAL_LM_FIELDS:
+        return OtterCausalLMOutputWithValue
+    return _otter_output_class(type(outputs))
+
+
+_CAUSAL_LM_FIELDS = frozenset(field.name for field in dataclasses.fields(CausalLMOutputWithCrossAttentions))
+
+
+@functools.cache
+def _otter_output_class(base_output_class: type) -> type:
+    """`base_output_class` with the fields `OtterCausalLMOutputWithValue` adds, after the base's."""
+    otter_fields = [
+        (field.name, field.type, dataclasses.field(default=None))
+        for field in dataclasses.fields(OtterCausalLMOutputWithValue)
+        if field.name not in _CAUSAL_LM_FIELDS
+    ]
+    return dataclasses.make_dataclass(
+        f"Otter{base_output_class.__name__}WithValue", otter_fields, bases=(base_output_class,)
     )
 
 
@@ -780,7 +837,7 @@ class OtterForCausalLMMixin:
                 if getattr(model, head.attribute) is not None:
                     getattr(model, head.attribute).initialize(model.config.inserted_init, model.config)
         # A quantizer replaces base modules (quanto's `QLinear` for `nn.Linear`) after the hooks were registered.
-        model.base_model.register_capture_hooks()
+        model.otter_backbone.register_capture_hooks()
         # Loading swaps in fresh parameters, which come back trainable.
         model.freeze_base_parameters()
         return loaded
@@ -808,11 +865,11 @@ class OtterForCausalLMMixin:
         embedding columns (new rows as transformers starts the base's: their mean with `mean_resizing`, else
         N(0, initializer_range)) and the rows of the token-level reward head and the expert heads (new rows zero:
         their policies start as the base policy for new tokens too)."""
-        inserted_trainable = self.base_model.get_input_embeddings().inserted_weight.requires_grad
+        inserted_trainable = self.otter_backbone.get_input_embeddings().inserted_weight.requires_grad
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         size = embeddings.num_embeddings
-        self.base_model._resize_inserted_embedding(size, mean_resizing)
-        self.base_model.get_input_embeddings().inserted_weight.requires_grad_(inserted_trainable)
+        self.otter_backbone._resize_inserted_embedding(size, mean_resizing)
+        self.otter_backbone.get_input_embeddings().inserted_weight.requires_grad_(inserted_trainable)
         # The heads with a row per vocabulary entry on the inserted stream: the token-level reward head, the experts.
         for head in INSERTED_HEADS:
             module = getattr(self, head.attribute)
@@ -867,7 +924,7 @@ class OtterForCausalLMMixin:
 
     def otter_decoder_layers(self) -> list[nn.Module]:
         """The decoder layers, first to last, each holding its `inserted_attn` and `inserted_mlp`."""
-        return self.base_model.otter_decoder_layers()
+        return self.otter_backbone.otter_decoder_layers()
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the architecture's causal LM does to the LM head's output (Gemma: final-logit softcapping), for
@@ -879,17 +936,23 @@ class OtterForCausalLMMixin:
         return self.process_logits(self.lm_head(hidden))
 
     @property
+    def otter_backbone(self) -> nn.Module:
+        """The Otter backbone, where the inserted stream runs: the base model (a vision-language model's language
+        model)."""
+        return self.base_model
+
+    @property
     def otter_enabled(self) -> bool:
         """Whether the inserted stream runs (False inside `otter_disabled()`)."""
-        return self.base_model.otter_enabled
+        return self.otter_backbone.otter_enabled
 
     def final_streams(self, **inputs) -> tuple[torch.Tensor, torch.Tensor | None, ModelOutput]:
         """Run the decoder alone (no LM head, no inserted heads) on `inputs` and return the final (post-norm)
         original and inserted hidden states (None inside `otter_disabled()`), and the decoder's output."""
         if "past_key_values" in inputs and self._cache_argument != "past_key_values":
             inputs[self._cache_argument] = inputs.pop("past_key_values")  # the name this transformers reads
-        with self.base_model.inserted_stream() as stream:
-            outputs = self.base_model(**inputs)
+        with self.otter_backbone.inserted_stream() as stream:
+            outputs = self.otter_backbone(**inputs)
         return outputs.last_hidden_state, stream.final_inserted if stream is not None else None, outputs
 
     def base_weights_fingerprint(self) -> str:
@@ -900,7 +963,7 @@ class OtterForCausalLMMixin:
     @contextlib.contextmanager
     def otter_disabled(self):
         """Run the base computation only, at base cost: no value, no inserted keys and values cached."""
-        backbone = self.base_model
+        backbone = self.otter_backbone
         previous, backbone.otter_enabled = backbone.otter_enabled, False
         try:
             yield self
@@ -946,9 +1009,8 @@ class OtterForCausalLMMixin:
         """
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
             kwargs[self._cache_argument] = kwargs.pop("past_key_values")
-        if inputs_embeds is not None and self.otter_enabled:
-            raise ValueError(INPUTS_EMBEDS_REFUSED)
-        if labels is not None and torch.is_grad_enabled() and not self._trains_base():
+        inputs_need_grad = inputs_embeds is not None and inputs_embeds.requires_grad
+        if labels is not None and torch.is_grad_enabled() and not (self._trains_base() or inputs_need_grad):
             raise ValueError(
                 "`labels` gives the base model's language-modelling loss, which no trainable parameter of this model "
                 "reaches: the base is frozen and the inserted parameters never change the original logits. Train the "
@@ -964,7 +1026,7 @@ class OtterForCausalLMMixin:
             "anti_expert_logits": output_anti_expert_logits,
         }
         record_hidden_states = bool(kwargs.get("output_hidden_states", self.config.output_hidden_states))
-        with self.base_model.inserted_stream(record_hidden_states) as stream:
+        with self.otter_backbone.inserted_stream(record_hidden_states, inputs_need_grad) as stream:
             outputs = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

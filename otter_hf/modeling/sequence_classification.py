@@ -90,6 +90,7 @@ class OtterForSequenceClassificationMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -98,6 +99,7 @@ class OtterForSequenceClassificationMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
             # Scoring needs no cache, and of the LM head only the last position, which nothing reads.
             use_cache=bool(use_cache),
             logits_to_keep=1,

@@ -274,6 +274,8 @@ def _verify_headers_before_loading(model_class, path, kwargs: dict, newly_insert
     folder = os.path.join(os.fspath(path), kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(path)
     if not os.path.isdir(folder) or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
         return  # a Hub id (its files are fetched by transformers), or weights that are not this folder's safetensors
+    if getattr(model_class, "checkpoint_names_are_renamed", False):
+        return  # transformers renames its weights as it loads them; they are checked by what it reports after
     config = kwargs.get("config")
     if not isinstance(config, OtterConfigMixin):
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
