@@ -17,6 +17,8 @@ from tokenizers.pre_tokenizers import Whitespace, WhitespaceSplit
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Gemma4ForCausalLM,
+    Gemma4TextConfig,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
     GPT2Config,
@@ -444,6 +446,33 @@ BASE_MODELS = {
             linear_value_head_dim=16,
             linear_conv_kernel_dim=4,
             tie_word_embeddings=False,
+        ),
+    ),
+    # per-layer input embeddings; a sliding layer (window shorter than the test sequences) with 16-wide heads and 2
+    # key/value heads, a global one with 32-wide heads and 1 key/value head whose keys double as values; then one
+    # layer of each kind reusing the keys and values of the last earlier one of its kind (with a double-wide MLP);
+    # w * x / rms(x) norms before and after each module, q/k/v norms, final-logit softcapping that bites
+    "gemma4-per-layer-shared-kv": (
+        Gemma4TextConfig,
+        Gemma4ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=96,
+            final_logit_softcapping=0.5,
+            tie_word_embeddings=True,
         ),
     ),
 }

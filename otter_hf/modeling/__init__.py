@@ -6,6 +6,7 @@ exports of this package and of `otter_hf`, the CLI's help and the tests' paramet
 
 from . import (
     otter_gemma3,
+    otter_gemma4,
     otter_glm4_moe,
     otter_gpt2,
     otter_gpt_oss,
@@ -56,6 +57,7 @@ ARCHITECTURE_MODULES = (
     otter_qwen3_5,
     otter_qwen3_5_moe,
     otter_qwen3_next,
+    otter_gemma4,
 )
 
 

@@ -49,8 +49,11 @@ from .inserted_layer import (
 
 # transformers 5.25 renamed the cache argument of attention modules from `past_key_values` to `cache`.
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
-# What the inserted heads do not pass on to the attention function: the arguments they take themselves.
-_OWN_ATTENTION_ARGUMENTS = frozenset({"hidden_states", "position_embeddings", "attention_mask", *CACHE_ARGUMENT_NAMES})
+# What the inserted heads do not pass on to the attention function: the arguments they take themselves (Gemma 4's
+# attention takes the keys and values shared across layers as one of its own, too).
+_OWN_ATTENTION_ARGUMENTS = frozenset(
+    {"hidden_states", "position_embeddings", "attention_mask", "shared_kv_states", *CACHE_ARGUMENT_NAMES}
+)
 
 
 def linear_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -115,6 +118,52 @@ def gated_query_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, 
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The base heads of one attention layer: their size and how many key/value heads they share."""
+
+    head_dim: int
+    num_key_value_heads: int
+
+
+def config_attention_shape(config, layer_index: int) -> AttentionShape:
+    """Every layer's heads as the config gives them (Qwen2 configs carry no `head_dim`: the heads split
+    `hidden_size` evenly)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return AttentionShape(head_dim, config.num_key_value_heads)
+
+
+def per_layer_attention_shape(config, layer_index: int) -> AttentionShape:
+    """A layer's heads as the config's `per_layer_config` gives them (Gemma 4: larger heads, and fewer key/value
+    heads, in its global layers than in its sliding ones)."""
+    return config_attention_shape(config.per_layer_config[layer_index], layer_index)
+
+
+@dataclass(frozen=True)
+class KeyValueSharing:
+    """A layer's part in sharing keys and values across layers (Gemma 4): it `stores` its keys and values for
+    the later layers of `group` to attend over, or `reuses` those of `group`, projecting queries only."""
+
+    group: str
+    stores: bool = False
+    reuses: bool = False
+
+
+def no_key_value_sharing(attention: nn.Module) -> KeyValueSharing | None:
+    return None
+
+
+@dataclass(frozen=True)
+class PerLayerInput:
+    """A block the base adds to its stream at the end of each decoder layer from a per-layer input (Gemma 4's
+    per-layer embeddings): `projection` (in the decoder layer) turns the gated per-layer units, its input, into
+    the block's output, which `output_norm` normalises. The inserted stream reads those units through a projection
+    of its own (`OtterInsertedPerLayerInput`), normalised with the statistics of `output_norm`."""
+
+    projection: str = "per_layer_projection"
+    output_norm: str = "post_per_layer_input_norm"
 
 
 @dataclass(frozen=True)
@@ -209,6 +258,20 @@ class OtterLayout:
     # name on the inserted attention, which the base's attention functions read from the module they are handed
     # (eager) or as `s_aux` (kernels); copy-initialisation copies each source head's.
     attention_sinks: str | None = None
+    # The norm the base attention applies to every value head (Gemma 4), by path in the attention; it holds no
+    # weight, so the inserted values take it as it is.
+    value_norm: str | None = None
+    # (config, layer index) -> the size of that layer's base heads and their number of key/value heads. The inserted
+    # heads of a layer take its head size (they take its rotary tables and q/k norms, and copy its heads).
+    attention_shape: Callable[[object, int], AttentionShape] = config_attention_shape
+    # (base attention) -> whether its layer stores keys and values for later layers or reuses an earlier layer's
+    # (Gemma 4); the inserted heads of the layer do the same with the inserted keys and values.
+    key_value_sharing: Callable[[nn.Module], KeyValueSharing | None] = no_key_value_sharing
+    # The block adding a per-layer input to the stream at the end of each decoder layer (Gemma 4), None where none.
+    per_layer_input: PerLayerInput | None = None
+    # A buffer of the decoder layer that the base multiplies its whole stream by at the layer's end (Gemma 4's
+    # `layer_scalar`); the inserted stream is multiplied alike.
+    output_scale: str | None = None
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
     # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer
     # (`sparse_mlp`) gate and up are the first units of the shared expert where the family has one, else of
@@ -237,10 +300,19 @@ class OtterLayout:
             modules = modules[1:]
         return tuple(module for norm, module in modules if norm is None)
 
+    def per_layer_input_of(self, layer: nn.Module) -> PerLayerInput | None:
+        """The per-layer input block of `layer`, None where the base has none (Gemma 4 without per-layer inputs)."""
+        block = self.per_layer_input
+        return block if block is not None and isinstance(getattr(layer, block.projection, None), nn.Module) else None
+
     def norm_paths(self, layer: nn.Module) -> tuple[str, ...]:
         """The norms of `layer` the inserted stream reads (a linear-attention layer's attention norms are not)."""
         attention_norms = (self.attention_norm, self.attention_output_norm) if self.has_inserted_heads(layer) else ()
-        return tuple(path for path in (*attention_norms, self.mlp_norm, self.mlp_output_norm) if path is not None)
+        per_layer = self.per_layer_input_of(layer)
+        per_layer_norm = per_layer.output_norm if per_layer is not None else None
+        return tuple(
+            path for path in (*attention_norms, self.mlp_norm, self.mlp_output_norm, per_layer_norm) if path is not None
+        )
 
     def mlp_readout(self, layer: nn.Module, config) -> MlpReadout:
         """Where `layer`'s original units are read: its down projection's input in a dense layer, its sparse
@@ -254,21 +326,26 @@ class OtterLayout:
                 activation=sparse.activation,
                 gated_units=sparse.gated_units,
             )
-        return MlpReadout(
-            self.mlp_output, reads_output=False, units_width=config.intermediate_size, activation=self.mlp_activation
-        )
+        # A linear down projection gives its layer's width (Gemma 4 doubles it in its KV-sharing layers).
+        width = getattr(layer.get_submodule(self.mlp_output), "in_features", None) or config.intermediate_size
+        return MlpReadout(self.mlp_output, reads_output=False, units_width=width, activation=self.mlp_activation)
 
 
 def inserted_cache_layer_indices(config) -> dict[int, int]:
-    """Decoder layer index -> the cache layer of its inserted keys and values: `num_hidden_layers + k` for the k-th
-    layer that caches keys and values. A linear-attention layer (its cache layer holds a recurrent state, no keys)
-    has no inserted heads, so no inserted cache layer."""
+    """Decoder layer index -> the cache layer of its inserted keys and values: the number of the base cache's own
+    layers plus k, for the k-th layer whose base cache layer holds keys and values.
+
+    A linear-attention layer (its cache layer holds a recurrent state, no keys) has no inserted heads, and a layer
+    reusing an earlier layer's keys and values (Gemma 4's KV sharing: transformers 5.25 gives it a dummy cache layer,
+    5.19 none, so the base cache has fewer layers than the model) reuses the earlier layer's inserted ones; neither
+    has an inserted cache layer."""
     layer_types, _ = get_layer_types_and_kwargs(config)
     key_value_layers = [index for index, layer_type in enumerate(layer_types) if _caches_keys_and_values(layer_type)]
-    return {layer: config.num_hidden_layers + rank for rank, layer in enumerate(key_value_layers)}
+    return {layer: len(layer_types) + rank for rank, layer in enumerate(key_value_layers)}
 
 
 def _caches_keys_and_values(layer_type: str) -> bool:
+    # transformers' dummy layers (5.25) are no `CacheLayerMixin`, nor are its recurrent-state layers.
     return issubclass(DYNAMIC_LAYER_TYPE_MAPPING[layer_type], CacheLayerMixin)
 
 
@@ -296,9 +373,9 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
             f"got {type(cache).__name__}. Pass one of those (or `cache_implementation='dynamic'` / `'static'` to "
             "generate()), or no cache at all."
         )
-    num_layers = config.num_hidden_layers
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    num_layers = len(layer_types)
     if len(cache.layers) == num_layers:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         cache.layers.extend(
             new_layer(layer_type, kwargs)
             for layer_type, kwargs in zip(layer_types, layer_kwargs)
@@ -306,7 +383,7 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
         )
     elif len(cache.layers) != num_layers + num_inserted_layers:
         raise ValueError(
-            f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
+            f"This cache has {len(cache.layers)} layers; an Otter model whose base caches {num_layers} layers needs "
             f"{num_layers} (a fresh cache) or {num_layers + num_inserted_layers} (one it has already filled)."
         )
 
@@ -325,8 +402,9 @@ class TransformersHeadsAttention:
     heads: OtterInsertedAttention
     base_attention: nn.Module
     attention_kwargs: dict
-    # The cache layer of these heads' keys and values (`inserted_cache_layer_indices`).
-    cache_index: int
+    # The cache layer of these heads' keys and values (`inserted_cache_layer_indices`), None where they reuse an
+    # earlier layer's.
+    cache_index: int | None
     stream: "InsertedStream"
     layout: "OtterLayout"
     # What the base attention's projection-wide q/k norms saw, where the layout names them.
@@ -343,21 +421,36 @@ class TransformersHeadsAttention:
         return self.stream.rotary_tables(self.layout.rotary, self.attention_kwargs)
 
     @property
-    def query_key_norms(self) -> tuple[Callable, Callable] | None:
+    def query_key_norms(self) -> tuple[Callable, Callable | None] | None:
         if self.projection_norm_captures is not None:
             return tuple(ProjectionNorm(self.layout.norm, captured) for captured in self.projection_norm_captures)
         if self.layout.query_key_norms is None or not self.layout.applies_query_key_norms(self.base_attention):
             return None
-        return tuple(self.base_attention.get_submodule(path) for path in self.layout.query_key_norms)
+        query_norm, key_norm = self.layout.query_key_norms
+        # A layer reusing an earlier layer's keys has no key norm of its own.
+        reuses = self.sharing is not None and self.sharing.reuses
+        return self.base_attention.get_submodule(query_norm), None if reuses else self.base_attention.get_submodule(
+            key_norm
+        )
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    @property
+    def value_norm(self) -> Callable | None:
+        return self.base_attention.get_submodule(self.layout.value_norm) if self.layout.value_norm else None
+
+    @functools.cached_property
+    def sharing(self) -> "KeyValueSharing | None":
+        return self.layout.key_value_sharing(self.base_attention)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
         kwargs, config = self.attention_kwargs, self.stream.config
         # transformers' attention functions and caches take (batch, heads, positions, head_dim).
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
-        if cache is not None:
-            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
-            key, value = cache.update(key, value, self.cache_index)
+        query = query.transpose(1, 2)
+        if self.sharing is not None and self.sharing.reuses:
+            # As the base layer reads `shared_kv_states` rather than its cache: a sliding cache keeps only its
+            # window, while the storing layer's keys and values cover every position this forward attends to.
+            key, value = self.stream.shared_key_values[self.sharing.group]
+        else:
+            key, value = self._cached(key.transpose(1, 2), value.transpose(1, 2))
         sinks = self.layout.attention_sinks
         if sinks is not None:
             kwargs = {**kwargs, "s_aux": getattr(self.heads, sinks)}
@@ -374,6 +467,18 @@ class TransformersHeadsAttention:
             **{name: value for name, value in kwargs.items() if name not in _OWN_ATTENTION_ARGUMENTS},
         )
         return heads.reshape(*heads.shape[:-2], -1)
+
+    def _cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values the heads attend over: with the cached ones before them where there is a cache, and
+        kept for the later layers that reuse them where the base layer keeps its own."""
+        kwargs, config = self.attention_kwargs, self.stream.config
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        if cache is not None:
+            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
+            key, value = cache.update(key, value, self.cache_index)
+        if self.sharing is not None and self.sharing.stores:
+            self.stream.shared_key_values[self.sharing.group] = key, value
+        return key, value
 
 
 def raw_input_key(module: str) -> str:
@@ -418,6 +523,8 @@ class InsertedStream:
         # id(cos) -> (cos, the rotation's tables): computed once for all layers that receive the same embeddings.
         self._rotary_tables: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.hidden: torch.Tensor | None = None
+        # The inserted keys and values that layers storing them hand the later layers reusing them, by group.
+        self.shared_key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Capture point path -> what its hook recorded, for the decoder layer running now: a `NormCapture` for a
         # norm, the (module, keyword arguments) of the attention call, the input tensor of an output projection.
         self.captured: dict[str, NormCapture | tuple[nn.Module, dict] | torch.Tensor] = {}
@@ -469,6 +576,7 @@ class InsertedStream:
         def input_norm(path: str | None, module: str) -> NormCapture | RawInput:
             return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
 
+        per_layer = layout.per_layer_input_of(layer)
         attention_norm = heads = original_heads = attention_output_norm = linear_output = None
         if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
             linear_output = self.take(layout.linear_attention, layer_path)
@@ -484,7 +592,7 @@ class InsertedStream:
                 layer.inserted_attn,
                 attention,
                 attention_kwargs,
-                self.inserted_cache_indices[index],
+                self.inserted_cache_indices.get(index),
                 self,
                 layout,
                 projection_norms,
@@ -503,4 +611,7 @@ class InsertedStream:
             if layout.residual_multiplier
             else None,
             linear_output=linear_output,
+            per_layer_units=self.take(per_layer.projection, layer_path) if per_layer is not None else None,
+            per_layer_output_norm=output_norm(per_layer.output_norm if per_layer is not None else None),
+            output_scale=getattr(layer, layout.output_scale) if layout.output_scale is not None else None,
         )
