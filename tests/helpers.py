@@ -478,6 +478,29 @@ BASE_MODELS = {
             tie_word_embeddings=True,
         ),
     ),
+    # routed experts (4, top-2) beside the dense MLP in every layer, each with norms of its own; a sliding layer
+    # with 16-wide heads then a global one with 32-wide heads; no per-layer inputs
+    "gemma4-moe": (
+        Gemma4TextConfig,
+        Gemma4ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=0,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 

@@ -161,7 +161,7 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config, readout: MlpReado
                 f"<= {source[0].shape[0]} or inserted_init='normal'."
             )
         _copy_rows(input_proj, index * units, source, 0, units)
-    if readout.reads_output:
+    if readout.stream_space:
         weight = inserted.down_proj.weight
         identity = torch.eye(readout.units_width, dtype=weight.dtype, device=weight.device)
         down = identity, (None if inserted.down_proj.bias is None else identity.new_zeros(readout.units_width))

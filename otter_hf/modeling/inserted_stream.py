@@ -180,20 +180,39 @@ class SparseMlp:
     path: str = "mlp"
     activation: str = "mlp.experts.act_fn"
     gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
+    # Where the base sums the block's output with a dense MLP's before a norm (Gemma 4: routed experts beside an
+    # always-on MLP, each with norms of its own, summed into `post_feedforward_layernorm`), that norm's path in the
+    # decoder layer: the inserted down projection reads its input, the sum, in place of the block's output.
+    combined_output_norm: str | None = None
+
+    def is_sparse(self, layer: nn.Module) -> bool:
+        module = layer
+        for name in self.path.split("."):
+            module = getattr(module, name, None)
+        return isinstance(module, self.block_class)
 
 
 @dataclass(frozen=True)
 class MlpReadout:
     """Where the inserted MLP of one decoder layer reads the original units: the input of the module at
-    `units_path` (a down projection: the units themselves), or its output where `reads_output` (a sparse block);
-    `units_width` wide. `activation` is the module the inserted units take their activation from, `gated_units`
-    (where given) the rule that builds from it how gate and up make the units."""
+    `units_path` (a down projection: the units themselves, or a norm over a sparse layer's summed outputs), or its
+    output where `reads_output` (a sparse block); `units_width` wide. `activation` is the module the inserted units
+    take their activation from, `gated_units` (where given) the rule that builds from it how gate and up make the
+    units. `stream_space`: what is read is an output in the stream's space rather than units, which
+    copy-initialisation passes on by the identity. `capture_key`: where the capture is kept, where the module is a
+    norm capture point too."""
 
     units_path: str
     reads_output: bool
     units_width: int
     activation: str
     gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
+    stream_space: bool = False
+    capture_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.capture_key or self.units_path
 
 
 @dataclass(frozen=True)
@@ -318,13 +337,16 @@ class OtterLayout:
         """Where `layer`'s original units are read: its down projection's input in a dense layer, its sparse
         block's output in a sparse one."""
         sparse = self.sparse_mlp
-        if sparse is not None and isinstance(layer.get_submodule(sparse.path), sparse.block_class):
+        if sparse is not None and sparse.is_sparse(layer):
+            combined = sparse.combined_output_norm
             return MlpReadout(
-                sparse.path,
-                reads_output=True,
+                combined or sparse.path,
+                reads_output=combined is None,
                 units_width=config.hidden_size,
                 activation=sparse.activation,
                 gated_units=sparse.gated_units,
+                stream_space=True,
+                capture_key=raw_input_key(combined) if combined is not None else None,
             )
         # A linear down projection gives its layer's width (Gemma 4 doubles it in its KV-sharing layers).
         width = getattr(layer.get_submodule(self.mlp_output), "in_features", None) or config.intermediate_size

@@ -267,15 +267,15 @@ class OtterModelMixin:
                 hook(layer, layout.linear_attention, layer_path, capture_linear, pre=False)
             mlp = layout.mlp_readout(layer, self.config)
             if mlp.reads_output:
-                capture_units = functools.partial(self._capture_output, mlp.units_path)
+                capture_units = functools.partial(self._capture_output, mlp.key)
             else:
-                capture_units = functools.partial(self._capture_input, mlp.units_path)
+                capture_units = functools.partial(self._capture_input, mlp.key)
             hook(layer, mlp.units_path, layer_path, capture_units, pre=not mlp.reads_output)
             per_layer = layout.per_layer_input_of(layer)
             if per_layer is not None:
                 capture_per_layer = functools.partial(self._capture_input, per_layer.projection)
                 hook(layer, per_layer.projection, layer_path, capture_per_layer, pre=True)
-            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path)
+            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.key)
             hooks.append(layer.register_forward_hook(run_layer))
 
     def _capture_point(
@@ -624,11 +624,8 @@ class OtterMoeCausalLMOutputWithValue(OtterCausalLMOutputWithValue, MoeCausalLMO
 
 def _causal_lm_output_class(outputs: ModelOutput) -> type:
     """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts."""
-    return (
-        OtterMoeCausalLMOutputWithValue
-        if isinstance(outputs, MoeCausalLMOutputWithPast)
-        else OtterCausalLMOutputWithValue
-    )
+    # The field, not the class: some families (Gemma 4) return router logits in an output class of their own.
+    return OtterMoeCausalLMOutputWithValue if hasattr(outputs, "router_logits") else OtterCausalLMOutputWithValue
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:

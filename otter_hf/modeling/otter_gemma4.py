@@ -9,8 +9,12 @@ of their kind, which their inserted heads do with the inserted keys and values; 
 of each layer, whose gated units the inserted stream reads through a projection of its own; and the whole stream
 multiplied by `layer_scalar` at each layer's end, the inserted stream alike.
 
-The mixture-of-experts variant (`enable_moe_block`: a dense MLP and routed experts side by side in every layer,
-each with norms of its own) is refused: the inserted stream has no capture point for the experts' output.
+In the mixture-of-experts variant (`enable_moe_block`) every layer runs routed experts beside its dense MLP, each
+with norms of its own, and normalises their sum with `post_feedforward_layernorm`. The inserted units read the
+dense MLP's normalised input as in a dense layer, and the inserted down projection reads that sum, the input of
+`post_feedforward_layernorm`, in place of the original units (`SparseMlp.combined_output_norm`); the router and
+the experts are the base's, untouched. Copy-initialisation copies the dense MLP's first units, the always-on part
+of the layer, as a shared expert.
 """
 
 import torch
@@ -19,6 +23,7 @@ from torch import nn
 from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4ForCausalLM,
+    Gemma4TextExperts,
     Gemma4TextModel,
     eager_attention_forward,
 )
@@ -29,6 +34,7 @@ from .inserted_stream import (
     KeyValueSharing,
     OtterLayout,
     PerLayerInput,
+    SparseMlp,
     linear_copy_source,
     per_layer_attention_shape,
 )
@@ -40,16 +46,6 @@ from .sequence_classification import OtterForSequenceClassificationMixin
 class OtterGemma4TextConfig(OtterConfigMixin, Gemma4TextConfig):
     model_type = "otter_gemma4_text"
     base_model_type = "gemma4_text"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.enable_moe_block:
-            raise ValueError(
-                "Otter does not support the mixture-of-experts variant of 'gemma4_text' (`enable_moe_block=True`) "
-                "yet: its decoder layers add routed experts (`experts`, with `pre_feedforward_layernorm_2` and "
-                "`post_feedforward_layernorm_2`) beside the dense MLP, and the inserted stream has no capture point "
-                "for their output. See otter_hf/modeling/README.md (Mixture of experts) for how to add one."
-            )
 
 
 def gemma4_key_value_sharing(attention: nn.Module) -> KeyValueSharing | None:
@@ -84,6 +80,12 @@ class OtterGemma4TextModel(OtterModelMixin, Gemma4TextModel):
         key_value_sharing=gemma4_key_value_sharing,
         per_layer_input=PerLayerInput(),
         output_scale="layer_scalar",
+        sparse_mlp=SparseMlp(
+            Gemma4TextExperts,
+            path="experts",
+            activation="mlp.act_fn",
+            combined_output_norm="post_feedforward_layernorm",
+        ),
         copy_source=gemma4_copy_source,
     )
 
