@@ -451,9 +451,8 @@ class TransformersHeadsAttention:
         query_norm, key_norm = self.layout.query_key_norms
         # A layer reusing an earlier layer's keys has no key norm of its own.
         reuses = self.sharing is not None and self.sharing.reuses
-        return self.base_attention.get_submodule(query_norm), None if reuses else self.base_attention.get_submodule(
-            key_norm
-        )
+        key_norm = None if reuses else self.base_attention.get_submodule(key_norm)
+        return self.base_attention.get_submodule(query_norm), key_norm
 
     @property
     def value_norm(self) -> Callable | None:
