@@ -4,6 +4,7 @@ The precision matrix and the copy-initialisation tests run on both tiny Gemma 4 
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import otter_hf
 from otter_hf.modeling.inserted_stream import raw_input_key
@@ -29,6 +30,25 @@ def test_inserted_heads_take_their_layers_head_size_and_key_value_sharing():
         (2 * 16, joined),
         (2 * 32, joined),
     ]
+
+
+def test_values_decoded_through_the_cache_equal_the_uncached_forward():
+    # Past the sliding window (4): the sliding layer reusing layer 0's keys and values reads them from what layer 0
+    # hands on, not from its cache, which keeps only the window.
+    otter = make_otter(make_base(SHARED_KV))
+    input_ids, attention_mask = random_batch(2, 9, padding="left")
+    with torch.no_grad():
+        uncached = otter(input_ids, attention_mask=attention_mask)
+        cache = DynamicCache(config=otter.config)
+        values = [otter(input_ids[:, :5], attention_mask=attention_mask[:, :5], past_key_values=cache).value]
+        for position in range(5, 9):
+            step = otter(
+                input_ids[:, position : position + 1],
+                attention_mask=attention_mask[:, : position + 1],
+                past_key_values=cache,
+            )
+            values.append(step.value)
+    torch.testing.assert_close(torch.cat(values, dim=1), uncached.value, rtol=2e-5, atol=1e-5)
 
 
 def test_positions_the_base_drops_before_its_key_value_sharing_layers_are_dropped_from_the_inserted_stream():

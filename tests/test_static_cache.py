@@ -20,7 +20,7 @@ def test_static_cache_decodes_the_base_tokens(base_name):
     assert torch.equal(generated, expected)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "gemma3-sliding-softcap"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "gemma3-sliding-softcap", "gemma4-per-layer-shared-kv"])
 def test_values_with_a_static_cache_equal_the_uncached_forward(name):
     otter = make_otter(make_base(name))
     input_ids, attention_mask = random_batch(2, 7, padding="left")

@@ -386,7 +386,8 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
         new_layer = functools.partial(_layer_of_type, DYNAMIC_LAYER_TYPE_MAPPING)
     elif isinstance(cache, StaticCache):
         # The cache's length is its full-attention layers' (a sliding layer holds at most its window; a
-        # linear-attention layer holds a recurrent state, no length).
+        # linear-attention layer holds a recurrent state, no length; a dummy layer, which reuses another layer's keys
+        # and values as Gemma 4's KV-sharing layers do, holds none).
         max_cache_len = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
         new_layer = functools.partial(_layer_of_type, STATIC_LAYER_TYPE_MAPPING, max_cache_len=max_cache_len)
     else:
