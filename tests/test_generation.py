@@ -5,6 +5,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from otter_hf.modeling.loop_inputs import padding_position_ids
 from tests.helpers import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
@@ -133,7 +134,7 @@ def test_cache_keeps_only_the_chosen_tokens_in_every_layer():
         position_ids = padding_position_ids(mask.bool())
         fresh = otter(output.sequences, attention_mask=mask, position_ids=position_ids, use_cache=True)
     cache, expected = output.past_key_values, fresh.past_key_values
-    assert len(cache.layers) == len(expected.layers) == 2 * otter.config.num_hidden_layers
+    assert len(cache.layers) == len(expected.layers) == otter_cache_layers(otter.config)
     for layer, expected_layer in zip(cache.layers, expected.layers):
         torch.testing.assert_close(layer.keys, expected_layer.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.values, expected_layer.values, atol=1e-5, rtol=1e-5)

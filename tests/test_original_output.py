@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from tests.helpers import make_base, make_otter, random_batch
 
 
@@ -84,7 +84,7 @@ def test_cached_decoding_logits_are_bit_identical(base_name, padding):
     # float32 rounding of sums as large as the largest value (Gemma's scaled stream reaches thousands).
     scale = full.value[real].abs().max().item()
     torch.testing.assert_close(stepped_values[real], full.value[real], atol=1e-5 * max(scale, 1.0), rtol=1e-4)
-    assert len(cache.layers) == otter.config.num_hidden_layers + len(inserted_cache_layer_indices(otter.config))
+    assert len(cache.layers) == otter_cache_layers(otter.config)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -353,9 +353,15 @@ class OtterLayout:
         return MlpReadout(self.mlp_output, reads_output=False, units_width=width, activation=self.mlp_activation)
 
 
+def base_cache_layers(config) -> int:
+    """How many cache layers the base model's own cache has: one per decoder layer, except for the layers that
+    reuse earlier layers' keys and values in transformers 5.19 (Gemma 4), which has none for those."""
+    return len(get_layer_types_and_kwargs(config)[0])
+
+
 def inserted_cache_layer_indices(config) -> dict[int, int]:
     """Decoder layer index -> the cache layer of its inserted keys and values: the number of the base cache's own
-    layers plus k, for the k-th layer whose base cache layer holds keys and values.
+    layers (`base_cache_layers`) plus k, for the k-th layer whose base cache layer holds keys and values.
 
     A linear-attention layer (its cache layer holds a recurrent state, no keys) has no inserted heads, and a layer
     reusing an earlier layer's keys and values (Gemma 4's KV sharing: transformers 5.25 gives it a dummy cache layer,
@@ -364,6 +370,11 @@ def inserted_cache_layer_indices(config) -> dict[int, int]:
     layer_types, _ = get_layer_types_and_kwargs(config)
     key_value_layers = [index for index, layer_type in enumerate(layer_types) if _caches_keys_and_values(layer_type)]
     return {layer: len(layer_types) + rank for rank, layer in enumerate(key_value_layers)}
+
+
+def otter_cache_layers(config) -> int:
+    """How many layers an Otter model's filled cache holds: the base cache's own, then the inserted ones."""
+    return base_cache_layers(config) + len(inserted_cache_layer_indices(config))
 
 
 def _caches_keys_and_values(layer_type: str) -> bool:
@@ -557,6 +568,10 @@ class InsertedStream:
         # After the final norm: both streams, every position.
         self.final_original: torch.Tensor | None = None
         self.final_inserted: torch.Tensor | None = None
+
+    @functools.cached_property
+    def base_cache_layers(self) -> int:
+        return base_cache_layers(self.config)
 
     def norm_eps(self, device: torch.device) -> torch.Tensor:
         """The norms' eps as a float32 scalar tensor on `device`, which the statistics add in one operation."""
