@@ -60,7 +60,8 @@ def test_original_output_is_bit_identical(matrix_name, dtype_name, attn_implemen
             assert torch.equal(output.logits, expected.logits)
             if inserted_outputs_are_finite:
                 assert torch.isfinite(output.token_reward_logits).all()
-        # An inserted cache layer for each layer with inserted heads: every layer but the linear-attention ones.
+        # An inserted cache layer for each layer caching keys and values of its own: none for linear-attention layers
+        # or layers reusing an earlier layer's keys and values.
         assert len(otter_cache.layers) == otter_cache_layers(otter.config)
 
     settings = dict(attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)

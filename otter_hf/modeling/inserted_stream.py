@@ -372,6 +372,13 @@ def inserted_cache_layer_indices(config) -> dict[int, int]:
     return {layer: len(layer_types) + rank for rank, layer in enumerate(key_value_layers)}
 
 
+def recurrent_cache_layers(config) -> int:
+    """How many of the base cache's layers hold a recurrent state (a hybrid's linear-attention layers): neither
+    keys and values nor a dummy layer of a layer reusing another's."""
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    return sum(layer_type != "dummy" and not _caches_keys_and_values(layer_type) for layer_type in layer_types)
+
+
 def otter_cache_layers(config) -> int:
     """How many layers an Otter model's filled cache holds: the base cache's own, then the inserted ones."""
     return base_cache_layers(config) + len(inserted_cache_layer_indices(config))
