@@ -31,8 +31,10 @@ def reference_values(otter, input_ids, attention_mask, candidates):
     return torch.stack(values, dim=-1)
 
 
+@torch.no_grad()
 def reference_guided_greedy(otter, input_ids, attention_mask, steps):
-    """ARGS greedy decoding spelled out: full forwards, no cache, EOS suppressed."""
+    """ARGS greedy decoding spelled out: full forwards, no cache, EOS suppressed (without autograd, as generate runs:
+    the logits are edited in place)."""
     for _ in range(steps):
         position_ids = padding_position_ids(attention_mask.bool())
         outputs = otter(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
