@@ -128,6 +128,8 @@ class VllmHeadsAttention:
     (paged KV cache, the base heads' scale and window), with the base attention's q/k norms and rotary tables."""
 
     rotary = HalfRotation
+    # The families the plugin serves normalise no value heads.
+    value_norm = None
 
     def __init__(self, attention: Attention, rotary_tables, query_key_norms):
         self.attention = attention

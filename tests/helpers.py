@@ -21,6 +21,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Gemma4ForCausalLM,
+    Gemma4TextConfig,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
     GPT2Config,
@@ -522,6 +524,59 @@ BASE_MODELS = {
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=16,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # per-layer input embeddings; a sliding layer (window shorter than the test sequences) with 16-wide heads and 2
+    # key/value heads, a global one with 32-wide heads and 1 key/value head whose keys double as values; then one
+    # layer of each kind reusing the keys and values of the last earlier one of its kind (with a double-wide MLP);
+    # w * x / rms(x) norms before and after each module, q/k/v norms, final-logit softcapping that bites. Padded
+    # positions' original stream is exactly zero here, where each norm scales the inserted stream by eps ** -0.5:
+    # through five norms a layer and four layers, an eps below 1e-2 takes it past float32's range there
+    "gemma4-per-layer-shared-kv": (
+        Gemma4TextConfig,
+        Gemma4ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=96,
+            rms_norm_eps=1e-2,
+            final_logit_softcapping=0.5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # routed experts (4, top-2) beside the dense MLP in every layer, each with norms of its own; a sliding layer
+    # with 16-wide heads then a global one with 32-wide heads; no per-layer inputs
+    "gemma4-moe": (
+        Gemma4TextConfig,
+        Gemma4ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=0,
             tie_word_embeddings=False,
         ),
     ),

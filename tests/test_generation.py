@@ -5,6 +5,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from otter_hf.generation import OtterRewardLogitsProcessor, reward_guided_generate
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from otter_hf.modeling.loop_inputs import padding_position_ids
 from tests.helpers import BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
@@ -32,8 +33,10 @@ def reference_values(otter, input_ids, attention_mask, candidates):
     return torch.stack(values, dim=-1)
 
 
+@torch.no_grad()
 def reference_guided_greedy(otter, input_ids, attention_mask, steps):
-    """ARGS greedy decoding spelled out: full forwards, no cache, EOS suppressed."""
+    """ARGS greedy decoding spelled out: full forwards, no cache, EOS suppressed (without autograd, as generate runs:
+    the logits are edited in place)."""
     for _ in range(steps):
         position_ids = padding_position_ids(attention_mask.bool())
         outputs = otter(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -135,7 +138,7 @@ def test_cache_keeps_only_the_chosen_tokens_in_every_layer():
         position_ids = padding_position_ids(mask.bool())
         fresh = otter(output.sequences, attention_mask=mask, position_ids=position_ids, use_cache=True)
     cache, expected = output.past_key_values, fresh.past_key_values
-    assert len(cache.layers) == len(expected.layers) == 2 * otter.config.num_hidden_layers
+    assert len(cache.layers) == len(expected.layers) == otter_cache_layers(otter.config)
     for layer, expected_layer in zip(cache.layers, expected.layers):
         torch.testing.assert_close(layer.keys, expected_layer.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.values, expected_layer.values, atol=1e-5, rtol=1e-5)

@@ -12,8 +12,12 @@ from tests.helpers import ARCHITECTURE_BASES, make_base, make_otter, random_batc
 
 
 def _soft_embeddings(model, input_ids, seed=3):
-    """The token embeddings of `input_ids` with the first two positions replaced by arbitrary vectors."""
+    """The token embeddings of `input_ids` with the first two positions replaced by arbitrary vectors; where the
+    base has per-layer inputs (Gemma 4), which it computes from the token ids it recovers from `inputs_embeds` and
+    so takes only embeddings of tokens, the embeddings of other tokens."""
     embeddings = model.get_input_embeddings()(input_ids).detach().clone()
+    if getattr(model.config, "hidden_size_per_layer_input", 0):
+        return model.get_input_embeddings()(input_ids.roll(1, dims=1)).detach().clone()
     generator = torch.Generator().manual_seed(seed)
     embeddings[:, :2] = torch.randn(embeddings[:, :2].shape, generator=generator).to(embeddings.dtype)
     return embeddings

@@ -86,8 +86,10 @@ def assert_copied_heads_attend_as_their_sources(base):
     layout = otter.base_model.otter_layout
     original_heads, inserted_heads = [], []
     # Every layer but a hybrid's linear-attention ones.
-    attention_layers = [layer for layer in otter.otter_decoder_layers() if layout.has_inserted_heads(layer)]
-    for layer in attention_layers:
+    attention_layers = [
+        (index, layer) for index, layer in enumerate(otter.otter_decoder_layers()) if layout.has_inserted_heads(layer)
+    ]
+    for _, layer in attention_layers:
         layer.get_submodule(layout.attention_output).register_forward_pre_hook(
             lambda module, args: original_heads.append(args[0])
         )
@@ -95,11 +97,14 @@ def assert_copied_heads_attend_as_their_sources(base):
     input_ids, attention_mask = random_batch(2, 7)
     with torch.no_grad():
         otter(input_ids, attention_mask=attention_mask)
-    query_sources, _ = copied_head_sources(otter.config)
-    # A head's output is as wide as its values (narrower than its queries and keys in DeepSeek's latent attention).
-    head_dim = layer.inserted_attn.value_head_dim
     assert len(original_heads) == len(inserted_heads) == len(attention_layers) > 0
-    for original, inserted in zip(original_heads, inserted_heads):
+    for (index, layer), original, inserted in zip(attention_layers, original_heads, inserted_heads):
+        # Each layer's heads as its base heads are (Gemma 4: larger heads, fewer key/value heads in global layers),
+        # and a head's output as wide as its values (narrower than its queries and keys in DeepSeek's latent
+        # attention).
+        shape = layout.attention_shape(otter.config, index)
+        query_sources, _ = copied_head_sources(otter.config, shape.num_key_value_heads)
+        head_dim = layer.inserted_attn.value_head_dim
         for head, source in enumerate(query_sources):
             torch.testing.assert_close(
                 inserted[..., head * head_dim : (head + 1) * head_dim],

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,10 +60,9 @@ def test_original_output_is_bit_identical(matrix_name, dtype_name, attn_implemen
             assert torch.equal(output.logits, expected.logits)
             if inserted_outputs_are_finite:
                 assert torch.isfinite(output.token_reward_logits).all()
-        # An inserted cache layer for each layer with inserted heads: every layer but the linear-attention ones.
-        assert len(otter_cache.layers) == otter.config.num_hidden_layers + len(
-            inserted_cache_layer_indices(otter.config)
-        )
+        # An inserted cache layer for each layer caching keys and values of its own: none for linear-attention layers
+        # or layers reusing an earlier layer's keys and values.
+        assert len(otter_cache.layers) == otter_cache_layers(otter.config)
 
     settings = dict(attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(otter.generate(input_ids, **settings), base.generate(input_ids, **settings))

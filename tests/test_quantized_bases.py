@@ -319,6 +319,40 @@ def test_loading_with_a_quantization_config_quantizes_the_base_only(tmp_path, ba
     assert torch.isfinite(result.value).all()
 
 
+@pytest.mark.parametrize("base_name", ["gemma4-per-layer-shared-kv", "gemma4-moe"])
+@pytest.mark.parametrize("backend", longer_test_backends(SAVED))
+def test_gemma4_per_layer_shapes_and_capture_points_on_a_quantized_base(tmp_path, backend, base_name):
+    """Gemma 4's layers differ in head size and key/value heads, and hold a per-layer input projection:
+    copy-initialisation reads each layer's dequantized weights in that layer's shape, and a quantizing load hooks
+    the per-layer inputs and the experts' and dense MLP's sum again on the modules the quantizer put in place."""
+    folder = tmp_path / "base"
+    make_base(base_name).save_pretrained(folder)
+    base = load_quantized(folder, backend)
+    model = otter_hf.insert(base, init="copy")
+    config = model.config
+    for index, layer in enumerate(model.model.layers):
+        shape = model.model.otter_layout.attention_shape(config, index)
+        source = copied_head_sources(config, shape.num_key_value_heads)[0][0]
+        assert is_quantized_module(layer.self_attn.q_proj)
+        query = dequantized(layer.self_attn.q_proj.weight, layer.self_attn.q_proj)
+        copied = layer.inserted_attn.qkv_proj.weight[: shape.head_dim, : config.hidden_size]
+        assert torch.equal(copied, query[source * shape.head_dim : (source + 1) * shape.head_dim])
+        if config.hidden_size_per_layer_input:
+            assert is_quantized_module(layer.per_layer_projection)
+            inserted = layer.inserted_per_layer_input.proj.weight
+            projection = dequantized(layer.per_layer_projection.weight, layer.per_layer_projection)
+            assert torch.equal(inserted, projection[: inserted.shape[0]]) and inserted.abs().sum() > 0
+    inputs = random_batch(2, 9, "left")
+    noisy(model)
+    assert torch.equal(outputs(model, *inputs).logits, outputs(base, *inputs).logits)
+
+    noisy(otter_hf.insert(AutoModelForCausalLM.from_pretrained(folder))).save_pretrained(tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=quantization_config(backend))
+    result = outputs(loaded, *inputs)
+    assert torch.equal(result.logits, outputs(load_quantized(folder, backend), *inputs).logits)
+    assert torch.isfinite(result.value[inputs[1].bool()]).all()
+
+
 def test_bnb_4bit_weights_repacked_by_a_cpu_forward_are_refused_clearly(base_folder):
     base = load_quantized(base_folder, "bnb-4bit")
     outputs(base, *random_batch(1, 4))

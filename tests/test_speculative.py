@@ -14,6 +14,7 @@ from transformers import (
 import otter_hf
 from otter_hf.generation import calibrate_draft_confidence, speculative_generate
 from otter_hf.generation.speculative import otter_draft_heads
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from tests.helpers import ARCHITECTURE_BASES, BASE_MODELS, EOS, PAD, make_base, make_otter, random_batch
 
 MAX_NEW_TOKENS = 24
@@ -113,8 +114,8 @@ def test_right_drafts_are_all_accepted_and_keep_the_cache_consistent(name, batch
     assert torch.equal(output.sequences, reference)
     assert output.accepted_tokens_per_step == [5] * (MAX_NEW_TOKENS // 5) + [MAX_NEW_TOKENS % 5]
     # The cache holds exactly the accepted tokens, original and inserted layers alike.
-    cache_lengths = {layer.keys.shape[-2] for layer in output.past_key_values.layers}
-    assert len(output.past_key_values.layers) == 2 * model.config.num_hidden_layers
+    cache_lengths = {layer.keys.shape[-2] for layer in output.past_key_values.layers if layer.keys is not None}
+    assert len(output.past_key_values.layers) == otter_cache_layers(model.config)
     assert cache_lengths == {reference.shape[1]}
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from otter_hf.modeling.inserted_stream import otter_cache_layers
 from tests.helpers import make_base, make_otter, random_batch
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -20,7 +21,7 @@ def test_static_cache_decodes_the_base_tokens(base_name):
     assert torch.equal(generated, expected)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "gemma3-sliding-softcap"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "gemma3-sliding-softcap", "gemma4-per-layer-shared-kv"])
 def test_values_with_a_static_cache_equal_the_uncached_forward(name):
     otter = make_otter(make_base(name))
     input_ids, attention_mask = random_batch(2, 7, padding="left")
@@ -29,7 +30,7 @@ def test_values_with_a_static_cache_equal_the_uncached_forward(name):
         cache = StaticCache(config=otter.config, max_cache_len=12)
         prefill = otter(input_ids[:, :5], attention_mask=attention_mask[:, :5], past_key_values=cache, use_cache=True)
         step = otter(input_ids[:, 5:], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-    assert len(cache.layers) == 2 * otter.config.num_hidden_layers
+    assert len(cache.layers) == otter_cache_layers(otter.config)
     # A sliding static layer keeps its window in a ring, so float32 sums run in another order than the full forward's.
     tolerance = dict(rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([prefill.value, step.value], dim=1), uncached.value, **tolerance)

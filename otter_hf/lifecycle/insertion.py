@@ -47,6 +47,15 @@ ARCHITECTURE_KEYS = (
 )
 
 
+def _architecture_size(config, key: str):
+    """The config's `key`, or its value per layer where it differs by layer (Gemma 4's key/value heads: transformers
+    refuses to read one value for all layers of a config whose `per_layer_config` differs)."""
+    try:
+        return getattr(config, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return tuple(getattr(layer, key, None) for layer in config.per_layer_config)
+
+
 def otter_class_for(base: PreTrainedModel) -> type[PreTrainedModel]:
     """The Otter class for `base` (a causal LM, or a vision-language `...ForConditionalGeneration`): its
     architecture's registered one, else one with the layout derived from the base's module names once a probe forward
@@ -244,9 +253,9 @@ def load_otter(base, otter_directory, *, skip_base_fingerprint_check: bool = Fal
     # Both read through the Otter config class, which knows each architecture's names for them (GPT-2's `n_embd`).
     saved_config, base_config = config_class.from_dict(saved), config_class.from_base_config(base.config)
     mismatched = {
-        key: (getattr(saved_config, key, None), getattr(base_config, key, None))
+        key: (_architecture_size(saved_config, key), _architecture_size(base_config, key))
         for key in ARCHITECTURE_KEYS
-        if getattr(saved_config, key, None) != getattr(base_config, key, None)
+        if _architecture_size(saved_config, key) != _architecture_size(base_config, key)
     }
     if mismatched:
         details = ", ".join(f"{key}: saved {ours} vs base {theirs}" for key, (ours, theirs) in mismatched.items())

@@ -11,6 +11,7 @@ from . import (
     otter_deepseek_v3,
     otter_gemma3,
     otter_gemma3_vlm,
+    otter_gemma4,
     otter_glm4_moe,
     otter_gpt2,
     otter_gpt_oss,
@@ -67,6 +68,7 @@ ARCHITECTURE_MODULES = (
     otter_deepseek_v3,
     otter_deepseek_v2,
     otter_llama4_text,
+    otter_gemma4,
 )
 
 

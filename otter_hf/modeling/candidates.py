@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .inserted_stream import inserted_cache_layer_indices
+from .inserted_stream import recurrent_cache_layers
 
 # Attention implementations that take an additive float 4D mask as it is.
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -39,7 +39,7 @@ def check_guidance_model(model, top_k: int) -> None:
 def check_candidates_can_share_the_prefix(config) -> None:
     """Refuse to score candidates on a hybrid base: its linear-attention layers' recurrent state would run the
     candidates one after another, where the 4D mask lets each see only the prefix and itself."""
-    recurrent_layers = config.num_hidden_layers - len(inserted_cache_layer_indices(config))
+    recurrent_layers = recurrent_cache_layers(config)
     if recurrent_layers:
         raise ValueError(
             f"Reward-guided decoding (`reward_weight`, ARGS) scores the top-k candidates as extra tokens that share "

@@ -27,6 +27,10 @@ ONE_LABEL_ONLY = (
 
 
 def attention_head_size(config) -> int:
+    """The size of the base's attention heads: the first layer's where it varies by layer (Gemma 4's heads are
+    larger in its global layers, and transformers refuses to read one size for all)."""
+    if getattr(config, "is_heterogeneous", False):
+        config = config.per_layer_config[0]
     # Qwen2 configs carry no `head_dim`; their heads split `hidden_size` evenly.
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

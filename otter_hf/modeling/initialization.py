@@ -6,8 +6,13 @@ import torch
 from torch import nn
 
 from .inserted_heads import INSERTED_HEADS, initialize_linear
-from .inserted_layer import OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout
-from .inserted_stream import MlpReadout
+from .inserted_layer import (
+    OtterInsertedAttention,
+    OtterInsertedMLP,
+    OtterInsertedPerLayerInput,
+    OtterLinearAttentionReadout,
+)
+from .inserted_stream import AttentionShape, MlpReadout
 from .quantization import dequantized, owner_of
 
 
@@ -41,7 +46,10 @@ def initialize_inserted_parameters(model, method: str) -> None:
             if inserted_bias is not None:
                 nn.init.zeros_(inserted_bias)
     for module in model.modules():
-        if isinstance(module, (OtterInsertedAttention, OtterInsertedMLP, OtterLinearAttentionReadout)):
+        if isinstance(
+            module,
+            (OtterInsertedAttention, OtterInsertedMLP, OtterInsertedPerLayerInput, OtterLinearAttentionReadout),
+        ):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     initialize_linear(linear, method, std)
@@ -52,7 +60,7 @@ def initialize_inserted_parameters(model, method: str) -> None:
         if getattr(model, head.attribute) is not None:
             getattr(model, head.attribute).initialize(method, model.config)
     if method == "copy":
-        for layer in model.otter_decoder_layers():
+        for index, layer in enumerate(model.otter_decoder_layers()):
             copy_source = functools.cache(functools.partial(_float_copy_source, layout, layer))
             if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
                 # The identity on the first dimensions of the linear attention's output, as the copied heads pass on
@@ -60,13 +68,18 @@ def initialize_inserted_parameters(model, method: str) -> None:
                 readout = layer.inserted_attn.o_proj.weight
                 readout.copy_(torch.eye(*readout.shape, dtype=readout.dtype, device=readout.device))
             else:
-                _copy_attention(layer.inserted_attn, copy_source, model.config)
+                shape = layout.attention_shape(model.config, index)
+                _copy_attention(layer.inserted_attn, copy_source, model.config, shape.num_key_value_heads)
                 if layout.attention_sinks is not None:
                     _copy_sinks(layer, layout, model.config)
-                _copy_projection_norms(
-                    _query_key_projection_norms(layer, layout), model.config, layer.inserted_attn.head_dim
-                )
+                _copy_projection_norms(_query_key_projection_norms(layer, layout), model.config, shape)
             _copy_mlp(layer.inserted_mlp, copy_source, model.config, layout.mlp_readout(layer, model.config))
+            per_layer = layout.per_layer_input_of(layer)
+            if per_layer is not None:
+                # The inserted stream's per-layer update starts as the first dimensions of the base's.
+                projection = layer.get_submodule(per_layer.projection)
+                inserted = layer.inserted_per_layer_input.proj
+                inserted.weight.copy_(dequantized(projection.weight, projection)[: inserted.out_features])
 
 
 def _float_copy_source(layout, layer, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,15 +88,17 @@ def _float_copy_source(layout, layer, role: str) -> tuple[torch.Tensor, torch.Te
     return dequantized(weight, owner_of(weight, layer)), bias
 
 
-def copied_head_sources(config) -> tuple[list[int], list[int]]:
-    """The original query and key/value heads that each inserted head copies.
+def copied_head_sources(config, num_key_value_heads: int | None = None) -> tuple[list[int], list[int]]:
+    """The original query and key/value heads that each inserted head copies, in a layer whose base heads share
+    `num_key_value_heads` key/value heads (the config's unless given: Gemma 4's global layers have fewer).
 
     Inserted key/value head j copies original key/value head j (cyclically); the inserted query heads of its
     group copy original query heads of that same group, so a copied head attends exactly as its source does.
     """
-    original_group = config.num_attention_heads // config.num_key_value_heads
+    num_key_value_heads = num_key_value_heads or config.num_key_value_heads
+    original_group = config.num_attention_heads // num_key_value_heads
     inserted_group = config.inserted_num_attention_heads // config.inserted_num_key_value_heads
-    kv_sources = [head % config.num_key_value_heads for head in range(config.inserted_num_key_value_heads)]
+    kv_sources = [head % num_key_value_heads for head in range(config.inserted_num_key_value_heads)]
     query_sources = [
         kv_sources[head // inserted_group] * original_group + (head % inserted_group) % original_group
         for head in range(config.inserted_num_attention_heads)
@@ -100,16 +115,19 @@ def _copy_rows(target: nn.Linear, target_row: int, source: tuple, source_row: in
         target.bias[target_row : target_row + rows] = bias[source_row : source_row + rows]
 
 
-def _copy_attention(inserted: OtterInsertedAttention, copy_source, config) -> None:
+def _copy_attention(inserted: OtterInsertedAttention, copy_source, config, num_key_value_heads: int) -> None:
     """Copied heads read the original stream like their sources; the inserted-stream blocks start at zero, so
-    at first the inserted stream follows the copied dimensions of the original one."""
-    query_sources, kv_sources = copied_head_sources(config)
+    at first the inserted stream follows the copied dimensions of the original one. Heads that reuse an earlier
+    layer's keys and values project queries only."""
+    query_sources, kv_sources = copied_head_sources(config, num_key_value_heads)
     inserted.qkv_proj.weight.zero_()
     inserted.o_proj.weight.zero_()
+    roles = (("query", query_sources), ("key", kv_sources), ("value", kv_sources))
     row = 0
-    roles = [("query", query_sources), ("key", kv_sources), ("value", kv_sources)]
+    if not inserted.projects_key_value:
+        roles = roles[:1]
     if inserted.output_gate:  # each copied head gates its output with its source head's gate
-        roles.append(("query_gate", query_sources))
+        roles = (*roles, ("query_gate", query_sources))
     for role, sources in roles:
         # Values and the gates over the heads' outputs are `value_head_dim` wide (narrower in DeepSeek's latent
         # attention).
@@ -146,7 +164,7 @@ def _copy_mlp(inserted: OtterInsertedMLP, copy_source, config, readout: MlpReado
                 f"<= {source[0].shape[0]} or inserted_init='normal'."
             )
         _copy_rows(input_proj, index * units, source, 0, units)
-    if readout.reads_output:
+    if readout.stream_space:
         weight = inserted.down_proj.weight
         identity = torch.eye(readout.units_width, dtype=weight.dtype, device=weight.device)
         down = identity, (None if inserted.down_proj.bias is None else identity.new_zeros(readout.units_width))
@@ -169,10 +187,11 @@ def _query_key_projection_norms(layer: nn.Module, layout) -> tuple[nn.Module, ..
     return tuple(layer.get_submodule(f"{layout.attention}.{path}") for path in layout.query_key_projection_norms)
 
 
-def _copy_projection_norms(norms: tuple[nn.Module, ...], config, head_dim: int) -> None:
+def _copy_projection_norms(norms: tuple[nn.Module, ...], config, shape: AttentionShape) -> None:
     """A projection-wide query or key norm's inserted weight: the slices of its heads' sources, so that a copied
     head is normalised as its source is."""
-    for norm, sources in zip(norms, copied_head_sources(config)):
+    head_dim = shape.head_dim
+    for norm, sources in zip(norms, copied_head_sources(config, shape.num_key_value_heads)):
         norm.inserted_weight.copy_(
             torch.cat([norm.weight[source * head_dim : (source + 1) * head_dim] for source in sources])
         )

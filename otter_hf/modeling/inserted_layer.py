@@ -9,6 +9,8 @@ with `g` the inserted stream (see `otter-design.md`):
     q', k', v' = A [h_n, g_n];  g += O [heads, heads']    (a layer with softmax attention)
     g += R mix                                   (a linear-attention layer: its output `mix`, no inserted heads)
     u' = act(G [h_n, g_n]) * (U [h_n, g_n]);  g += D [units, u']
+    g += P' per_layer_units                     (Gemma 4's per-layer inputs, where the base has them)
+    g *= s                                      (where the base scales its whole stream at a layer's end)
 
 Where transformers and vLLM differ (their attention kernels and caches, their linear layers, how weights load),
 the engine hands in an object: `InsertedHeadsAttention` for attending, a linear layer over both streams for each
@@ -55,11 +57,17 @@ class InsertedHeadsAttention(Protocol):
     # was built with another rule), None where the layer rotates nothing.
     rotary_tables: Any
     # The query and key norms of the inserted heads, each applied to `(..., tokens, heads, head_dim)`: the base
-    # attention's per-head norms (Qwen3, Gemma 3) or `ProjectionNorm`s (OLMo 2/3), None where it has none.
+    # attention's per-head norms (Qwen3, Gemma 3) or `ProjectionNorm`s (OLMo 2/3), None where it has none. In a
+    # layer whose heads read the keys and values of another layer (`projects_key_value=False`), the key norm is
+    # not applied.
     query_key_norms: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None
+    # The norm the base attention applies to every value head (Gemma 4), None where it has none.
+    value_norm: Callable[[torch.Tensor], torch.Tensor] | None
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """The heads' outputs, `(..., tokens, heads * head_dim)`, with the layer's scale, window, mask and cache."""
+    def attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
+        """The heads' outputs, `(..., tokens, heads * head_dim)`, with the layer's scale, window, mask and cache.
+        Key and value are None where the heads attend over the keys and values of an earlier layer's inserted
+        heads, as the base heads of a KV-sharing layer (Gemma 4) attend over an earlier layer's."""
 
 
 @dataclass
@@ -84,6 +92,12 @@ class LayerCapture:
     residual_multiplier: float | None = None
     # A linear-attention layer's output, what it adds to the original stream (None in a softmax-attention layer).
     linear_output: torch.Tensor | None = None
+    # Gemma 4's per-layer inputs: the units the base's per-layer block projects onto its stream (the input of its
+    # `per_layer_projection`), and the norm on that projection's output; None where the base has no such block.
+    per_layer_units: torch.Tensor | None = None
+    per_layer_output_norm: NormCapture | None = None
+    # What the base multiplies its whole stream by at the end of the layer (Gemma 4's `layer_scalar`), None for 1.
+    output_scale: torch.Tensor | None = None
 
 
 # -- norms ------------------------------------------------------------------------------------------------------
@@ -309,7 +323,9 @@ class OtterInsertedAttention(nn.Module):
     attention kernel and cache (the capture's `attention`). Values may be narrower than queries and keys
     (`value_head_dim`, DeepSeek's latent attention). With `output_gate` (Qwen3.5, Qwen3-Next: the base multiplies
     each head's output by `sigmoid` of a gate its query projection computes), the inserted heads compute their own
-    gates too, after the values in `qkv_proj`.
+    gates too, after the values in `qkv_proj`. In a layer whose base heads reuse an earlier layer's keys and values
+    (Gemma 4's KV sharing, `projects_key_value=False`), the inserted heads project queries only and attend over the
+    earlier layer's inserted keys and values.
     """
 
     def __init__(
@@ -330,6 +346,7 @@ class OtterInsertedAttention(nn.Module):
         latent_size: int = 0,
         rotary=HalfRotation,
         norms_after_rotation: bool = False,
+        projects_key_value: bool = True,
     ):
         super().__init__()
         self.head_dim = head_dim
@@ -342,10 +359,12 @@ class OtterInsertedAttention(nn.Module):
         # The rotation rule for the tables the capture hands in, and whether the q/k norms follow it (Llama 4).
         self.rotary = rotary
         self.norms_after_rotation = norms_after_rotation
+        self.projects_key_value = projects_key_value
+        projected_key_value_heads = num_key_value_heads if projects_key_value else 0
         # Queries and keys, values, then the output gates (as wide as the heads' outputs).
         self.qkv_sizes = [
-            (num_heads + num_key_value_heads) * head_dim,
-            num_key_value_heads * self.value_head_dim,
+            (num_heads + projected_key_value_heads) * head_dim,
+            projected_key_value_heads * self.value_head_dim,
             num_heads * self.value_head_dim if output_gate else 0,
         ]
         self.qkv_proj = linear(
@@ -366,18 +385,10 @@ class OtterInsertedAttention(nn.Module):
         original = capture.attention_norm.normed
         if capture.attention_latents:
             original = torch.cat([original, *capture.attention_latents], dim=-1)
-        qkv = self.qkv_proj(original, inserted_normed)
-        query_key, value, gate = qkv.split(self.qkv_sizes, dim=-1)
+        query_key, value, gate = self.qkv_proj(original, inserted_normed).split(self.qkv_sizes, dim=-1)
         query_key = query_key.view(*query_key.shape[:-1], -1, self.head_dim)
         value = value.view(*value.shape[:-1], -1, self.value_head_dim)
-        if not self.norms_after_rotation:
-            query_key = self._normalize_queries_and_keys(query_key, attention)
-        if attention.rotary_tables is not None:
-            query_key = self.rotary.rotate(query_key, attention.rotary_tables)
-        if self.norms_after_rotation:
-            query_key = self._normalize_queries_and_keys(query_key, attention)
-        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
-        heads = attention.attend(query, key, value)
+        heads = self._attend(query_key, value, attention)
         if self.output_gate:
             heads = heads * torch.sigmoid(gate)
         output = self.o_proj(capture.original_heads, heads)
@@ -385,11 +396,30 @@ class OtterInsertedAttention(nn.Module):
             output = self.norm.normalize(capture.attention_output_norm, output)
         return output
 
+    def _attend(self, query_key: torch.Tensor, value: torch.Tensor, attention: InsertedHeadsAttention) -> torch.Tensor:
+        """The inserted heads' outputs from their projected queries (and keys and values where they have their own),
+        normalised and rotated as the base's are."""
+        if not self.norms_after_rotation:
+            query_key = self._normalize_queries_and_keys(query_key, attention)
+        if attention.rotary_tables is not None:
+            query_key = self.rotary.rotate(query_key, attention.rotary_tables)
+        if self.norms_after_rotation:
+            query_key = self._normalize_queries_and_keys(query_key, attention)
+        if not self.projects_key_value:
+            return attention.attend(query_key, None, None)
+        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
+        if attention.value_norm is not None:
+            value = attention.value_norm(value)
+        return attention.attend(query, key, value)
+
     def _normalize_queries_and_keys(self, query_key: torch.Tensor, attention: InsertedHeadsAttention) -> torch.Tensor:
+        """Queries and keys (queries alone in a layer that reuses another's keys) through the base's q/k norms."""
         if attention.query_key_norms is None:
             return query_key
-        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
         query_norm, key_norm = attention.query_key_norms
+        if not self.projects_key_value:
+            return query_norm(query_key)
+        query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=-2)
         return torch.cat([query_norm(query), key_norm(key)], dim=-2)
 
 
@@ -457,20 +487,41 @@ class OtterInsertedMLP(nn.Module):
         return output
 
 
+class OtterInsertedPerLayerInput(nn.Module):
+    """The inserted stream's share of a base layer's per-layer input block (Gemma 4): a projection of the base's
+    gated per-layer units (`act(gate(h)) * per_layer_input`) onto the inserted stream, normalised as the base
+    normalises its own projection. The inserted stream has no per-layer input embedding of its own: the per-layer
+    inputs enter it through the original stream's units, as the original heads and units do."""
+
+    def __init__(self, original_units: int, inserted_hidden_size: int, norm: type):
+        super().__init__()
+        self.norm = norm
+        self.proj = nn.Linear(original_units, inserted_hidden_size, bias=False)
+
+    def forward(self, capture: LayerCapture) -> torch.Tensor:
+        """The per-layer input's update of the inserted stream."""
+        return self.norm.normalize(capture.per_layer_output_norm, self.proj(capture.per_layer_units))
+
+
 def inserted_layer(
     attention: OtterInsertedAttention | OtterLinearAttentionReadout,
     mlp: OtterInsertedMLP,
     inserted: torch.Tensor,
     capture: LayerCapture,
+    per_layer_input: OtterInsertedPerLayerInput | None = None,
 ) -> torch.Tensor:
     """One decoder layer of the inserted stream: `g + attention(g)` (the inserted heads' update, or a
-    linear-attention layer's readout), then `+ mlp(...)`, from one layer's capture; each update scaled as the base
-    scales its own."""
+    linear-attention layer's readout), then `+ mlp(...)` (then `+ per_layer_input` where the base has per-layer
+    inputs), from one layer's capture; each update scaled as the base scales its own, and the result as the base
+    scales its stream at the layer's end."""
     multiplier = capture.residual_multiplier
     update = attention(inserted, capture)
     inserted = inserted + (update if multiplier is None else update * multiplier)
     update = mlp(inserted, capture)
-    return inserted + (update if multiplier is None else update * multiplier)
+    inserted = inserted + (update if multiplier is None else update * multiplier)
+    if per_layer_input is not None:
+        inserted = inserted + per_layer_input(capture)
+    return inserted if capture.output_scale is None else inserted * capture.output_scale
 
 
 __all__ = [
@@ -488,6 +539,7 @@ __all__ = [
     "NormCapture",
     "OtterInsertedAttention",
     "OtterInsertedMLP",
+    "OtterInsertedPerLayerInput",
     "OtterLinearAttentionReadout",
     "ProjectionNorm",
     "RawInput",

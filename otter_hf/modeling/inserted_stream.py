@@ -50,8 +50,11 @@ from .inserted_layer import (
 
 # transformers 5.25 renamed the cache argument of attention modules from `past_key_values` to `cache`.
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
-# What the inserted heads do not pass on to the attention function: the arguments they take themselves.
-_OWN_ATTENTION_ARGUMENTS = frozenset({"hidden_states", "position_embeddings", "attention_mask", *CACHE_ARGUMENT_NAMES})
+# What the inserted heads do not pass on to the attention function: the arguments they take themselves (Gemma 4's
+# attention takes the keys and values shared across layers as one of its own, too).
+_OWN_ATTENTION_ARGUMENTS = frozenset(
+    {"hidden_states", "position_embeddings", "attention_mask", "shared_kv_states", *CACHE_ARGUMENT_NAMES}
+)
 
 
 def linear_copy_source(layer: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,11 +123,6 @@ def no_latents(layer: nn.Module) -> tuple[str, ...]:
     return ()
 
 
-def equal_head_dims(config) -> tuple[int, int]:
-    head_dim = attention_head_size(config)
-    return head_dim, head_dim
-
-
 def optional_submodule(module: nn.Module, path: str) -> nn.Module | None:
     """The submodule at `path`, or None where the module sets that attribute to None or leaves it unset in this
     layer (Llama 4 has q/k norms in its rotating layers only)."""
@@ -135,6 +133,51 @@ def optional_submodule(module: nn.Module, path: str) -> nn.Module | None:
 def attention_sliding_window(attention: nn.Module) -> int | None:
     """The window a base attention module passes to its attention function (None: full attention)."""
     return getattr(attention, "sliding_window", None)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The base heads of one attention layer: their size and how many key/value heads they share."""
+
+    head_dim: int
+    num_key_value_heads: int
+
+
+def config_attention_shape(config, layer_index: int) -> AttentionShape:
+    """Every layer's heads as the config gives them (Qwen2 configs carry no `head_dim`: the heads split
+    `hidden_size` evenly)."""
+    return AttentionShape(attention_head_size(config), config.num_key_value_heads)
+
+
+def per_layer_attention_shape(config, layer_index: int) -> AttentionShape:
+    """A layer's heads as the config's `per_layer_config` gives them (Gemma 4: larger heads, and fewer key/value
+    heads, in its global layers than in its sliding ones)."""
+    return config_attention_shape(config.per_layer_config[layer_index], layer_index)
+
+
+@dataclass(frozen=True)
+class KeyValueSharing:
+    """A layer's part in sharing keys and values across layers (Gemma 4): it `stores` its keys and values for
+    the later layers of `group` to attend over, or `reuses` those of `group`, projecting queries only."""
+
+    group: str
+    stores: bool = False
+    reuses: bool = False
+
+
+def no_key_value_sharing(attention: nn.Module) -> KeyValueSharing | None:
+    return None
+
+
+@dataclass(frozen=True)
+class PerLayerInput:
+    """A block the base adds to its stream at the end of each decoder layer from a per-layer input (Gemma 4's
+    per-layer embeddings): `projection` (in the decoder layer) turns the gated per-layer units, its input, into
+    the block's output, which `output_norm` normalises. The inserted stream reads those units through a projection
+    of its own (`OtterInsertedPerLayerInput`), normalised with the statistics of `output_norm`."""
+
+    projection: str = "per_layer_projection"
+    output_norm: str = "post_per_layer_input_norm"
 
 
 @dataclass(frozen=True)
@@ -151,20 +194,39 @@ class SparseMlp:
     path: str = "mlp"
     activation: str = "mlp.experts.act_fn"
     gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
+    # Where the base sums the block's output with a dense MLP's before a norm (Gemma 4: routed experts beside an
+    # always-on MLP, each with norms of its own, summed into `post_feedforward_layernorm`), that norm's path in the
+    # decoder layer: the inserted down projection reads its input, the sum, in place of the block's output.
+    combined_output_norm: str | None = None
+
+    def is_sparse(self, layer: nn.Module) -> bool:
+        module = layer
+        for name in self.path.split("."):
+            module = getattr(module, name, None)
+        return isinstance(module, self.block_class)
 
 
 @dataclass(frozen=True)
 class MlpReadout:
     """Where the inserted MLP of one decoder layer reads the original units: the input of the module at
-    `units_path` (a down projection: the units themselves), or its output where `reads_output` (a sparse block);
-    `units_width` wide. `activation` is the module the inserted units take their activation from, `gated_units`
-    (where given) the rule that builds from it how gate and up make the units."""
+    `units_path` (a down projection: the units themselves, or a norm over a sparse layer's summed outputs), or its
+    output where `reads_output` (a sparse block); `units_width` wide. `activation` is the module the inserted units
+    take their activation from, `gated_units` (where given) the rule that builds from it how gate and up make the
+    units. `stream_space`: what is read is an output in the stream's space rather than units, which
+    copy-initialisation passes on by the identity. `capture_key`: where the capture is kept, where the module is a
+    norm capture point too."""
 
     units_path: str
     reads_output: bool
     units_width: int
     activation: str
     gated_units: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
+    stream_space: bool = False
+    capture_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.capture_key or self.units_path
 
 
 @dataclass(frozen=True)
@@ -239,9 +301,23 @@ class OtterLayout:
     query_scale: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
     # Latent attention (DeepSeek): (decoder layer) -> the paths of the modules whose outputs the inserted heads
     # read beside `h_n` (the normalised query and key/value latents); and (config) -> the query/key and the value
-    # head sizes of the inserted heads.
+    # head sizes of the inserted heads (None: both the layer's head size, `attention_shape`).
     attention_latents: Callable[[nn.Module], tuple[str, ...]] = no_latents
-    head_dims: Callable[[object], tuple[int, int]] = equal_head_dims
+    head_dims: Callable[[object], tuple[int, int]] | None = None
+    # The norm the base attention applies to every value head (Gemma 4), by path in the attention; it holds no
+    # weight, so the inserted values take it as it is.
+    value_norm: str | None = None
+    # (config, layer index) -> the size of that layer's base heads and their number of key/value heads. The inserted
+    # heads of a layer take its head size (they take its rotary tables and q/k norms, and copy its heads).
+    attention_shape: Callable[[object, int], AttentionShape] = config_attention_shape
+    # (base attention) -> whether its layer stores keys and values for later layers or reuses an earlier layer's
+    # (Gemma 4); the inserted heads of the layer do the same with the inserted keys and values.
+    key_value_sharing: Callable[[nn.Module], KeyValueSharing | None] = no_key_value_sharing
+    # The block adding a per-layer input to the stream at the end of each decoder layer (Gemma 4), None where none.
+    per_layer_input: PerLayerInput | None = None
+    # A buffer of the decoder layer that the base multiplies its whole stream by at the layer's end (Gemma 4's
+    # `layer_scalar`); the inserted stream is multiplied alike.
+    output_scale: str | None = None
     # (decoder layer, role) -> the (weight [out, in], bias) that copy-initialisation reads for role query, key,
     # value, output, gate, up or down (and query_gate with `attention_output_gate`). In a sparse layer
     # (`sparse_mlp`) gate and up are the first units of the shared expert where the family has one, else of
@@ -254,6 +330,13 @@ class OtterLayout:
     residual_multiplier: str | None = None
     # The config field of a dense layer's MLP units (Llama 4's dense layers: `intermediate_size_mlp`).
     dense_units: str = "intermediate_size"
+
+    def inserted_head_dims(self, config, layer_index: int) -> tuple[int, int]:
+        """The query/key and value head sizes of the inserted heads of layer `layer_index`."""
+        if self.head_dims is not None:
+            return self.head_dims(config)
+        head_dim = self.attention_shape(config, layer_index).head_dim
+        return head_dim, head_dim
 
     def rotation(self, config):
         """The rotation rule of the inserted heads for `config` (None: positions are embedded)."""
@@ -276,41 +359,73 @@ class OtterLayout:
             modules = modules[1:]
         return tuple(module for norm, module in modules if norm is None)
 
+    def per_layer_input_of(self, layer: nn.Module) -> PerLayerInput | None:
+        """The per-layer input block of `layer`, None where the base has none (Gemma 4 without per-layer inputs)."""
+        block = self.per_layer_input
+        return block if block is not None and isinstance(getattr(layer, block.projection, None), nn.Module) else None
+
     def norm_paths(self, layer: nn.Module) -> tuple[str, ...]:
         """The norms of `layer` the inserted stream reads (a linear-attention layer's attention norms are not)."""
         attention_norms = (self.attention_norm, self.attention_output_norm) if self.has_inserted_heads(layer) else ()
-        return tuple(path for path in (*attention_norms, self.mlp_norm, self.mlp_output_norm) if path is not None)
+        per_layer = self.per_layer_input_of(layer)
+        per_layer_norm = per_layer.output_norm if per_layer is not None else None
+        return tuple(
+            path for path in (*attention_norms, self.mlp_norm, self.mlp_output_norm, per_layer_norm) if path is not None
+        )
 
     def mlp_readout(self, layer: nn.Module, config) -> MlpReadout:
         """Where `layer`'s original units are read: its down projection's input in a dense layer, its sparse
         block's output in a sparse one."""
         sparse = self.sparse_mlp
-        if sparse is not None and isinstance(layer.get_submodule(sparse.path), sparse.block_class):
+        if sparse is not None and sparse.is_sparse(layer):
+            combined = sparse.combined_output_norm
             return MlpReadout(
-                sparse.path,
-                reads_output=True,
+                combined or sparse.path,
+                reads_output=combined is None,
                 units_width=config.hidden_size,
                 activation=sparse.activation,
                 gated_units=sparse.gated_units,
+                stream_space=True,
+                capture_key=raw_input_key(combined) if combined is not None else None,
             )
-        return MlpReadout(
-            self.mlp_output,
-            reads_output=False,
-            units_width=getattr(config, self.dense_units),
-            activation=self.mlp_activation,
-        )
+        # A linear down projection gives its layer's width (Gemma 4 doubles it in its KV-sharing layers).
+        width = getattr(layer.get_submodule(self.mlp_output), "in_features", None) or getattr(config, self.dense_units)
+        return MlpReadout(self.mlp_output, reads_output=False, units_width=width, activation=self.mlp_activation)
+
+
+def base_cache_layers(config) -> int:
+    """How many cache layers the base model's own cache has: one per decoder layer, except for the layers that
+    reuse earlier layers' keys and values in transformers 5.19 (Gemma 4), which has none for those."""
+    return len(get_layer_types_and_kwargs(config)[0])
 
 
 def inserted_cache_layer_indices(config) -> dict[int, int]:
-    """Decoder layer index -> the cache layer of its inserted keys and values: `num_hidden_layers + k` for the k-th
-    layer that caches keys and values. A linear-attention layer (its cache layer holds a recurrent state, no keys)
-    has no inserted heads, so no inserted cache layer."""
+    """Decoder layer index -> the cache layer of its inserted keys and values: the number of the base cache's own
+    layers (`base_cache_layers`) plus k, for the k-th layer whose base cache layer holds keys and values.
+
+    A linear-attention layer (its cache layer holds a recurrent state, no keys) has no inserted heads, and a layer
+    reusing an earlier layer's keys and values (Gemma 4's KV sharing: transformers 5.25 gives it a dummy cache layer,
+    5.19 none, so the base cache has fewer layers than the model) reuses the earlier layer's inserted ones; neither
+    has an inserted cache layer."""
     layer_types, _ = get_layer_types_and_kwargs(config)
     key_value_layers = [index for index, layer_type in enumerate(layer_types) if _caches_keys_and_values(layer_type)]
-    return {layer: config.num_hidden_layers + rank for rank, layer in enumerate(key_value_layers)}
+    return {layer: len(layer_types) + rank for rank, layer in enumerate(key_value_layers)}
+
+
+def recurrent_cache_layers(config) -> int:
+    """How many of the base cache's layers hold a recurrent state (a hybrid's linear-attention layers): neither
+    keys and values nor a dummy layer of a layer reusing another's."""
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    return sum(layer_type != "dummy" and not _caches_keys_and_values(layer_type) for layer_type in layer_types)
+
+
+def otter_cache_layers(config) -> int:
+    """How many layers an Otter model's filled cache holds: the base cache's own, then the inserted ones."""
+    return base_cache_layers(config) + len(inserted_cache_layer_indices(config))
 
 
 def _caches_keys_and_values(layer_type: str) -> bool:
+    # transformers' dummy layers (5.25) are no `CacheLayerMixin`, nor are its recurrent-state layers.
     return issubclass(DYNAMIC_LAYER_TYPE_MAPPING[layer_type], CacheLayerMixin)
 
 
@@ -329,7 +444,8 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
         new_layer = functools.partial(_layer_of_type, DYNAMIC_LAYER_TYPE_MAPPING)
     elif isinstance(cache, StaticCache):
         # The cache's length is its full-attention layers' (a sliding layer holds at most its window; a
-        # linear-attention layer holds a recurrent state, no length).
+        # linear-attention layer holds a recurrent state, no length; a dummy layer, which reuses another layer's keys
+        # and values as Gemma 4's KV-sharing layers do, holds none).
         max_cache_len = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
         new_layer = functools.partial(_layer_of_type, STATIC_LAYER_TYPE_MAPPING, max_cache_len=max_cache_len)
     else:
@@ -338,9 +454,9 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
             f"got {type(cache).__name__}. Pass one of those (or `cache_implementation='dynamic'` / `'static'` to "
             "generate()), or no cache at all."
         )
-    num_layers = config.num_hidden_layers
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    num_layers = len(layer_types)
     if len(cache.layers) == num_layers:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         cache.layers.extend(
             new_layer(layer_type, kwargs)
             for layer_type, kwargs in zip(layer_types, layer_kwargs)
@@ -348,7 +464,7 @@ def ensure_inserted_cache_layers(cache: Cache, config, num_inserted_layers: int)
         )
     elif len(cache.layers) != num_layers + num_inserted_layers:
         raise ValueError(
-            f"This cache has {len(cache.layers)} layers; an Otter model with {num_layers} decoder layers needs "
+            f"This cache has {len(cache.layers)} layers; an Otter model whose base caches {num_layers} layers needs "
             f"{num_layers} (a fresh cache) or {num_layers + num_inserted_layers} (one it has already filled)."
         )
 
@@ -367,8 +483,9 @@ class TransformersHeadsAttention:
     heads: OtterInsertedAttention
     base_attention: nn.Module
     attention_kwargs: dict
-    # The cache layer of these heads' keys and values (`inserted_cache_layer_indices`).
-    cache_index: int
+    # The cache layer of these heads' keys and values (`inserted_cache_layer_indices`), None where they reuse an
+    # earlier layer's.
+    cache_index: int | None
     stream: "InsertedStream"
     layout: "OtterLayout"
     # What the base attention's projection-wide q/k norms saw, where the layout names them.
@@ -382,31 +499,38 @@ class TransformersHeadsAttention:
         return self.stream.rotary_tables(rotary, self.attention_kwargs)
 
     @property
-    def query_key_norms(self) -> tuple[Callable, Callable] | None:
+    def query_key_norms(self) -> tuple[Callable, Callable | None] | None:
         if self.projection_norm_captures is not None:
             return tuple(ProjectionNorm(self.layout.norm, captured) for captured in self.projection_norm_captures)
         if self.layout.query_key_norms is None or not self.layout.applies_query_key_norms(self.base_attention):
             return None
-        norms = tuple(optional_submodule(self.base_attention, path) for path in self.layout.query_key_norms)
-        return None if None in norms else norms
+        # A layer whose module lacks them has none (Llama 4's no-rope layers).
+        query_norm, key_norm = (optional_submodule(self.base_attention, path) for path in self.layout.query_key_norms)
+        if query_norm is None:
+            return None
+        # A layer reusing an earlier layer's keys has no key norm of its own.
+        if self.sharing is not None and self.sharing.reuses:
+            return query_norm, None
+        return None if key_norm is None else (query_norm, key_norm)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    @property
+    def value_norm(self) -> Callable | None:
+        return self.base_attention.get_submodule(self.layout.value_norm) if self.layout.value_norm else None
+
+    @functools.cached_property
+    def sharing(self) -> "KeyValueSharing | None":
+        return self.layout.key_value_sharing(self.base_attention)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
         kwargs, config = self.attention_kwargs, self.stream.config
         # transformers' attention functions and caches take (batch, heads, positions, head_dim).
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
-        past_length = 0
-        if cache is not None:
-            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
-            past_length = cache.get_seq_length(self.cache_index)
-        if self.layout.query_scale is not None:
-            # The positions as the base counts them: after what its cache layer (like this inserted one) holds.
-            positions = torch.arange(query.shape[-2], device=query.device) + past_length
-            scale = self.layout.query_scale(self.base_attention, positions)
-            if scale is not None:
-                query = (query * scale[:, None]).to(query.dtype)
-        if cache is not None:
-            key, value = cache.update(key, value, self.cache_index)
+        query = self._scaled_query(query.transpose(1, 2))
+        if self.sharing is not None and self.sharing.reuses:
+            # As the base layer reads `shared_kv_states` rather than its cache: a sliding cache keeps only its
+            # window, while the storing layer's keys and values cover every position this forward attends to.
+            key, value = self.stream.shared_key_values[self.sharing.group]
+        else:
+            key, value = self._cached(key.transpose(1, 2), value.transpose(1, 2))
         sinks = self.layout.attention_sinks
         if sinks is not None:
             kwargs = {**kwargs, "s_aux": getattr(self.heads, sinks)}
@@ -423,6 +547,39 @@ class TransformersHeadsAttention:
             **{name: value for name, value in kwargs.items() if name not in _OWN_ATTENTION_ARGUMENTS},
         )
         return heads.reshape(*heads.shape[:-2], -1)
+
+    def _scaled_query(self, query: torch.Tensor) -> torch.Tensor:
+        """`query` (batch, heads, positions, head_dim) times the layout's factor by position, where it has one."""
+        if self.layout.query_scale is None:
+            return query
+        past_length = 0
+        cache = next(
+            (
+                self.attention_kwargs[name]
+                for name in CACHE_ARGUMENT_NAMES
+                if self.attention_kwargs.get(name) is not None
+            ),
+            None,
+        )
+        if cache is not None:
+            ensure_inserted_cache_layers(cache, self.stream.config, len(self.stream.inserted_cache_indices))
+            past_length = cache.get_seq_length(self.cache_index)
+        # The positions as the base counts them: after what its cache layer (like this inserted one) holds.
+        positions = torch.arange(query.shape[-2], device=query.device) + past_length
+        scale = self.layout.query_scale(self.base_attention, positions)
+        return query if scale is None else (query * scale[:, None]).to(query.dtype)
+
+    def _cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values the heads attend over: with the cached ones before them where there is a cache, and
+        kept for the later layers that reuse them where the base layer keeps its own."""
+        kwargs, config = self.attention_kwargs, self.stream.config
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        if cache is not None:
+            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
+            key, value = cache.update(key, value, self.cache_index)
+        if self.sharing is not None and self.sharing.stores:
+            self.stream.shared_key_values[self.sharing.group] = key, value
+        return key, value
 
 
 def raw_input_key(module: str) -> str:
@@ -476,6 +633,8 @@ class InsertedStream:
         # inserted stream's embedding of the same ids, until the decoder receives its input embeddings (which a
         # vision-language model builds from them).
         self.token_embedding: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
+        # The inserted keys and values that layers storing them hand the later layers reusing them, by group.
+        self.shared_key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Capture point path -> what its hook recorded, for the decoder layer running now: a `NormCapture` for a
         # norm, the (module, keyword arguments) of the attention call, the input tensor of an output projection.
         self.captured: dict[str, NormCapture | tuple[nn.Module, dict] | torch.Tensor] = {}
@@ -486,6 +645,10 @@ class InsertedStream:
         # After the final norm: both streams, every position.
         self.final_original: torch.Tensor | None = None
         self.final_inserted: torch.Tensor | None = None
+
+    @functools.cached_property
+    def base_cache_layers(self) -> int:
+        return base_cache_layers(self.config)
 
     def norm_eps(self, device: torch.device) -> torch.Tensor:
         """The norms' eps as a float32 scalar tensor on `device`, which the statistics add in one operation."""
@@ -529,6 +692,7 @@ class InsertedStream:
         def input_norm(path: str | None, module: str) -> NormCapture | RawInput:
             return self.take(path, layer_path) if path is not None else self.take(raw_input_key(module), layer_path)
 
+        per_layer = layout.per_layer_input_of(layer)
         attention_norm = heads = original_heads = attention_output_norm = linear_output = None
         attention_latents = ()
         if isinstance(layer.inserted_attn, OtterLinearAttentionReadout):
@@ -545,7 +709,7 @@ class InsertedStream:
                 layer.inserted_attn,
                 attention,
                 attention_kwargs,
-                self.inserted_cache_indices[index],
+                self.inserted_cache_indices.get(index),
                 self,
                 layout,
                 projection_norms,
@@ -568,4 +732,7 @@ class InsertedStream:
             if layout.residual_multiplier
             else None,
             linear_output=linear_output,
+            per_layer_units=self.take(per_layer.projection, layer_path) if per_layer is not None else None,
+            per_layer_output_norm=output_norm(per_layer.output_norm if per_layer is not None else None),
+            output_scale=getattr(layer, layout.output_scale) if layout.output_scale is not None else None,
         )

@@ -45,6 +45,7 @@ from .inserted_layer import (
     NormCapture,
     OtterInsertedAttention,
     OtterInsertedMLP,
+    OtterInsertedPerLayerInput,
     OtterLinearAttentionReadout,
     RawInput,
     inserted_layer,
@@ -148,19 +149,30 @@ class OtterModelMixin:
         layer_path = f"{layout.layers}.{index}"
         for path in layout.norm_paths(layer):
             self._attach_inserted_norm(self._capture_point(layer, path, layer_path))
-        if layout.has_inserted_heads(layer) != (index in self._inserted_cache_indices):
+        has_heads = layout.has_inserted_heads(layer)
+        # A layer reusing an earlier layer's keys and values (Gemma 4) caches none of its own.
+        caches_keys = has_heads and not self._reuses_key_values(layer)
+        if caches_keys != (index in self._inserted_cache_indices):
             raise ValueError(
-                f"{type(self).__name__}: decoder layer {index} is a "
-                f"{'softmax' if layout.has_inserted_heads(layer) else 'linear'}-attention layer, but the config's "
-                "`layer_types` make it the other kind: the layers and the config do not belong together."
+                f"{type(self).__name__}: decoder layer {index} "
+                f"{'caches' if caches_keys else 'does not cache'} keys and values of its own, but the config's "
+                "`layer_types` say otherwise: the layers and the config do not belong together."
             )
-        if layout.has_inserted_heads(layer):
-            layer.inserted_attn = self._inserted_attention(layer, layer_path)
+        if has_heads:
+            layer.inserted_attn = self._inserted_attention(layer, layer_path, index)
         else:
             # The inserted stream reads what the linear attention adds to the original stream.
             self._capture_point(layer, layout.linear_attention, layer_path)
             layer.inserted_attn = OtterLinearAttentionReadout(config.hidden_size, config.inserted_hidden_size)
         mlp = layout.mlp_readout(layer, config)
+        per_layer = layout.per_layer_input_of(layer)
+        if per_layer is not None:
+            projection = self._capture_point(layer, per_layer.projection, layer_path)
+            layer.inserted_per_layer_input = OtterInsertedPerLayerInput(
+                projection.in_features, config.inserted_hidden_size, layout.norm
+            )
+        if layout.output_scale is not None:
+            self._capture_point(layer, layout.output_scale, layer_path, buffer=True)
         has_bias = layout.copy_source(layer, "up")[1] is not None
         activation = self._capture_point(layer, mlp.activation, layer_path)
         layer.inserted_mlp = OtterInsertedMLP(
@@ -175,10 +187,15 @@ class OtterModelMixin:
             gated_units=mlp.gated_units(activation) if mlp.gated_units else None,
         )
 
-    def _inserted_attention(self, layer: nn.Module, layer_path: str) -> OtterInsertedAttention:
+    def _reuses_key_values(self, layer: nn.Module) -> bool:
+        """Whether `layer`'s attention reuses an earlier layer's keys and values (Gemma 4's KV sharing)."""
+        layout = self.otter_layout
+        return bool(getattr(layout.key_value_sharing(layer.get_submodule(layout.attention)), "reuses", False))
+
+    def _inserted_attention(self, layer: nn.Module, layer_path: str, index: int) -> OtterInsertedAttention:
         """The inserted heads of a layer with softmax attention."""
         config, layout = self.config, self.otter_layout
-        head_dim, value_head_dim = layout.head_dims(config)
+        head_dim, value_head_dim = layout.inserted_head_dims(config, index)
         # Latent attention's inserted heads read the latents beside `h_n`, each as wide as its norm.
         latent_size = sum(
             self._capture_point(layer, path, layer_path).weight.shape[0] for path in layout.attention_latents(layer)
@@ -206,6 +223,7 @@ class OtterModelMixin:
             latent_size=latent_size,
             rotary=layout.rotation(config),
             norms_after_rotation=layout.query_key_norms_after_rotation,
+            projects_key_value=not self._reuses_key_values(layer),
         )
         # The attention functions of transformers read these from the module they are handed.
         inserted_attn.is_causal = True
@@ -256,16 +274,25 @@ class OtterModelMixin:
                 hook(layer, layout.linear_attention, layer_path, capture_linear, pre=False)
             mlp = layout.mlp_readout(layer, self.config)
             if mlp.reads_output:
-                capture_units = functools.partial(self._capture_output, mlp.units_path)
+                capture_units = functools.partial(self._capture_output, mlp.key)
             else:
-                capture_units = functools.partial(self._capture_input, mlp.units_path)
+                capture_units = functools.partial(self._capture_input, mlp.key)
             hook(layer, mlp.units_path, layer_path, capture_units, pre=not mlp.reads_output)
-            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.units_path)
+            per_layer = layout.per_layer_input_of(layer)
+            if per_layer is not None:
+                capture_per_layer = functools.partial(self._capture_input, per_layer.projection)
+                hook(layer, per_layer.projection, layer_path, capture_per_layer, pre=True)
+            run_layer = functools.partial(self._run_inserted_layer, layer_path, index, mlp.key)
             hooks.append(layer.register_forward_hook(run_layer))
 
-    def _capture_point(self, parent: nn.Module, path: str, parent_path: str = "", parameter: bool = False):
+    def _capture_point(
+        self, parent: nn.Module, path: str, parent_path: str = "", parameter: bool = False, buffer: bool = False
+    ):
+        """The module (or parameter, or buffer) at `path` in `parent`."""
         try:
-            return parent.get_parameter(path) if parameter else parent.get_submodule(path)
+            if parameter:
+                return parent.get_parameter(path)
+            return parent.get_buffer(path) if buffer else parent.get_submodule(path)
         except AttributeError:
             full_path = f"{parent_path}.{path}" if parent_path else path
             raise ValueError(
@@ -474,8 +501,19 @@ class OtterModelMixin:
         device = capture.original_units.device
         if stream.hidden.device != device:
             stream.hidden = stream.hidden.to(device)
+        positions = capture.original_units.shape[-2]
+        if stream.hidden.shape[-2] > positions:
+            # The base dropped all but its last positions before this layer (Gemma 4 keeps only those whose logits
+            # are kept before its KV-sharing layers, which need no keys of their own); the inserted stream too.
+            stream.hidden = stream.hidden[..., -positions:, :]
         with stream.grad_mode():
-            stream.hidden = inserted_layer(layer.inserted_attn, layer.inserted_mlp, stream.hidden, capture)
+            stream.hidden = inserted_layer(
+                layer.inserted_attn,
+                layer.inserted_mlp,
+                stream.hidden,
+                capture,
+                getattr(layer, "inserted_per_layer_input", None),
+            )
         stream.captured.clear()
         stream.layers_run += 1
 
@@ -643,7 +681,8 @@ class OtterMoeCausalLMOutputWithValue(OtterCausalLMOutputWithValue, MoeCausalLMO
 def _causal_lm_output_class(outputs: ModelOutput) -> type:
     """The Otter output for the base causal LM's output: with the router outputs of a mixture of experts, or the
     base's other fields (a vision-language model's image features) before the Otter ones."""
-    if isinstance(outputs, MoeCausalLMOutputWithPast):
+    # The field, not the class: some families (Gemma 4) return router logits in an output class of their own.
+    if hasattr(outputs, "router_logits"):
         return OtterMoeCausalLMOutputWithValue
     if {field.name for field in dataclasses.fields(outputs)} <= _CAUSAL_LM_FIELDS:
         return OtterCausalLMOutputWithValue

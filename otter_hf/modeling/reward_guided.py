@@ -75,6 +75,8 @@ def keep_winning_candidate(cache: DynamicCache, past_length: int, winner: torch.
     """Drop the losing candidates from every cache layer, original and inserted, keeping each row's winner."""
     rows = torch.arange(winner.shape[0], device=winner.device)
     for layer in cache.layers:
+        if layer.keys is None:  # a layer caching nothing (Gemma 4's KV-sharing layers reuse earlier layers' keys)
+            continue
         winner_positions = past_length + winner.to(layer.keys.device)
         layer.keys[:, :, past_length] = layer.keys[rows, :, winner_positions]
         layer.values[:, :, past_length] = layer.values[rows, :, winner_positions]

@@ -100,9 +100,11 @@ class OtterForSequenceClassificationMixin:
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            # Scoring needs no cache, and of the LM head only the last position, which nothing reads.
+            # Scoring needs no cache, and of the LM head only the last position, which nothing reads. Kept by index,
+            # not as `logits_to_keep=1`: with an integer Gemma 4 runs its KV-sharing layers on the kept positions
+            # only, and the value is pooled at each row's last real token.
             use_cache=bool(use_cache),
-            logits_to_keep=1,
+            logits_to_keep=torch.tensor([-1], device=(input_ids if input_ids is not None else inputs_embeds).device),
             **{**kwargs, "return_dict": True},
         )
         if outputs.value is None:
