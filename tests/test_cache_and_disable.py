@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices
+from otter_hf.modeling.inserted_stream import inserted_cache_layer_indices, otter_cache_layers
 from tests.helpers import BASE_MODELS, make_base, make_otter, random_batch
 
 
@@ -15,7 +15,9 @@ def test_inserted_heads_have_their_own_cache_layers(base_name):
         cache = otter(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
     # One inserted layer per layer with inserted heads: every layer but a hybrid's linear-attention ones.
     inserted_layers = inserted_cache_layer_indices(otter.config)
-    assert len(cache.layers) == otter.config.num_hidden_layers + len(inserted_layers)
+    # The base cache's own layers first (transformers 5.19 gives Gemma 4's KV-sharing layers none).
+    assert len(cache.layers) == otter_cache_layers(otter.config)
+    assert len(inserted_layers) > 0
     for layer, inserted_layer in inserted_layers.items():
         inserted_keys = cache.layers[inserted_layer].keys
         assert inserted_keys.shape[1] == otter.config.inserted_num_key_value_heads
@@ -80,7 +82,7 @@ def test_otter_disabled_runs_the_base_model_only(base_name):
         assert inserted_calls == []
         assert output.value is None
         assert torch.equal(output.logits, expected.logits)
-        assert len(output.past_key_values.layers) == otter.config.num_hidden_layers
+        assert len(output.past_key_values.layers) == len(expected.past_key_values.layers)  # no inserted layers
         # Leaving the context switches the inserted stream back on.
         assert otter(input_ids, attention_mask=attention_mask).value is not None
     assert inserted_calls
