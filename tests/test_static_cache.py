@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from transformers import StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -11,7 +13,14 @@ from tests.helpers import make_base, make_otter, random_batch
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
+# transformers 5.19's Llama 4 fails static-cache generation on its own (`create_chunked_causal_mask()` is handed an
+# argument it does not take).
+BASES_WITHOUT_STATIC_CACHE = ("llama4",) if version.parse(transformers.__version__) < version.parse("5.20") else ()
+
+
 def test_static_cache_decodes_the_base_tokens(base_name):
+    if base_name.startswith(BASES_WITHOUT_STATIC_CACHE):
+        pytest.skip(f"transformers {transformers.__version__}'s own {base_name} base fails static-cache generation")
     base = make_base(base_name)
     otter = make_otter(base)
     input_ids, attention_mask = random_batch(2, 6, padding="left")
