@@ -548,22 +548,20 @@ class TransformersHeadsAttention:
         )
         return heads.reshape(*heads.shape[:-2], -1)
 
+    def _cache(self):
+        """The cache this forward fills, with its inserted layers added where it lacks them; None without one."""
+        kwargs = self.attention_kwargs
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        if cache is not None:
+            ensure_inserted_cache_layers(cache, self.stream.config, len(self.stream.inserted_cache_indices))
+        return cache
+
     def _scaled_query(self, query: torch.Tensor) -> torch.Tensor:
         """`query` (batch, heads, positions, head_dim) times the layout's factor by position, where it has one."""
         if self.layout.query_scale is None:
             return query
-        past_length = 0
-        cache = next(
-            (
-                self.attention_kwargs[name]
-                for name in CACHE_ARGUMENT_NAMES
-                if self.attention_kwargs.get(name) is not None
-            ),
-            None,
-        )
-        if cache is not None:
-            ensure_inserted_cache_layers(cache, self.stream.config, len(self.stream.inserted_cache_indices))
-            past_length = cache.get_seq_length(self.cache_index)
+        cache = self._cache()
+        past_length = 0 if cache is None else cache.get_seq_length(self.cache_index)
         # The positions as the base counts them: after what its cache layer (like this inserted one) holds.
         positions = torch.arange(query.shape[-2], device=query.device) + past_length
         scale = self.layout.query_scale(self.base_attention, positions)
@@ -572,10 +570,8 @@ class TransformersHeadsAttention:
     def _cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values the heads attend over: with the cached ones before them where there is a cache, and
         kept for the later layers that reuse them where the base layer keeps its own."""
-        kwargs, config = self.attention_kwargs, self.stream.config
-        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        cache = self._cache()
         if cache is not None:
-            ensure_inserted_cache_layers(cache, config, len(self.stream.inserted_cache_indices))
             key, value = cache.update(key, value, self.cache_index)
         if self.sharing is not None and self.sharing.stores:
             self.stream.shared_key_values[self.sharing.group] = key, value
